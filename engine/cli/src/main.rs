@@ -1,0 +1,308 @@
+//! `vibee`: run, benchmark and inspect models and the spec registry.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use vibee_cli::{builtin_model_dir, builtin_plugins};
+use vibee_core::pipeline::SamplingParams;
+use vibee_core::registry::{Registry, FAMILIES};
+use vibee_core::{runner, Engine};
+
+#[derive(Parser)]
+#[command(name = "vibee", version, about = "A modular LLM engine: every technique is a plugin tied to a numbered spec")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt.
+    Run(RunArgs),
+    /// List the spec registry.
+    Specs(SpecsArgs),
+    /// Measure prefill and decode speed.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Checkpoint directory (config.json + safetensors + tokenizer.json); the built-in tiny
+    /// random-weight model when omitted.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Comma-separated plugins, or `auto` for what the checkpoint needs.
+    #[arg(long, default_value = "auto", value_delimiter = ',')]
+    plugins: Vec<String>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt text (tokenized with the model's tokenizer).
+    #[arg(long, conflicts_with = "prompt_ids")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    /// Always take the most likely token (temperature 0).
+    #[arg(long)]
+    greedy: bool,
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Keep the k most likely tokens (0: off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Drop tokens less likely than min-p times the most likely one (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep generating after an end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print one JSON object: tokens, text and timings.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SpecsArgs {
+    #[arg(long)]
+    family: Option<String>,
+    /// implemented or planned
+    #[arg(long)]
+    status: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: usize,
+    /// Runs to take the best of.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("VIBEE_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    match dispatch(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Specs(args) => specs(args),
+        Command::Bench(args) => bench(args),
+    }
+}
+
+fn load(args: &ModelArgs) -> anyhow::Result<Engine> {
+    if let Some(threads) = args.threads {
+        if threads == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .context("cannot start the thread pool")?;
+    }
+    let dir = match &args.model {
+        Some(dir) => dir.clone(),
+        None => builtin_model_dir()?,
+    };
+    let started = Instant::now();
+    let engine = Engine::load(&dir, &args.plugins, &Registry::builtin(), &builtin_plugins())
+        .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+    tracing::info!(
+        "loaded {} in {:.2}s with {:?}",
+        dir.display(),
+        started.elapsed().as_secs_f64(),
+        engine.app.enabled().iter().map(|p| p.name).collect::<Vec<_>>()
+    );
+    Ok(engine)
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let mut engine = load(&args.model)?;
+    let prompt = match (&args.prompt, &args.prompt_ids) {
+        (_, Some(ids)) => ids.clone(),
+        (Some(text), None) => match &engine.tokenizer {
+            Some(tokenizer) => tokenizer.encode(text)?,
+            None => bail!("this model has no tokenizer.json; pass --prompt-ids instead of --prompt"),
+        },
+        (None, None) => bail!("give a prompt with --prompt TEXT or --prompt-ids 1,2,3"),
+    };
+    let params = SamplingParams {
+        temperature: if args.greedy { 0.0 } else { args.temperature },
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+        max_tokens: args.max_tokens,
+        ignore_eos: args.ignore_eos,
+    };
+    check_sampling(&params)?;
+    let out = runner::generate(&mut engine.app, prompt, params)?;
+    let text = match &engine.tokenizer {
+        Some(t) => Some(t.decode(&out.tokens)?),
+        None => None,
+    };
+    if args.json {
+        let mut value = serde_json::to_value(&out)?;
+        value["text"] = json!(text);
+        println!("{value}");
+    } else {
+        match text {
+            Some(text) => println!("{text}"),
+            None => println!("{:?}", out.tokens),
+        }
+        eprintln!(
+            "[{} prompt tokens, {} generated ({:?}); prefill {:.1} tok/s, decode {:.1} tok/s, first token {:.3}s]",
+            out.prompt_tokens,
+            out.tokens.len(),
+            out.finish_reason,
+            out.prefill_tokens_per_s,
+            out.decode_tokens_per_s,
+            out.time_to_first_token_s
+        );
+    }
+    Ok(())
+}
+
+fn check_sampling(p: &SamplingParams) -> anyhow::Result<()> {
+    if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
+        bail!("--temperature must be a finite number ≥ 0");
+    }
+    if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1]");
+    }
+    if !(0.0..=1.0).contains(&p.min_p) {
+        bail!("--min-p must be in [0, 1]");
+    }
+    if !(p.repetition_penalty > 0.0 && p.repetition_penalty.is_finite()) {
+        bail!("--repetition-penalty must be a finite number > 0");
+    }
+    Ok(())
+}
+
+fn specs(args: SpecsArgs) -> anyhow::Result<()> {
+    if let Some(family) = &args.family {
+        if !FAMILIES.iter().any(|(f, ..)| f == family) {
+            let names: Vec<_> = FAMILIES.iter().map(|(f, ..)| *f).collect();
+            bail!("unknown family `{family}`; families: {}", names.join(", "));
+        }
+    }
+    if let Some(status) = &args.status {
+        if status != "implemented" && status != "planned" {
+            bail!("--status must be `implemented` or `planned`");
+        }
+    }
+    let registry = Registry::builtin();
+    let selected: Vec<_> = registry
+        .specs
+        .iter()
+        .filter(|s| args.family.as_ref().is_none_or(|f| &s.family == f))
+        .filter(|s| args.status.as_ref().is_none_or(|st| s.status.to_string() == *st))
+        .collect();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&selected)?);
+        return Ok(());
+    }
+    println!("{:<6} {:<22} {:<14} {:<12} summary", "id", "name", "family", "status");
+    for s in selected {
+        println!("{:<6} {:<22} {:<14} {:<12} {}", s.id, s.name, s.family, s.status.to_string(), s.summary);
+    }
+    Ok(())
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if args.prompt_tokens == 0 || args.gen_tokens < 2 || args.repeat == 0 {
+        bail!("--prompt-tokens must be ≥ 1, --gen-tokens ≥ 2 and --repeat ≥ 1");
+    }
+    let mut engine = load(&args.model)?;
+    let config = engine.model.config.clone();
+    let prompt: Vec<u32> = (0..args.prompt_tokens)
+        .map(|i| ((i * 7919 + 13) % config.vocab_size) as u32)
+        .collect();
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: args.gen_tokens,
+        ignore_eos: true,
+        ..SamplingParams::default()
+    };
+    let mut best = None::<runner::GenerateOutput>;
+    for _ in 0..args.repeat {
+        let out = runner::generate(&mut engine.app, prompt.clone(), params.clone())?;
+        best = Some(match best {
+            None => out,
+            Some(b) => runner::GenerateOutput {
+                prefill_tokens_per_s: b.prefill_tokens_per_s.max(out.prefill_tokens_per_s),
+                decode_tokens_per_s: b.decode_tokens_per_s.max(out.decode_tokens_per_s),
+                time_to_first_token_s: b.time_to_first_token_s.min(out.time_to_first_token_s),
+                ..out
+            },
+        });
+    }
+    let best = best.expect("at least one run");
+    let weight_bytes = engine.model.weight_bytes_per_token();
+    let report = json!({
+        "engine": "vibee",
+        "model": args.model.model.as_deref().map(Path::display).map(|d| d.to_string()),
+        "threads": rayon::current_num_threads(),
+        "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens,
+        "prefill_tokens_per_s": best.prefill_tokens_per_s,
+        "decode_tokens_per_s": best.decode_tokens_per_s,
+        "time_to_first_token_s": best.time_to_first_token_s,
+        "weight_bytes": weight_bytes,
+        "decode_weight_gb_per_s": weight_bytes as f64 * best.decode_tokens_per_s / 1e9,
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!(
+            "prefill {:.1} tok/s · decode {:.2} tok/s · first token {:.3}s · {:.2} GB weights → {:.1} GB/s while decoding ({} threads)",
+            best.prefill_tokens_per_s,
+            best.decode_tokens_per_s,
+            best.time_to_first_token_s,
+            weight_bytes as f64 / 1e9,
+            report["decode_weight_gb_per_s"].as_f64().unwrap_or_default(),
+            rayon::current_num_threads()
+        );
+    }
+    Ok(())
+}

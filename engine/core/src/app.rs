@@ -1,0 +1,164 @@
+//! The `App`: one bevy_ecs `World`, the pipeline schedules, and the enabled plugins.
+
+use std::collections::BTreeSet;
+
+use bevy_ecs::prelude::*;
+use bevy_ecs::schedule::{ExecutorKind, IntoScheduleConfigs, ScheduleLabel};
+use bevy_ecs::system::ScheduleSystem;
+
+use crate::ops::{Operator, Operators};
+use crate::plugin::{Plugin, PluginSpec};
+
+/// The stages of the engine's pipelines, each a schedule.
+#[derive(ScheduleLabel, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stage {
+    Admit,
+    Forward,
+    Sample,
+    Filter,
+    Emit,
+    Monitor,
+    Batch,
+    Backward,
+    Optimize,
+    Checkpoint,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pipeline {
+    Serving,
+    Training,
+}
+
+impl Pipeline {
+    pub fn stages(self) -> &'static [Stage] {
+        match self {
+            Pipeline::Serving => &[
+                Stage::Admit,
+                Stage::Forward,
+                Stage::Sample,
+                Stage::Filter,
+                Stage::Emit,
+                Stage::Monitor,
+            ],
+            Pipeline::Training => &[
+                Stage::Batch,
+                Stage::Forward,
+                Stage::Backward,
+                Stage::Optimize,
+                Stage::Checkpoint,
+                Stage::Monitor,
+            ],
+        }
+    }
+}
+
+/// Names of the enabled plugins; every plugin system runs only while its plugin is in here, so
+/// disabling a plugin between steps takes its systems out without rebuilding schedules.
+#[derive(Resource, Default, Debug)]
+pub struct EnabledPlugins(pub BTreeSet<&'static str>);
+
+pub struct App {
+    pub world: World,
+    pipeline: Pipeline,
+    enabled: Vec<PluginSpec>,
+    /// The plugin whose `build` is running, so its systems and operators are tagged with it.
+    building: Option<&'static str>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum AppError {
+    #[error("plugin `{0}` is already enabled")]
+    AlreadyEnabled(String),
+    #[error("plugin `{0}` is not enabled")]
+    NotEnabled(String),
+}
+
+impl App {
+    pub fn new(pipeline: Pipeline) -> Self {
+        let mut world = World::new();
+        let mut schedules = Schedules::default();
+        for &stage in Pipeline::Serving.stages().iter().chain(Pipeline::Training.stages()) {
+            let mut schedule = Schedule::new(stage);
+            // Stages are short and the hot path parallelises inside operators (rayon), so a
+            // thread pool per stage would only add latency.
+            schedule.set_executor_kind(ExecutorKind::SingleThreaded);
+            schedules.insert(schedule);
+        }
+        world.insert_resource(schedules);
+        world.init_resource::<Operators>();
+        world.init_resource::<EnabledPlugins>();
+        Self {
+            world,
+            pipeline,
+            enabled: Vec::new(),
+            building: None,
+        }
+    }
+
+    pub fn pipeline(&self) -> Pipeline {
+        self.pipeline
+    }
+
+    pub fn add_plugin(&mut self, plugin: &dyn Plugin) -> Result<(), AppError> {
+        let spec = plugin.spec();
+        if self.is_enabled(spec.name) {
+            return Err(AppError::AlreadyEnabled(spec.name.into()));
+        }
+        self.building = Some(spec.name);
+        plugin.build(self);
+        self.building = None;
+        self.enabled.push(spec);
+        self.world.resource_mut::<EnabledPlugins>().0.insert(spec.name);
+        Ok(())
+    }
+
+    /// Disables a plugin between steps: its systems stop running and its operators are
+    /// withdrawn (a model already built keeps the operators it was built with).
+    pub fn remove_plugin(&mut self, name: &str) -> Result<(), AppError> {
+        let index = self
+            .enabled
+            .iter()
+            .position(|p| p.name == name)
+            .ok_or_else(|| AppError::NotEnabled(name.into()))?;
+        let spec = self.enabled.remove(index);
+        self.world.resource_mut::<EnabledPlugins>().0.remove(spec.name);
+        self.world.resource_mut::<Operators>().remove_plugin(spec.name);
+        Ok(())
+    }
+
+    pub fn is_enabled(&self, name: &str) -> bool {
+        self.enabled.iter().any(|p| p.name == name)
+    }
+
+    pub fn enabled(&self) -> &[PluginSpec] {
+        &self.enabled
+    }
+
+    /// Adds systems to a stage; inside a plugin's `build` they run only while it is enabled.
+    pub fn add_systems<M>(&mut self, stage: Stage, systems: impl IntoScheduleConfigs<ScheduleSystem, M>) -> &mut Self {
+        let mut schedules = self.world.resource_mut::<Schedules>();
+        match self.building {
+            Some(name) => schedules.add_systems(
+                stage,
+                systems.run_if(move |enabled: Res<EnabledPlugins>| enabled.0.contains(name)),
+            ),
+            None => schedules.add_systems(stage, systems),
+        };
+        self
+    }
+
+    /// Registers an operator for the plugin being built.
+    pub fn register_operator(&mut self, operator: Operator) -> &mut Self {
+        let plugin = self.building.expect("operators are registered from a plugin's build");
+        self.world.resource_mut::<Operators>().register(plugin, operator);
+        self
+    }
+
+    /// Runs one engine step: every stage of the pipeline, in order.
+    pub fn step(&mut self) {
+        for &stage in self.pipeline.stages() {
+            self.world.run_schedule(stage);
+        }
+    }
+}

@@ -1,0 +1,365 @@
+//! `config.json` of a Hugging Face checkpoint, parsed into the fields vibee's operators need.
+//!
+//! Both published forms are read: transformers 4.x (`rope_theta`, `rope_scaling`,
+//! `torch_dtype`) and 5.x (`rope_parameters`, `dtype`). A key that would change the model's
+//! output and that vibee does not understand is an error naming it, never a silent default.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config.json is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("config.json: {0}")]
+    Invalid(String),
+    #[error("config.json: model_type `{0}` is not supported (supported: {SUPPORTED_MODEL_TYPES:?})")]
+    UnknownModelType(String),
+    #[error("config.json: key `{key}` is not understood by vibee for model_type `{model_type}`; refusing to guess its meaning")]
+    UnknownKey { key: String, model_type: String },
+}
+
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama"];
+
+/// Keys that do not change a forward pass.
+const INERT_KEYS: &[&str] = &[
+    "_name_or_path",
+    "architectures",
+    "attention_dropout",
+    "initializer_range",
+    "pad_token_id",
+    "pretraining_tp",
+    "transformers_version",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "is_decoder",
+    "tokenizer_class",
+];
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    Linear {
+        factor: f64,
+    },
+    Dynamic {
+        factor: f64,
+        original_max_position_embeddings: usize,
+    },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+}
+
+impl RopeScaling {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RopeScaling::None => "default",
+            RopeScaling::Linear { .. } => "linear",
+            RopeScaling::Dynamic { .. } => "dynamic",
+            RopeScaling::Llama3 { .. } => "llama3",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub hidden_act: String,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    /// The dtype the checkpoint declares (`torch_dtype` or `dtype`), if any.
+    pub dtype: Option<String>,
+}
+
+/// A JSON object whose keys are ticked off as they are read, so leftovers can be reported.
+struct Fields<'a> {
+    map: &'a Map<String, Value>,
+    read: BTreeSet<&'a str>,
+}
+
+impl<'a> Fields<'a> {
+    fn new(map: &'a Map<String, Value>) -> Self {
+        Self {
+            map,
+            read: BTreeSet::new(),
+        }
+    }
+
+    fn get(&mut self, key: &'a str) -> Option<&'a Value> {
+        self.read.insert(key);
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    fn usize(&mut self, key: &'a str) -> Result<Option<usize>, ConfigError> {
+        self.get(key)
+            .map(|v| {
+                v.as_u64()
+                    .map(|n| n as usize)
+                    .ok_or_else(|| invalid(format!("`{key}` must be a non-negative integer, got {v}")))
+            })
+            .transpose()
+    }
+
+    fn required_usize(&mut self, key: &'a str) -> Result<usize, ConfigError> {
+        match self.usize(key)? {
+            Some(0) => Err(invalid(format!("`{key}` must be positive"))),
+            Some(n) => Ok(n),
+            None => Err(invalid(format!("missing required key `{key}`"))),
+        }
+    }
+
+    fn f64(&mut self, key: &'a str) -> Result<Option<f64>, ConfigError> {
+        self.get(key)
+            .map(|v| {
+                v.as_f64()
+                    .ok_or_else(|| invalid(format!("`{key}` must be a number, got {v}")))
+            })
+            .transpose()
+    }
+
+    fn bool(&mut self, key: &'a str) -> Result<Option<bool>, ConfigError> {
+        self.get(key)
+            .map(|v| {
+                v.as_bool()
+                    .ok_or_else(|| invalid(format!("`{key}` must be true or false, got {v}")))
+            })
+            .transpose()
+    }
+
+    fn string(&mut self, key: &'a str) -> Result<Option<String>, ConfigError> {
+        self.get(key)
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| invalid(format!("`{key}` must be a string, got {v}")))
+            })
+            .transpose()
+    }
+
+    fn unread(&self, inert: &[&str]) -> Option<&'a str> {
+        self.map
+            .keys()
+            .map(String::as_str)
+            .find(|k| !self.read.contains(k) && !inert.contains(k))
+    }
+}
+
+fn invalid(message: String) -> ConfigError {
+    ConfigError::Invalid(message)
+}
+
+impl ModelConfig {
+    pub fn from_dir(dir: &Path) -> Result<Self, ConfigError> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_json(&text)
+    }
+
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        let value: Value = serde_json::from_str(text)?;
+        let map = value
+            .as_object()
+            .ok_or_else(|| invalid("the top level must be an object".into()))?;
+        let mut f = Fields::new(map);
+        let model_type = f
+            .string("model_type")?
+            .ok_or_else(|| invalid("missing required key `model_type`".into()))?;
+        if !SUPPORTED_MODEL_TYPES.contains(&model_type.as_str()) {
+            return Err(ConfigError::UnknownModelType(model_type));
+        }
+        let hidden_size = f.required_usize("hidden_size")?;
+        let num_heads = f.required_usize("num_attention_heads")?;
+        let num_kv_heads = f.usize("num_key_value_heads")?.unwrap_or(num_heads);
+        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            return Err(invalid(format!(
+                "num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})"
+            )));
+        }
+        let head_dim = match f.usize("head_dim")? {
+            Some(d) => d,
+            None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+            None => {
+                return Err(invalid(format!(
+                    "hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_heads}) and no head_dim is given"
+                )))
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(invalid(format!("head_dim ({head_dim}) must be even for rotary embeddings")));
+        }
+        let max_position_embeddings = f.usize("max_position_embeddings")?.unwrap_or(2048);
+        for key in ["attention_bias", "mlp_bias"] {
+            if f.bool(key)? == Some(true) {
+                return Err(invalid(format!(
+                    "`{key}: true` needs a bias-carrying attention/MLP, which no vibee plugin implements yet"
+                )));
+            }
+        }
+        let (rope_theta, rope_scaling) = rope(&mut f, max_position_embeddings)?;
+        let dtype = match f.string("dtype")? {
+            Some(d) => Some(d),
+            None => f.string("torch_dtype")?,
+        };
+        let config = Self {
+            hidden_size,
+            intermediate_size: f.required_usize("intermediate_size")?,
+            num_layers: f.required_usize("num_hidden_layers")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size: f.required_usize("vocab_size")?,
+            max_position_embeddings,
+            rms_norm_eps: f.f64("rms_norm_eps")?.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            hidden_act: f.string("hidden_act")?.unwrap_or_else(|| "silu".into()),
+            tie_word_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(false),
+            bos_token_id: f.usize("bos_token_id")?.map(|id| id as u32),
+            eos_token_ids: token_ids(f.get("eos_token_id"))?,
+            dtype,
+            model_type,
+        };
+        if let Some(key) = f.unread(INERT_KEYS) {
+            return Err(ConfigError::UnknownKey {
+                key: key.to_string(),
+                model_type: config.model_type,
+            });
+        }
+        Ok(config)
+    }
+
+    /// The plugin that fills each operator slot for this checkpoint (`--plugins auto`).
+    pub fn required_plugins(&self) -> Vec<(&'static str, &'static str)> {
+        let attention = if self.num_kv_heads == self.num_heads {
+            "mha"
+        } else if self.num_kv_heads == 1 {
+            "mqa"
+        } else {
+            "gqa"
+        };
+        vec![
+            ("attention", attention),
+            ("position", "rope"),
+            ("norm", "rmsnorm"),
+            ("ffn", "swiglu"),
+        ]
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+}
+
+fn token_ids(value: Option<&Value>) -> Result<Vec<u32>, ConfigError> {
+    let bad = || invalid("`eos_token_id` must be an integer or a list of integers".into());
+    match value {
+        None => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_u64().map(|n| n as u32).ok_or_else(bad))
+            .collect(),
+        Some(v) => v.as_u64().map(|n| vec![n as u32]).ok_or_else(bad),
+    }
+}
+
+/// Reads `rope_theta` + `rope_scaling` (4.x) or `rope_parameters` (5.x).
+fn rope<'a>(
+    f: &mut Fields<'a>,
+    max_position_embeddings: usize,
+) -> Result<(f64, RopeScaling), ConfigError> {
+    let top_theta = f.f64("rope_theta")?;
+    let (params, key) = match f.get("rope_parameters") {
+        Some(p) => (Some(p), "rope_parameters"),
+        None => (f.get("rope_scaling"), "rope_scaling"),
+    };
+    let Some(params) = params else {
+        return Ok((top_theta.unwrap_or(10000.0), RopeScaling::None));
+    };
+    let map = params
+        .as_object()
+        .ok_or_else(|| invalid(format!("`{key}` must be an object")))?;
+    let mut p = Fields::new(map);
+    let theta = p.f64("rope_theta")?.or(top_theta).unwrap_or(10000.0);
+    let kind = match p.string("rope_type")? {
+        Some(kind) => kind,
+        None => p.string("type")?.unwrap_or_else(|| "default".into()),
+    };
+    let mut factor = || {
+        p.f64("factor")?
+            .ok_or_else(|| invalid(format!("`{key}` of type {kind} needs `factor`")))
+    };
+    let scaling = match kind.as_str() {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear { factor: factor()? },
+        "dynamic" => RopeScaling::Dynamic {
+            factor: factor()?,
+            original_max_position_embeddings: p
+                .usize("original_max_position_embeddings")?
+                .unwrap_or(max_position_embeddings),
+        },
+        "llama3" => {
+            let factor = factor()?;
+            let mut need = |name| {
+                p.f64(name)?
+                    .ok_or_else(|| invalid(format!("`{key}` of type llama3 needs `{name}`")))
+            };
+            let low_freq_factor = need("low_freq_factor")?;
+            let high_freq_factor = need("high_freq_factor")?;
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: p
+                    .usize("original_max_position_embeddings")?
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "`{key}` of type llama3 needs `original_max_position_embeddings`"
+                        ))
+                    })?,
+            }
+        }
+        other => {
+            return Err(invalid(format!(
+                "{key}.rope_type `{other}` is not supported (supported: default, linear, dynamic, llama3)"
+            )))
+        }
+    };
+    if let Some(extra) = p.unread(&[]) {
+        return Err(invalid(format!(
+            "`{key}.{extra}` is not understood for rope type {kind}"
+        )));
+    }
+    Ok((theta, scaling))
+}

@@ -1,0 +1,179 @@
+//! Spec conformance cases (`specs/<id>-<name>.ron`) and their runner.
+//!
+//! Expected values come from independent references: fixtures written by Hugging Face
+//! transformers (`tests/fixtures/make_fixtures.py`). Property cases compare two vibee
+//! configurations that must agree by construction of the technique.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::Engine;
+use crate::pipeline::SamplingParams;
+use crate::plugin::Plugin;
+use crate::registry::Registry;
+use crate::runner;
+use crate::tensor::Matrix;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpecCases {
+    pub spec: String,
+    pub cases: Vec<Case>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Case {
+    pub name: String,
+    pub check: Check,
+}
+
+#[derive(Debug, Deserialize)]
+pub enum Check {
+    /// Logits of every prompt position match the transformers reference.
+    ReferenceLogits { fixture: String, plugins: Vec<String>, max_abs_err: f32 },
+    /// The greedy continuation equals transformers' `generate`, token for token.
+    ReferenceGreedy { fixture: String, plugins: Vec<String> },
+    /// Feeding the prompt one token at a time through the cache gives the logits of one
+    /// forward over the whole prompt.
+    IncrementalEqualsFull { fixture: String, plugins: Vec<String>, max_abs_err: f32 },
+    /// Two plugin sets give the same logits on one checkpoint.
+    SameLogits { fixture: String, a: Vec<String>, b: Vec<String>, max_abs_err: f32 },
+    /// Loading with these plugins fails with an error mentioning `mentions`.
+    Rejects { fixture: String, plugins: Vec<String>, mentions: String },
+}
+
+/// What transformers produced for a fixture model.
+#[derive(Debug, Deserialize)]
+pub struct Reference {
+    pub prompt_ids: Vec<u32>,
+    pub logits: Vec<Vec<f32>>,
+    pub greedy_ids: Vec<u32>,
+}
+
+impl Reference {
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join("reference.json");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is malformed", path.display()))
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CaseResult {
+    pub spec: String,
+    pub case: String,
+    pub backend: &'static str,
+    pub max_err: Option<f32>,
+    pub passed: bool,
+    pub detail: String,
+}
+
+pub fn load_cases(path: &Path) -> anyhow::Result<SpecCases> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let cases: SpecCases = ron::from_str(&text).map_err(|e| {
+        anyhow::anyhow!("{}:{}:{}: {}", path.display(), e.position.line, e.position.col, e.code)
+    })?;
+    if cases.cases.is_empty() {
+        bail!("{} has no conformance case", path.display());
+    }
+    Ok(cases)
+}
+
+/// Runs every case of a spec file; a case that cannot even run counts as a failure.
+pub fn run_cases(cases: &SpecCases, root: &Path, registry: &Registry, catalog: &[Box<dyn Plugin>]) -> Vec<CaseResult> {
+    cases
+        .cases
+        .iter()
+        .map(|case| {
+            let outcome = run_check(&case.check, root, registry, catalog);
+            let (max_err, passed, detail) = match outcome {
+                Ok((err, None)) => (err, true, String::new()),
+                Ok((err, Some(why))) => (err, false, why),
+                Err(e) => (None, false, format!("{e:#}")),
+            };
+            CaseResult {
+                spec: cases.spec.clone(),
+                case: case.name.clone(),
+                backend: "cpu",
+                max_err,
+                passed,
+                detail,
+            }
+        })
+        .collect()
+}
+
+type Outcome = (Option<f32>, Option<String>);
+
+fn run_check(check: &Check, root: &Path, registry: &Registry, catalog: &[Box<dyn Plugin>]) -> anyhow::Result<Outcome> {
+    let load = |fixture: &str, plugins: &[String]| Engine::load(&root.join(fixture), plugins, registry, catalog);
+    match check {
+        Check::ReferenceLogits { fixture, plugins, max_abs_err } => {
+            let reference = Reference::load(&root.join(fixture))?;
+            let logits = full_logits(&load(fixture, plugins)?, &reference.prompt_ids)?;
+            let expected: Vec<f32> = reference.logits.concat();
+            Ok(compare(&logits.data, &expected, *max_abs_err))
+        }
+        Check::ReferenceGreedy { fixture, plugins } => {
+            let reference = Reference::load(&root.join(fixture))?;
+            let mut engine = load(fixture, plugins)?;
+            let params = SamplingParams {
+                temperature: 0.0,
+                max_tokens: reference.greedy_ids.len(),
+                ignore_eos: true,
+                ..SamplingParams::default()
+            };
+            let out = runner::generate(&mut engine.app, reference.prompt_ids.clone(), params)?;
+            let why = (out.tokens != reference.greedy_ids)
+                .then(|| format!("greedy tokens {:?}, transformers {:?}", out.tokens, reference.greedy_ids));
+            Ok((None, why))
+        }
+        Check::IncrementalEqualsFull { fixture, plugins, max_abs_err } => {
+            let reference = Reference::load(&root.join(fixture))?;
+            let engine = load(fixture, plugins)?;
+            let full = full_logits(&engine, &reference.prompt_ids)?;
+            let mut kv = engine.model.new_sequence();
+            let mut stepped = Vec::new();
+            for &token in &reference.prompt_ids {
+                stepped.extend(engine.model.forward(&[token], kv.as_mut(), false)?.data);
+            }
+            Ok(compare(&stepped, &full.data, *max_abs_err))
+        }
+        Check::SameLogits { fixture, a, b, max_abs_err } => {
+            let reference = Reference::load(&root.join(fixture))?;
+            let la = full_logits(&load(fixture, a)?, &reference.prompt_ids)?;
+            let lb = full_logits(&load(fixture, b)?, &reference.prompt_ids)?;
+            Ok(compare(&la.data, &lb.data, *max_abs_err))
+        }
+        Check::Rejects { fixture, plugins, mentions } => match load(fixture, plugins) {
+            Ok(_) => Ok((None, Some(format!("loading with {plugins:?} succeeded")))),
+            Err(e) => {
+                let message = format!("{e:#}");
+                let why = (!message.contains(mentions.as_str()))
+                    .then(|| format!("error does not mention `{mentions}`: {message}"));
+                Ok((None, why))
+            }
+        },
+    }
+}
+
+fn full_logits(engine: &Engine, prompt: &[u32]) -> anyhow::Result<Matrix> {
+    let mut kv = engine.model.new_sequence();
+    engine.model.forward(prompt, kv.as_mut(), true)
+}
+
+fn compare(got: &[f32], expected: &[f32], tolerance: f32) -> Outcome {
+    if got.len() != expected.len() {
+        return (None, Some(format!("{} values, reference has {}", got.len(), expected.len())));
+    }
+    let err = got
+        .iter()
+        .zip(expected)
+        .map(|(a, b)| if a.is_nan() || b.is_nan() { f32::INFINITY } else { (a - b).abs() })
+        .fold(0.0, f32::max);
+    let why = (err > tolerance).then(|| format!("max abs error {err:.3e} > {tolerance:.0e}"));
+    (Some(err), why)
+}

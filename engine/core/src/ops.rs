@@ -1,0 +1,176 @@
+//! Model-level operators. Architecture plugins register factories for these slots; the model
+//! builder picks one per slot and binds it to the checkpoint's weights.
+
+use std::sync::Arc;
+
+use bevy_ecs::prelude::Resource;
+
+use crate::config::ModelConfig;
+use crate::cpu;
+use crate::tensor::Matrix;
+use crate::weights::{Weight, Weights};
+
+/// The operator slots a decoder-only transformer is built from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Slot {
+    Attention,
+    Position,
+    Norm,
+    Ffn,
+    KvCache,
+}
+
+impl Slot {
+    pub const ALL: [Slot; 5] = [Slot::Attention, Slot::Position, Slot::Norm, Slot::Ffn, Slot::KvCache];
+
+    /// The registry's `provides` name of this slot.
+    pub fn name(self) -> &'static str {
+        match self {
+            Slot::Attention => "attention",
+            Slot::Position => "position",
+            Slot::Norm => "norm",
+            Slot::Ffn => "ffn",
+            Slot::KvCache => "kv-cache",
+        }
+    }
+}
+
+pub trait Linear: Send + Sync {
+    /// `x · Wᵀ`: `[n, in]` → `[n, out]`.
+    fn forward(&self, x: &Matrix) -> Matrix;
+    fn weight_bytes(&self) -> usize;
+}
+
+pub trait Norm: Send + Sync {
+    fn forward(&self, x: &Matrix) -> Matrix;
+}
+
+pub trait PositionEncoding: Send + Sync {
+    /// Encodes `positions[i]` into row `i` of `x`, which holds `heads` heads side by side.
+    fn apply(&self, x: &mut Matrix, heads: usize, positions: &[usize]);
+}
+
+/// Causal attention of new queries over a sequence's cached keys and values.
+pub trait Attention: Send + Sync {
+    /// `q` is `[n, heads·head_dim]` for the tokens at `positions`, whose keys and values are
+    /// already in `kv`. Returns `[n, heads·head_dim]`.
+    fn forward(&self, q: &Matrix, kv: &KvView<'_>, positions: &[usize]) -> Matrix;
+}
+
+pub trait Ffn: Send + Sync {
+    fn forward(&self, x: &Matrix) -> Matrix;
+    fn weight_bytes(&self) -> usize;
+}
+
+/// A KV-cache layout: makes the per-sequence store.
+pub trait KvCache: Send + Sync {
+    fn new_sequence(&self, config: &ModelConfig) -> Box<dyn SequenceKv>;
+}
+
+/// One sequence's cached keys and values, for every layer.
+pub trait SequenceKv: Send + Sync {
+    /// Tokens cached in `layer`.
+    fn len(&self, layer: usize) -> usize;
+    fn append(&mut self, layer: usize, keys: &Matrix, values: &Matrix);
+    fn view(&self, layer: usize) -> KvView<'_>;
+}
+
+/// The keys and values of one layer as a list of chunks, each holding whole tokens of
+/// `kv_heads·head_dim` floats: one chunk for a contiguous cache, one per block for a paged one.
+pub struct KvView<'a> {
+    pub keys: Vec<&'a [f32]>,
+    pub values: Vec<&'a [f32]>,
+    pub tokens: usize,
+}
+
+/// What a factory can read while binding an operator to a checkpoint.
+pub struct BuildContext<'a> {
+    pub config: &'a ModelConfig,
+    pub weights: &'a Weights,
+}
+
+impl BuildContext<'_> {
+    pub fn weight(&self, name: &str, shape: &[usize]) -> anyhow::Result<Weight> {
+        Ok(self.weights.get(name, shape)?)
+    }
+
+    pub fn linear(&self, name: &str, out: usize, inp: usize) -> anyhow::Result<Box<dyn Linear>> {
+        Ok(Box::new(DenseLinear(self.weight(name, &[out, inp])?)))
+    }
+}
+
+/// A full-precision linear layer over a mapped weight.
+pub struct DenseLinear(pub Weight);
+
+impl Linear for DenseLinear {
+    fn forward(&self, x: &Matrix) -> Matrix {
+        cpu::linear(x, &self.0)
+    }
+
+    fn weight_bytes(&self) -> usize {
+        self.0.bytes()
+    }
+}
+
+/// Makes one kind of operator. `check` says whether the technique fits a checkpoint, naming
+/// the config field that disagrees when it does not.
+pub trait Factory<T: ?Sized>: Send + Sync {
+    fn check(&self, config: &ModelConfig) -> Result<(), String>;
+    /// Binds the operator to the weights under `prefix` (empty for weightless operators).
+    fn build(&self, cx: &BuildContext<'_>, prefix: &str) -> anyhow::Result<Box<T>>;
+}
+
+#[derive(Clone)]
+pub enum Operator {
+    Attention(Arc<dyn Factory<dyn Attention>>),
+    Position(Arc<dyn Factory<dyn PositionEncoding>>),
+    Norm(Arc<dyn Factory<dyn Norm>>),
+    Ffn(Arc<dyn Factory<dyn Ffn>>),
+    KvCache(Arc<dyn Factory<dyn KvCache>>),
+}
+
+impl Operator {
+    pub fn slot(&self) -> Slot {
+        match self {
+            Operator::Attention(_) => Slot::Attention,
+            Operator::Position(_) => Slot::Position,
+            Operator::Norm(_) => Slot::Norm,
+            Operator::Ffn(_) => Slot::Ffn,
+            Operator::KvCache(_) => Slot::KvCache,
+        }
+    }
+
+    pub fn check(&self, config: &ModelConfig) -> Result<(), String> {
+        match self {
+            Operator::Attention(f) => f.check(config),
+            Operator::Position(f) => f.check(config),
+            Operator::Norm(f) => f.check(config),
+            Operator::Ffn(f) => f.check(config),
+            Operator::KvCache(f) => f.check(config),
+        }
+    }
+}
+
+/// The operators registered by enabled plugins, each tagged with its plugin's name.
+#[derive(Resource, Default, Clone)]
+pub struct Operators {
+    entries: Vec<(&'static str, Operator)>,
+}
+
+impl Operators {
+    pub fn register(&mut self, plugin: &'static str, operator: Operator) {
+        self.entries.push((plugin, operator));
+    }
+
+    pub fn remove_plugin(&mut self, plugin: &str) {
+        self.entries.retain(|(p, _)| *p != plugin);
+    }
+
+    /// The operator filling `slot`, with the name of the plugin that registered it.
+    pub fn get(&self, slot: Slot) -> Option<(&'static str, &Operator)> {
+        self.entries
+            .iter()
+            .find(|(_, op)| op.slot() == slot)
+            .map(|(p, op)| (*p, op))
+    }
+}

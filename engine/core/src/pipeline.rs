@@ -1,0 +1,262 @@
+//! The serving pipeline's state and the engine's own systems.
+//!
+//! A request is an entity. Admit gives it a KV cache, Forward runs the model over the tokens
+//! it has not yet cached and leaves next-token `Logits`, the sampler plugin (Sample) picks a
+//! `NextToken`, and Emit appends it, streams it and checks stop conditions.
+
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bevy_ecs::prelude::*;
+
+use crate::app::{App, Stage};
+use crate::model::Model;
+use crate::ops::SequenceKv;
+
+#[derive(Resource, Clone)]
+pub struct ModelResource(pub Arc<Model>);
+
+#[derive(Component, Debug, Clone, Default)]
+pub struct Tokens {
+    pub prompt: Vec<u32>,
+    pub generated: Vec<u32>,
+}
+
+impl Tokens {
+    pub fn len(&self) -> usize {
+        self.prompt.len() + self.generated.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Token `i` of prompt followed by generated text.
+    pub fn get(&self, i: usize) -> u32 {
+        if i < self.prompt.len() {
+            self.prompt[i]
+        } else {
+            self.generated[i - self.prompt.len()]
+        }
+    }
+}
+
+/// How the next token is chosen, in the order Hugging Face applies these: repetition penalty,
+/// temperature, top-k, top-p, min-p, then a draw (or argmax when `temperature` is 0).
+#[derive(Component, Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    /// 0 disables.
+    pub top_k: usize,
+    /// 1 disables.
+    pub top_p: f32,
+    /// 0 disables.
+    pub min_p: f32,
+    /// 1 disables.
+    pub repetition_penalty: f32,
+    pub seed: u64,
+    pub max_tokens: usize,
+    /// Keep generating past end-of-sequence tokens.
+    pub ignore_eos: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+            max_tokens: 64,
+            ignore_eos: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// `max_tokens` reached.
+    Length,
+    /// An end-of-sequence token.
+    Stop,
+    /// The model's context is full.
+    Context,
+}
+
+#[derive(Component, Debug, Clone, PartialEq)]
+pub enum SeqState {
+    Waiting,
+    Running,
+    Finished(FinishReason),
+    Failed(String),
+}
+
+#[derive(Component)]
+pub struct Kv(pub Box<dyn SequenceKv>);
+
+/// Next-token logits left by Forward for the sampler.
+#[derive(Component, Debug, Default)]
+pub struct Logits(pub Vec<f32>);
+
+#[derive(Component, Debug, Default)]
+pub struct NextToken(pub Option<u32>);
+
+/// Where Emit streams each new token.
+#[derive(Component)]
+pub struct StreamTx(pub Sender<u32>);
+
+#[derive(Component, Debug, Clone)]
+pub struct Timing {
+    pub submitted: Instant,
+    pub prefill: Duration,
+    pub decode: Duration,
+    pub decode_steps: usize,
+    pub first_token: Option<Duration>,
+}
+
+impl Timing {
+    pub fn new() -> Self {
+        Self {
+            submitted: Instant::now(),
+            prefill: Duration::ZERO,
+            decode: Duration::ZERO,
+            decode_steps: 0,
+            first_token: None,
+        }
+    }
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Resource, Debug, Default, Clone)]
+pub struct Metrics {
+    pub steps: u64,
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+    pub finished: u64,
+    pub failed: u64,
+}
+
+/// Everything a new request entity carries.
+pub fn request_bundle(prompt: Vec<u32>, params: SamplingParams) -> impl Bundle {
+    (
+        Tokens {
+            prompt,
+            generated: Vec::new(),
+        },
+        params,
+        SeqState::Waiting,
+        Logits::default(),
+        NextToken::default(),
+        Timing::new(),
+    )
+}
+
+/// Installs the engine's own serving systems (not a plugin: there is no pipeline without them).
+pub fn install(app: &mut App, model: Arc<Model>) {
+    app.world.insert_resource(ModelResource(model));
+    app.world.init_resource::<Metrics>();
+    app.add_systems(Stage::Admit, admit);
+    app.add_systems(Stage::Forward, forward);
+    app.add_systems(Stage::Emit, emit);
+    app.add_systems(Stage::Monitor, monitor);
+}
+
+/// First-come, first-served admission: every waiting request gets a fresh cache.
+fn admit(mut commands: Commands, model: Res<ModelResource>, mut waiting: Query<(Entity, &mut SeqState)>) {
+    for (entity, mut state) in &mut waiting {
+        if *state == SeqState::Waiting {
+            commands.entity(entity).insert(Kv(model.0.new_sequence()));
+            *state = SeqState::Running;
+        }
+    }
+}
+
+fn forward(
+    model: Res<ModelResource>,
+    mut running: Query<(&Tokens, &mut Kv, &mut Logits, &mut SeqState, &mut Timing)>,
+) {
+    for (tokens, mut kv, mut logits, mut state, mut timing) in &mut running {
+        if *state != SeqState::Running {
+            continue;
+        }
+        let cached = kv.0.len(0);
+        let feed: Vec<u32> = (cached..tokens.len()).map(|i| tokens.get(i)).collect();
+        let started = Instant::now();
+        match model.0.forward(&feed, kv.0.as_mut(), false) {
+            Ok(out) => logits.0 = out.data,
+            Err(e) => {
+                *state = SeqState::Failed(format!("{e:#}"));
+                continue;
+            }
+        }
+        if cached == 0 {
+            timing.prefill += started.elapsed();
+        } else {
+            timing.decode += started.elapsed();
+            timing.decode_steps += 1;
+        }
+    }
+}
+
+fn emit(
+    model: Res<ModelResource>,
+    mut running: Query<(
+        &mut Tokens,
+        &mut NextToken,
+        &SamplingParams,
+        &mut SeqState,
+        &mut Timing,
+        Option<&StreamTx>,
+    )>,
+) {
+    let config = &model.0.config;
+    for (mut tokens, mut next, params, mut state, mut timing, stream) in &mut running {
+        if *state != SeqState::Running {
+            continue;
+        }
+        let Some(token) = next.0.take() else {
+            *state = SeqState::Failed("no sampler chose a next token (is a `sampler` plugin enabled?)".into());
+            continue;
+        };
+        tokens.generated.push(token);
+        if timing.first_token.is_none() {
+            timing.first_token = Some(timing.submitted.elapsed());
+        }
+        if let Some(StreamTx(tx)) = stream {
+            // A receiver that hung up only means nobody listens any more; generation state
+            // stays consistent and the request finishes normally.
+            let _ = tx.send(token);
+        }
+        if !params.ignore_eos && config.eos_token_ids.contains(&token) {
+            *state = SeqState::Finished(FinishReason::Stop);
+        } else if tokens.generated.len() >= params.max_tokens {
+            *state = SeqState::Finished(FinishReason::Length);
+        } else if tokens.len() >= config.max_position_embeddings {
+            *state = SeqState::Finished(FinishReason::Context);
+        }
+    }
+}
+
+fn monitor(mut metrics: ResMut<Metrics>, changed: Query<(&Tokens, &SeqState), Changed<SeqState>>) {
+    metrics.steps += 1;
+    for (tokens, state) in &changed {
+        match state {
+            SeqState::Running => metrics.prompt_tokens += tokens.prompt.len() as u64,
+            SeqState::Finished(_) => {
+                metrics.finished += 1;
+                metrics.generated_tokens += tokens.generated.len() as u64;
+            }
+            SeqState::Failed(_) => metrics.failed += 1,
+            SeqState::Waiting => {}
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! Plugins and the resolution of a `--plugins` list against the registry.
+//!
+//! A plugin names its spec; what it requires, conflicts with and which exclusive slot it fills
+//! are read from that spec's registry entry, so the registry is the single source of truth.
+
+use std::collections::BTreeSet;
+
+use crate::app::App;
+use crate::registry::{Registry, Status};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PluginSpec {
+    pub id: &'static str,
+    pub name: &'static str,
+}
+
+pub trait Plugin: Send + Sync + 'static {
+    fn spec(&self) -> PluginSpec;
+    /// Adds the plugin's resources, systems and operators to `app`.
+    fn build(&self, app: &mut App);
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ResolveError {
+    #[error("unknown plugin `{name}`{}", suggestion(.closest))]
+    Unknown { name: String, closest: Option<String> },
+    #[error("plugin `{name}` ({id}) is planned, not implemented yet")]
+    Planned { name: String, id: String },
+    #[error("plugin `{plugin}` requires `{missing}`; add it to --plugins")]
+    MissingRequirement { plugin: String, missing: String },
+    #[error("plugins `{a}` and `{b}` conflict; enable only one")]
+    Conflict { a: String, b: String },
+    #[error("plugins `{a}` and `{b}` both fill the exclusive `{slot}` slot; choose one")]
+    SlotTaken { a: String, b: String, slot: String },
+}
+
+fn suggestion(closest: &Option<String>) -> String {
+    closest
+        .as_ref()
+        .map(|c| format!("; did you mean `{c}`?"))
+        .unwrap_or_default()
+}
+
+/// Turns requested plugin names into the plugins to enable, in request order, followed by
+/// defaults for the slots nothing requested fills.
+pub fn resolve<'a>(
+    requested: &[String],
+    registry: &Registry,
+    catalog: &'a [Box<dyn Plugin>],
+) -> Result<Vec<&'a dyn Plugin>, ResolveError> {
+    let find = |name: &str| catalog.iter().find(|p| p.spec().name == name).map(|p| p.as_ref());
+    let mut chosen: Vec<&dyn Plugin> = Vec::new();
+    for name in requested {
+        if chosen.iter().any(|p| p.spec().name == name) {
+            continue;
+        }
+        match (find(name), registry.get(name)) {
+            (Some(p), _) => chosen.push(p),
+            (None, Some(entry)) if entry.status == Status::Planned => {
+                return Err(ResolveError::Planned {
+                    name: name.clone(),
+                    id: entry.id.clone(),
+                })
+            }
+            _ => {
+                let closest = registry
+                    .specs
+                    .iter()
+                    .map(|s| (strsim::damerau_levenshtein(name, &s.name), &s.name))
+                    .filter(|(d, _)| *d <= 3)
+                    .min()
+                    .map(|(_, n)| n.clone());
+                return Err(ResolveError::Unknown {
+                    name: name.clone(),
+                    closest,
+                });
+            }
+        }
+    }
+    let slot_of = |p: &dyn Plugin| registry.get(p.spec().name).and_then(|e| e.provides.clone());
+    let filled: BTreeSet<String> = chosen.iter().filter_map(|p| slot_of(*p)).collect();
+    for entry in registry.specs.iter().filter(|e| e.default) {
+        let slot_free = entry.provides.as_ref().is_none_or(|s| !filled.contains(s));
+        if let (true, Some(p)) = (slot_free, find(&entry.name)) {
+            if !chosen.iter().any(|c| c.spec().name == entry.name) {
+                chosen.push(p);
+            }
+        }
+    }
+    for (i, a) in chosen.iter().enumerate() {
+        let a_name = a.spec().name;
+        let entry = registry.get(a_name);
+        for needed in entry.map(|e| e.requires.as_slice()).unwrap_or_default() {
+            if !chosen.iter().any(|p| p.spec().name == needed) {
+                return Err(ResolveError::MissingRequirement {
+                    plugin: a_name.into(),
+                    missing: needed.clone(),
+                });
+            }
+        }
+        for b in &chosen[i + 1..] {
+            let b_name = b.spec().name;
+            let conflicts = |x: &str, y: &str| {
+                registry.get(x).is_some_and(|e| e.conflicts.iter().any(|c| c == y))
+            };
+            if conflicts(a_name, b_name) || conflicts(b_name, a_name) {
+                return Err(ResolveError::Conflict {
+                    a: a_name.into(),
+                    b: b_name.into(),
+                });
+            }
+            if let (Some(sa), Some(sb)) = (slot_of(*a), slot_of(*b)) {
+                if sa == sb {
+                    return Err(ResolveError::SlotTaken {
+                        a: a_name.into(),
+                        b: b_name.into(),
+                        slot: sa,
+                    });
+                }
+            }
+        }
+    }
+    Ok(chosen)
+}

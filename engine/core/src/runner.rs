@@ -1,0 +1,70 @@
+//! Runs one generation request through the serving pipeline to completion.
+
+use std::time::Duration;
+
+use anyhow::bail;
+use serde::Serialize;
+
+use crate::app::App;
+use crate::pipeline::{request_bundle, FinishReason, ModelResource, SamplingParams, SeqState, Timing, Tokens};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerateOutput {
+    pub tokens: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    pub time_to_first_token_s: f64,
+}
+
+/// Rejects requests the pipeline cannot run, before they use any resources.
+pub fn validate(app: &App, prompt: &[u32], params: &SamplingParams) -> anyhow::Result<()> {
+    let config = &app.world.resource::<ModelResource>().0.config;
+    if prompt.is_empty() {
+        bail!("the prompt is empty: give at least one token");
+    }
+    if params.max_tokens == 0 {
+        bail!("max tokens must be at least 1");
+    }
+    if prompt.len() >= config.max_position_embeddings {
+        bail!(
+            "the prompt has {} tokens but the model's context holds {} (max_position_embeddings), leaving no room to generate",
+            prompt.len(),
+            config.max_position_embeddings
+        );
+    }
+    if let Some(bad) = prompt.iter().find(|t| **t as usize >= config.vocab_size) {
+        bail!("prompt token id {bad} is outside the vocabulary (size {})", config.vocab_size);
+    }
+    Ok(())
+}
+
+pub fn generate(app: &mut App, prompt: Vec<u32>, params: SamplingParams) -> anyhow::Result<GenerateOutput> {
+    validate(app, &prompt, &params)?;
+    let entity = app.world.spawn(request_bundle(prompt, params)).id();
+    let finish = loop {
+        app.step();
+        match app.world.get::<SeqState>(entity) {
+            Some(SeqState::Finished(reason)) => break *reason,
+            Some(SeqState::Failed(why)) => {
+                let why = why.clone();
+                app.world.despawn(entity);
+                bail!("generation failed: {why}");
+            }
+            _ => {}
+        }
+    };
+    let tokens = app.world.get::<Tokens>(entity).cloned().unwrap_or_default();
+    let timing = app.world.get::<Timing>(entity).cloned().unwrap_or_default();
+    app.world.despawn(entity);
+    let rate = |n: usize, d: Duration| if d.is_zero() { 0.0 } else { n as f64 / d.as_secs_f64() };
+    Ok(GenerateOutput {
+        prompt_tokens: tokens.prompt.len(),
+        prefill_tokens_per_s: rate(tokens.prompt.len(), timing.prefill),
+        decode_tokens_per_s: rate(timing.decode_steps, timing.decode),
+        time_to_first_token_s: timing.first_token.unwrap_or_default().as_secs_f64(),
+        tokens: tokens.generated,
+        finish_reason: finish,
+    })
+}

@@ -1,0 +1,332 @@
+//! Checkpoint weights: safetensors files (single or sharded) mapped into memory.
+//!
+//! Tensors stay in the mapped file in their stored dtype; kernels read them in place, so decode
+//! never copies weights. Only a tensor whose data is misaligned for its element type is copied.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WeightError {
+    #[error("no weights found in {0}: expected model.safetensors or model.safetensors.index.json")]
+    NoWeights(PathBuf),
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid safetensors file (truncated or corrupt?): {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{path}: malformed shard index: {reason}")]
+    BadIndex { path: PathBuf, reason: String },
+    #[error("tensor `{0}` is missing from the checkpoint")]
+    Missing(String),
+    #[error("tensor `{name}` has shape {found:?}, but the config implies {expected:?}")]
+    Shape {
+        name: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("tensor `{name}` has dtype {dtype}, which vibee cannot use as a weight (f32, f16, bf16)")]
+    Dtype { name: String, dtype: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        })
+    }
+}
+
+#[derive(Clone)]
+enum Storage {
+    Mapped(Arc<Mmap>),
+    /// u64 words keep any element type aligned.
+    Owned(Arc<Vec<u64>>),
+}
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Mapped(map) => map,
+            Storage::Owned(words) => {
+                // SAFETY: reinterpreting initialised u64 words as bytes is always valid.
+                unsafe { std::slice::from_raw_parts(words.as_ptr().cast(), words.len() * 8) }
+            }
+        }
+    }
+}
+
+/// An aligned private copy of `bytes`.
+fn owned(bytes: &[u8]) -> Storage {
+    let mut words = vec![0u64; bytes.len().div_ceil(8)];
+    // SAFETY: the destination holds at least `bytes.len()` bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), words.as_mut_ptr().cast::<u8>(), bytes.len())
+    };
+    Storage::Owned(Arc::new(words))
+}
+
+/// One weight tensor, viewed in place.
+#[derive(Clone)]
+pub struct Weight {
+    storage: Storage,
+    start: usize,
+    len: usize,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+/// A weight's elements in their stored type.
+#[derive(Clone, Copy)]
+pub enum WeightData<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+}
+
+impl Weight {
+    fn new(storage: Storage, start: usize, len: usize, dtype: DType, shape: Vec<usize>) -> Self {
+        let aligned = (storage.bytes()[start..].as_ptr() as usize) % dtype.size() == 0;
+        let (storage, start) = if aligned {
+            (storage, start)
+        } else {
+            (owned(&storage.bytes()[start..start + len]), 0)
+        };
+        Self {
+            storage,
+            start,
+            len,
+            dtype,
+            shape,
+        }
+    }
+
+    /// A weight from raw little-endian element bytes (tensors built in memory).
+    pub fn from_bytes(bytes: Vec<u8>, dtype: DType, shape: Vec<usize>) -> Self {
+        let len = bytes.len();
+        assert_eq!(len, shape.iter().product::<usize>() * dtype.size(), "weight bytes do not match shape");
+        Self::new(owned(&bytes), 0, len, dtype, shape)
+    }
+
+    pub fn from_f32(values: &[f32], shape: Vec<usize>) -> Self {
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Self::from_bytes(bytes, DType::F32, shape)
+    }
+
+    pub fn data(&self) -> WeightData<'_> {
+        let bytes = &self.storage.bytes()[self.start..self.start + self.len];
+        // SAFETY: alignment was checked in `new` and every bit pattern is a valid element.
+        unsafe {
+            match self.dtype {
+                DType::F32 => WeightData::F32(std::slice::from_raw_parts(
+                    bytes.as_ptr().cast(),
+                    self.len / 4,
+                )),
+                DType::F16 => WeightData::F16(std::slice::from_raw_parts(
+                    bytes.as_ptr().cast(),
+                    self.len / 2,
+                )),
+                DType::BF16 => WeightData::BF16(std::slice::from_raw_parts(
+                    bytes.as_ptr().cast(),
+                    self.len / 2,
+                )),
+            }
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.len
+    }
+
+    /// Row `i` of a 2-D weight, converted to f32 into `out`.
+    pub fn row_to_f32(&self, i: usize, out: &mut [f32]) {
+        let cols = out.len();
+        let range = i * cols..(i + 1) * cols;
+        match self.data() {
+            WeightData::F32(w) => out.copy_from_slice(&w[range]),
+            WeightData::F16(w) => {
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&w[range], out)
+            }
+            WeightData::BF16(w) => {
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&w[range], out)
+            }
+        }
+    }
+
+    /// The whole tensor as f32 (small tensors such as norm weights).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.numel()];
+        self.row_to_f32(0, &mut out);
+        out
+    }
+}
+
+struct Entry {
+    file: usize,
+    start: usize,
+    len: usize,
+    dtype: Result<DType, String>,
+    shape: Vec<usize>,
+}
+
+/// All tensors of a checkpoint directory, by name.
+pub struct Weights {
+    files: Vec<(PathBuf, Arc<Mmap>)>,
+    entries: HashMap<String, Entry>,
+}
+
+impl Weights {
+    /// Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Self, WeightError> {
+        let index = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let files = if index.exists() {
+            shard_files(&index)?
+                .into_iter()
+                .map(|f| dir.join(f))
+                .collect()
+        } else if single.exists() {
+            vec![single]
+        } else {
+            return Err(WeightError::NoWeights(dir.to_path_buf()));
+        };
+        let mut weights = Self {
+            files: Vec::new(),
+            entries: HashMap::new(),
+        };
+        for path in files {
+            weights.add_file(path)?;
+        }
+        Ok(weights)
+    }
+
+    fn add_file(&mut self, path: PathBuf) -> Result<(), WeightError> {
+        let io = |source| WeightError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = File::open(&path).map_err(io)?;
+        // SAFETY: the file is opened read-only; vibee does not support checkpoints that are
+        // rewritten while a model is loaded from them.
+        let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(io)?);
+        let tensors = SafeTensors::deserialize(&map).map_err(|e| WeightError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let base = map.as_ptr() as usize;
+        for (name, view) in tensors.tensors() {
+            let dtype = match view.dtype() {
+                Dtype::F32 => Ok(DType::F32),
+                Dtype::F16 => Ok(DType::F16),
+                Dtype::BF16 => Ok(DType::BF16),
+                other => Err(format!("{other:?}")),
+            };
+            let entry = Entry {
+                file: self.files.len(),
+                start: view.data().as_ptr() as usize - base,
+                len: view.data().len(),
+                dtype,
+                shape: view.shape().to_vec(),
+            };
+            self.entries.insert(name, entry);
+        }
+        self.files.push((path, map));
+        Ok(())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// The tensor `name`, checked against the shape the config implies.
+    pub fn get(&self, name: &str, expected: &[usize]) -> Result<Weight, WeightError> {
+        let entry = self
+            .entries
+            .get(name)
+            .ok_or_else(|| WeightError::Missing(name.to_string()))?;
+        if entry.shape != expected {
+            return Err(WeightError::Shape {
+                name: name.to_string(),
+                found: entry.shape.clone(),
+                expected: expected.to_vec(),
+            });
+        }
+        let dtype = entry.dtype.clone().map_err(|dtype| WeightError::Dtype {
+            name: name.to_string(),
+            dtype,
+        })?;
+        let storage = Storage::Mapped(self.files[entry.file].1.clone());
+        Ok(Weight::new(
+            storage,
+            entry.start,
+            entry.len,
+            dtype,
+            entry.shape.clone(),
+        ))
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+}
+
+fn shard_files(index: &Path) -> Result<Vec<String>, WeightError> {
+    let bad = |reason: String| WeightError::BadIndex {
+        path: index.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(index).map_err(|source| WeightError::Io {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let mut files: Vec<String> = Vec::new();
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| bad(format!("file of `{tensor}` is not a string")))?;
+        if file.contains('/') || file.contains('\\') {
+            return Err(bad(format!("shard `{file}` is not a file name in the model directory")));
+        }
+        if !files.iter().any(|f| f == file) {
+            files.push(file.to_string());
+        }
+    }
+    files.sort();
+    Ok(files)
+}

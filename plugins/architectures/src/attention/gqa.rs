@@ -1,0 +1,39 @@
+//! v2202 `gqa`: grouped-query attention, each key/value head shared by a group of query heads.
+//! It generalises `mha` (groups of one) and `mqa` (one group), so it fits both.
+
+use std::sync::Arc;
+
+use vibee_core::config::ModelConfig;
+use vibee_core::ops::{Attention, BuildContext, Factory, Operator};
+use vibee_core::{App, Plugin, PluginSpec};
+
+use super::causal::CausalAttention;
+
+pub struct Gqa;
+
+impl Plugin for Gqa {
+    fn spec(&self) -> PluginSpec {
+        PluginSpec { id: "v2202", name: "gqa" }
+    }
+
+    fn build(&self, app: &mut App) {
+        app.register_operator(Operator::Attention(Arc::new(Gqa)));
+    }
+}
+
+impl Factory<dyn Attention> for Gqa {
+    fn check(&self, config: &ModelConfig) -> Result<(), String> {
+        if config.num_heads % config.num_kv_heads == 0 {
+            Ok(())
+        } else {
+            Err(format!(
+                "config.json num_attention_heads = {} is not a multiple of num_key_value_heads = {}",
+                config.num_heads, config.num_kv_heads
+            ))
+        }
+    }
+
+    fn build(&self, cx: &BuildContext<'_>, _prefix: &str) -> anyhow::Result<Box<dyn Attention>> {
+        Ok(Box::new(CausalAttention::new(cx.config)))
+    }
+}

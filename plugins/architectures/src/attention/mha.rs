@@ -1,0 +1,38 @@
+//! v2200 `mha`: multi-head attention, one key/value head per query head.
+
+use std::sync::Arc;
+
+use vibee_core::config::ModelConfig;
+use vibee_core::ops::{Attention, BuildContext, Factory, Operator};
+use vibee_core::{App, Plugin, PluginSpec};
+
+use super::causal::CausalAttention;
+
+pub struct Mha;
+
+impl Plugin for Mha {
+    fn spec(&self) -> PluginSpec {
+        PluginSpec { id: "v2200", name: "mha" }
+    }
+
+    fn build(&self, app: &mut App) {
+        app.register_operator(Operator::Attention(Arc::new(Mha)));
+    }
+}
+
+impl Factory<dyn Attention> for Mha {
+    fn check(&self, config: &ModelConfig) -> Result<(), String> {
+        if config.num_kv_heads == config.num_heads {
+            Ok(())
+        } else {
+            Err(format!(
+                "config.json num_key_value_heads = {} but mha needs it equal to num_attention_heads = {} (use `gqa` or `mqa`)",
+                config.num_kv_heads, config.num_heads
+            ))
+        }
+    }
+
+    fn build(&self, cx: &BuildContext<'_>, _prefix: &str) -> anyhow::Result<Box<dyn Attention>> {
+        Ok(Box::new(CausalAttention::new(cx.config)))
+    }
+}

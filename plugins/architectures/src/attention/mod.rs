@@ -1,0 +1,6 @@
+//! Attention family (v2200–v2219).
+
+pub mod causal;
+pub mod gqa;
+pub mod mha;
+pub mod mqa;

@@ -1,0 +1,38 @@
+//! v2201 `mqa`: multi-query attention, one key/value head shared by all query heads.
+
+use std::sync::Arc;
+
+use vibee_core::config::ModelConfig;
+use vibee_core::ops::{Attention, BuildContext, Factory, Operator};
+use vibee_core::{App, Plugin, PluginSpec};
+
+use super::causal::CausalAttention;
+
+pub struct Mqa;
+
+impl Plugin for Mqa {
+    fn spec(&self) -> PluginSpec {
+        PluginSpec { id: "v2201", name: "mqa" }
+    }
+
+    fn build(&self, app: &mut App) {
+        app.register_operator(Operator::Attention(Arc::new(Mqa)));
+    }
+}
+
+impl Factory<dyn Attention> for Mqa {
+    fn check(&self, config: &ModelConfig) -> Result<(), String> {
+        if config.num_kv_heads == 1 {
+            Ok(())
+        } else {
+            Err(format!(
+                "config.json num_key_value_heads = {} but mqa needs 1 (use `gqa` or `mha`)",
+                config.num_kv_heads
+            ))
+        }
+    }
+
+    fn build(&self, cx: &BuildContext<'_>, _prefix: &str) -> anyhow::Result<Box<dyn Attention>> {
+        Ok(Box::new(CausalAttention::new(cx.config)))
+    }
+}

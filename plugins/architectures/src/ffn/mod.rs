@@ -1,0 +1,3 @@
+//! FFN family (v2260–v2279).
+
+pub mod swiglu;

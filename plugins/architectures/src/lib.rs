@@ -1,0 +1,21 @@
+//! Built-in plugins of the Architectures branch (v2200–v2299): one module per family, one file
+//! per spec.
+
+pub mod attention;
+pub mod ffn;
+pub mod norm;
+pub mod position;
+
+use vibee_core::Plugin;
+
+/// Every plugin of this branch.
+pub fn plugins() -> Vec<Box<dyn Plugin>> {
+    vec![
+        Box::new(attention::mha::Mha),
+        Box::new(attention::mqa::Mqa),
+        Box::new(attention::gqa::Gqa),
+        Box::new(position::rope::Rope),
+        Box::new(norm::rmsnorm::RmsNorm),
+        Box::new(ffn::swiglu::SwiGlu),
+    ]
+}

@@ -1,0 +1,3 @@
+//! Norm family (v2240–v2259).
+
+pub mod rmsnorm;

@@ -1,0 +1,3 @@
+//! Position family (v2220–v2239).
+
+pub mod rope;

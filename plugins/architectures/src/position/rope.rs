@@ -1,0 +1,160 @@
+//! v2220 `rope`: rotary position embeddings in the half-split layout Hugging Face Llama uses,
+//! with `rope_theta` and the `linear`, `dynamic` (NTK) and `llama3` frequency scalings.
+//!
+//! Frequencies and angles are computed in f32, as transformers does, so positions far into the
+//! context round the same way.
+
+use std::f64::consts::PI;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+use vibee_core::config::{ModelConfig, RopeScaling};
+use vibee_core::ops::{BuildContext, Factory, Operator, PositionEncoding};
+use vibee_core::{App, Matrix, Plugin, PluginSpec};
+
+pub struct Rope;
+
+impl Plugin for Rope {
+    fn spec(&self) -> PluginSpec {
+        PluginSpec { id: "v2220", name: "rope" }
+    }
+
+    fn build(&self, app: &mut App) {
+        app.register_operator(Operator::Position(Arc::new(Rope)));
+    }
+}
+
+impl Factory<dyn PositionEncoding> for Rope {
+    fn check(&self, config: &ModelConfig) -> Result<(), String> {
+        if config.rope_theta > 0.0 {
+            Ok(())
+        } else {
+            Err(format!("config.json rope_theta = {} must be positive", config.rope_theta))
+        }
+    }
+
+    fn build(&self, cx: &BuildContext<'_>, _prefix: &str) -> anyhow::Result<Box<dyn PositionEncoding>> {
+        let config = cx.config;
+        let dim = config.head_dim;
+        let inv_freq = scaled_inv_freq(base_inv_freq(config.rope_theta as f32, dim), &config.rope_scaling);
+        Ok(Box::new(RotaryEmbedding {
+            dim,
+            inv_freq,
+            theta: config.rope_theta as f32,
+            scaling: config.rope_scaling.clone(),
+            max_position_embeddings: config.max_position_embeddings,
+        }))
+    }
+}
+
+/// `1 / base^(2i/dim)` for i in 0..dim/2.
+fn base_inv_freq(base: f32, dim: usize) -> Vec<f32> {
+    (0..dim / 2)
+        .map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32))
+        .collect()
+}
+
+fn scaled_inv_freq(inv_freq: Vec<f32>, scaling: &RopeScaling) -> Vec<f32> {
+    match *scaling {
+        RopeScaling::None | RopeScaling::Dynamic { .. } => inv_freq,
+        RopeScaling::Linear { factor } => inv_freq.iter().map(|f| f / factor as f32).collect(),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            let old_context = original_max_position_embeddings as f64;
+            let low_freq_wavelen = old_context / low_freq_factor;
+            let high_freq_wavelen = old_context / high_freq_factor;
+            inv_freq
+                .iter()
+                .map(|&f| {
+                    let f = f as f64;
+                    let wavelen = 2.0 * PI / f;
+                    let scaled = if wavelen > low_freq_wavelen { f / factor } else { f };
+                    let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                    if medium {
+                        let smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        ((1.0 - smooth) * scaled / factor + smooth * scaled) as f32
+                    } else {
+                        scaled as f32
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+struct RotaryEmbedding {
+    dim: usize,
+    inv_freq: Vec<f32>,
+    theta: f32,
+    scaling: RopeScaling,
+    max_position_embeddings: usize,
+}
+
+impl RotaryEmbedding {
+    /// Dynamic NTK scaling raises the base once the sequence outgrows the trained context,
+    /// judged by the furthest position in this forward pass (as transformers does).
+    fn frequencies(&self, positions: &[usize]) -> Vec<f32> {
+        let RopeScaling::Dynamic { factor, .. } = self.scaling else {
+            return self.inv_freq.clone();
+        };
+        let seq_len = positions.iter().max().map_or(0, |p| p + 1);
+        if seq_len <= self.max_position_embeddings {
+            return self.inv_freq.clone();
+        }
+        let (factor, dim) = (factor as f32, self.dim as f32);
+        let growth = factor * seq_len as f32 / self.max_position_embeddings as f32 - (factor - 1.0);
+        base_inv_freq(self.theta * growth.powf(dim / (dim - 2.0)), self.dim)
+    }
+}
+
+impl PositionEncoding for RotaryEmbedding {
+    fn apply(&self, x: &mut Matrix, heads: usize, positions: &[usize]) {
+        let inv_freq = self.frequencies(positions);
+        let half = self.dim / 2;
+        x.data
+            .par_chunks_mut(x.cols)
+            .zip(positions)
+            .for_each(|(row, &pos)| {
+                let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
+                    .iter()
+                    .map(|f| {
+                        let angle = pos as f32 * f;
+                        (angle.cos(), angle.sin())
+                    })
+                    .unzip();
+                for head in row.chunks_exact_mut(self.dim).take(heads) {
+                    for i in 0..half {
+                        let (a, b) = (head[i], head[i + half]);
+                        head[i] = a * cos[i] - b * sin[i];
+                        head[i + half] = b * cos[i] + a * sin[i];
+                    }
+                }
+            });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_keeps_high_frequencies_and_divides_low_ones() {
+        let base = base_inv_freq(500000.0, 64);
+        let scaled = scaled_inv_freq(
+            base.clone(),
+            &RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            },
+        );
+        assert_eq!(scaled[0], base[0]);
+        let last = base.len() - 1;
+        assert!((scaled[last] - base[last] / 8.0).abs() <= f32::EPSILON * base[last]);
+    }
+}

@@ -1,0 +1,65 @@
+//! v2300 `kv-cache`: one contiguous, growing buffer of keys and one of values per layer.
+
+use std::sync::Arc;
+
+use vibee_core::config::ModelConfig;
+use vibee_core::ops::{BuildContext, Factory, KvCache, KvView, Operator, SequenceKv};
+use vibee_core::{App, Matrix, Plugin, PluginSpec};
+
+pub struct ContiguousKvCache;
+
+impl Plugin for ContiguousKvCache {
+    fn spec(&self) -> PluginSpec {
+        PluginSpec { id: "v2300", name: "kv-cache" }
+    }
+
+    fn build(&self, app: &mut App) {
+        app.register_operator(Operator::KvCache(Arc::new(ContiguousKvCache)));
+    }
+}
+
+impl Factory<dyn KvCache> for ContiguousKvCache {
+    fn check(&self, _config: &ModelConfig) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn build(&self, _cx: &BuildContext<'_>, _prefix: &str) -> anyhow::Result<Box<dyn KvCache>> {
+        Ok(Box::new(ContiguousKvCache))
+    }
+}
+
+impl KvCache for ContiguousKvCache {
+    fn new_sequence(&self, config: &ModelConfig) -> Box<dyn SequenceKv> {
+        Box::new(ContiguousSequence {
+            kv_dim: config.kv_dim(),
+            layers: vec![(Vec::new(), Vec::new()); config.num_layers],
+        })
+    }
+}
+
+struct ContiguousSequence {
+    kv_dim: usize,
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl SequenceKv for ContiguousSequence {
+    fn len(&self, layer: usize) -> usize {
+        self.layers[layer].0.len() / self.kv_dim
+    }
+
+    fn append(&mut self, layer: usize, keys: &Matrix, values: &Matrix) {
+        debug_assert_eq!((keys.cols, values.cols), (self.kv_dim, self.kv_dim));
+        let (k, v) = &mut self.layers[layer];
+        k.extend_from_slice(&keys.data);
+        v.extend_from_slice(&values.data);
+    }
+
+    fn view(&self, layer: usize) -> KvView<'_> {
+        let (k, v) = &self.layers[layer];
+        KvView {
+            keys: vec![k.as_slice()],
+            values: vec![v.as_slice()],
+            tokens: k.len() / self.kv_dim,
+        }
+    }
+}

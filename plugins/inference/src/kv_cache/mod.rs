@@ -1,0 +1,3 @@
+//! KV-cache family (v2300–v2319).
+
+pub mod contiguous;

@@ -1,0 +1,15 @@
+//! Built-in plugins of the Inference branch (v2300–v2399): one module per family, one file per
+//! spec.
+
+pub mod kv_cache;
+pub mod serving;
+
+use vibee_core::Plugin;
+
+/// Every plugin of this branch.
+pub fn plugins() -> Vec<Box<dyn Plugin>> {
+    vec![
+        Box::new(kv_cache::contiguous::ContiguousKvCache),
+        Box::new(serving::sampler::Sampler),
+    ]
+}

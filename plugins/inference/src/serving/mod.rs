@@ -1,0 +1,3 @@
+//! Serving family (v2380–v2399).
+
+pub mod sampler;
