@@ -273,6 +273,16 @@ impl ModelConfig {
         ]
     }
 
+    /// The longest sequence the model accepts: `max_position_embeddings`, except under dynamic
+    /// NTK scaling, whose purpose is running past the trained length with no fixed bound (as in
+    /// transformers); there, requests are bounded by their `max_tokens` alone.
+    pub fn context_length(&self) -> usize {
+        match self.rope_scaling {
+            RopeScaling::Dynamic { .. } => usize::MAX,
+            _ => self.max_position_embeddings,
+        }
+    }
+
     pub fn q_dim(&self) -> usize {
         self.num_heads * self.head_dim
     }

@@ -128,11 +128,11 @@ impl Model {
             bail!("token id {bad} is outside the vocabulary (size {})", cfg.vocab_size);
         }
         let start = kv.len(0);
-        if start + tokens.len() > cfg.max_position_embeddings {
+        if start + tokens.len() > cfg.context_length() {
             bail!(
-                "sequence of {} tokens exceeds the model's context of {} (max_position_embeddings)",
+                "sequence of {} tokens exceeds the model's context of {}",
                 start + tokens.len(),
-                cfg.max_position_embeddings
+                cfg.context_length()
             );
         }
         let positions: Vec<usize> = (start..start + tokens.len()).collect();

@@ -240,7 +240,7 @@ fn emit(
             *state = SeqState::Finished(FinishReason::Stop);
         } else if tokens.generated.len() >= params.max_tokens {
             *state = SeqState::Finished(FinishReason::Length);
-        } else if tokens.len() >= config.max_position_embeddings {
+        } else if tokens.len() >= config.context_length() {
             *state = SeqState::Finished(FinishReason::Context);
         }
     }

@@ -27,11 +27,11 @@ pub fn validate(app: &App, prompt: &[u32], params: &SamplingParams) -> anyhow::R
     if params.max_tokens == 0 {
         bail!("max tokens must be at least 1");
     }
-    if prompt.len() >= config.max_position_embeddings {
+    if prompt.len() >= config.context_length() {
         bail!(
-            "the prompt has {} tokens but the model's context holds {} (max_position_embeddings), leaving no room to generate",
+            "the prompt has {} tokens but the model's context holds {}, leaving no room to generate",
             prompt.len(),
-            config.max_position_embeddings
+            config.context_length()
         );
     }
     if let Some(bad) = prompt.iter().find(|t| **t as usize >= config.vocab_size) {
