@@ -12,7 +12,8 @@ What it measures (eager attention, batch 1, torch.no_grad):
     the first new token; ttft_s is the time up to that point. Then a manual
     greedy loop of (gen_tokens - 1) steps of
     model(last_token, past_key_values=cache, use_cache=True) produces the other
-    gen_tokens - 1 tokens. decode_tokens_per_s = decode_steps / decode_s, which
+    gen_tokens - 1 tokens. The keyword is `cache=` on transformers versions
+    that renamed it. decode_tokens_per_s = decode_steps / decode_s, which
     leaves the prefill out.
   * memory bandwidth: a STREAM-like copy with numpy (np.copyto) of a
     --copy-gib (default 1) GiB float64 array, split into --threads chunks
@@ -104,6 +105,11 @@ def main():
     param_count = sum(p.numel() for p in params)
     log(f"loaded {args.model} in {load_s:.2f}s: {param_count} params, {weight_bytes} bytes ({args.dtype})")
 
+    # transformers >= 5.x renames forward(past_key_values=) to forward(cache=).
+    import inspect
+
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt_tokens), generator=g)
 
@@ -122,13 +128,13 @@ def main():
         out = model(prompt, use_cache=True)
         nxt = out.logits[:, -1, :].argmax(dim=-1, keepdim=True)
         ttft_s = time.perf_counter() - t0
-        cache = out.past_key_values
+        cache = getattr(out, cache_kw)
         generated = [int(nxt)]
         steps = args.gen_tokens - 1
         t1 = time.perf_counter()
         for _ in range(steps):
-            out = model(nxt, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(nxt, use_cache=True, **{cache_kw: cache})
+            cache = getattr(out, cache_kw)
             nxt = out.logits[:, -1, :].argmax(dim=-1, keepdim=True)
             generated.append(int(nxt))
         decode_s = time.perf_counter() - t1

@@ -15,7 +15,8 @@ fn load_error(dir: &std::path::Path, plugins: &str) -> String {
 
 fn edit_config(dir: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let path = dir.join("config.json");
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     edit(&mut config);
     std::fs::write(path, config.to_string()).unwrap();
 }
@@ -44,13 +45,20 @@ fn truncated_safetensors_is_reported_with_its_path() {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     let err = load_error(dir.path(), PLUGINS);
-    assert!(err.contains("model.safetensors is not a valid safetensors file"), "{err}");
+    assert!(
+        err.contains("model.safetensors is not a valid safetensors file"),
+        "{err}"
+    );
 }
 
 #[test]
 fn garbage_header_is_reported() {
     let dir = scratch_copy("llama-gqa");
-    std::fs::write(dir.path().join("model.safetensors"), b"\xff\xff\xff\xff\xff\xff\xff\x7fnot json").unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        b"\xff\xff\xff\xff\xff\xff\xff\x7fnot json",
+    )
+    .unwrap();
     assert!(load_error(dir.path(), PLUGINS).contains("not a valid safetensors file"));
 }
 
@@ -59,7 +67,12 @@ fn tensor_shape_that_disagrees_with_config_names_the_tensor() {
     let dir = scratch_copy("llama-gqa");
     edit_config(dir.path(), |c| c["intermediate_size"] = 96.into());
     let err = load_error(dir.path(), PLUGINS);
-    assert!(err.contains("model.layers.0.mlp.gate_proj.weight") && err.contains("[128, 64]") && err.contains("[96, 64]"), "{err}");
+    assert!(
+        err.contains("model.layers.0.mlp.gate_proj.weight")
+            && err.contains("[128, 64]")
+            && err.contains("[96, 64]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -77,7 +90,11 @@ fn unsupported_tensor_dtype_is_named() {
     let err = load_error(dir.path(), PLUGINS);
     assert!(err.contains("missing from the checkpoint"), "{err}");
     let weights = vibee_core::weights::Weights::open(dir.path()).unwrap();
-    let err = weights.get("model.embed_tokens.weight", &[384, 64]).err().unwrap().to_string();
+    let err = weights
+        .get("model.embed_tokens.weight", &[384, 64])
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("dtype I64"), "{err}");
 }
 
@@ -91,7 +108,10 @@ fn missing_shard_is_reported() {
         .unwrap();
     std::fs::remove_file(&shard).unwrap();
     let err = load_error(dir.path(), PLUGINS);
-    assert!(err.contains("cannot read") && err.contains(shard.file_name().unwrap().to_str().unwrap()), "{err}");
+    assert!(
+        err.contains("cannot read") && err.contains(shard.file_name().unwrap().to_str().unwrap()),
+        "{err}"
+    );
 }
 
 #[test]
@@ -104,7 +124,11 @@ fn unknown_model_type_is_named() {
 #[test]
 fn malformed_config_json_is_reported() {
     let dir = scratch_copy("llama-gqa");
-    std::fs::write(dir.path().join("config.json"), "{\"model_type\": \"llama\", ").unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        "{\"model_type\": \"llama\", ",
+    )
+    .unwrap();
     assert!(load_error(dir.path(), PLUGINS).contains("config.json is not valid JSON"));
 }
 
@@ -119,13 +143,18 @@ fn config_key_vibee_does_not_understand_is_named() {
 fn config_field_with_wrong_type_is_named() {
     let dir = scratch_copy("llama-gqa");
     edit_config(dir.path(), |c| c["hidden_size"] = "64".into());
-    assert!(load_error(dir.path(), PLUGINS).contains("`hidden_size` must be a non-negative integer"));
+    assert!(
+        load_error(dir.path(), PLUGINS).contains("`hidden_size` must be a non-negative integer")
+    );
 }
 
 #[test]
 fn unknown_plugin_suggests_the_closest_name() {
     let err = load_error(&fixture("llama-gqa"), "gqaa,rope,rmsnorm,swiglu");
-    assert!(err.contains("unknown plugin `gqaa`; did you mean `gqa`?"), "{err}");
+    assert!(
+        err.contains("unknown plugin `gqaa`; did you mean `gqa`?"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -137,24 +166,36 @@ fn planned_plugin_is_reported_as_not_implemented() {
 #[test]
 fn two_plugins_for_one_exclusive_slot_are_refused() {
     let err = load_error(&fixture("llama-gqa"), "gqa,mha,rope,rmsnorm,swiglu");
-    assert!(err.contains("`gqa` and `mha` both fill the exclusive `attention` slot"), "{err}");
+    assert!(
+        err.contains("`gqa` and `mha` both fill the exclusive `attention` slot"),
+        "{err}"
+    );
 }
 
 #[test]
 fn a_slot_the_model_needs_but_nothing_fills_is_named() {
     let err = load_error(&fixture("llama-gqa"), "gqa,rmsnorm,swiglu");
-    assert!(err.contains("needs a `position` operator") && err.contains("`rope`"), "{err}");
+    assert!(
+        err.contains("needs a `position` operator") && err.contains("`rope`"),
+        "{err}"
+    );
 }
 
 #[test]
 fn wrong_technique_for_the_checkpoint_names_the_config_field() {
     let err = load_error(&fixture("llama-gqa"), "mqa,rope,rmsnorm,swiglu");
-    assert!(err.contains("num_key_value_heads = 2 but mqa needs 1"), "{err}");
+    assert!(
+        err.contains("num_key_value_heads = 2 but mqa needs 1"),
+        "{err}"
+    );
 }
 
 fn generate_error(prompt: Vec<u32>, params: SamplingParams) -> String {
     let mut engine = load(&fixture("llama-gqa"), "auto").unwrap();
-    format!("{:#}", runner::generate(&mut engine.app, prompt, params).unwrap_err())
+    format!(
+        "{:#}",
+        runner::generate(&mut engine.app, prompt, params).unwrap_err()
+    )
 }
 
 #[test]
@@ -174,12 +215,17 @@ fn zero_max_tokens_is_refused() {
 #[test]
 fn oversized_prompt_is_refused() {
     let err = generate_error(vec![5; 200], SamplingParams::default());
-    assert!(err.contains("200 tokens but the model's context holds 128"), "{err}");
+    assert!(
+        err.contains("200 tokens but the model's context holds 128"),
+        "{err}"
+    );
 }
 
 #[test]
 fn out_of_vocabulary_token_is_refused() {
-    assert!(generate_error(vec![1, 384], SamplingParams::default()).contains("outside the vocabulary"));
+    assert!(
+        generate_error(vec![1, 384], SamplingParams::default()).contains("outside the vocabulary")
+    );
 }
 
 #[test]
@@ -192,5 +238,8 @@ fn generation_stops_at_the_context_limit() {
     };
     let out = runner::generate(&mut engine.app, vec![7; 120], params).unwrap();
     assert_eq!(out.tokens.len(), 8);
-    assert_eq!(out.finish_reason, vibee_core::pipeline::FinishReason::Context);
+    assert_eq!(
+        out.finish_reason,
+        vibee_core::pipeline::FinishReason::Context
+    );
 }

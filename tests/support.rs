@@ -6,7 +6,10 @@ use vibee_core::registry::Registry;
 use vibee_core::Engine;
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the repository").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the repository")
+        .to_path_buf()
 }
 
 pub fn fixture(name: &str) -> PathBuf {
@@ -19,7 +22,12 @@ pub fn plugins(list: &str) -> Vec<String> {
 
 /// Loads a checkpoint directory with a comma-separated plugin list.
 pub fn load(dir: &Path, list: &str) -> anyhow::Result<Engine> {
-    Engine::load(dir, &plugins(list), &Registry::builtin(), &vibee_cli::builtin_plugins())
+    Engine::load(
+        dir,
+        &plugins(list),
+        &Registry::builtin(),
+        &vibee_cli::builtin_plugins(),
+    )
 }
 
 /// A scratch copy of a fixture that a test may damage.
@@ -38,7 +46,10 @@ pub mod tempdir {
             let unique = format!(
                 "vibee-test-{}-{}",
                 std::process::id(),
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos()
             );
             let dir = std::env::temp_dir().join(unique);
             std::fs::create_dir_all(&dir).unwrap();

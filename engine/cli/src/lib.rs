@@ -15,19 +15,33 @@ pub fn builtin_plugins() -> Vec<Box<dyn Plugin>> {
 /// The built-in tiny model: a 2-layer random-weight Llama (the `llama-gqa` reference fixture),
 /// so `vibee run` works on a fresh machine. Its output is gibberish by construction.
 const TINY_MODEL: &[(&str, &[u8])] = &[
-    ("config.json", include_bytes!("../../../tests/fixtures/llama-gqa/config.json")),
-    ("model.safetensors", include_bytes!("../../../tests/fixtures/llama-gqa/model.safetensors")),
-    ("tokenizer.json", include_bytes!("../../../tests/fixtures/llama-gqa/tokenizer.json")),
-    ("tokenizer_config.json", include_bytes!("../../../tests/fixtures/llama-gqa/tokenizer_config.json")),
+    (
+        "config.json",
+        include_bytes!("../../../tests/fixtures/llama-gqa/config.json"),
+    ),
+    (
+        "model.safetensors",
+        include_bytes!("../../../tests/fixtures/llama-gqa/model.safetensors"),
+    ),
+    (
+        "tokenizer.json",
+        include_bytes!("../../../tests/fixtures/llama-gqa/tokenizer.json"),
+    ),
+    (
+        "tokenizer_config.json",
+        include_bytes!("../../../tests/fixtures/llama-gqa/tokenizer_config.json"),
+    ),
 ];
 
 /// Writes the built-in model to the user's cache (once per content) and returns its directory.
 pub fn builtin_model_dir() -> anyhow::Result<PathBuf> {
-    let hash = TINY_MODEL.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, (name, bytes)| {
-        name.bytes()
-            .chain(bytes.iter().copied())
-            .fold(h, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
-    });
+    let hash = TINY_MODEL
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, (name, bytes)| {
+            name.bytes()
+                .chain(bytes.iter().copied())
+                .fold(h, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+        });
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
@@ -37,10 +51,14 @@ pub fn builtin_model_dir() -> anyhow::Result<PathBuf> {
         return Ok(dir);
     }
     // Written under a temporary name and renamed, so a crash never leaves half a model.
-    let staging = cache.join("vibee").join(format!(".tiny-llama-{hash:016x}-{}", std::process::id()));
-    std::fs::create_dir_all(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
+    let staging = cache
+        .join("vibee")
+        .join(format!(".tiny-llama-{hash:016x}-{}", std::process::id()));
+    std::fs::create_dir_all(&staging)
+        .with_context(|| format!("cannot create {}", staging.display()))?;
     for (name, bytes) in TINY_MODEL {
-        std::fs::write(staging.join(name), bytes).with_context(|| format!("cannot write {}", staging.join(name).display()))?;
+        std::fs::write(staging.join(name), bytes)
+            .with_context(|| format!("cannot write {}", staging.join(name).display()))?;
     }
     if std::fs::rename(&staging, &dir).is_err() && !dir.join("config.json").exists() {
         anyhow::bail!("cannot install the built-in model into {}", dir.display());

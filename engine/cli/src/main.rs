@@ -13,7 +13,11 @@ use vibee_core::registry::{Registry, FAMILIES};
 use vibee_core::{runner, Engine};
 
 #[derive(Parser)]
-#[command(name = "vibee", version, about = "A modular LLM engine: every technique is a plugin tied to a numbered spec")]
+#[command(
+    name = "vibee",
+    version,
+    about = "A modular LLM engine: every technique is a plugin tied to a numbered spec"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -144,13 +148,23 @@ fn load(args: &ModelArgs) -> anyhow::Result<Engine> {
         None => builtin_model_dir()?,
     };
     let started = Instant::now();
-    let engine = Engine::load(&dir, &args.plugins, &Registry::builtin(), &builtin_plugins())
-        .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+    let engine = Engine::load(
+        &dir,
+        &args.plugins,
+        &Registry::builtin(),
+        &builtin_plugins(),
+    )
+    .with_context(|| format!("cannot load the model in {}", dir.display()))?;
     tracing::info!(
         "loaded {} in {:.2}s with {:?}",
         dir.display(),
         started.elapsed().as_secs_f64(),
-        engine.app.enabled().iter().map(|p| p.name).collect::<Vec<_>>()
+        engine
+            .app
+            .enabled()
+            .iter()
+            .map(|p| p.name)
+            .collect::<Vec<_>>()
     );
     Ok(engine)
 }
@@ -159,9 +173,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut engine = load(&args.model)?;
     let prompt = match (&args.prompt, &args.prompt_ids) {
         (_, Some(ids)) => ids.clone(),
+        (Some(text), None) if text.is_empty() => bail!("the prompt is empty: give some text"),
         (Some(text), None) => match &engine.tokenizer {
             Some(tokenizer) => tokenizer.encode(text)?,
-            None => bail!("this model has no tokenizer.json; pass --prompt-ids instead of --prompt"),
+            None => {
+                bail!("this model has no tokenizer.json; pass --prompt-ids instead of --prompt")
+            }
         },
         (None, None) => bail!("give a prompt with --prompt TEXT or --prompt-ids 1,2,3"),
     };
@@ -236,15 +253,29 @@ fn specs(args: SpecsArgs) -> anyhow::Result<()> {
         .specs
         .iter()
         .filter(|s| args.family.as_ref().is_none_or(|f| &s.family == f))
-        .filter(|s| args.status.as_ref().is_none_or(|st| s.status.to_string() == *st))
+        .filter(|s| {
+            args.status
+                .as_ref()
+                .is_none_or(|st| s.status.to_string() == *st)
+        })
         .collect();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&selected)?);
         return Ok(());
     }
-    println!("{:<6} {:<22} {:<14} {:<12} summary", "id", "name", "family", "status");
+    println!(
+        "{:<6} {:<22} {:<14} {:<12} summary",
+        "id", "name", "family", "status"
+    );
     for s in selected {
-        println!("{:<6} {:<22} {:<14} {:<12} {}", s.id, s.name, s.family, s.status.to_string(), s.summary);
+        println!(
+            "{:<6} {:<22} {:<14} {:<12} {}",
+            s.id,
+            s.name,
+            s.family,
+            s.status.to_string(),
+            s.summary
+        );
     }
     Ok(())
 }

@@ -78,7 +78,11 @@ impl App {
     pub fn new(pipeline: Pipeline) -> Self {
         let mut world = World::new();
         let mut schedules = Schedules::default();
-        for &stage in Pipeline::Serving.stages().iter().chain(Pipeline::Training.stages()) {
+        for &stage in Pipeline::Serving
+            .stages()
+            .iter()
+            .chain(Pipeline::Training.stages())
+        {
             let mut schedule = Schedule::new(stage);
             // Stages are short and the hot path parallelises inside operators (rayon), so a
             // thread pool per stage would only add latency.
@@ -109,7 +113,10 @@ impl App {
         plugin.build(self);
         self.building = None;
         self.enabled.push(spec);
-        self.world.resource_mut::<EnabledPlugins>().0.insert(spec.name);
+        self.world
+            .resource_mut::<EnabledPlugins>()
+            .0
+            .insert(spec.name);
         Ok(())
     }
 
@@ -122,8 +129,13 @@ impl App {
             .position(|p| p.name == name)
             .ok_or_else(|| AppError::NotEnabled(name.into()))?;
         let spec = self.enabled.remove(index);
-        self.world.resource_mut::<EnabledPlugins>().0.remove(spec.name);
-        self.world.resource_mut::<Operators>().remove_plugin(spec.name);
+        self.world
+            .resource_mut::<EnabledPlugins>()
+            .0
+            .remove(spec.name);
+        self.world
+            .resource_mut::<Operators>()
+            .remove_plugin(spec.name);
         Ok(())
     }
 
@@ -136,7 +148,11 @@ impl App {
     }
 
     /// Adds systems to a stage; inside a plugin's `build` they run only while it is enabled.
-    pub fn add_systems<M>(&mut self, stage: Stage, systems: impl IntoScheduleConfigs<ScheduleSystem, M>) -> &mut Self {
+    pub fn add_systems<M>(
+        &mut self,
+        stage: Stage,
+        systems: impl IntoScheduleConfigs<ScheduleSystem, M>,
+    ) -> &mut Self {
         let mut schedules = self.world.resource_mut::<Schedules>();
         match self.building {
             Some(name) => schedules.add_systems(
@@ -150,8 +166,12 @@ impl App {
 
     /// Registers an operator for the plugin being built.
     pub fn register_operator(&mut self, operator: Operator) -> &mut Self {
-        let plugin = self.building.expect("operators are registered from a plugin's build");
-        self.world.resource_mut::<Operators>().register(plugin, operator);
+        let plugin = self
+            .building
+            .expect("operators are registered from a plugin's build");
+        self.world
+            .resource_mut::<Operators>()
+            .register(plugin, operator);
         self
     }
 

@@ -20,7 +20,9 @@ pub enum ConfigError {
     Json(#[from] serde_json::Error),
     #[error("config.json: {0}")]
     Invalid(String),
-    #[error("config.json: model_type `{0}` is not supported (supported: {SUPPORTED_MODEL_TYPES:?})")]
+    #[error(
+        "config.json: model_type `{0}` is not supported (supported: {SUPPORTED_MODEL_TYPES:?})"
+    )]
     UnknownModelType(String),
     #[error("config.json: key `{key}` is not understood by vibee for model_type `{model_type}`; refusing to guess its meaning")]
     UnknownKey { key: String, model_type: String },
@@ -118,9 +120,9 @@ impl<'a> Fields<'a> {
     fn usize(&mut self, key: &'a str) -> Result<Option<usize>, ConfigError> {
         self.get(key)
             .map(|v| {
-                v.as_u64()
-                    .map(|n| n as usize)
-                    .ok_or_else(|| invalid(format!("`{key}` must be a non-negative integer, got {v}")))
+                v.as_u64().map(|n| n as usize).ok_or_else(|| {
+                    invalid(format!("`{key}` must be a non-negative integer, got {v}"))
+                })
             })
             .transpose()
     }
@@ -213,7 +215,9 @@ impl ModelConfig {
             }
         };
         if head_dim % 2 != 0 {
-            return Err(invalid(format!("head_dim ({head_dim}) must be even for rotary embeddings")));
+            return Err(invalid(format!(
+                "head_dim ({head_dim}) must be even for rotary embeddings"
+            )));
         }
         let max_position_embeddings = f.usize("max_position_embeddings")?.unwrap_or(2048);
         for key in ["attention_bias", "mlp_bias"] {

@@ -33,16 +33,36 @@ pub struct Case {
 #[derive(Debug, Deserialize)]
 pub enum Check {
     /// Logits of every prompt position match the transformers reference.
-    ReferenceLogits { fixture: String, plugins: Vec<String>, max_abs_err: f32 },
+    ReferenceLogits {
+        fixture: String,
+        plugins: Vec<String>,
+        max_abs_err: f32,
+    },
     /// The greedy continuation equals transformers' `generate`, token for token.
-    ReferenceGreedy { fixture: String, plugins: Vec<String> },
+    ReferenceGreedy {
+        fixture: String,
+        plugins: Vec<String>,
+    },
     /// Feeding the prompt one token at a time through the cache gives the logits of one
     /// forward over the whole prompt.
-    IncrementalEqualsFull { fixture: String, plugins: Vec<String>, max_abs_err: f32 },
+    IncrementalEqualsFull {
+        fixture: String,
+        plugins: Vec<String>,
+        max_abs_err: f32,
+    },
     /// Two plugin sets give the same logits on one checkpoint.
-    SameLogits { fixture: String, a: Vec<String>, b: Vec<String>, max_abs_err: f32 },
+    SameLogits {
+        fixture: String,
+        a: Vec<String>,
+        b: Vec<String>,
+        max_abs_err: f32,
+    },
     /// Loading with these plugins fails with an error mentioning `mentions`.
-    Rejects { fixture: String, plugins: Vec<String>, mentions: String },
+    Rejects {
+        fixture: String,
+        plugins: Vec<String>,
+        mentions: String,
+    },
 }
 
 /// What transformers produced for a fixture model.
@@ -56,7 +76,8 @@ pub struct Reference {
 impl Reference {
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
         let path = dir.join("reference.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("{} is malformed", path.display()))
     }
 }
@@ -72,9 +93,16 @@ pub struct CaseResult {
 }
 
 pub fn load_cases(path: &Path) -> anyhow::Result<SpecCases> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let cases: SpecCases = ron::from_str(&text).map_err(|e| {
-        anyhow::anyhow!("{}:{}:{}: {}", path.display(), e.position.line, e.position.col, e.code)
+        anyhow::anyhow!(
+            "{}:{}:{}: {}",
+            path.display(),
+            e.position.line,
+            e.position.col,
+            e.code
+        )
     })?;
     if cases.cases.is_empty() {
         bail!("{} has no conformance case", path.display());
@@ -83,7 +111,12 @@ pub fn load_cases(path: &Path) -> anyhow::Result<SpecCases> {
 }
 
 /// Runs every case of a spec file; a case that cannot even run counts as a failure.
-pub fn run_cases(cases: &SpecCases, root: &Path, registry: &Registry, catalog: &[Box<dyn Plugin>]) -> Vec<CaseResult> {
+pub fn run_cases(
+    cases: &SpecCases,
+    root: &Path,
+    registry: &Registry,
+    catalog: &[Box<dyn Plugin>],
+) -> Vec<CaseResult> {
     cases
         .cases
         .iter()
@@ -108,10 +141,21 @@ pub fn run_cases(cases: &SpecCases, root: &Path, registry: &Registry, catalog: &
 
 type Outcome = (Option<f32>, Option<String>);
 
-fn run_check(check: &Check, root: &Path, registry: &Registry, catalog: &[Box<dyn Plugin>]) -> anyhow::Result<Outcome> {
-    let load = |fixture: &str, plugins: &[String]| Engine::load(&root.join(fixture), plugins, registry, catalog);
+fn run_check(
+    check: &Check,
+    root: &Path,
+    registry: &Registry,
+    catalog: &[Box<dyn Plugin>],
+) -> anyhow::Result<Outcome> {
+    let load = |fixture: &str, plugins: &[String]| {
+        Engine::load(&root.join(fixture), plugins, registry, catalog)
+    };
     match check {
-        Check::ReferenceLogits { fixture, plugins, max_abs_err } => {
+        Check::ReferenceLogits {
+            fixture,
+            plugins,
+            max_abs_err,
+        } => {
             let reference = Reference::load(&root.join(fixture))?;
             let logits = full_logits(&load(fixture, plugins)?, &reference.prompt_ids)?;
             let expected: Vec<f32> = reference.logits.concat();
@@ -127,11 +171,19 @@ fn run_check(check: &Check, root: &Path, registry: &Registry, catalog: &[Box<dyn
                 ..SamplingParams::default()
             };
             let out = runner::generate(&mut engine.app, reference.prompt_ids.clone(), params)?;
-            let why = (out.tokens != reference.greedy_ids)
-                .then(|| format!("greedy tokens {:?}, transformers {:?}", out.tokens, reference.greedy_ids));
+            let why = (out.tokens != reference.greedy_ids).then(|| {
+                format!(
+                    "greedy tokens {:?}, transformers {:?}",
+                    out.tokens, reference.greedy_ids
+                )
+            });
             Ok((None, why))
         }
-        Check::IncrementalEqualsFull { fixture, plugins, max_abs_err } => {
+        Check::IncrementalEqualsFull {
+            fixture,
+            plugins,
+            max_abs_err,
+        } => {
             let reference = Reference::load(&root.join(fixture))?;
             let engine = load(fixture, plugins)?;
             let full = full_logits(&engine, &reference.prompt_ids)?;
@@ -142,13 +194,22 @@ fn run_check(check: &Check, root: &Path, registry: &Registry, catalog: &[Box<dyn
             }
             Ok(compare(&stepped, &full.data, *max_abs_err))
         }
-        Check::SameLogits { fixture, a, b, max_abs_err } => {
+        Check::SameLogits {
+            fixture,
+            a,
+            b,
+            max_abs_err,
+        } => {
             let reference = Reference::load(&root.join(fixture))?;
             let la = full_logits(&load(fixture, a)?, &reference.prompt_ids)?;
             let lb = full_logits(&load(fixture, b)?, &reference.prompt_ids)?;
             Ok(compare(&la.data, &lb.data, *max_abs_err))
         }
-        Check::Rejects { fixture, plugins, mentions } => match load(fixture, plugins) {
+        Check::Rejects {
+            fixture,
+            plugins,
+            mentions,
+        } => match load(fixture, plugins) {
             Ok(_) => Ok((None, Some(format!("loading with {plugins:?} succeeded")))),
             Err(e) => {
                 let message = format!("{e:#}");
@@ -167,12 +228,25 @@ fn full_logits(engine: &Engine, prompt: &[u32]) -> anyhow::Result<Matrix> {
 
 fn compare(got: &[f32], expected: &[f32], tolerance: f32) -> Outcome {
     if got.len() != expected.len() {
-        return (None, Some(format!("{} values, reference has {}", got.len(), expected.len())));
+        return (
+            None,
+            Some(format!(
+                "{} values, reference has {}",
+                got.len(),
+                expected.len()
+            )),
+        );
     }
     let err = got
         .iter()
         .zip(expected)
-        .map(|(a, b)| if a.is_nan() || b.is_nan() { f32::INFINITY } else { (a - b).abs() })
+        .map(|(a, b)| {
+            if a.is_nan() || b.is_nan() {
+                f32::INFINITY
+            } else {
+                (a - b).abs()
+            }
+        })
         .fold(0.0, f32::max);
     let why = (err > tolerance).then(|| format!("max abs error {err:.3e} > {tolerance:.0e}"));
     (Some(err), why)

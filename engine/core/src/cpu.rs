@@ -19,7 +19,10 @@ const CONVERT_CHUNK: usize = 512;
 /// `x · Wᵀ`: `x` is `[n, in]`, `w` is `[out, in]`; returns `[n, out]`.
 pub fn linear(x: &Matrix, w: &Weight) -> Matrix {
     let (out_features, in_features) = (w.shape[0], w.shape[1]);
-    assert_eq!(x.cols, in_features, "linear: input width does not match weight");
+    assert_eq!(
+        x.cols, in_features,
+        "linear: input width does not match weight"
+    );
     let mut out = Matrix::zeros(x.rows, out_features);
     if x.rows <= GEMV_MAX_ROWS {
         gemv(x, w, &mut out);
@@ -87,7 +90,18 @@ fn gemm_blocks(x: &Matrix, w: &Weight, out: &mut Matrix) {
     match w.data() {
         WeightData::F32(data) => {
             // SAFETY: the slices hold n×k, out×k and n×out elements with the strides given.
-            unsafe { gemm_f32(n, out_features, k, &x.data, data, &mut out.data, out_features, true) };
+            unsafe {
+                gemm_f32(
+                    n,
+                    out_features,
+                    k,
+                    &x.data,
+                    data,
+                    &mut out.data,
+                    out_features,
+                    true,
+                )
+            };
         }
         _ => {
             // Each block of output rows is converted to f32 and multiplied on its own thread;
@@ -134,7 +148,9 @@ unsafe fn gemm_f32(
     dst_stride: usize,
     threaded: bool,
 ) {
-    debug_assert!(lhs.len() >= n * k && rhs.len() >= m * k && dst.len() >= (n - 1) * dst_stride + m);
+    debug_assert!(
+        lhs.len() >= n * k && rhs.len() >= m * k && dst.len() >= (n - 1) * dst_stride + m
+    );
     let parallelism = if threaded && rayon::current_num_threads() > 1 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
@@ -296,7 +312,10 @@ mod tests {
     }
 
     fn max_err(a: &[f32], b: &[f32]) -> f32 {
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
     }
 
     #[test]

@@ -25,7 +25,12 @@ pub fn expand_auto(requested: &[String], config: &ModelConfig) -> Vec<String> {
     let mut names = Vec::new();
     for name in requested {
         if name == "auto" {
-            names.extend(config.required_plugins().into_iter().map(|(_, p)| p.to_string()));
+            names.extend(
+                config
+                    .required_plugins()
+                    .into_iter()
+                    .map(|(_, p)| p.to_string()),
+            );
         } else {
             names.push(name.clone());
         }
@@ -34,7 +39,12 @@ pub fn expand_auto(requested: &[String], config: &ModelConfig) -> Vec<String> {
 }
 
 impl Engine {
-    pub fn load(dir: &Path, requested: &[String], registry: &Registry, catalog: &[Box<dyn Plugin>]) -> anyhow::Result<Self> {
+    pub fn load(
+        dir: &Path,
+        requested: &[String],
+        registry: &Registry,
+        catalog: &[Box<dyn Plugin>],
+    ) -> anyhow::Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         let names = expand_auto(requested, &config);
         let plugins = resolve(&names, registry, catalog)?;
@@ -43,13 +53,21 @@ impl Engine {
             app.add_plugin(plugin)?;
         }
         let weights = Weights::open(dir)?;
-        let model = Arc::new(Model::build(config, &weights, app.world.resource::<Operators>())?);
+        let model = Arc::new(Model::build(
+            config,
+            &weights,
+            app.world.resource::<Operators>(),
+        )?);
         let tokenizer = if dir.join("tokenizer.json").exists() {
             Some(Tokenizer::from_dir(dir, model.config.bos_token_id)?)
         } else {
             None
         };
         pipeline::install(&mut app, model.clone());
-        Ok(Self { app, model, tokenizer })
+        Ok(Self {
+            app,
+            model,
+            tokenizer,
+        })
     }
 }

@@ -35,7 +35,11 @@ pub struct Model {
 }
 
 impl Model {
-    pub fn build(config: ModelConfig, weights: &Weights, operators: &Operators) -> anyhow::Result<Self> {
+    pub fn build(
+        config: ModelConfig,
+        weights: &Weights,
+        operators: &Operators,
+    ) -> anyhow::Result<Self> {
         let mut chosen = Vec::new();
         for slot in Slot::ALL {
             let (plugin, op) = operators.get(slot).with_context(|| {
@@ -45,7 +49,10 @@ impl Model {
                     .find(|(s, _)| *s == slot.name())
                     .map(|(_, p)| format!(" (this checkpoint needs `{p}`)"))
                     .unwrap_or_default();
-                format!("the model needs a `{}` operator but no enabled plugin provides one{wanted}", slot.name())
+                format!(
+                    "the model needs a `{}` operator but no enabled plugin provides one{wanted}",
+                    slot.name()
+                )
             })?;
             if let Err(why) = op.check(&config) {
                 bail!("plugin `{plugin}` does not fit this checkpoint: {why}");
@@ -57,8 +64,19 @@ impl Model {
             weights,
         };
         let op = |slot| operators.get(slot).expect("checked above").1.clone();
-        let (Operator::Attention(attention), Operator::Position(position), Operator::Norm(norm), Operator::Ffn(ffn), Operator::KvCache(kv)) =
-            (op(Slot::Attention), op(Slot::Position), op(Slot::Norm), op(Slot::Ffn), op(Slot::KvCache))
+        let (
+            Operator::Attention(attention),
+            Operator::Position(position),
+            Operator::Norm(norm),
+            Operator::Ffn(ffn),
+            Operator::KvCache(kv),
+        ) = (
+            op(Slot::Attention),
+            op(Slot::Position),
+            op(Slot::Norm),
+            op(Slot::Ffn),
+            op(Slot::KvCache),
+        )
         else {
             unreachable!("Operators::get returns the operator of the slot asked for")
         };
@@ -83,7 +101,11 @@ impl Model {
             cx.linear("lm_head.weight", config.vocab_size, hidden)?
         };
         let weight_bytes = embed.bytes()
-            + if config.tie_word_embeddings { 0 } else { lm_head.weight_bytes() }
+            + if config.tie_word_embeddings {
+                0
+            } else {
+                lm_head.weight_bytes()
+            }
             + layers
                 .iter()
                 .map(|l| {
@@ -119,13 +141,21 @@ impl Model {
 
     /// Runs `tokens` (the next tokens of the sequence whose cache is `kv`) through the model.
     /// Returns logits for every token when `all_logits`, else for the last one only.
-    pub fn forward(&self, tokens: &[u32], kv: &mut dyn SequenceKv, all_logits: bool) -> anyhow::Result<Matrix> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        kv: &mut dyn SequenceKv,
+        all_logits: bool,
+    ) -> anyhow::Result<Matrix> {
         let cfg = &self.config;
         if tokens.is_empty() {
             bail!("forward needs at least one token");
         }
         if let Some(bad) = tokens.iter().find(|t| **t as usize >= cfg.vocab_size) {
-            bail!("token id {bad} is outside the vocabulary (size {})", cfg.vocab_size);
+            bail!(
+                "token id {bad} is outside the vocabulary (size {})",
+                cfg.vocab_size
+            );
         }
         let start = kv.len(0);
         if start + tokens.len() > cfg.context_length() {
@@ -160,4 +190,3 @@ impl Model {
         Ok(self.lm_head.forward(&self.final_norm.forward(&x)))
     }
 }
-

@@ -21,7 +21,13 @@ pub enum Slot {
 }
 
 impl Slot {
-    pub const ALL: [Slot; 5] = [Slot::Attention, Slot::Position, Slot::Norm, Slot::Ffn, Slot::KvCache];
+    pub const ALL: [Slot; 5] = [
+        Slot::Attention,
+        Slot::Position,
+        Slot::Norm,
+        Slot::Ffn,
+        Slot::KvCache,
+    ];
 
     /// The registry's `provides` name of this slot.
     pub fn name(self) -> &'static str {

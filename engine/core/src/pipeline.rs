@@ -171,7 +171,11 @@ pub fn install(app: &mut App, model: Arc<Model>) {
 }
 
 /// First-come, first-served admission: every waiting request gets a fresh cache.
-fn admit(mut commands: Commands, model: Res<ModelResource>, mut waiting: Query<(Entity, &mut SeqState)>) {
+fn admit(
+    mut commands: Commands,
+    model: Res<ModelResource>,
+    mut waiting: Query<(Entity, &mut SeqState)>,
+) {
     for (entity, mut state) in &mut waiting {
         if *state == SeqState::Waiting {
             commands.entity(entity).insert(Kv(model.0.new_sequence()));
@@ -207,24 +211,26 @@ fn forward(
     }
 }
 
-fn emit(
-    model: Res<ModelResource>,
-    mut running: Query<(
-        &mut Tokens,
-        &mut NextToken,
-        &SamplingParams,
-        &mut SeqState,
-        &mut Timing,
-        Option<&StreamTx>,
-    )>,
-) {
+/// What Emit touches on each running request.
+type EmitItems<'a> = (
+    &'a mut Tokens,
+    &'a mut NextToken,
+    &'a SamplingParams,
+    &'a mut SeqState,
+    &'a mut Timing,
+    Option<&'a StreamTx>,
+);
+
+fn emit(model: Res<ModelResource>, mut running: Query<EmitItems>) {
     let config = &model.0.config;
     for (mut tokens, mut next, params, mut state, mut timing, stream) in &mut running {
         if *state != SeqState::Running {
             continue;
         }
         let Some(token) = next.0.take() else {
-            *state = SeqState::Failed("no sampler chose a next token (is a `sampler` plugin enabled?)".into());
+            *state = SeqState::Failed(
+                "no sampler chose a next token (is a `sampler` plugin enabled?)".into(),
+            );
             continue;
         };
         tokens.generated.push(token);

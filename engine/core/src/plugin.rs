@@ -23,7 +23,10 @@ pub trait Plugin: Send + Sync + 'static {
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ResolveError {
     #[error("unknown plugin `{name}`{}", suggestion(.closest))]
-    Unknown { name: String, closest: Option<String> },
+    Unknown {
+        name: String,
+        closest: Option<String>,
+    },
     #[error("plugin `{name}` ({id}) is planned, not implemented yet")]
     Planned { name: String, id: String },
     #[error("plugin `{plugin}` requires `{missing}`; add it to --plugins")]
@@ -48,7 +51,12 @@ pub fn resolve<'a>(
     registry: &Registry,
     catalog: &'a [Box<dyn Plugin>],
 ) -> Result<Vec<&'a dyn Plugin>, ResolveError> {
-    let find = |name: &str| catalog.iter().find(|p| p.spec().name == name).map(|p| p.as_ref());
+    let find = |name: &str| {
+        catalog
+            .iter()
+            .find(|p| p.spec().name == name)
+            .map(|p| p.as_ref())
+    };
     let mut chosen: Vec<&dyn Plugin> = Vec::new();
     for name in requested {
         if chosen.iter().any(|p| p.spec().name == name) {
@@ -101,7 +109,9 @@ pub fn resolve<'a>(
         for b in &chosen[i + 1..] {
             let b_name = b.spec().name;
             let conflicts = |x: &str, y: &str| {
-                registry.get(x).is_some_and(|e| e.conflicts.iter().any(|c| c == y))
+                registry
+                    .get(x)
+                    .is_some_and(|e| e.conflicts.iter().any(|c| c == y))
             };
             if conflicts(a_name, b_name) || conflicts(b_name, a_name) {
                 return Err(ResolveError::Conflict {

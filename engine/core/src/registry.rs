@@ -133,7 +133,11 @@ impl Registry {
 
     /// Checks the registry's own rules and its agreement with the compiled plugins. With a
     /// repository root, also checks that every implemented spec has its conformance file.
-    pub fn validate(&self, plugins: &[PluginSpec], root: Option<&Path>) -> Result<(), RegistryError> {
+    pub fn validate(
+        &self,
+        plugins: &[PluginSpec],
+        root: Option<&Path>,
+    ) -> Result<(), RegistryError> {
         let mut problems = Vec::new();
         let mut ids = HashSet::new();
         let mut names = HashSet::new();
@@ -145,41 +149,67 @@ impl Registry {
                 problems.push(format!("name `{}` is used twice", s.name));
             }
             match (FAMILIES.iter().find(|(f, ..)| *f == s.family), s.number()) {
-                (None, _) => problems.push(format!("{} `{}`: unknown family `{}`", s.id, s.name, s.family)),
-                (_, None) => problems.push(format!("`{}`: id `{}` is not of the form v2200", s.name, s.id)),
-                (Some((family, _, lo, hi)), Some(n)) if n < *lo || n > *hi => problems.push(format!(
-                    "{} `{}` is outside family {family}'s range v{lo}–v{hi}",
-                    s.id, s.name
+                (None, _) => problems.push(format!(
+                    "{} `{}`: unknown family `{}`",
+                    s.id, s.name, s.family
                 )),
+                (_, None) => problems.push(format!(
+                    "`{}`: id `{}` is not of the form v2200",
+                    s.name, s.id
+                )),
+                (Some((family, _, lo, hi)), Some(n)) if n < *lo || n > *hi => {
+                    problems.push(format!(
+                        "{} `{}` is outside family {family}'s range v{lo}–v{hi}",
+                        s.id, s.name
+                    ))
+                }
                 _ => {}
             }
             for other in s.requires.iter().chain(&s.conflicts) {
                 if !self.specs.iter().any(|e| &e.name == other) {
-                    problems.push(format!("{} `{}` names unknown spec `{other}`", s.id, s.name));
+                    problems.push(format!(
+                        "{} `{}` names unknown spec `{other}`",
+                        s.id, s.name
+                    ));
                 }
             }
             let compiled = plugins.iter().find(|p| p.name == s.name);
             if s.status == Status::Implemented {
                 if compiled.is_none() {
-                    problems.push(format!("{} `{}` is implemented but no plugin is compiled for it", s.id, s.name));
+                    problems.push(format!(
+                        "{} `{}` is implemented but no plugin is compiled for it",
+                        s.id, s.name
+                    ));
                 }
                 match (&s.conformance, root) {
-                    (None, _) => problems.push(format!("{} `{}` is implemented but has no conformance file", s.id, s.name)),
+                    (None, _) => problems.push(format!(
+                        "{} `{}` is implemented but has no conformance file",
+                        s.id, s.name
+                    )),
                     (Some(file), Some(root)) if !root.join(file).is_file() => {
-                        problems.push(format!("{} `{}`: conformance file {file} does not exist", s.id, s.name))
+                        problems.push(format!(
+                            "{} `{}`: conformance file {file} does not exist",
+                            s.id, s.name
+                        ))
                     }
                     _ => {}
                 }
             }
             if let Some(p) = compiled {
                 if p.id != s.id {
-                    problems.push(format!("plugin `{}` claims {}, the registry says {}", p.name, p.id, s.id));
+                    problems.push(format!(
+                        "plugin `{}` claims {}, the registry says {}",
+                        p.name, p.id, s.id
+                    ));
                 }
             }
         }
         for p in plugins {
             if self.get(p.name).is_none() {
-                problems.push(format!("compiled plugin `{}` ({}) has no registry entry", p.name, p.id));
+                problems.push(format!(
+                    "compiled plugin `{}` ({}) has no registry entry",
+                    p.name, p.id
+                ));
             }
         }
         if problems.is_empty() {
@@ -221,8 +251,12 @@ mod tests {
                 entry("v2250", "a", "norm", Status::Implemented),
             ],
         };
-        let plugins = [PluginSpec { id: "v2201", name: "b" }];
-        let RegistryError::Invalid(problems) = registry.validate(&plugins, None).unwrap_err() else {
+        let plugins = [PluginSpec {
+            id: "v2201",
+            name: "b",
+        }];
+        let RegistryError::Invalid(problems) = registry.validate(&plugins, None).unwrap_err()
+        else {
             panic!("expected validation errors")
         };
         let all = problems.join("\n");

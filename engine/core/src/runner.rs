@@ -6,7 +6,9 @@ use anyhow::bail;
 use serde::Serialize;
 
 use crate::app::App;
-use crate::pipeline::{request_bundle, FinishReason, ModelResource, SamplingParams, SeqState, Timing, Tokens};
+use crate::pipeline::{
+    request_bundle, FinishReason, ModelResource, SamplingParams, SeqState, Timing, Tokens,
+};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct GenerateOutput {
@@ -35,12 +37,19 @@ pub fn validate(app: &App, prompt: &[u32], params: &SamplingParams) -> anyhow::R
         );
     }
     if let Some(bad) = prompt.iter().find(|t| **t as usize >= config.vocab_size) {
-        bail!("prompt token id {bad} is outside the vocabulary (size {})", config.vocab_size);
+        bail!(
+            "prompt token id {bad} is outside the vocabulary (size {})",
+            config.vocab_size
+        );
     }
     Ok(())
 }
 
-pub fn generate(app: &mut App, prompt: Vec<u32>, params: SamplingParams) -> anyhow::Result<GenerateOutput> {
+pub fn generate(
+    app: &mut App,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+) -> anyhow::Result<GenerateOutput> {
     validate(app, &prompt, &params)?;
     let entity = app.world.spawn(request_bundle(prompt, params)).id();
     let finish = loop {
@@ -58,7 +67,13 @@ pub fn generate(app: &mut App, prompt: Vec<u32>, params: SamplingParams) -> anyh
     let tokens = app.world.get::<Tokens>(entity).cloned().unwrap_or_default();
     let timing = app.world.get::<Timing>(entity).cloned().unwrap_or_default();
     app.world.despawn(entity);
-    let rate = |n: usize, d: Duration| if d.is_zero() { 0.0 } else { n as f64 / d.as_secs_f64() };
+    let rate = |n: usize, d: Duration| {
+        if d.is_zero() {
+            0.0
+        } else {
+            n as f64 / d.as_secs_f64()
+        }
+    };
     Ok(GenerateOutput {
         prompt_tokens: tokens.prompt.len(),
         prefill_tokens_per_s: rate(tokens.prompt.len(), timing.prefill),

@@ -34,7 +34,9 @@ pub enum WeightError {
         found: Vec<usize>,
         expected: Vec<usize>,
     },
-    #[error("tensor `{name}` has dtype {dtype}, which vibee cannot use as a weight (f32, f16, bf16)")]
+    #[error(
+        "tensor `{name}` has dtype {dtype}, which vibee cannot use as a weight (f32, f16, bf16)"
+    )]
     Dtype { name: String, dtype: String },
 }
 
@@ -131,7 +133,11 @@ impl Weight {
     /// A weight from raw little-endian element bytes (tensors built in memory).
     pub fn from_bytes(bytes: Vec<u8>, dtype: DType, shape: Vec<usize>) -> Self {
         let len = bytes.len();
-        assert_eq!(len, shape.iter().product::<usize>() * dtype.size(), "weight bytes do not match shape");
+        assert_eq!(
+            len,
+            shape.iter().product::<usize>() * dtype.size(),
+            "weight bytes do not match shape"
+        );
         Self::new(owned(&bytes), 0, len, dtype, shape)
     }
 
@@ -321,7 +327,9 @@ fn shard_files(index: &Path) -> Result<Vec<String>, WeightError> {
             .as_str()
             .ok_or_else(|| bad(format!("file of `{tensor}` is not a string")))?;
         if file.contains('/') || file.contains('\\') {
-            return Err(bad(format!("shard `{file}` is not a file name in the model directory")));
+            return Err(bad(format!(
+                "shard `{file}` is not a file name in the model directory"
+            )));
         }
         if !files.iter().any(|f| f == file) {
             files.push(file.to_string());

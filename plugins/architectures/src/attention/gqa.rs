@@ -13,7 +13,10 @@ pub struct Gqa;
 
 impl Plugin for Gqa {
     fn spec(&self) -> PluginSpec {
-        PluginSpec { id: "v2202", name: "gqa" }
+        PluginSpec {
+            id: "v2202",
+            name: "gqa",
+        }
     }
 
     fn build(&self, app: &mut App) {

@@ -12,7 +12,10 @@ pub struct Mha;
 
 impl Plugin for Mha {
     fn spec(&self) -> PluginSpec {
-        PluginSpec { id: "v2200", name: "mha" }
+        PluginSpec {
+            id: "v2200",
+            name: "mha",
+        }
     }
 
     fn build(&self, app: &mut App) {

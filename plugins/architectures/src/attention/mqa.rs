@@ -12,7 +12,10 @@ pub struct Mqa;
 
 impl Plugin for Mqa {
     fn spec(&self) -> PluginSpec {
-        PluginSpec { id: "v2201", name: "mqa" }
+        PluginSpec {
+            id: "v2201",
+            name: "mqa",
+        }
     }
 
     fn build(&self, app: &mut App) {

@@ -11,7 +11,10 @@ pub struct SwiGlu;
 
 impl Plugin for SwiGlu {
     fn spec(&self) -> PluginSpec {
-        PluginSpec { id: "v2260", name: "swiglu" }
+        PluginSpec {
+            id: "v2260",
+            name: "swiglu",
+        }
     }
 
     fn build(&self, app: &mut App) {
@@ -24,7 +27,10 @@ impl Factory<dyn Ffn> for SwiGlu {
         if config.hidden_act == "silu" {
             Ok(())
         } else {
-            Err(format!("config.json hidden_act = \"{}\" but swiglu needs \"silu\"", config.hidden_act))
+            Err(format!(
+                "config.json hidden_act = \"{}\" but swiglu needs \"silu\"",
+                config.hidden_act
+            ))
         }
     }
 

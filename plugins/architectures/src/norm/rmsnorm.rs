@@ -11,7 +11,10 @@ pub struct RmsNorm;
 
 impl Plugin for RmsNorm {
     fn spec(&self) -> PluginSpec {
-        PluginSpec { id: "v2240", name: "rmsnorm" }
+        PluginSpec {
+            id: "v2240",
+            name: "rmsnorm",
+        }
     }
 
     fn build(&self, app: &mut App) {
@@ -24,7 +27,10 @@ impl Factory<dyn Norm> for RmsNorm {
         if config.rms_norm_eps >= 0.0 {
             Ok(())
         } else {
-            Err(format!("config.json rms_norm_eps = {} must not be negative", config.rms_norm_eps))
+            Err(format!(
+                "config.json rms_norm_eps = {} must not be negative",
+                config.rms_norm_eps
+            ))
         }
     }
 

@@ -16,7 +16,10 @@ pub struct Rope;
 
 impl Plugin for Rope {
     fn spec(&self) -> PluginSpec {
-        PluginSpec { id: "v2220", name: "rope" }
+        PluginSpec {
+            id: "v2220",
+            name: "rope",
+        }
     }
 
     fn build(&self, app: &mut App) {
@@ -29,14 +32,24 @@ impl Factory<dyn PositionEncoding> for Rope {
         if config.rope_theta > 0.0 {
             Ok(())
         } else {
-            Err(format!("config.json rope_theta = {} must be positive", config.rope_theta))
+            Err(format!(
+                "config.json rope_theta = {} must be positive",
+                config.rope_theta
+            ))
         }
     }
 
-    fn build(&self, cx: &BuildContext<'_>, _prefix: &str) -> anyhow::Result<Box<dyn PositionEncoding>> {
+    fn build(
+        &self,
+        cx: &BuildContext<'_>,
+        _prefix: &str,
+    ) -> anyhow::Result<Box<dyn PositionEncoding>> {
         let config = cx.config;
         let dim = config.head_dim;
-        let inv_freq = scaled_inv_freq(base_inv_freq(config.rope_theta as f32, dim), &config.rope_scaling);
+        let inv_freq = scaled_inv_freq(
+            base_inv_freq(config.rope_theta as f32, dim),
+            &config.rope_scaling,
+        );
         Ok(Box::new(RotaryEmbedding {
             dim,
             inv_freq,
@@ -72,10 +85,15 @@ fn scaled_inv_freq(inv_freq: Vec<f32>, scaling: &RopeScaling) -> Vec<f32> {
                 .map(|&f| {
                     let f = f as f64;
                     let wavelen = 2.0 * PI / f;
-                    let scaled = if wavelen > low_freq_wavelen { f / factor } else { f };
-                    let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                    let scaled = if wavelen > low_freq_wavelen {
+                        f / factor
+                    } else {
+                        f
+                    };
+                    let medium = (high_freq_wavelen..=low_freq_wavelen).contains(&wavelen);
                     if medium {
-                        let smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old_context / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         ((1.0 - smooth) * scaled / factor + smooth * scaled) as f32
                     } else {
                         scaled as f32

@@ -10,7 +10,10 @@ pub struct ContiguousKvCache;
 
 impl Plugin for ContiguousKvCache {
     fn spec(&self) -> PluginSpec {
-        PluginSpec { id: "v2300", name: "kv-cache" }
+        PluginSpec {
+            id: "v2300",
+            name: "kv-cache",
+        }
     }
 
     fn build(&self, app: &mut App) {

@@ -14,7 +14,10 @@ pub struct Sampler;
 
 impl Plugin for Sampler {
     fn spec(&self) -> PluginSpec {
-        PluginSpec { id: "v2380", name: "sampler" }
+        PluginSpec {
+            id: "v2380",
+            name: "sampler",
+        }
     }
 
     fn build(&self, app: &mut App) {
@@ -22,7 +25,15 @@ impl Plugin for Sampler {
     }
 }
 
-fn sample(mut running: Query<(&Tokens, &SamplingParams, &mut Logits, &mut NextToken, &SeqState)>) {
+fn sample(
+    mut running: Query<(
+        &Tokens,
+        &SamplingParams,
+        &mut Logits,
+        &mut NextToken,
+        &SeqState,
+    )>,
+) {
     for (tokens, params, mut logits, mut next, state) in &mut running {
         if *state == SeqState::Running && !logits.0.is_empty() {
             next.0 = Some(choose(&mut logits.0, tokens, params));
@@ -43,7 +54,11 @@ pub fn choose(logits: &mut [f32], tokens: &Tokens, params: &SamplingParams) -> u
     }
     // Candidates sorted by descending logit; ties keep the lower token id first.
     let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-    order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    order.sort_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
     if params.top_k > 0 {
         order.truncate(params.top_k);
     }
@@ -77,7 +92,9 @@ pub fn choose(logits: &mut [f32], tokens: &Tokens, params: &SamplingParams) -> u
         }
         draw -= p;
     }
-    *order.last().expect("at least one candidate survives filtering")
+    *order
+        .last()
+        .expect("at least one candidate survives filtering")
 }
 
 /// CTRL-style penalty, as transformers applies it: seen tokens' positive logits are divided by
@@ -124,7 +141,10 @@ mod tests {
 
     #[test]
     fn greedy_takes_the_first_maximum() {
-        assert_eq!(choose(&mut [0.1, 2.0, 2.0, -1.0], &tokens(&[]), &params(0.0)), 1);
+        assert_eq!(
+            choose(&mut [0.1, 2.0, 2.0, -1.0], &tokens(&[]), &params(0.0)),
+            1
+        );
     }
 
     #[test]
@@ -139,10 +159,18 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy_and_seeds_reproduce() {
         let logits = [0.5, 1.5, 1.4, 0.0];
-        let p = SamplingParams { top_k: 1, ..params(1.0) };
+        let p = SamplingParams {
+            top_k: 1,
+            ..params(1.0)
+        };
         assert_eq!(choose(&mut logits.clone(), &tokens(&[]), &p), 1);
-        let p = SamplingParams { seed: 7, ..params(1.0) };
-        let draws: Vec<u32> = (0..2).map(|_| choose(&mut logits.clone(), &tokens(&[]), &p)).collect();
+        let p = SamplingParams {
+            seed: 7,
+            ..params(1.0)
+        };
+        let draws: Vec<u32> = (0..2)
+            .map(|_| choose(&mut logits.clone(), &tokens(&[]), &p))
+            .collect();
         assert_eq!(draws[0], draws[1]);
     }
 
@@ -150,11 +178,34 @@ mod tests {
     fn top_p_and_min_p_exclude_unlikely_tokens() {
         // Probabilities ≈ [0.64, 0.24, 0.09, 0.03].
         let logits = [3.0, 2.0, 1.0, 0.0];
-        let p = SamplingParams { top_p: 0.6, ..params(1.0) };
-        let p_min = SamplingParams { min_p: 0.5, ..params(1.0) };
+        let p = SamplingParams {
+            top_p: 0.6,
+            ..params(1.0)
+        };
+        let p_min = SamplingParams {
+            min_p: 0.5,
+            ..params(1.0)
+        };
         for seed in 0..50 {
-            assert_eq!(choose(&mut logits.clone(), &tokens(&[]), &SamplingParams { seed, ..p.clone() }), 0);
-            assert_eq!(choose(&mut logits.clone(), &tokens(&[]), &SamplingParams { seed, ..p_min.clone() }), 0);
+            assert_eq!(
+                choose(
+                    &mut logits.clone(),
+                    &tokens(&[]),
+                    &SamplingParams { seed, ..p.clone() }
+                ),
+                0
+            );
+            assert_eq!(
+                choose(
+                    &mut logits.clone(),
+                    &tokens(&[]),
+                    &SamplingParams {
+                        seed,
+                        ..p_min.clone()
+                    }
+                ),
+                0
+            );
         }
     }
 }

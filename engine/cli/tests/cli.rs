@@ -1,0 +1,213 @@
+//! The `vibee` command as a user runs it.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn vibee(args: &[&str]) -> Output {
+    let cache = std::env::temp_dir().join(format!("vibee-cli-test-{}", std::process::id()));
+    Command::new(env!("CARGO_BIN_EXE_vibee"))
+        .args(args)
+        .current_dir(repo())
+        .env("XDG_CACHE_HOME", cache)
+        .output()
+        .expect("vibee runs")
+}
+
+fn stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "vibee failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn failure(out: &Output) -> String {
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected a clean failure, got {:?}",
+        out.status
+    );
+    String::from_utf8(out.stderr.clone()).unwrap()
+}
+
+fn reference(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(
+        repo()
+            .join("tests/fixtures")
+            .join(name)
+            .join("reference.json"),
+    )
+    .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn ids(value: &serde_json::Value) -> Vec<u64> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn run_with_named_plugins_reproduces_the_transformers_greedy_continuation() {
+    let reference = reference("llama-gqa");
+    let prompt: Vec<String> = ids(&reference["prompt_ids"])
+        .iter()
+        .map(u64::to_string)
+        .collect();
+    let out = vibee(&[
+        "run",
+        "--model",
+        "tests/fixtures/llama-gqa",
+        "--plugins",
+        "gqa,rope,rmsnorm,swiglu",
+        "--prompt-ids",
+        &prompt.join(","),
+        "--max-tokens",
+        "16",
+        "--greedy",
+        "--ignore-eos",
+        "--json",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(ids(&json["tokens"]), ids(&reference["greedy_ids"]));
+    assert_eq!(json["text"], reference["greedy_text"]);
+    for key in [
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "time_to_first_token_s",
+    ] {
+        assert!(json[key].as_f64().unwrap() > 0.0, "{key}");
+    }
+}
+
+#[test]
+fn run_text_prompt_tokenizes_like_transformers() {
+    let reference = reference("llama-mha");
+    let out = vibee(&[
+        "run",
+        "--model",
+        "tests/fixtures/llama-mha",
+        "--prompt",
+        reference["prompt_text"].as_str().unwrap(),
+        "--max-tokens",
+        "16",
+        "--greedy",
+        "--ignore-eos",
+        "--json",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        json["prompt_tokens"].as_u64().unwrap() as usize,
+        ids(&reference["prompt_ids"]).len()
+    );
+    assert_eq!(ids(&json["tokens"]), ids(&reference["greedy_ids"]));
+}
+
+#[test]
+fn run_without_model_uses_the_builtin_tiny_model() {
+    let out = vibee(&[
+        "run",
+        "--prompt",
+        "hello",
+        "--max-tokens",
+        "5",
+        "--seed",
+        "3",
+        "--json",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert!(!json["tokens"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn specs_lists_the_registry_and_filters_by_family_as_json() {
+    let table = stdout(&vibee(&["specs"]));
+    assert!(table.contains("v2202") && table.contains("gqa") && table.contains("planned"));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&vibee(&[
+        "specs",
+        "--family",
+        "attention",
+        "--json",
+    ])))
+    .unwrap();
+    let names: Vec<&str> = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert!(names.starts_with(&["mha", "mqa", "gqa"]), "{names:?}");
+    assert!(json
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["family"] == "attention"));
+    let implemented = stdout(&vibee(&["specs", "--status", "implemented"]));
+    assert!(!implemented.contains("planned"));
+}
+
+#[test]
+fn bench_reports_speeds_as_json() {
+    let out = vibee(&[
+        "bench",
+        "--model",
+        "tests/fixtures/llama-gqa",
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "4",
+        "--repeat",
+        "1",
+        "--json",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert!(json["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(json["weight_bytes"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn bad_requests_fail_with_a_message_not_a_panic() {
+    for (args, message) in [
+        (
+            vec!["run", "--prompt-ids", "1,2", "--max-tokens", "0"],
+            "max tokens must be at least 1",
+        ),
+        (vec!["run", "--prompt", ""], "prompt is empty"),
+        (
+            vec![
+                "run",
+                "--prompt",
+                "hi",
+                "--plugins",
+                "gqa,rope,rmsnorm,swiglu,flash",
+            ],
+            "unknown plugin `flash`",
+        ),
+        (
+            vec!["run", "--model", "/nonexistent", "--prompt", "hi"],
+            "cannot read /nonexistent/config.json",
+        ),
+        (
+            vec!["run", "--prompt", "hi", "--top-p", "0"],
+            "--top-p must be in (0, 1]",
+        ),
+        (vec!["run"], "give a prompt"),
+        (
+            vec!["specs", "--family", "atention"],
+            "unknown family `atention`",
+        ),
+    ] {
+        let err = failure(&vibee(&args));
+        assert!(err.contains(message), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
