@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod engine;
 pub mod model;
 pub mod ops;
+pub mod parallel;
 pub mod pipeline;
 pub mod plugin;
 pub mod registry;

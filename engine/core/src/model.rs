@@ -100,12 +100,8 @@ impl Model {
         } else {
             cx.linear("lm_head.weight", config.vocab_size, hidden)?
         };
-        let weight_bytes = embed.bytes()
-            + if config.tie_word_embeddings {
-                0
-            } else {
-                lm_head.weight_bytes()
-            }
+        // A decode step streams every matmul weight once; of the embedding only one row.
+        let weight_bytes = lm_head.weight_bytes()
             + layers
                 .iter()
                 .map(|l| {
@@ -134,7 +130,7 @@ impl Model {
         self.kv_cache.new_sequence(&self.config)
     }
 
-    /// Bytes of weights a decode step streams from memory (matmul weights; norms are noise).
+    /// Bytes of weights a decode step streams from memory (norm weights are noise).
     pub fn weight_bytes_per_token(&self) -> usize {
         self.weight_bytes
     }

@@ -115,7 +115,7 @@ pub enum WeightData<'a> {
 
 impl Weight {
     fn new(storage: Storage, start: usize, len: usize, dtype: DType, shape: Vec<usize>) -> Self {
-        let aligned = (storage.bytes()[start..].as_ptr() as usize) % dtype.size() == 0;
+        let aligned = (storage.bytes()[start..].as_ptr() as usize).is_multiple_of(dtype.size());
         let (storage, start) = if aligned {
             (storage, start)
         } else {

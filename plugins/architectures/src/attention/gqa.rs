@@ -26,7 +26,7 @@ impl Plugin for Gqa {
 
 impl Factory<dyn Attention> for Gqa {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {
-        if config.num_heads % config.num_kv_heads == 0 {
+        if config.num_heads.is_multiple_of(config.num_kv_heads) {
             Ok(())
         } else {
             Err(format!(
