@@ -31,6 +31,8 @@ enum Command {
     Specs(SpecsArgs),
     /// Measure prefill and decode speed.
     Bench(BenchArgs),
+    /// Run specs' conformance cases and report pass/fail.
+    Conformance(ConformanceArgs),
 }
 
 #[derive(Args)]
@@ -111,6 +113,28 @@ struct BenchArgs {
     json: bool,
 }
 
+#[derive(Args)]
+struct ConformanceArgs {
+    /// One spec, by id (v2202) or name (gqa).
+    #[arg(long)]
+    spec: Option<String>,
+    /// Every implemented spec of one family.
+    #[arg(long)]
+    family: Option<String>,
+    /// Backend to run on: cpu (the only one in this build) or all.
+    #[arg(long, default_value = "all")]
+    device: String,
+    /// Repository root holding specs/ and tests/fixtures/.
+    #[arg(long, default_value = ".")]
+    root: PathBuf,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Also write the results as JUnit XML to this file.
+    #[arg(long)]
+    junit: Option<PathBuf>,
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("VIBEE_LOG"))
@@ -130,6 +154,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run(args),
         Command::Specs(args) => specs(args),
         Command::Bench(args) => bench(args),
+        Command::Conformance(args) => conformance(args),
     }
 }
 
@@ -336,4 +361,76 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+fn conformance(args: ConformanceArgs) -> anyhow::Result<()> {
+    use vibee_core::conformance::{load_cases, run_cases, CaseResult};
+    use vibee_core::registry::Status;
+
+    if args.device != "cpu" && args.device != "all" {
+        bail!("backend `{}` is not available in this build (available: cpu)", args.device);
+    }
+    if !args.root.join("specs").is_dir() {
+        bail!("{} has no specs/ directory: run from the vibee repository or pass --root", args.root.display());
+    }
+    let registry = Registry::builtin();
+    let selected: Vec<_> = registry
+        .specs
+        .iter()
+        .filter(|s| s.status == Status::Implemented)
+        .filter(|s| args.spec.as_ref().is_none_or(|want| &s.id == want || &s.name == want))
+        .filter(|s| args.family.as_ref().is_none_or(|f| &s.family == f))
+        .collect();
+    if selected.is_empty() {
+        bail!("no implemented spec matches the selection");
+    }
+    let catalog = builtin_plugins();
+    let mut results: Vec<CaseResult> = Vec::new();
+    for entry in selected {
+        let file = entry.conformance.as_ref().with_context(|| format!("{} has no conformance file", entry.id))?;
+        let cases = load_cases(&args.root.join(file))?;
+        results.extend(run_cases(&cases, &args.root, &registry, &catalog));
+    }
+    println!("{:<6} {:<72} {:<7} {:>10}  result", "spec", "case", "backend", "max err");
+    for r in &results {
+        let err = r.max_err.map_or("-".to_string(), |e| format!("{e:.2e}"));
+        let verdict = if r.passed { "pass".to_string() } else { format!("FAIL: {}", r.detail) };
+        println!("{:<6} {:<72} {:<7} {:>10}  {verdict}", r.spec, r.case, r.backend, err);
+    }
+    let failed = results.iter().filter(|r| !r.passed).count();
+    println!("{} passed, {failed} failed", results.len() - failed);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&results)?).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = &args.junit {
+        std::fs::write(path, junit(&results)).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if failed > 0 {
+        bail!("{failed} conformance case(s) failed");
+    }
+    Ok(())
+}
+
+fn junit(results: &[vibee_core::conformance::CaseResult]) -> String {
+    let escape = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+    };
+    let failures = results.iter().filter(|r| !r.passed).count();
+    let mut xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites>\n<testsuite name=\"vibee conformance\" tests=\"{}\" failures=\"{failures}\">\n",
+        results.len()
+    );
+    for r in results {
+        let name = escape(&format!("{} [{}]", r.case, r.backend));
+        xml.push_str(&format!("  <testcase classname=\"{}\" name=\"{name}\">", escape(&r.spec)));
+        if !r.passed {
+            xml.push_str(&format!("<failure message=\"{}\"/>", escape(&r.detail)));
+        }
+        xml.push_str("</testcase>\n");
+    }
+    xml.push_str("</testsuite>\n</testsuites>\n");
+    xml
 }

@@ -211,3 +211,47 @@ fn bad_requests_fail_with_a_message_not_a_panic() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn conformance_runs_a_spec_and_writes_json_and_junit() {
+    let dir = std::env::temp_dir().join(format!("vibee-conformance-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (json_path, junit_path) = (dir.join("r.json"), dir.join("r.xml"));
+    let out = vibee(&[
+        "conformance",
+        "--spec",
+        "v2202",
+        "--json",
+        json_path.to_str().unwrap(),
+        "--junit",
+        junit_path.to_str().unwrap(),
+    ]);
+    let table = stdout(&out);
+    assert!(table.contains("gqa with kv_heads == heads equals mha") && table.contains(" 0 failed"), "{table}");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert!(json.as_array().unwrap().iter().all(|r| r["passed"] == true && r["spec"] == "v2202"));
+    let junit = std::fs::read_to_string(&junit_path).unwrap();
+    assert!(junit.contains("<testsuite name=\"vibee conformance\"") && junit.contains("failures=\"0\""));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn conformance_exits_non_zero_when_a_case_fails() {
+    // A spec file whose case cannot pass: gqa does fit the llama-gqa checkpoint.
+    let root = std::env::temp_dir().join(format!("vibee-conformance-fail-{}", std::process::id()));
+    std::fs::create_dir_all(root.join("specs")).unwrap();
+    let fixture = repo().join("tests/fixtures/llama-gqa");
+    std::fs::write(
+        root.join("specs/v2202-gqa.ron"),
+        format!(
+            "(spec: \"v2202\", cases: [(name: \"wrongly expects a refusal\", check: Rejects(fixture: \"{}\", plugins: [\"gqa\", \"rope\", \"rmsnorm\", \"swiglu\"], mentions: \"x\"))])",
+            fixture.display()
+        ),
+    )
+    .unwrap();
+    let out = vibee(&["conformance", "--spec", "gqa", "--root", root.to_str().unwrap()]);
+    let err = failure(&out);
+    assert!(err.contains("1 conformance case(s) failed"), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL"));
+    std::fs::remove_dir_all(root).unwrap();
+}
