@@ -368,17 +368,27 @@ fn conformance(args: ConformanceArgs) -> anyhow::Result<()> {
     use vibee_core::registry::Status;
 
     if args.device != "cpu" && args.device != "all" {
-        bail!("backend `{}` is not available in this build (available: cpu)", args.device);
+        bail!(
+            "backend `{}` is not available in this build (available: cpu)",
+            args.device
+        );
     }
     if !args.root.join("specs").is_dir() {
-        bail!("{} has no specs/ directory: run from the vibee repository or pass --root", args.root.display());
+        bail!(
+            "{} has no specs/ directory: run from the vibee repository or pass --root",
+            args.root.display()
+        );
     }
     let registry = Registry::builtin();
     let selected: Vec<_> = registry
         .specs
         .iter()
         .filter(|s| s.status == Status::Implemented)
-        .filter(|s| args.spec.as_ref().is_none_or(|want| &s.id == want || &s.name == want))
+        .filter(|s| {
+            args.spec
+                .as_ref()
+                .is_none_or(|want| &s.id == want || &s.name == want)
+        })
         .filter(|s| args.family.as_ref().is_none_or(|f| &s.family == f))
         .collect();
     if selected.is_empty() {
@@ -387,23 +397,38 @@ fn conformance(args: ConformanceArgs) -> anyhow::Result<()> {
     let catalog = builtin_plugins();
     let mut results: Vec<CaseResult> = Vec::new();
     for entry in selected {
-        let file = entry.conformance.as_ref().with_context(|| format!("{} has no conformance file", entry.id))?;
+        let file = entry
+            .conformance
+            .as_ref()
+            .with_context(|| format!("{} has no conformance file", entry.id))?;
         let cases = load_cases(&args.root.join(file))?;
         results.extend(run_cases(&cases, &args.root, &registry, &catalog));
     }
-    println!("{:<6} {:<72} {:<7} {:>10}  result", "spec", "case", "backend", "max err");
+    println!(
+        "{:<6} {:<72} {:<7} {:>10}  result",
+        "spec", "case", "backend", "max err"
+    );
     for r in &results {
         let err = r.max_err.map_or("-".to_string(), |e| format!("{e:.2e}"));
-        let verdict = if r.passed { "pass".to_string() } else { format!("FAIL: {}", r.detail) };
-        println!("{:<6} {:<72} {:<7} {:>10}  {verdict}", r.spec, r.case, r.backend, err);
+        let verdict = if r.passed {
+            "pass".to_string()
+        } else {
+            format!("FAIL: {}", r.detail)
+        };
+        println!(
+            "{:<6} {:<72} {:<7} {:>10}  {verdict}",
+            r.spec, r.case, r.backend, err
+        );
     }
     let failed = results.iter().filter(|r| !r.passed).count();
     println!("{} passed, {failed} failed", results.len() - failed);
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&results)?).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&results)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     if let Some(path) = &args.junit {
-        std::fs::write(path, junit(&results)).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(path, junit(&results))
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     if failed > 0 {
         bail!("{failed} conformance case(s) failed");
@@ -425,7 +450,10 @@ fn junit(results: &[vibee_core::conformance::CaseResult]) -> String {
     );
     for r in results {
         let name = escape(&format!("{} [{}]", r.case, r.backend));
-        xml.push_str(&format!("  <testcase classname=\"{}\" name=\"{name}\">", escape(&r.spec)));
+        xml.push_str(&format!(
+            "  <testcase classname=\"{}\" name=\"{name}\">",
+            escape(&r.spec)
+        ));
         if !r.passed {
             xml.push_str(&format!("<failure message=\"{}\"/>", escape(&r.detail)));
         }

@@ -227,11 +227,21 @@ fn conformance_runs_a_spec_and_writes_json_and_junit() {
         junit_path.to_str().unwrap(),
     ]);
     let table = stdout(&out);
-    assert!(table.contains("gqa with kv_heads == heads equals mha") && table.contains(" 0 failed"), "{table}");
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
-    assert!(json.as_array().unwrap().iter().all(|r| r["passed"] == true && r["spec"] == "v2202"));
+    assert!(
+        table.contains("gqa with kv_heads == heads equals mha") && table.contains(" 0 failed"),
+        "{table}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert!(json
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["passed"] == true && r["spec"] == "v2202"));
     let junit = std::fs::read_to_string(&junit_path).unwrap();
-    assert!(junit.contains("<testsuite name=\"vibee conformance\"") && junit.contains("failures=\"0\""));
+    assert!(
+        junit.contains("<testsuite name=\"vibee conformance\"") && junit.contains("failures=\"0\"")
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -249,7 +259,13 @@ fn conformance_exits_non_zero_when_a_case_fails() {
         ),
     )
     .unwrap();
-    let out = vibee(&["conformance", "--spec", "gqa", "--root", root.to_str().unwrap()]);
+    let out = vibee(&[
+        "conformance",
+        "--spec",
+        "gqa",
+        "--root",
+        root.to_str().unwrap(),
+    ]);
     let err = failure(&out);
     assert!(err.contains("1 conformance case(s) failed"), "{err}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL"));

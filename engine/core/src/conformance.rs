@@ -9,9 +9,10 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
+use crate::app::{App, Pipeline, Stage};
 use crate::engine::Engine;
-use crate::pipeline::SamplingParams;
-use crate::plugin::Plugin;
+use crate::pipeline::{Logits, NextToken, SamplingParams, SeqState, Tokens};
+use crate::plugin::{resolve, Plugin};
 use crate::registry::Registry;
 use crate::runner;
 use crate::tensor::Matrix;
@@ -63,6 +64,38 @@ pub enum Check {
         plugins: Vec<String>,
         mentions: String,
     },
+    /// The sampler, run through the Sample stage with `draws` seeds per parameter set, never
+    /// picks a token transformers' logits processors filter out, and picks the others at
+    /// their reference frequencies (within `max_sigma` binomial standard deviations).
+    ReferenceSampling {
+        reference: String,
+        plugins: Vec<String>,
+        draws: usize,
+        max_sigma: f32,
+    },
+}
+
+/// transformers' next-token distributions for fixed logits (`make_sampling_fixtures.py`).
+#[derive(Debug, Deserialize)]
+struct SamplingReference {
+    logits: Vec<f32>,
+    history: Vec<u32>,
+    cases: Vec<SamplingCase>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SamplingCase {
+    params: SamplingCaseParams,
+    probs: Vec<f32>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SamplingCaseParams {
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+    min_p: f32,
+    repetition_penalty: f32,
 }
 
 /// What transformers produced for a fixture model.
@@ -205,6 +238,19 @@ fn run_check(
             let lb = full_logits(&load(fixture, b)?, &reference.prompt_ids)?;
             Ok(compare(&la.data, &lb.data, *max_abs_err))
         }
+        Check::ReferenceSampling {
+            reference,
+            plugins,
+            draws,
+            max_sigma,
+        } => sampling(
+            &root.join(reference),
+            plugins,
+            *draws,
+            *max_sigma,
+            registry,
+            catalog,
+        ),
         Check::Rejects {
             fixture,
             plugins,
@@ -219,6 +265,75 @@ fn run_check(
             }
         },
     }
+}
+
+fn sampling(
+    path: &Path,
+    plugins: &[String],
+    draws: usize,
+    max_sigma: f32,
+    registry: &Registry,
+    catalog: &[Box<dyn Plugin>],
+) -> anyhow::Result<Outcome> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let reference: SamplingReference =
+        serde_json::from_str(&text).with_context(|| format!("{} is malformed", path.display()))?;
+    let mut app = App::new(Pipeline::Serving);
+    for plugin in resolve(plugins, registry, catalog)? {
+        app.add_plugin(plugin)?;
+    }
+    let tokens = Tokens {
+        prompt: reference.history.clone(),
+        generated: Vec::new(),
+    };
+    let mut worst = 0.0f32;
+    for (index, case) in reference.cases.iter().enumerate() {
+        let p = &case.params;
+        let mut counts = vec![0usize; reference.logits.len()];
+        for seed in 0..draws as u64 {
+            let params = SamplingParams {
+                temperature: p.temperature,
+                top_k: p.top_k,
+                top_p: p.top_p,
+                min_p: p.min_p,
+                repetition_penalty: p.repetition_penalty,
+                seed,
+                ..SamplingParams::default()
+            };
+            let entity = app
+                .world
+                .spawn((
+                    tokens.clone(),
+                    params,
+                    SeqState::Running,
+                    Logits(reference.logits.clone()),
+                    NextToken(None),
+                ))
+                .id();
+            app.world.run_schedule(Stage::Sample);
+            let chosen = app.world.get::<NextToken>(entity).and_then(|n| n.0);
+            app.world.despawn(entity);
+            let Some(token) = chosen.filter(|t| (*t as usize) < counts.len()) else {
+                return Ok((
+                    None,
+                    Some(format!("case {index}: the sampler chose {chosen:?}")),
+                ));
+            };
+            counts[token as usize] += 1;
+        }
+        let n = draws as f32;
+        for (token, (&count, &prob)) in counts.iter().zip(&case.probs).enumerate() {
+            if prob == 0.0 && count > 0 {
+                return Ok((None, Some(format!("case {index}: token {token} is filtered by transformers but drawn {count} times"))));
+            }
+            let sigma = (prob * (1.0 - prob) / n).sqrt().max(1.0 / n);
+            worst = worst.max((count as f32 / n - prob).abs() / sigma);
+        }
+    }
+    let why = (worst > max_sigma)
+        .then(|| format!("a token frequency is {worst:.1} standard deviations from transformers'"));
+    Ok((Some(worst), why))
 }
 
 fn full_logits(engine: &Engine, prompt: &[u32]) -> anyhow::Result<Matrix> {
