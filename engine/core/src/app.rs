@@ -62,6 +62,8 @@ pub struct App {
     pub world: World,
     pipeline: Pipeline,
     enabled: Vec<PluginSpec>,
+    /// Plugins whose `build` has run; enabling one again only flips it back on.
+    built: BTreeSet<&'static str>,
     /// The plugin whose `build` is running, so its systems and operators are tagged with it.
     building: Option<&'static str>,
 }
@@ -96,6 +98,7 @@ impl App {
             world,
             pipeline,
             enabled: Vec::new(),
+            built: BTreeSet::new(),
             building: None,
         }
     }
@@ -109,9 +112,15 @@ impl App {
         if self.is_enabled(spec.name) {
             return Err(AppError::AlreadyEnabled(spec.name.into()));
         }
-        self.building = Some(spec.name);
-        plugin.build(self);
-        self.building = None;
+        if self.built.insert(spec.name) {
+            self.building = Some(spec.name);
+            plugin.build(self);
+            self.building = None;
+        } else {
+            self.world
+                .resource_mut::<Operators>()
+                .set_enabled(spec.name, true);
+        }
         self.enabled.push(spec);
         self.world
             .resource_mut::<EnabledPlugins>()
@@ -120,8 +129,8 @@ impl App {
         Ok(())
     }
 
-    /// Disables a plugin between steps: its systems stop running and its operators are
-    /// withdrawn (a model already built keeps the operators it was built with).
+    /// Disables a plugin between steps: its systems stop running and its operators are no
+    /// longer offered (a model already built keeps the operators it was built with).
     pub fn remove_plugin(&mut self, name: &str) -> Result<(), AppError> {
         let index = self
             .enabled
@@ -135,7 +144,7 @@ impl App {
             .remove(spec.name);
         self.world
             .resource_mut::<Operators>()
-            .remove_plugin(spec.name);
+            .set_enabled(spec.name, false);
         Ok(())
     }
 
@@ -180,5 +189,65 @@ impl App {
         for &stage in self.pipeline.stages() {
             self.world.run_schedule(stage);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Resource, Default)]
+    struct Ticks(u32);
+
+    struct Ticker;
+
+    impl Plugin for Ticker {
+        fn spec(&self) -> PluginSpec {
+            PluginSpec {
+                id: "v2640",
+                name: "ticker",
+            }
+        }
+
+        fn build(&self, app: &mut App) {
+            app.world.init_resource::<Ticks>();
+            app.add_systems(Stage::Monitor, |mut ticks: ResMut<Ticks>| ticks.0 += 1);
+        }
+    }
+
+    #[test]
+    fn plugin_systems_run_each_step_until_the_plugin_is_removed() {
+        let mut app = App::new(Pipeline::Serving);
+        app.add_plugin(&Ticker).unwrap();
+        assert_eq!(
+            app.add_plugin(&Ticker),
+            Err(AppError::AlreadyEnabled("ticker".into()))
+        );
+        app.step();
+        app.step();
+        assert_eq!(app.world.resource::<Ticks>().0, 2);
+        app.remove_plugin("ticker").unwrap();
+        app.step();
+        assert_eq!(app.world.resource::<Ticks>().0, 2);
+        assert_eq!(
+            app.remove_plugin("ticker"),
+            Err(AppError::NotEnabled("ticker".into()))
+        );
+        app.add_plugin(&Ticker).unwrap();
+        app.step();
+        assert_eq!(
+            app.world.resource::<Ticks>().0,
+            3,
+            "re-enabling must not add its systems twice"
+        );
+    }
+
+    #[test]
+    fn training_pipeline_runs_its_own_stages() {
+        let mut app = App::new(Pipeline::Training);
+        app.add_plugin(&Ticker).unwrap();
+        app.step();
+        assert_eq!(app.world.resource::<Ticks>().0, 1);
+        assert_eq!(Pipeline::Training.stages()[0], Stage::Batch);
     }
 }

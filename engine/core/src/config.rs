@@ -377,3 +377,104 @@ fn rope<'a>(
     }
     Ok((theta, scaling))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// TinyLlama-1.1B-Chat-v1.0's published config.json (transformers 4.x form).
+    const TINYLLAMA_4X: &str = r#"{
+      "architectures": ["LlamaForCausalLM"], "attention_bias": false, "bos_token_id": 1,
+      "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+      "intermediate_size": 5632, "max_position_embeddings": 2048, "model_type": "llama",
+      "num_attention_heads": 32, "num_hidden_layers": 22, "num_key_value_heads": 4,
+      "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": null, "rope_theta": 10000.0,
+      "tie_word_embeddings": false, "torch_dtype": "bfloat16", "transformers_version": "4.35.0",
+      "use_cache": true, "vocab_size": 32000}"#;
+
+    #[test]
+    fn transformers_4x_config_parses() {
+        let c = ModelConfig::from_json(TINYLLAMA_4X).unwrap();
+        assert_eq!(
+            (
+                c.hidden_size,
+                c.num_layers,
+                c.num_heads,
+                c.num_kv_heads,
+                c.head_dim
+            ),
+            (2048, 22, 32, 4, 64)
+        );
+        assert_eq!(
+            (c.rope_theta, c.rope_scaling.clone()),
+            (10000.0, RopeScaling::None)
+        );
+        assert_eq!(c.dtype.as_deref(), Some("bfloat16"));
+        assert_eq!(c.eos_token_ids, vec![2]);
+        assert_eq!(c.required_plugins()[0], ("attention", "gqa"));
+    }
+
+    #[test]
+    fn transformers_4x_llama3_rope_scaling_parses() {
+        // Llama-3.1's rope_scaling block, with the legacy `rope_type` spelling.
+        let json = TINYLLAMA_4X.replace(
+            r#""rope_scaling": null, "rope_theta": 10000.0"#,
+            r#""rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_type": "llama3"}, "rope_theta": 500000.0"#,
+        );
+        let c = ModelConfig::from_json(&json).unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(
+            c.rope_scaling,
+            RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192
+            }
+        );
+    }
+
+    #[test]
+    fn legacy_type_key_and_eos_list_parse() {
+        let json = TINYLLAMA_4X
+            .replace(
+                r#""rope_scaling": null"#,
+                r#""rope_scaling": {"type": "linear", "factor": 2.0}"#,
+            )
+            .replace(r#""eos_token_id": 2"#, r#""eos_token_id": [2, 7]"#);
+        let c = ModelConfig::from_json(&json).unwrap();
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+        assert_eq!(c.eos_token_ids, vec![2, 7]);
+    }
+
+    #[test]
+    fn unsupported_rope_type_and_unknown_scaling_keys_are_named() {
+        let yarn = TINYLLAMA_4X.replace(
+            r#""rope_scaling": null"#,
+            r#""rope_scaling": {"type": "yarn", "factor": 2.0}"#,
+        );
+        assert!(ModelConfig::from_json(&yarn)
+            .unwrap_err()
+            .to_string()
+            .contains("rope_type `yarn` is not supported"));
+        let extra = TINYLLAMA_4X.replace(
+            r#""rope_scaling": null"#,
+            r#""rope_scaling": {"type": "linear", "factor": 2.0, "beta": 1}"#,
+        );
+        assert!(ModelConfig::from_json(&extra)
+            .unwrap_err()
+            .to_string()
+            .contains("rope_scaling.beta"));
+    }
+
+    #[test]
+    fn inconsistent_head_counts_are_refused() {
+        let json =
+            TINYLLAMA_4X.replace(r#""num_key_value_heads": 4"#, r#""num_key_value_heads": 5"#);
+        assert!(ModelConfig::from_json(&json)
+            .unwrap_err()
+            .to_string()
+            .contains("multiple of num_key_value_heads (5)"));
+    }
+}

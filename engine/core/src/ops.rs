@@ -157,26 +157,29 @@ impl Operator {
     }
 }
 
-/// The operators registered by enabled plugins, each tagged with its plugin's name.
+/// The operators registered by plugins, each tagged with its plugin's name; those of disabled
+/// plugins stay registered but are not offered.
 #[derive(Resource, Default, Clone)]
 pub struct Operators {
-    entries: Vec<(&'static str, Operator)>,
+    entries: Vec<(&'static str, Operator, bool)>,
 }
 
 impl Operators {
     pub fn register(&mut self, plugin: &'static str, operator: Operator) {
-        self.entries.push((plugin, operator));
+        self.entries.push((plugin, operator, true));
     }
 
-    pub fn remove_plugin(&mut self, plugin: &str) {
-        self.entries.retain(|(p, _)| *p != plugin);
+    pub fn set_enabled(&mut self, plugin: &str, enabled: bool) {
+        for entry in self.entries.iter_mut().filter(|(p, ..)| *p == plugin) {
+            entry.2 = enabled;
+        }
     }
 
-    /// The operator filling `slot`, with the name of the plugin that registered it.
+    /// The enabled operator filling `slot`, with the name of the plugin that registered it.
     pub fn get(&self, slot: Slot) -> Option<(&'static str, &Operator)> {
         self.entries
             .iter()
-            .find(|(_, op)| op.slot() == slot)
-            .map(|(p, op)| (*p, op))
+            .find(|(_, op, enabled)| *enabled && op.slot() == slot)
+            .map(|(p, op, _)| (*p, op))
     }
 }

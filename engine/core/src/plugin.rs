@@ -132,3 +132,114 @@ pub fn resolve<'a>(
     }
     Ok(chosen)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::SpecEntry;
+
+    struct Named(&'static str);
+
+    impl Plugin for Named {
+        fn spec(&self) -> PluginSpec {
+            PluginSpec {
+                id: "v2100",
+                name: self.0,
+            }
+        }
+
+        fn build(&self, _app: &mut App) {}
+    }
+
+    fn entry(
+        name: &str,
+        requires: &[&str],
+        conflicts: &[&str],
+        provides: Option<&str>,
+        default: bool,
+    ) -> SpecEntry {
+        SpecEntry {
+            id: format!("v21{:02}", name.len()),
+            name: name.into(),
+            family: "training".into(),
+            summary: String::new(),
+            status: Status::Implemented,
+            requires: requires.iter().map(|s| s.to_string()).collect(),
+            conflicts: conflicts.iter().map(|s| s.to_string()).collect(),
+            provides: provides.map(str::to_string),
+            default,
+            conformance: None,
+        }
+    }
+
+    fn setup() -> (Registry, Vec<Box<dyn Plugin>>) {
+        let registry = Registry {
+            specs: vec![
+                entry("lora", &["adamw"], &[], None, false),
+                entry("adamw", &[], &["sgd"], Some("optimizer"), true),
+                entry("sgd", &[], &[], Some("optimizer"), false),
+                entry("muon", &[], &[], Some("optimizer"), false),
+            ],
+        };
+        let catalog: Vec<Box<dyn Plugin>> = ["lora", "adamw", "sgd", "muon"]
+            .into_iter()
+            .map(|n| Box::new(Named(n)) as Box<dyn Plugin>)
+            .collect();
+        (registry, catalog)
+    }
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn defaults_fill_free_slots_only() {
+        let (registry, catalog) = setup();
+        let chosen: Vec<_> = resolve(&names(&["lora"]), &registry, &catalog)
+            .unwrap()
+            .iter()
+            .map(|p| p.spec().name)
+            .collect();
+        assert_eq!(chosen, ["lora", "adamw"]);
+        let chosen: Vec<_> = resolve(&names(&["muon"]), &registry, &catalog)
+            .unwrap()
+            .iter()
+            .map(|p| p.spec().name)
+            .collect();
+        assert_eq!(chosen, ["muon"]);
+    }
+
+    #[test]
+    fn missing_requirement_conflict_and_slot_clash_are_errors() {
+        let (registry, catalog) = setup();
+        assert_eq!(
+            resolve(&names(&["lora", "muon"]), &registry, &catalog).err(),
+            Some(ResolveError::MissingRequirement {
+                plugin: "lora".into(),
+                missing: "adamw".into()
+            })
+        );
+        assert_eq!(
+            resolve(&names(&["adamw", "sgd"]), &registry, &catalog).err(),
+            Some(ResolveError::Conflict {
+                a: "adamw".into(),
+                b: "sgd".into()
+            })
+        );
+        assert_eq!(
+            resolve(&names(&["sgd", "muon"]), &registry, &catalog).err(),
+            Some(ResolveError::SlotTaken {
+                a: "sgd".into(),
+                b: "muon".into(),
+                slot: "optimizer".into()
+            })
+        );
+        assert_eq!(
+            resolve(&names(&["adamx"]), &registry, &catalog).err(),
+            Some(ResolveError::Unknown {
+                name: "adamx".into(),
+                closest: Some("adamw".into())
+            })
+        );
+    }
+}
