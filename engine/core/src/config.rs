@@ -28,7 +28,7 @@ pub enum ConfigError {
     UnknownKey { key: String, model_type: String },
 }
 
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gemma"];
 
 /// Keys that do not change a forward pass.
 const INERT_KEYS: &[&str] = &[
@@ -96,6 +96,23 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// The dtype the checkpoint declares (`torch_dtype` or `dtype`), if any.
     pub dtype: Option<String>,
+    /// Learned biases on the q, k and v projections (Qwen2).
+    pub qkv_bias: bool,
+    /// Per-head RMSNorm of queries and keys before rotary embedding (Qwen3).
+    pub qk_norm: bool,
+    /// Per layer, the sliding attention window, if that layer has one (Mistral, Qwen2).
+    pub sliding_layers: Vec<Option<usize>>,
+    pub norm: NormKind,
+    /// Embeddings are multiplied by this (Gemma: √hidden_size).
+    pub embedding_scale: Option<f32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormKind {
+    /// `x / rms(x) · w`
+    Rms,
+    /// `x / rms(x) · (1 + w)` (Gemma)
+    RmsUnitOffset,
 }
 
 /// A JSON object whose keys are ticked off as they are read, so leftovers can be reported.
@@ -220,22 +237,40 @@ impl ModelConfig {
             )));
         }
         let max_position_embeddings = f.usize("max_position_embeddings")?.unwrap_or(2048);
+        let family = model_type.as_str();
+        // Qwen2 always biases its q/k/v projections and has no key saying so.
+        let qkv_bias = family == "qwen2";
         for key in ["attention_bias", "mlp_bias"] {
             if f.bool(key)? == Some(true) {
                 return Err(invalid(format!(
-                    "`{key}: true` needs a bias-carrying attention/MLP, which no vibee plugin implements yet"
+                    "`{key}: true` (biases on every attention/MLP projection) is not implemented by any vibee plugin yet"
                 )));
             }
         }
+        if f.bool("use_bidirectional_attention")? == Some(true) {
+            return Err(invalid(
+                "`use_bidirectional_attention: true` is not supported: vibee runs causal decoders"
+                    .into(),
+            ));
+        }
+        let num_layers = f.required_usize("num_hidden_layers")?;
+        let sliding_layers = sliding_window(&mut f, family, num_layers)?;
         let (rope_theta, rope_scaling) = rope(&mut f, max_position_embeddings)?;
         let dtype = match f.string("dtype")? {
             Some(d) => Some(d),
             None => f.string("torch_dtype")?,
         };
+        let gemma = family == "gemma";
+        let hidden_act = match f.string("hidden_act")? {
+            Some(act) => act,
+            None => f
+                .string("hidden_activation")?
+                .unwrap_or_else(|| "silu".into()),
+        };
         let config = Self {
             hidden_size,
             intermediate_size: f.required_usize("intermediate_size")?,
-            num_layers: f.required_usize("num_hidden_layers")?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -244,11 +279,20 @@ impl ModelConfig {
             rms_norm_eps: f.f64("rms_norm_eps")?.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
-            hidden_act: f.string("hidden_act")?.unwrap_or_else(|| "silu".into()),
-            tie_word_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(false),
+            hidden_act,
+            tie_word_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(gemma),
             bos_token_id: f.usize("bos_token_id")?.map(|id| id as u32),
             eos_token_ids: token_ids(f.get("eos_token_id"))?,
             dtype,
+            qkv_bias,
+            qk_norm: family == "qwen3",
+            sliding_layers,
+            norm: if gemma {
+                NormKind::RmsUnitOffset
+            } else {
+                NormKind::Rms
+            },
+            embedding_scale: gemma.then(|| (hidden_size as f64).sqrt() as f32),
             model_type,
         };
         if let Some(key) = f.unread(INERT_KEYS) {
@@ -269,12 +313,31 @@ impl ModelConfig {
         } else {
             "gqa"
         };
-        vec![
+        let norm = match self.norm {
+            NormKind::Rms => "rmsnorm",
+            NormKind::RmsUnitOffset => "offset-rmsnorm",
+        };
+        let ffn = if self.hidden_act == "silu" {
+            "swiglu"
+        } else {
+            "geglu"
+        };
+        let mut plugins = vec![
             ("attention", attention),
             ("position", "rope"),
-            ("norm", "rmsnorm"),
-            ("ffn", "swiglu"),
-        ]
+            ("norm", norm),
+            ("ffn", ffn),
+        ];
+        if self.qkv_bias {
+            plugins.push(("qkv-bias", "qkv-bias"));
+        }
+        if self.qk_norm {
+            plugins.push(("qk-norm", "qk-norm"));
+        }
+        if self.sliding_layers.iter().any(Option::is_some) {
+            plugins.push(("attention-window", "sliding-window"));
+        }
+        plugins
     }
 
     /// The longest sequence the model accepts: `max_position_embeddings`, except under dynamic
@@ -293,6 +356,66 @@ impl ModelConfig {
 
     pub fn kv_dim(&self) -> usize {
         self.num_kv_heads * self.head_dim
+    }
+}
+
+/// Which layers attend through a sliding window: Mistral's `sliding_window` applies to every
+/// layer; Qwen's only with `use_sliding_window`, to the layers `layer_types` names (or, in older
+/// configs, those from `max_window_layers` on).
+fn sliding_window<'a>(
+    f: &mut Fields<'a>,
+    family: &str,
+    layers: usize,
+) -> Result<Vec<Option<usize>>, ConfigError> {
+    // Other families' modeling code ignores these keys, so they stay unread (and refused).
+    if !["mistral", "qwen2", "qwen3"].contains(&family) {
+        return Ok(vec![None; layers]);
+    }
+    let window = f.usize("sliding_window")?;
+    let enabled = match family {
+        "qwen2" | "qwen3" => f.bool("use_sliding_window")?.unwrap_or(false),
+        _ => true,
+    };
+    let max_window_layers = f.usize("max_window_layers")?;
+    let layer_types = f.get("layer_types");
+    let Some(window) = window.filter(|_| enabled) else {
+        return Ok(vec![None; layers]);
+    };
+    if window == 0 {
+        return Err(invalid("`sliding_window` must be positive".into()));
+    }
+    match layer_types {
+        Some(Value::Array(types)) => {
+            if types.len() != layers {
+                return Err(invalid(format!(
+                    "`layer_types` has {} entries for {layers} layers",
+                    types.len()
+                )));
+            }
+            types
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("sliding_attention") => Ok(Some(window)),
+                    Some("full_attention") => Ok(None),
+                    _ => Err(invalid(format!(
+                        "`layer_types` entry {t} is not sliding_attention or full_attention"
+                    ))),
+                })
+                .collect()
+        }
+        Some(other) => Err(invalid(format!(
+            "`layer_types` must be a list, got {other}"
+        ))),
+        None => {
+            let first = if family == "mistral" {
+                0
+            } else {
+                max_window_layers.unwrap_or(0)
+            };
+            Ok((0..layers)
+                .map(|i| (i >= first).then_some(window))
+                .collect())
+        }
     }
 }
 

@@ -4,17 +4,35 @@ use anyhow::{bail, Context};
 
 use crate::config::ModelConfig;
 use crate::ops::{
-    Attention, BuildContext, Ffn, KvCache, Linear, Norm, Operator, Operators, PositionEncoding,
-    SequenceKv, Slot,
+    Attention, AttentionWindow, Bias, BuildContext, DenseLinear, Ffn, KvCache, Linear, Norm,
+    Operator, Operators, PositionEncoding, SequenceKv, Slot,
 };
 use crate::tensor::Matrix;
 use crate::weights::{Weight, Weights};
 
+/// A q/k/v projection with its optional bias.
+struct Projection {
+    linear: Box<dyn Linear>,
+    bias: Option<Box<dyn Bias>>,
+}
+
+impl Projection {
+    fn forward(&self, x: &Matrix) -> Matrix {
+        let mut out = self.linear.forward(x);
+        if let Some(bias) = &self.bias {
+            bias.apply(&mut out);
+        }
+        out
+    }
+}
+
 struct Layer {
     attn_norm: Box<dyn Norm>,
-    q_proj: Box<dyn Linear>,
-    k_proj: Box<dyn Linear>,
-    v_proj: Box<dyn Linear>,
+    q_proj: Projection,
+    k_proj: Projection,
+    v_proj: Projection,
+    /// Per-head norms of queries and keys.
+    qk_norm: Option<(Box<dyn Norm>, Box<dyn Norm>)>,
     o_proj: Box<dyn Linear>,
     ffn_norm: Box<dyn Norm>,
     ffn: Box<dyn Ffn>,
@@ -22,7 +40,7 @@ struct Layer {
 
 pub struct Model {
     pub config: ModelConfig,
-    /// The plugin chosen for each slot, for reports.
+    /// The plugin chosen for each slot the model uses, for reports.
     pub chosen: Vec<(Slot, &'static str)>,
     embed: Weight,
     layers: Vec<Layer>,
@@ -30,8 +48,52 @@ pub struct Model {
     lm_head: Box<dyn Linear>,
     position: Box<dyn PositionEncoding>,
     attention: Box<dyn Attention>,
+    window: Option<Box<dyn AttentionWindow>>,
     kv_cache: Box<dyn KvCache>,
     weight_bytes: usize,
+}
+
+/// Picks the operator for every slot: each slot the checkpoint needs must be filled by an
+/// enabled plugin that fits it, and an enabled plugin for a technique the checkpoint does not
+/// use is an error naming the config field that disagrees.
+fn choose(
+    config: &ModelConfig,
+    operators: &Operators,
+) -> anyhow::Result<Vec<(Slot, &'static str, Operator)>> {
+    let needed = config.required_plugins();
+    let mut chosen = Vec::new();
+    for slot in Slot::ALL {
+        let wanted = needed
+            .iter()
+            .find(|(s, _)| *s == slot.name())
+            .map(|(_, p)| *p);
+        match (operators.get(slot), wanted) {
+            (Some((plugin, op)), _) => {
+                if let Err(why) = op.check(config) {
+                    bail!("plugin `{plugin}` does not fit this checkpoint: {why}");
+                }
+                chosen.push((slot, plugin, op.clone()));
+            }
+            (None, Some(p)) => bail!(
+                "the model needs a `{}` operator but no enabled plugin provides one (this checkpoint needs `{p}`)",
+                slot.name()
+            ),
+            (None, None) if slot == Slot::KvCache => {
+                bail!("the model needs a `kv-cache` operator but no enabled plugin provides one")
+            }
+            (None, None) => {}
+        }
+    }
+    Ok(chosen)
+}
+
+macro_rules! operator {
+    ($chosen:expr, $variant:ident) => {
+        $chosen.iter().find_map(|(_, _, op)| match op {
+            Operator::$variant(f) => Some(f.clone()),
+            _ => None,
+        })
+    };
 }
 
 impl Model {
@@ -40,63 +102,51 @@ impl Model {
         weights: &Weights,
         operators: &Operators,
     ) -> anyhow::Result<Self> {
-        let mut chosen = Vec::new();
-        for slot in Slot::ALL {
-            let (plugin, op) = operators.get(slot).with_context(|| {
-                let wanted = config
-                    .required_plugins()
-                    .into_iter()
-                    .find(|(s, _)| *s == slot.name())
-                    .map(|(_, p)| format!(" (this checkpoint needs `{p}`)"))
-                    .unwrap_or_default();
-                format!(
-                    "the model needs a `{}` operator but no enabled plugin provides one{wanted}",
-                    slot.name()
-                )
-            })?;
-            if let Err(why) = op.check(&config) {
-                bail!("plugin `{plugin}` does not fit this checkpoint: {why}");
-            }
-            chosen.push((slot, plugin));
-        }
+        let chosen = choose(&config, operators)?;
         let cx = BuildContext {
             config: &config,
             weights,
         };
-        let op = |slot| operators.get(slot).expect("checked above").1.clone();
-        let (
-            Operator::Attention(attention),
-            Operator::Position(position),
-            Operator::Norm(norm),
-            Operator::Ffn(ffn),
-            Operator::KvCache(kv),
-        ) = (
-            op(Slot::Attention),
-            op(Slot::Position),
-            op(Slot::Norm),
-            op(Slot::Ffn),
-            op(Slot::KvCache),
-        )
-        else {
-            unreachable!("Operators::get returns the operator of the slot asked for")
-        };
+        let required = "checked by choose";
+        let attention = operator!(chosen, Attention).context(required)?;
+        let position = operator!(chosen, Position).context(required)?;
+        let norm = operator!(chosen, Norm).context(required)?;
+        let ffn = operator!(chosen, Ffn).context(required)?;
+        let kv = operator!(chosen, KvCache).context(required)?;
+        let bias = operator!(chosen, QkvBias);
+        let qk_norm = operator!(chosen, QkNorm);
+        let window = operator!(chosen, AttentionWindow);
         let (hidden, q_dim, kv_dim) = (config.hidden_size, config.q_dim(), config.kv_dim());
+        let projection = |name: &str, out: usize| -> anyhow::Result<Projection> {
+            Ok(Projection {
+                linear: cx.linear(&format!("{name}.weight"), out, hidden)?,
+                bias: bias.as_ref().map(|b| b.build(&cx, name, out)).transpose()?,
+            })
+        };
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let p = format!("model.layers.{i}");
+            let qk_norm = match &qk_norm {
+                Some(f) => Some((
+                    f.build(&cx, &format!("{p}.self_attn.q_norm"), config.head_dim)?,
+                    f.build(&cx, &format!("{p}.self_attn.k_norm"), config.head_dim)?,
+                )),
+                None => None,
+            };
             layers.push(Layer {
-                attn_norm: norm.build(&cx, &format!("{p}.input_layernorm"))?,
-                q_proj: cx.linear(&format!("{p}.self_attn.q_proj.weight"), q_dim, hidden)?,
-                k_proj: cx.linear(&format!("{p}.self_attn.k_proj.weight"), kv_dim, hidden)?,
-                v_proj: cx.linear(&format!("{p}.self_attn.v_proj.weight"), kv_dim, hidden)?,
+                attn_norm: norm.build(&cx, &format!("{p}.input_layernorm"), hidden)?,
+                q_proj: projection(&format!("{p}.self_attn.q_proj"), q_dim)?,
+                k_proj: projection(&format!("{p}.self_attn.k_proj"), kv_dim)?,
+                v_proj: projection(&format!("{p}.self_attn.v_proj"), kv_dim)?,
+                qk_norm,
                 o_proj: cx.linear(&format!("{p}.self_attn.o_proj.weight"), hidden, q_dim)?,
-                ffn_norm: norm.build(&cx, &format!("{p}.post_attention_layernorm"))?,
-                ffn: ffn.build(&cx, &format!("{p}.mlp"))?,
+                ffn_norm: norm.build(&cx, &format!("{p}.post_attention_layernorm"), hidden)?,
+                ffn: ffn.build(&cx, &format!("{p}.mlp"), hidden)?,
             });
         }
         let embed = cx.weight("model.embed_tokens.weight", &[config.vocab_size, hidden])?;
         let lm_head: Box<dyn Linear> = if config.tie_word_embeddings {
-            Box::new(crate::ops::DenseLinear(embed.clone()))
+            Box::new(DenseLinear(embed.clone()))
         } else {
             cx.linear("lm_head.weight", config.vocab_size, hidden)?
         };
@@ -105,22 +155,31 @@ impl Model {
             + layers
                 .iter()
                 .map(|l| {
-                    [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj]
-                        .iter()
-                        .map(|p| p.weight_bytes())
-                        .sum::<usize>()
+                    [
+                        &l.q_proj.linear,
+                        &l.k_proj.linear,
+                        &l.v_proj.linear,
+                        &l.o_proj,
+                    ]
+                    .iter()
+                    .map(|p| p.weight_bytes())
+                    .sum::<usize>()
                         + l.ffn.weight_bytes()
                 })
                 .sum::<usize>();
         Ok(Self {
-            chosen,
+            chosen: chosen
+                .iter()
+                .map(|(slot, plugin, _)| (*slot, *plugin))
+                .collect(),
             embed,
             layers,
-            final_norm: norm.build(&cx, "model.norm")?,
+            final_norm: norm.build(&cx, "model.norm", hidden)?,
             lm_head,
-            position: position.build(&cx, "")?,
-            attention: attention.build(&cx, "")?,
-            kv_cache: kv.build(&cx, "")?,
+            position: position.build(&cx, "", config.head_dim)?,
+            attention: attention.build(&cx, "", config.head_dim)?,
+            window: window.map(|w| w.build(&cx, "", 0)).transpose()?,
+            kv_cache: kv.build(&cx, "", 0)?,
             weight_bytes,
             config,
         })
@@ -166,15 +225,23 @@ impl Model {
         for (row, &t) in x.rows_iter_mut().zip(tokens) {
             self.embed.row_to_f32(t as usize, row);
         }
+        if let Some(scale) = cfg.embedding_scale {
+            x.data.iter_mut().for_each(|v| *v *= scale);
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.attn_norm.forward(&x);
             let mut q = layer.q_proj.forward(&h);
             let mut k = layer.k_proj.forward(&h);
             let v = layer.v_proj.forward(&h);
+            if let Some((q_norm, k_norm)) = &layer.qk_norm {
+                q = per_head(q_norm.as_ref(), q, cfg.head_dim);
+                k = per_head(k_norm.as_ref(), k, cfg.head_dim);
+            }
             self.position.apply(&mut q, cfg.num_heads, &positions);
             self.position.apply(&mut k, cfg.num_kv_heads, &positions);
             kv.append(i, &k, &v);
-            let attended = self.attention.forward(&q, &kv.view(i), &positions);
+            let window = self.window.as_ref().and_then(|w| w.window(i));
+            let attended = self.attention.forward(&q, &kv.view(i), &positions, window);
             x.add_assign(&layer.o_proj.forward(&attended));
             let h = layer.ffn_norm.forward(&x);
             x.add_assign(&layer.ffn.forward(&h));
@@ -185,4 +252,12 @@ impl Model {
         }
         Ok(self.lm_head.forward(&self.final_norm.forward(&x)))
     }
+}
+
+/// Applies `norm` to each head of `x` (rows of `heads · head_dim`) separately.
+fn per_head(norm: &dyn Norm, x: Matrix, head_dim: usize) -> Matrix {
+    let (rows, cols) = (x.rows, x.cols);
+    let heads = Matrix::from_vec(rows * cols / head_dim, head_dim, x.data);
+    let normed = norm.forward(&heads);
+    Matrix::from_vec(rows, cols, normed.data)
 }

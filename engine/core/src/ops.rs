@@ -10,7 +10,8 @@ use crate::cpu;
 use crate::tensor::Matrix;
 use crate::weights::{Weight, Weights};
 
-/// The operator slots a decoder-only transformer is built from.
+/// The operator slots a decoder-only transformer is built from. The first five are filled for
+/// every model; the others only when the checkpoint uses that technique.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Slot {
     Attention,
@@ -18,15 +19,21 @@ pub enum Slot {
     Norm,
     Ffn,
     KvCache,
+    QkvBias,
+    QkNorm,
+    AttentionWindow,
 }
 
 impl Slot {
-    pub const ALL: [Slot; 5] = [
+    pub const ALL: [Slot; 8] = [
         Slot::Attention,
         Slot::Position,
         Slot::Norm,
         Slot::Ffn,
         Slot::KvCache,
+        Slot::QkvBias,
+        Slot::QkNorm,
+        Slot::AttentionWindow,
     ];
 
     /// The registry's `provides` name of this slot.
@@ -37,6 +44,9 @@ impl Slot {
             Slot::Norm => "norm",
             Slot::Ffn => "ffn",
             Slot::KvCache => "kv-cache",
+            Slot::QkvBias => "qkv-bias",
+            Slot::QkNorm => "qk-norm",
+            Slot::AttentionWindow => "attention-window",
         }
     }
 }
@@ -47,8 +57,22 @@ pub trait Linear: Send + Sync {
     fn weight_bytes(&self) -> usize;
 }
 
+/// Normalises each row of its input (rows of `dim()` features).
 pub trait Norm: Send + Sync {
     fn forward(&self, x: &Matrix) -> Matrix;
+    fn dim(&self) -> usize;
+}
+
+/// A learned vector added to every row (projection biases).
+pub trait Bias: Send + Sync {
+    fn apply(&self, x: &mut Matrix);
+    fn dim(&self) -> usize;
+}
+
+/// Which earlier tokens a layer's queries may see, beyond causality.
+pub trait AttentionWindow: Send + Sync {
+    /// `Some(w)`: a query at position `p` sees positions `p + 1 - w ..= p` in `layer`.
+    fn window(&self, layer: usize) -> Option<usize>;
 }
 
 pub trait PositionEncoding: Send + Sync {
@@ -59,8 +83,15 @@ pub trait PositionEncoding: Send + Sync {
 /// Causal attention of new queries over a sequence's cached keys and values.
 pub trait Attention: Send + Sync {
     /// `q` is `[n, heads·head_dim]` for the tokens at `positions`, whose keys and values are
-    /// already in `kv`. Returns `[n, heads·head_dim]`.
-    fn forward(&self, q: &Matrix, kv: &KvView<'_>, positions: &[usize]) -> Matrix;
+    /// already in `kv`; with a `window`, each query sees only that many latest positions.
+    /// Returns `[n, heads·head_dim]`.
+    fn forward(
+        &self,
+        q: &Matrix,
+        kv: &KvView<'_>,
+        positions: &[usize],
+        window: Option<usize>,
+    ) -> Matrix;
 }
 
 pub trait Ffn: Send + Sync {
@@ -100,6 +131,11 @@ impl BuildContext<'_> {
         Ok(self.weights.get(name, shape)?)
     }
 
+    /// A 1-D tensor of `len` elements as f32 (norm weights, biases).
+    pub fn vector(&self, name: &str, len: usize) -> anyhow::Result<Vec<f32>> {
+        Ok(self.weight(name, &[len])?.to_f32_vec())
+    }
+
     pub fn linear(&self, name: &str, out: usize, inp: usize) -> anyhow::Result<Box<dyn Linear>> {
         Ok(Box::new(DenseLinear(self.weight(name, &[out, inp])?)))
     }
@@ -122,8 +158,9 @@ impl Linear for DenseLinear {
 /// the config field that disagrees when it does not.
 pub trait Factory<T: ?Sized>: Send + Sync {
     fn check(&self, config: &ModelConfig) -> Result<(), String>;
-    /// Binds the operator to the weights under `prefix` (empty for weightless operators).
-    fn build(&self, cx: &BuildContext<'_>, prefix: &str) -> anyhow::Result<Box<T>>;
+    /// Binds the operator to the weights under `prefix` (empty for weightless operators), for
+    /// rows of `dim` features where that applies (norms, biases).
+    fn build(&self, cx: &BuildContext<'_>, prefix: &str, dim: usize) -> anyhow::Result<Box<T>>;
 }
 
 #[derive(Clone)]
@@ -133,6 +170,9 @@ pub enum Operator {
     Norm(Arc<dyn Factory<dyn Norm>>),
     Ffn(Arc<dyn Factory<dyn Ffn>>),
     KvCache(Arc<dyn Factory<dyn KvCache>>),
+    QkvBias(Arc<dyn Factory<dyn Bias>>),
+    QkNorm(Arc<dyn Factory<dyn Norm>>),
+    AttentionWindow(Arc<dyn Factory<dyn AttentionWindow>>),
 }
 
 impl Operator {
@@ -143,6 +183,9 @@ impl Operator {
             Operator::Norm(_) => Slot::Norm,
             Operator::Ffn(_) => Slot::Ffn,
             Operator::KvCache(_) => Slot::KvCache,
+            Operator::QkvBias(_) => Slot::QkvBias,
+            Operator::QkNorm(_) => Slot::QkNorm,
+            Operator::AttentionWindow(_) => Slot::AttentionWindow,
         }
     }
 
@@ -153,6 +196,9 @@ impl Operator {
             Operator::Norm(f) => f.check(config),
             Operator::Ffn(f) => f.check(config),
             Operator::KvCache(f) => f.check(config),
+            Operator::QkvBias(f) => f.check(config),
+            Operator::QkNorm(f) => f.check(config),
+            Operator::AttentionWindow(f) => f.check(config),
         }
     }
 }

@@ -14,8 +14,13 @@ pub fn plugins() -> Vec<Box<dyn Plugin>> {
         Box::new(attention::mha::Mha),
         Box::new(attention::mqa::Mqa),
         Box::new(attention::gqa::Gqa),
+        Box::new(attention::sliding_window::SlidingWindow),
+        Box::new(attention::qkv_bias::QkvBias),
         Box::new(position::rope::Rope),
         Box::new(norm::rmsnorm::RmsNorm),
+        Box::new(norm::offset_rmsnorm::OffsetRmsNorm),
+        Box::new(norm::qk_norm::QkNorm),
         Box::new(ffn::swiglu::SwiGlu),
+        Box::new(ffn::geglu::GeGlu),
     ]
 }

@@ -26,7 +26,13 @@ impl CausalAttention {
 }
 
 impl Attention for CausalAttention {
-    fn forward(&self, q: &Matrix, kv: &KvView<'_>, positions: &[usize]) -> Matrix {
+    fn forward(
+        &self,
+        q: &Matrix,
+        kv: &KvView<'_>,
+        positions: &[usize],
+        window: Option<usize>,
+    ) -> Matrix {
         let (hd, kv_dim) = (self.head_dim, self.kv_heads * self.head_dim);
         let group = self.heads / self.kv_heads;
         let mut out = Matrix::zeros(q.rows, self.heads * hd);
@@ -34,23 +40,23 @@ impl Attention for CausalAttention {
             let (row, head) = (index / self.heads, index % self.heads);
             let kv_offset = (head / group) * hd;
             let query = &q.row(row)[head * hd..(head + 1) * hd];
-            // A query sees every cached token up to and including its own position.
-            let visible = (positions[row] + 1).min(kv.tokens);
-            let mut scores = Vec::with_capacity(visible);
-            for chunk in &kv.keys {
-                for key in chunk.chunks_exact(kv_dim) {
-                    if scores.len() == visible {
-                        break;
-                    }
-                    scores.push(dot(query, &key[kv_offset..kv_offset + hd]) * self.scale);
-                }
-            }
+            // A query sees cached tokens up to and including its own position; with a window,
+            // only the latest `window` of them.
+            let end = (positions[row] + 1).min(kv.tokens);
+            let start = window.map_or(0, |w| end.saturating_sub(w));
+            let keys = kv.keys.iter().flat_map(|chunk| chunk.chunks_exact(kv_dim));
+            let mut scores: Vec<f32> = keys
+                .take(end)
+                .skip(start)
+                .map(|key| dot(query, &key[kv_offset..kv_offset + hd]) * self.scale)
+                .collect();
             softmax(&mut scores);
-            let mut weights = scores.iter();
-            for chunk in &kv.values {
-                for (value, w) in chunk.chunks_exact(kv_dim).zip(weights.by_ref()) {
-                    axpy(*w, &value[kv_offset..kv_offset + hd], out_head);
-                }
+            let values = kv
+                .values
+                .iter()
+                .flat_map(|chunk| chunk.chunks_exact(kv_dim));
+            for (value, w) in values.skip(start).zip(&scores) {
+                axpy(*w, &value[kv_offset..kv_offset + hd], out_head);
             }
         });
         out

@@ -36,7 +36,12 @@ impl Factory<dyn Attention> for Gqa {
         }
     }
 
-    fn build(&self, cx: &BuildContext<'_>, _prefix: &str) -> anyhow::Result<Box<dyn Attention>> {
+    fn build(
+        &self,
+        cx: &BuildContext<'_>,
+        _prefix: &str,
+        _dim: usize,
+    ) -> anyhow::Result<Box<dyn Attention>> {
         Ok(Box::new(CausalAttention::new(cx.config)))
     }
 }

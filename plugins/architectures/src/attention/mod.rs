@@ -4,3 +4,5 @@ pub mod causal;
 pub mod gqa;
 pub mod mha;
 pub mod mqa;
+pub mod qkv_bias;
+pub mod sliding_window;

@@ -4,8 +4,10 @@ use std::sync::Arc;
 
 use vibee_core::config::ModelConfig;
 use vibee_core::cpu::silu;
-use vibee_core::ops::{BuildContext, Factory, Ffn, Linear, Operator};
-use vibee_core::{App, Matrix, Plugin, PluginSpec};
+use vibee_core::ops::{BuildContext, Factory, Ffn, Operator};
+use vibee_core::{App, Plugin, PluginSpec};
+
+use super::gated::GatedFfn;
 
 pub struct SwiGlu;
 
@@ -34,33 +36,12 @@ impl Factory<dyn Ffn> for SwiGlu {
         }
     }
 
-    fn build(&self, cx: &BuildContext<'_>, prefix: &str) -> anyhow::Result<Box<dyn Ffn>> {
-        let (hidden, inter) = (cx.config.hidden_size, cx.config.intermediate_size);
-        Ok(Box::new(SwiGluOp {
-            gate: cx.linear(&format!("{prefix}.gate_proj.weight"), inter, hidden)?,
-            up: cx.linear(&format!("{prefix}.up_proj.weight"), inter, hidden)?,
-            down: cx.linear(&format!("{prefix}.down_proj.weight"), hidden, inter)?,
-        }))
-    }
-}
-
-struct SwiGluOp {
-    gate: Box<dyn Linear>,
-    up: Box<dyn Linear>,
-    down: Box<dyn Linear>,
-}
-
-impl Ffn for SwiGluOp {
-    fn forward(&self, x: &Matrix) -> Matrix {
-        let mut gated = self.gate.forward(x);
-        let up = self.up.forward(x);
-        for (g, u) in gated.data.iter_mut().zip(&up.data) {
-            *g = silu(*g) * u;
-        }
-        self.down.forward(&gated)
-    }
-
-    fn weight_bytes(&self) -> usize {
-        self.gate.weight_bytes() + self.up.weight_bytes() + self.down.weight_bytes()
+    fn build(
+        &self,
+        cx: &BuildContext<'_>,
+        prefix: &str,
+        _dim: usize,
+    ) -> anyhow::Result<Box<dyn Ffn>> {
+        Ok(Box::new(GatedFfn::build(cx, prefix, silu)?))
     }
 }

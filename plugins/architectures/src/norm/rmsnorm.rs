@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use rayon::prelude::*;
-use vibee_core::config::ModelConfig;
+use vibee_core::config::{ModelConfig, NormKind};
 use vibee_core::ops::{BuildContext, Factory, Norm, Operator};
 use vibee_core::{App, Matrix, Plugin, PluginSpec};
 
@@ -24,40 +24,58 @@ impl Plugin for RmsNorm {
 
 impl Factory<dyn Norm> for RmsNorm {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {
-        if config.rms_norm_eps >= 0.0 {
-            Ok(())
-        } else {
-            Err(format!(
-                "config.json rms_norm_eps = {} must not be negative",
-                config.rms_norm_eps
-            ))
+        match config.norm {
+            NormKind::Rms => Ok(()),
+            NormKind::RmsUnitOffset => Err(format!(
+                "model_type {} scales by (1 + weight), not weight (use `offset-rmsnorm`)",
+                config.model_type
+            )),
         }
     }
 
-    fn build(&self, cx: &BuildContext<'_>, prefix: &str) -> anyhow::Result<Box<dyn Norm>> {
-        let weight = cx.weight(&format!("{prefix}.weight"), &[cx.config.hidden_size])?;
-        Ok(Box::new(RmsNormOp {
-            weight: weight.to_f32_vec(),
-            eps: cx.config.rms_norm_eps as f32,
-        }))
+    fn build(
+        &self,
+        cx: &BuildContext<'_>,
+        prefix: &str,
+        dim: usize,
+    ) -> anyhow::Result<Box<dyn Norm>> {
+        Ok(Box::new(RmsNormOp::new(
+            cx.vector(&format!("{prefix}.weight"), dim)?,
+            cx.config.rms_norm_eps,
+        )))
     }
 }
 
-struct RmsNormOp {
-    weight: Vec<f32>,
+/// The RMSNorm kernel, shared by every RMSNorm-based technique (they differ in the gain).
+pub struct RmsNormOp {
+    gain: Vec<f32>,
     eps: f32,
+}
+
+impl RmsNormOp {
+    pub fn new(gain: Vec<f32>, eps: f64) -> Self {
+        Self {
+            gain,
+            eps: eps as f32,
+        }
+    }
 }
 
 impl Norm for RmsNormOp {
     fn forward(&self, x: &Matrix) -> Matrix {
         let mut out = x.clone();
-        out.data.par_chunks_mut(x.cols).for_each(|row| {
+        let rows = out.data.par_chunks_mut(x.cols);
+        rows.with_min_len(64).for_each(|row| {
             let mean_square = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
             let inv = 1.0 / (mean_square + self.eps).sqrt();
-            for (v, w) in row.iter_mut().zip(&self.weight) {
-                *v = w * (*v * inv);
+            for (v, g) in row.iter_mut().zip(&self.gain) {
+                *v = g * (*v * inv);
             }
         });
         out
+    }
+
+    fn dim(&self) -> usize {
+        self.gain.len()
     }
 }

@@ -43,6 +43,7 @@ impl Factory<dyn PositionEncoding> for Rope {
         &self,
         cx: &BuildContext<'_>,
         _prefix: &str,
+        _dim: usize,
     ) -> anyhow::Result<Box<dyn PositionEncoding>> {
         let config = cx.config;
         let dim = config.head_dim;

@@ -26,7 +26,12 @@ impl Factory<dyn KvCache> for ContiguousKvCache {
         Ok(())
     }
 
-    fn build(&self, _cx: &BuildContext<'_>, _prefix: &str) -> anyhow::Result<Box<dyn KvCache>> {
+    fn build(
+        &self,
+        _cx: &BuildContext<'_>,
+        _prefix: &str,
+        _dim: usize,
+    ) -> anyhow::Result<Box<dyn KvCache>> {
         Ok(Box::new(ContiguousKvCache))
     }
 }

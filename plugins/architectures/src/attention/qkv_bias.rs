@@ -1,0 +1,62 @@
+//! v2206 `qkv-bias`: learned biases added to the query, key and value projections (Qwen2).
+
+use std::sync::Arc;
+
+use vibee_core::config::ModelConfig;
+use vibee_core::ops::{Bias, BuildContext, Factory, Operator};
+use vibee_core::{App, Matrix, Plugin, PluginSpec};
+
+pub struct QkvBias;
+
+impl Plugin for QkvBias {
+    fn spec(&self) -> PluginSpec {
+        PluginSpec {
+            id: "v2206",
+            name: "qkv-bias",
+        }
+    }
+
+    fn build(&self, app: &mut App) {
+        app.register_operator(Operator::QkvBias(Arc::new(QkvBias)));
+    }
+}
+
+impl Factory<dyn Bias> for QkvBias {
+    fn check(&self, config: &ModelConfig) -> Result<(), String> {
+        if config.qkv_bias {
+            Ok(())
+        } else {
+            Err(format!(
+                "model_type {} has no q/k/v projection biases",
+                config.model_type
+            ))
+        }
+    }
+
+    fn build(
+        &self,
+        cx: &BuildContext<'_>,
+        prefix: &str,
+        dim: usize,
+    ) -> anyhow::Result<Box<dyn Bias>> {
+        Ok(Box::new(VectorBias(
+            cx.vector(&format!("{prefix}.bias"), dim)?,
+        )))
+    }
+}
+
+struct VectorBias(Vec<f32>);
+
+impl Bias for VectorBias {
+    fn apply(&self, x: &mut Matrix) {
+        for row in x.rows_iter_mut() {
+            for (v, b) in row.iter_mut().zip(&self.0) {
+                *v += b;
+            }
+        }
+    }
+
+    fn dim(&self) -> usize {
+        self.0.len()
+    }
+}

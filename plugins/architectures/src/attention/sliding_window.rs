@@ -1,0 +1,54 @@
+//! v2203 `sliding-window`: each query attends to at most the latest `sliding_window` positions
+//! (itself included), in the layers the checkpoint marks (Mistral: all; Qwen2: from
+//! `max_window_layers` on, or as `layer_types` lists).
+
+use std::sync::Arc;
+
+use vibee_core::config::ModelConfig;
+use vibee_core::ops::{AttentionWindow, BuildContext, Factory, Operator};
+use vibee_core::{App, Plugin, PluginSpec};
+
+pub struct SlidingWindow;
+
+impl Plugin for SlidingWindow {
+    fn spec(&self) -> PluginSpec {
+        PluginSpec {
+            id: "v2203",
+            name: "sliding-window",
+        }
+    }
+
+    fn build(&self, app: &mut App) {
+        app.register_operator(Operator::AttentionWindow(Arc::new(SlidingWindow)));
+    }
+}
+
+impl Factory<dyn AttentionWindow> for SlidingWindow {
+    fn check(&self, config: &ModelConfig) -> Result<(), String> {
+        if config.sliding_layers.iter().any(Option::is_some) {
+            Ok(())
+        } else {
+            Err(
+                "config.json sets no sliding_window (or disables it with use_sliding_window)"
+                    .into(),
+            )
+        }
+    }
+
+    fn build(
+        &self,
+        cx: &BuildContext<'_>,
+        _prefix: &str,
+        _dim: usize,
+    ) -> anyhow::Result<Box<dyn AttentionWindow>> {
+        Ok(Box::new(LayerWindows(cx.config.sliding_layers.clone())))
+    }
+}
+
+struct LayerWindows(Vec<Option<usize>>);
+
+impl AttentionWindow for LayerWindows {
+    fn window(&self, layer: usize) -> Option<usize> {
+        self.0.get(layer).copied().flatten()
+    }
+}

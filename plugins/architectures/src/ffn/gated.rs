@@ -1,0 +1,40 @@
+//! The gated feed-forward kernel shared by `swiglu` and `geglu`:
+//! `down(act(gate(x)) · up(x))`; they differ only in the activation.
+
+use vibee_core::ops::{BuildContext, Ffn, Linear};
+use vibee_core::Matrix;
+
+pub struct GatedFfn {
+    gate: Box<dyn Linear>,
+    up: Box<dyn Linear>,
+    down: Box<dyn Linear>,
+    act: fn(f32) -> f32,
+}
+
+impl GatedFfn {
+    /// Binds `{prefix}.gate_proj`, `.up_proj` and `.down_proj`.
+    pub fn build(cx: &BuildContext<'_>, prefix: &str, act: fn(f32) -> f32) -> anyhow::Result<Self> {
+        let (hidden, inter) = (cx.config.hidden_size, cx.config.intermediate_size);
+        Ok(Self {
+            gate: cx.linear(&format!("{prefix}.gate_proj.weight"), inter, hidden)?,
+            up: cx.linear(&format!("{prefix}.up_proj.weight"), inter, hidden)?,
+            down: cx.linear(&format!("{prefix}.down_proj.weight"), hidden, inter)?,
+            act,
+        })
+    }
+}
+
+impl Ffn for GatedFfn {
+    fn forward(&self, x: &Matrix) -> Matrix {
+        let mut gated = self.gate.forward(x);
+        let up = self.up.forward(x);
+        for (g, u) in gated.data.iter_mut().zip(&up.data) {
+            *g = (self.act)(*g) * u;
+        }
+        self.down.forward(&gated)
+    }
+
+    fn weight_bytes(&self) -> usize {
+        self.gate.weight_bytes() + self.up.weight_bytes() + self.down.weight_bytes()
+    }
+}

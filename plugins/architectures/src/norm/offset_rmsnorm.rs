@@ -1,0 +1,51 @@
+//! v2242 `offset-rmsnorm`: RMSNorm whose stored weight is an offset from one,
+//! `x / sqrt(mean(x²) + eps) · (1 + weight)` (Gemma). The offset is folded in at load time.
+
+use std::sync::Arc;
+
+use vibee_core::config::{ModelConfig, NormKind};
+use vibee_core::ops::{BuildContext, Factory, Norm, Operator};
+use vibee_core::{App, Plugin, PluginSpec};
+
+use super::rmsnorm::RmsNormOp;
+
+pub struct OffsetRmsNorm;
+
+impl Plugin for OffsetRmsNorm {
+    fn spec(&self) -> PluginSpec {
+        PluginSpec {
+            id: "v2242",
+            name: "offset-rmsnorm",
+        }
+    }
+
+    fn build(&self, app: &mut App) {
+        app.register_operator(Operator::Norm(Arc::new(OffsetRmsNorm)));
+    }
+}
+
+impl Factory<dyn Norm> for OffsetRmsNorm {
+    fn check(&self, config: &ModelConfig) -> Result<(), String> {
+        match config.norm {
+            NormKind::RmsUnitOffset => Ok(()),
+            NormKind::Rms => Err(format!(
+                "model_type {} scales by the stored weight, not (1 + weight) (use `rmsnorm`)",
+                config.model_type
+            )),
+        }
+    }
+
+    fn build(
+        &self,
+        cx: &BuildContext<'_>,
+        prefix: &str,
+        dim: usize,
+    ) -> anyhow::Result<Box<dyn Norm>> {
+        let gain = cx
+            .vector(&format!("{prefix}.weight"), dim)?
+            .into_iter()
+            .map(|w| 1.0 + w)
+            .collect();
+        Ok(Box::new(RmsNormOp::new(gain, cx.config.rms_norm_eps)))
+    }
+}

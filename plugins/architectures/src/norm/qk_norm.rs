@@ -1,0 +1,50 @@
+//! v2243 `qk-norm`: RMSNorm of each query and key head before the rotary embedding, with its
+//! own learned gain (Qwen3).
+
+use std::sync::Arc;
+
+use vibee_core::config::ModelConfig;
+use vibee_core::ops::{BuildContext, Factory, Norm, Operator};
+use vibee_core::{App, Plugin, PluginSpec};
+
+use super::rmsnorm::RmsNormOp;
+
+pub struct QkNorm;
+
+impl Plugin for QkNorm {
+    fn spec(&self) -> PluginSpec {
+        PluginSpec {
+            id: "v2243",
+            name: "qk-norm",
+        }
+    }
+
+    fn build(&self, app: &mut App) {
+        app.register_operator(Operator::QkNorm(Arc::new(QkNorm)));
+    }
+}
+
+impl Factory<dyn Norm> for QkNorm {
+    fn check(&self, config: &ModelConfig) -> Result<(), String> {
+        if config.qk_norm {
+            Ok(())
+        } else {
+            Err(format!(
+                "model_type {} has no q_norm/k_norm weights",
+                config.model_type
+            ))
+        }
+    }
+
+    fn build(
+        &self,
+        cx: &BuildContext<'_>,
+        prefix: &str,
+        dim: usize,
+    ) -> anyhow::Result<Box<dyn Norm>> {
+        Ok(Box::new(RmsNormOp::new(
+            cx.vector(&format!("{prefix}.weight"), dim)?,
+            cx.config.rms_norm_eps,
+        )))
+    }
+}
