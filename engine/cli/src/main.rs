@@ -1,5 +1,6 @@
 //! `vibee`: run, benchmark and inspect models and the spec registry.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -218,30 +219,54 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         ignore_eos: args.ignore_eos,
     };
     check_sampling(&params)?;
-    let out = runner::generate(&mut engine.app, prompt, params)?;
-    let text = match &engine.tokenizer {
-        Some(t) => Some(t.decode(&out.tokens)?),
-        None => None,
-    };
+    let tokenizer = engine.tokenizer.as_ref();
     if args.json {
+        let out = runner::generate(&mut engine.app, prompt, params)?;
         let mut value = serde_json::to_value(&out)?;
-        value["text"] = json!(text);
+        value["text"] = json!(tokenizer.map(|t| t.decode(&out.tokens)).transpose()?);
         println!("{value}");
-    } else {
-        match text {
-            Some(text) => println!("{text}"),
-            None => println!("{:?}", out.tokens),
-        }
-        eprintln!(
-            "[{} prompt tokens, {} generated ({:?}); prefill {:.1} tok/s, decode {:.1} tok/s, first token {:.3}s]",
-            out.prompt_tokens,
-            out.tokens.len(),
-            out.finish_reason,
-            out.prefill_tokens_per_s,
-            out.decode_tokens_per_s,
-            out.time_to_first_token_s
-        );
+        return Ok(());
     }
+    // Stream text as it is generated: print whatever the decoded text has grown by.
+    let mut generated = Vec::new();
+    let mut printed = 0;
+    let out = runner::generate_streaming(&mut engine.app, prompt, params, |token| {
+        match tokenizer {
+            None => print!("{token} "),
+            Some(t) => {
+                generated.push(token);
+                let text = t.decode(&generated).unwrap_or_default();
+                // A token can end inside a multi-byte character: wait for the rest of it.
+                if !text.ends_with('\u{FFFD}')
+                    && text.len() > printed
+                    && text.is_char_boundary(printed)
+                {
+                    print!("{}", &text[printed..]);
+                    printed = text.len();
+                }
+            }
+        }
+        let _ = std::io::stdout().flush();
+    })?;
+    // Whatever was held back (an incomplete character at the end) is printed as it decodes.
+    let rest = match tokenizer {
+        Some(t) => t
+            .decode(&generated)?
+            .get(printed..)
+            .unwrap_or_default()
+            .to_string(),
+        None => String::new(),
+    };
+    println!("{rest}");
+    eprintln!(
+        "[{} prompt tokens, {} generated ({:?}); prefill {:.1} tok/s, decode {:.1} tok/s, first token {:.3}s]",
+        out.prompt_tokens,
+        out.tokens.len(),
+        out.finish_reason,
+        out.prefill_tokens_per_s,
+        out.decode_tokens_per_s,
+        out.time_to_first_token_s
+    );
     Ok(())
 }
 

@@ -39,6 +39,12 @@ pub enum Check {
         plugins: Vec<String>,
         max_abs_err: f32,
     },
+    /// The last-position logits after the fixture's long prompt (2,048 tokens) match.
+    ReferenceLongPrompt {
+        fixture: String,
+        plugins: Vec<String>,
+        max_abs_err: f32,
+    },
     /// The greedy continuation equals transformers' `generate`, token for token.
     ReferenceGreedy {
         fixture: String,
@@ -104,6 +110,10 @@ pub struct Reference {
     pub prompt_ids: Vec<u32>,
     pub logits: Vec<Vec<f32>>,
     pub greedy_ids: Vec<u32>,
+    #[serde(default)]
+    pub long_prompt_ids: Option<Vec<u32>>,
+    #[serde(default)]
+    pub long_last_logits: Option<Vec<f32>>,
 }
 
 impl Reference {
@@ -193,6 +203,22 @@ fn run_check(
             let logits = full_logits(&load(fixture, plugins)?, &reference.prompt_ids)?;
             let expected: Vec<f32> = reference.logits.concat();
             Ok(compare(&logits.data, &expected, *max_abs_err))
+        }
+        Check::ReferenceLongPrompt {
+            fixture,
+            plugins,
+            max_abs_err,
+        } => {
+            let reference = Reference::load(&root.join(fixture))?;
+            let (Some(prompt), Some(expected)) =
+                (&reference.long_prompt_ids, &reference.long_last_logits)
+            else {
+                bail!("{fixture}/reference.json has no long-prompt reference");
+            };
+            let engine = load(fixture, plugins)?;
+            let mut kv = engine.model.new_sequence();
+            let logits = engine.model.forward(prompt, kv.as_mut(), false)?;
+            Ok(compare(&logits.data, expected, *max_abs_err))
         }
         Check::ReferenceGreedy { fixture, plugins } => {
             let reference = Reference::load(&root.join(fixture))?;

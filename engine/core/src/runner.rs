@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::app::App;
 use crate::pipeline::{
-    request_bundle, FinishReason, ModelResource, SamplingParams, SeqState, Timing, Tokens,
+    request_bundle, FinishReason, ModelResource, SamplingParams, SeqState, StreamTx, Timing, Tokens,
 };
 
 #[derive(Debug, Clone, Serialize)]
@@ -50,10 +50,25 @@ pub fn generate(
     prompt: Vec<u32>,
     params: SamplingParams,
 ) -> anyhow::Result<GenerateOutput> {
+    generate_streaming(app, prompt, params, |_| {})
+}
+
+/// Like [`generate`], calling `on_token` with each token as soon as a step emits it.
+pub fn generate_streaming(
+    app: &mut App,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    mut on_token: impl FnMut(u32),
+) -> anyhow::Result<GenerateOutput> {
     validate(app, &prompt, &params)?;
-    let entity = app.world.spawn(request_bundle(prompt, params)).id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let entity = app
+        .world
+        .spawn((request_bundle(prompt, params), StreamTx(tx)))
+        .id();
     let finish = loop {
         app.step();
+        rx.try_iter().for_each(&mut on_token);
         match app.world.get::<SeqState>(entity) {
             Some(SeqState::Finished(reason)) => break *reason,
             Some(SeqState::Failed(why)) => {
