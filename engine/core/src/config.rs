@@ -28,7 +28,16 @@ pub enum ConfigError {
     UnknownKey { key: String, model_type: String },
 }
 
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gemma"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "olmo2",
+    "starcoder2",
+];
 
 /// Keys that do not change a forward pass.
 const INERT_KEYS: &[&str] = &[
@@ -96,15 +105,62 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// The dtype the checkpoint declares (`torch_dtype` or `dtype`), if any.
     pub dtype: Option<String>,
-    /// Learned biases on the q, k and v projections (Qwen2).
+    /// Learned biases on the q, k and v projections (Qwen2, StarCoder2).
     pub qkv_bias: bool,
-    /// Per-head RMSNorm of queries and keys before rotary embedding (Qwen3).
-    pub qk_norm: bool,
+    /// A learned bias on the attention output projection (StarCoder2).
+    pub o_bias: bool,
+    /// RMSNorm of queries and keys before the rotary embedding (Qwen3, OLMo 2).
+    pub qk_norm: Option<QkNormScope>,
     /// Per layer, the sliding attention window, if that layer has one (Mistral, Qwen2).
     pub sliding_layers: Vec<Option<usize>>,
     pub norm: NormKind,
+    /// Where the norms sit around each sub-layer and how residuals add up.
+    pub residual: Residual,
+    pub ffn: FfnKind,
+    /// Attention scores pass through `cap · tanh(score / cap)` (Gemma 2).
+    pub attn_softcap: Option<f64>,
+    /// Final logits pass through `cap · tanh(logit / cap)` (Gemma 2).
+    pub final_softcap: Option<f64>,
+    /// Queries are scaled by `1/√query_pre_attn_scalar` instead of `1/√head_dim` (Gemma 2).
+    pub query_pre_attn_scalar: Option<f64>,
     /// Embeddings are multiplied by this (Gemma: √hidden_size).
     pub embedding_scale: Option<f32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkNormScope {
+    /// One gain of `head_dim` shared by every head (Qwen3).
+    PerHead,
+    /// One gain over the whole projection (OLMo 2).
+    Whole,
+}
+
+/// The places a layer can normalise: the input or output of its attention or feed-forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormSite {
+    AttnIn,
+    AttnOut,
+    FfnIn,
+    FfnOut,
+}
+
+/// How a layer arranges its norms and residual connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Residual {
+    /// `x + attn(norm(x))`, then `h + ffn(norm(h))` (Llama).
+    PreNorm,
+    /// Norms before and after each sub-layer (Gemma 2).
+    Sandwich,
+    /// `x + norm(attn(x))`, then `h + norm(ffn(h))` (OLMo 2).
+    PostNorm,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FfnKind {
+    /// `down(act(gate x) · up x)`
+    Gated,
+    /// `proj(act(fc x))`, with or without biases.
+    Plain { bias: bool },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,6 +169,8 @@ pub enum NormKind {
     Rms,
     /// `x / rms(x) · (1 + w)` (Gemma)
     RmsUnitOffset,
+    /// `(x − mean) / std · w (+ b)`
+    Layer { bias: bool },
 }
 
 /// A JSON object whose keys are ticked off as they are read, so leftovers can be reported.
@@ -238,12 +296,20 @@ impl ModelConfig {
         }
         let max_position_embeddings = f.usize("max_position_embeddings")?.unwrap_or(2048);
         let family = model_type.as_str();
-        // Qwen2 always biases its q/k/v projections and has no key saying so.
-        let qkv_bias = family == "qwen2";
+        let (gemma, gemma2, olmo2, starcoder2) = (
+            family == "gemma",
+            family == "gemma2",
+            family == "olmo2",
+            family == "starcoder2",
+        );
+        // Qwen2 always biases its q/k/v projections and has no key saying so; StarCoder2's
+        // `use_bias` puts biases on every projection.
+        let all_bias = starcoder2 && f.bool("use_bias")?.unwrap_or(true);
+        let qkv_bias = family == "qwen2" || all_bias;
         for key in ["attention_bias", "mlp_bias"] {
             if f.bool(key)? == Some(true) {
                 return Err(invalid(format!(
-                    "`{key}: true` (biases on every attention/MLP projection) is not implemented by any vibee plugin yet"
+                    "`{key}: true` (biases on every attention/MLP projection of model_type {family}) is not implemented by any vibee plugin yet"
                 )));
             }
         }
@@ -260,13 +326,27 @@ impl ModelConfig {
             Some(d) => Some(d),
             None => f.string("torch_dtype")?,
         };
-        let gemma = family == "gemma";
         let hidden_act = match f.string("hidden_act")? {
             Some(act) => act,
             None => f
                 .string("hidden_activation")?
                 .unwrap_or_else(|| "silu".into()),
         };
+        let norm_eps = match f.f64("norm_epsilon")? {
+            Some(eps) => eps,
+            None => f.f64("rms_norm_eps")?.unwrap_or(1e-6),
+        };
+        let positive = |v: Option<f64>, key: &str| match v {
+            Some(c) if c <= 0.0 => Err(invalid(format!("`{key}` must be positive"))),
+            other => Ok(other),
+        };
+        let attn_softcap = positive(f.f64("attn_logit_softcapping")?, "attn_logit_softcapping")?;
+        let final_softcap = positive(f.f64("final_logit_softcapping")?, "final_logit_softcapping")?;
+        let query_pre_attn_scalar =
+            positive(f.f64("query_pre_attn_scalar")?, "query_pre_attn_scalar")?;
+        for key in ["embedding_dropout", "residual_dropout"] {
+            f.f64(key)?;
+        }
         let config = Self {
             hidden_size,
             intermediate_size: f.required_usize("intermediate_size")?,
@@ -276,23 +356,47 @@ impl ModelConfig {
             head_dim,
             vocab_size: f.required_usize("vocab_size")?,
             max_position_embeddings,
-            rms_norm_eps: f.f64("rms_norm_eps")?.unwrap_or(1e-6),
+            rms_norm_eps: norm_eps,
             rope_theta,
             rope_scaling,
             hidden_act,
-            tie_word_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(gemma),
+            tie_word_embeddings: f
+                .bool("tie_word_embeddings")?
+                .unwrap_or(gemma || gemma2 || starcoder2),
             bos_token_id: f.usize("bos_token_id")?.map(|id| id as u32),
             eos_token_ids: token_ids(f.get("eos_token_id"))?,
             dtype,
             qkv_bias,
-            qk_norm: family == "qwen3",
+            o_bias: all_bias,
+            qk_norm: match family {
+                "qwen3" => Some(QkNormScope::PerHead),
+                "olmo2" => Some(QkNormScope::Whole),
+                _ => None,
+            },
             sliding_layers,
-            norm: if gemma {
+            norm: if gemma || gemma2 {
                 NormKind::RmsUnitOffset
+            } else if starcoder2 {
+                NormKind::Layer { bias: all_bias }
             } else {
                 NormKind::Rms
             },
-            embedding_scale: gemma.then(|| (hidden_size as f64).sqrt() as f32),
+            residual: if gemma2 {
+                Residual::Sandwich
+            } else if olmo2 {
+                Residual::PostNorm
+            } else {
+                Residual::PreNorm
+            },
+            ffn: if starcoder2 {
+                FfnKind::Plain { bias: all_bias }
+            } else {
+                FfnKind::Gated
+            },
+            attn_softcap,
+            final_softcap,
+            query_pre_attn_scalar,
+            embedding_scale: (gemma || gemma2).then(|| (hidden_size as f64).sqrt() as f32),
             model_type,
         };
         if let Some(key) = f.unread(INERT_KEYS) {
@@ -316,28 +420,51 @@ impl ModelConfig {
         let norm = match self.norm {
             NormKind::Rms => "rmsnorm",
             NormKind::RmsUnitOffset => "offset-rmsnorm",
+            NormKind::Layer { .. } => "layernorm",
         };
-        let ffn = if self.hidden_act == "silu" {
-            "swiglu"
-        } else {
-            "geglu"
+        let ffn = match (self.ffn, self.hidden_act.as_str()) {
+            (FfnKind::Plain { .. }, _) => "mlp",
+            (FfnKind::Gated, "silu") => "swiglu",
+            (FfnKind::Gated, _) => "geglu",
+        };
+        let residual = match self.residual {
+            Residual::PreNorm => "pre-norm",
+            Residual::Sandwich => "sandwich-norm",
+            Residual::PostNorm => "post-norm",
         };
         let mut plugins = vec![
             ("attention", attention),
             ("position", "rope"),
             ("norm", norm),
             ("ffn", ffn),
+            ("residual", residual),
         ];
-        if self.qkv_bias {
+        if self.qkv_bias || self.o_bias {
             plugins.push(("qkv-bias", "qkv-bias"));
         }
-        if self.qk_norm {
+        if self.qk_norm.is_some() {
             plugins.push(("qk-norm", "qk-norm"));
         }
         if self.sliding_layers.iter().any(Option::is_some) {
             plugins.push(("attention-window", "sliding-window"));
         }
+        if self.attn_softcap.is_some() || self.final_softcap.is_some() {
+            plugins.push(("softcap", "softcap"));
+        }
         plugins
+    }
+
+    /// The checkpoint's tensor name (under `model.layers.{i}.`) of the norm at `site`.
+    pub fn norm_tensor(&self, site: NormSite) -> Option<&'static str> {
+        use NormSite::*;
+        match (self.residual, site) {
+            (Residual::PreNorm | Residual::Sandwich, AttnIn) => Some("input_layernorm"),
+            (Residual::PreNorm, FfnIn) => Some("post_attention_layernorm"),
+            (Residual::Sandwich | Residual::PostNorm, AttnOut) => Some("post_attention_layernorm"),
+            (Residual::Sandwich, FfnIn) => Some("pre_feedforward_layernorm"),
+            (Residual::Sandwich | Residual::PostNorm, FfnOut) => Some("post_feedforward_layernorm"),
+            _ => None,
+        }
     }
 
     /// The longest sequence the model accepts: `max_position_embeddings`, except under dynamic
@@ -359,16 +486,16 @@ impl ModelConfig {
     }
 }
 
-/// Which layers attend through a sliding window: Mistral's `sliding_window` applies to every
-/// layer; Qwen's only with `use_sliding_window`, to the layers `layer_types` names (or, in older
-/// configs, those from `max_window_layers` on).
+/// Which layers attend through a sliding window: Mistral's and StarCoder2's `sliding_window`
+/// applies to every layer; Qwen's only with `use_sliding_window`; where `layer_types` is given
+/// (Qwen, Gemma 2) it names the layers, else Qwen's start at `max_window_layers`.
 fn sliding_window<'a>(
     f: &mut Fields<'a>,
     family: &str,
     layers: usize,
 ) -> Result<Vec<Option<usize>>, ConfigError> {
     // Other families' modeling code ignores these keys, so they stay unread (and refused).
-    if !["mistral", "qwen2", "qwen3"].contains(&family) {
+    if !["mistral", "qwen2", "qwen3", "gemma2", "starcoder2"].contains(&family) {
         return Ok(vec![None; layers]);
     }
     let window = f.usize("sliding_window")?;
@@ -406,16 +533,18 @@ fn sliding_window<'a>(
         Some(other) => Err(invalid(format!(
             "`layer_types` must be a list, got {other}"
         ))),
-        None => {
-            let first = if family == "mistral" {
-                0
-            } else {
-                max_window_layers.unwrap_or(0)
-            };
-            Ok((0..layers)
-                .map(|i| (i >= first).then_some(window))
-                .collect())
-        }
+        // Without `layer_types`: Gemma 2 alternates (even layers slide), Qwen slides from
+        // `max_window_layers` on, the others slide everywhere.
+        None => Ok((0..layers)
+            .map(|i| {
+                let slides = match family {
+                    "gemma2" => i % 2 == 0,
+                    "qwen2" | "qwen3" => i >= max_window_layers.unwrap_or(0),
+                    _ => true,
+                };
+                slides.then_some(window)
+            })
+            .collect()),
     }
 }
 

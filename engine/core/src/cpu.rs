@@ -304,6 +304,11 @@ pub fn softmax(scores: &mut [f32]) {
     }
 }
 
+/// `cap · tanh(x / cap)`: bounds `x` smoothly to (−cap, cap).
+pub fn softcap(x: f32, cap: f32) -> f32 {
+    cap * (x / cap).tanh()
+}
+
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }

@@ -2,15 +2,15 @@
 
 use anyhow::{bail, Context};
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, NormSite, QkNormScope};
 use crate::ops::{
-    Attention, AttentionWindow, Bias, BuildContext, DenseLinear, Ffn, KvCache, Linear, Norm,
-    Operator, Operators, PositionEncoding, SequenceKv, Slot,
+    AttendOptions, Attention, AttentionWindow, Bias, BuildContext, DenseLinear, Ffn, KvCache,
+    Linear, Norm, Operator, Operators, PositionEncoding, Residual, SequenceKv, Slot, Softcap,
 };
 use crate::tensor::Matrix;
 use crate::weights::{Weight, Weights};
 
-/// A q/k/v projection with its optional bias.
+/// A projection with its optional bias.
 struct Projection {
     linear: Box<dyn Linear>,
     bias: Option<Box<dyn Bias>>,
@@ -27,15 +27,25 @@ impl Projection {
 }
 
 struct Layer {
-    attn_norm: Box<dyn Norm>,
+    /// The norms of the residual arrangement, by site.
+    norms: Vec<(NormSite, Box<dyn Norm>)>,
     q_proj: Projection,
     k_proj: Projection,
     v_proj: Projection,
-    /// Per-head norms of queries and keys.
     qk_norm: Option<(Box<dyn Norm>, Box<dyn Norm>)>,
-    o_proj: Box<dyn Linear>,
-    ffn_norm: Box<dyn Norm>,
+    o_proj: Projection,
     ffn: Box<dyn Ffn>,
+}
+
+impl Layer {
+    fn norm(&self, site: NormSite, x: &Matrix) -> Matrix {
+        let (_, norm) = self
+            .norms
+            .iter()
+            .find(|(s, _)| *s == site)
+            .expect("the residual's sites are built");
+        norm.forward(x)
+    }
 }
 
 pub struct Model {
@@ -48,7 +58,9 @@ pub struct Model {
     lm_head: Box<dyn Linear>,
     position: Box<dyn PositionEncoding>,
     attention: Box<dyn Attention>,
+    residual: Box<dyn Residual>,
     window: Option<Box<dyn AttentionWindow>>,
+    softcap: Option<Box<dyn Softcap>>,
     kv_cache: Box<dyn KvCache>,
     weight_bytes: usize,
 }
@@ -113,34 +125,55 @@ impl Model {
         let norm = operator!(chosen, Norm).context(required)?;
         let ffn = operator!(chosen, Ffn).context(required)?;
         let kv = operator!(chosen, KvCache).context(required)?;
+        let residual =
+            operator!(chosen, Residual)
+                .context(required)?
+                .build(&cx, "", config.hidden_size)?;
+        let softcap = operator!(chosen, Softcap);
         let bias = operator!(chosen, QkvBias);
         let qk_norm = operator!(chosen, QkNorm);
         let window = operator!(chosen, AttentionWindow);
         let (hidden, q_dim, kv_dim) = (config.hidden_size, config.q_dim(), config.kv_dim());
-        let projection = |name: &str, out: usize| -> anyhow::Result<Projection> {
-            Ok(Projection {
-                linear: cx.linear(&format!("{name}.weight"), out, hidden)?,
-                bias: bias.as_ref().map(|b| b.build(&cx, name, out)).transpose()?,
-            })
+        let projection =
+            |name: &str, out: usize, inp: usize, biased: bool| -> anyhow::Result<Projection> {
+                let bias = match (&bias, biased) {
+                    (Some(b), true) => Some(b.build(&cx, name, out)?),
+                    _ => None,
+                };
+                Ok(Projection {
+                    linear: cx.linear(&format!("{name}.weight"), out, inp)?,
+                    bias,
+                })
+            };
+        let (qkv_bias, o_bias) = (config.qkv_bias, config.o_bias);
+        let (q_norm_dim, k_norm_dim) = match config.qk_norm {
+            Some(QkNormScope::Whole) => (q_dim, kv_dim),
+            _ => (config.head_dim, config.head_dim),
         };
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let p = format!("model.layers.{i}");
             let qk_norm = match &qk_norm {
                 Some(f) => Some((
-                    f.build(&cx, &format!("{p}.self_attn.q_norm"), config.head_dim)?,
-                    f.build(&cx, &format!("{p}.self_attn.k_norm"), config.head_dim)?,
+                    f.build(&cx, &format!("{p}.self_attn.q_norm"), q_norm_dim)?,
+                    f.build(&cx, &format!("{p}.self_attn.k_norm"), k_norm_dim)?,
                 )),
                 None => None,
             };
+            let mut norms = Vec::new();
+            for &site in residual.sites() {
+                let name = config.norm_tensor(site).with_context(|| {
+                    format!("model_type {} has no norm at {site:?}", config.model_type)
+                })?;
+                norms.push((site, norm.build(&cx, &format!("{p}.{name}"), hidden)?));
+            }
             layers.push(Layer {
-                attn_norm: norm.build(&cx, &format!("{p}.input_layernorm"), hidden)?,
-                q_proj: projection(&format!("{p}.self_attn.q_proj"), q_dim)?,
-                k_proj: projection(&format!("{p}.self_attn.k_proj"), kv_dim)?,
-                v_proj: projection(&format!("{p}.self_attn.v_proj"), kv_dim)?,
+                norms,
+                q_proj: projection(&format!("{p}.self_attn.q_proj"), q_dim, hidden, qkv_bias)?,
+                k_proj: projection(&format!("{p}.self_attn.k_proj"), kv_dim, hidden, qkv_bias)?,
+                v_proj: projection(&format!("{p}.self_attn.v_proj"), kv_dim, hidden, qkv_bias)?,
                 qk_norm,
-                o_proj: cx.linear(&format!("{p}.self_attn.o_proj.weight"), hidden, q_dim)?,
-                ffn_norm: norm.build(&cx, &format!("{p}.post_attention_layernorm"), hidden)?,
+                o_proj: projection(&format!("{p}.self_attn.o_proj"), hidden, q_dim, o_bias)?,
                 ffn: ffn.build(&cx, &format!("{p}.mlp"), hidden)?,
             });
         }
@@ -159,7 +192,7 @@ impl Model {
                         &l.q_proj.linear,
                         &l.k_proj.linear,
                         &l.v_proj.linear,
-                        &l.o_proj,
+                        &l.o_proj.linear,
                     ]
                     .iter()
                     .map(|p| p.weight_bytes())
@@ -178,7 +211,9 @@ impl Model {
             lm_head,
             position: position.build(&cx, "", config.head_dim)?,
             attention: attention.build(&cx, "", config.head_dim)?,
+            residual,
             window: window.map(|w| w.build(&cx, "", 0)).transpose()?,
+            softcap: softcap.map(|s| s.build(&cx, "", 0)).transpose()?,
             kv_cache: kv.build(&cx, "", 0)?,
             weight_bytes,
             config,
@@ -228,36 +263,53 @@ impl Model {
         if let Some(scale) = cfg.embedding_scale {
             x.data.iter_mut().for_each(|v| *v *= scale);
         }
+        let attention_cap = self.softcap.as_ref().and_then(|s| s.attention());
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer.attn_norm.forward(&x);
-            let mut q = layer.q_proj.forward(&h);
-            let mut k = layer.k_proj.forward(&h);
-            let v = layer.v_proj.forward(&h);
-            if let Some((q_norm, k_norm)) = &layer.qk_norm {
-                q = per_head(q_norm.as_ref(), q, cfg.head_dim);
-                k = per_head(k_norm.as_ref(), k, cfg.head_dim);
-            }
-            self.position.apply(&mut q, cfg.num_heads, &positions);
-            self.position.apply(&mut k, cfg.num_kv_heads, &positions);
-            kv.append(i, &k, &v);
-            let window = self.window.as_ref().and_then(|w| w.window(i));
-            let attended = self.attention.forward(&q, &kv.view(i), &positions, window);
-            x.add_assign(&layer.o_proj.forward(&attended));
-            let h = layer.ffn_norm.forward(&x);
-            x.add_assign(&layer.ffn.forward(&h));
+            let options = AttendOptions {
+                window: self.window.as_ref().and_then(|w| w.window(i)),
+                softcap: attention_cap,
+            };
+            let mut attention = |h: &Matrix| {
+                let mut q = layer.q_proj.forward(h);
+                let mut k = layer.k_proj.forward(h);
+                let v = layer.v_proj.forward(h);
+                if let Some((q_norm, k_norm)) = &layer.qk_norm {
+                    q = per_head(q_norm.as_ref(), q);
+                    k = per_head(k_norm.as_ref(), k);
+                }
+                self.position.apply(&mut q, cfg.num_heads, &positions);
+                self.position.apply(&mut k, cfg.num_kv_heads, &positions);
+                kv.append(i, &k, &v);
+                let attended = self.attention.forward(&q, &kv.view(i), &positions, options);
+                layer.o_proj.forward(&attended)
+            };
+            self.residual.layer(
+                &mut x,
+                &|site, m| layer.norm(site, m),
+                &mut attention,
+                &|h| layer.ffn.forward(h),
+            );
         }
         if !all_logits {
             let last = x.row(x.rows - 1).to_vec();
             x = Matrix::from_vec(1, cfg.hidden_size, last);
         }
-        Ok(self.lm_head.forward(&self.final_norm.forward(&x)))
+        let mut logits = self.lm_head.forward(&self.final_norm.forward(&x));
+        if let Some(cap) = self.softcap.as_ref().and_then(|s| s.logits()) {
+            logits
+                .data
+                .iter_mut()
+                .for_each(|l| *l = crate::cpu::softcap(*l, cap));
+        }
+        Ok(logits)
     }
 }
 
-/// Applies `norm` to each head of `x` (rows of `heads · head_dim`) separately.
-fn per_head(norm: &dyn Norm, x: Matrix, head_dim: usize) -> Matrix {
-    let (rows, cols) = (x.rows, x.cols);
-    let heads = Matrix::from_vec(rows * cols / head_dim, head_dim, x.data);
+/// Applies `norm` to every `norm.dim()` features of each row: each head for a per-head norm,
+/// the whole row for a norm over the full projection.
+fn per_head(norm: &dyn Norm, x: Matrix) -> Matrix {
+    let (rows, cols, dim) = (x.rows, x.cols, norm.dim());
+    let heads = Matrix::from_vec(rows * cols / dim, dim, x.data);
     let normed = norm.forward(&heads);
     Matrix::from_vec(rows, cols, normed.data)
 }

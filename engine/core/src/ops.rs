@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bevy_ecs::prelude::Resource;
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, NormSite};
 use crate::cpu;
 use crate::tensor::Matrix;
 use crate::weights::{Weight, Weights};
@@ -19,21 +19,25 @@ pub enum Slot {
     Norm,
     Ffn,
     KvCache,
+    Residual,
     QkvBias,
     QkNorm,
     AttentionWindow,
+    Softcap,
 }
 
 impl Slot {
-    pub const ALL: [Slot; 8] = [
+    pub const ALL: [Slot; 10] = [
         Slot::Attention,
         Slot::Position,
         Slot::Norm,
         Slot::Ffn,
         Slot::KvCache,
+        Slot::Residual,
         Slot::QkvBias,
         Slot::QkNorm,
         Slot::AttentionWindow,
+        Slot::Softcap,
     ];
 
     /// The registry's `provides` name of this slot.
@@ -44,9 +48,11 @@ impl Slot {
             Slot::Norm => "norm",
             Slot::Ffn => "ffn",
             Slot::KvCache => "kv-cache",
+            Slot::Residual => "residual",
             Slot::QkvBias => "qkv-bias",
             Slot::QkNorm => "qk-norm",
             Slot::AttentionWindow => "attention-window",
+            Slot::Softcap => "softcap",
         }
     }
 }
@@ -69,6 +75,35 @@ pub trait Bias: Send + Sync {
     fn dim(&self) -> usize;
 }
 
+/// How one layer combines its sub-layers, norms and residual connections.
+pub trait Residual: Send + Sync {
+    /// The norms this arrangement uses in every layer.
+    fn sites(&self) -> &'static [NormSite];
+    /// Runs one layer over `x` in place; `norm` applies the layer's norm at a site.
+    fn layer(
+        &self,
+        x: &mut Matrix,
+        norm: &dyn Fn(NormSite, &Matrix) -> Matrix,
+        attention: &mut dyn FnMut(&Matrix) -> Matrix,
+        ffn: &dyn Fn(&Matrix) -> Matrix,
+    );
+}
+
+/// Soft caps `c · tanh(x / c)` on attention scores and on final logits.
+pub trait Softcap: Send + Sync {
+    fn attention(&self) -> Option<f32>;
+    fn logits(&self) -> Option<f32>;
+}
+
+/// Per-call attention options beyond causality.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttendOptions {
+    /// `Some(w)`: a query at position `p` sees only positions `p + 1 - w ..= p`.
+    pub window: Option<usize>,
+    /// Scores pass through `c · tanh(score / c)`.
+    pub softcap: Option<f32>,
+}
+
 /// Which earlier tokens a layer's queries may see, beyond causality.
 pub trait AttentionWindow: Send + Sync {
     /// `Some(w)`: a query at position `p` sees positions `p + 1 - w ..= p` in `layer`.
@@ -83,14 +118,13 @@ pub trait PositionEncoding: Send + Sync {
 /// Causal attention of new queries over a sequence's cached keys and values.
 pub trait Attention: Send + Sync {
     /// `q` is `[n, heads·head_dim]` for the tokens at `positions`, whose keys and values are
-    /// already in `kv`; with a `window`, each query sees only that many latest positions.
-    /// Returns `[n, heads·head_dim]`.
+    /// already in `kv`. Returns `[n, heads·head_dim]`.
     fn forward(
         &self,
         q: &Matrix,
         kv: &KvView<'_>,
         positions: &[usize],
-        window: Option<usize>,
+        options: AttendOptions,
     ) -> Matrix;
 }
 
@@ -170,9 +204,11 @@ pub enum Operator {
     Norm(Arc<dyn Factory<dyn Norm>>),
     Ffn(Arc<dyn Factory<dyn Ffn>>),
     KvCache(Arc<dyn Factory<dyn KvCache>>),
+    Residual(Arc<dyn Factory<dyn Residual>>),
     QkvBias(Arc<dyn Factory<dyn Bias>>),
     QkNorm(Arc<dyn Factory<dyn Norm>>),
     AttentionWindow(Arc<dyn Factory<dyn AttentionWindow>>),
+    Softcap(Arc<dyn Factory<dyn Softcap>>),
 }
 
 impl Operator {
@@ -183,6 +219,8 @@ impl Operator {
             Operator::Norm(_) => Slot::Norm,
             Operator::Ffn(_) => Slot::Ffn,
             Operator::KvCache(_) => Slot::KvCache,
+            Operator::Residual(_) => Slot::Residual,
+            Operator::Softcap(_) => Slot::Softcap,
             Operator::QkvBias(_) => Slot::QkvBias,
             Operator::QkNorm(_) => Slot::QkNorm,
             Operator::AttentionWindow(_) => Slot::AttentionWindow,
@@ -196,6 +234,8 @@ impl Operator {
             Operator::Norm(f) => f.check(config),
             Operator::Ffn(f) => f.check(config),
             Operator::KvCache(f) => f.check(config),
+            Operator::Residual(f) => f.check(config),
+            Operator::Softcap(f) => f.check(config),
             Operator::QkvBias(f) => f.check(config),
             Operator::QkNorm(f) => f.check(config),
             Operator::AttentionWindow(f) => f.check(config),

@@ -16,11 +16,17 @@ pub fn plugins() -> Vec<Box<dyn Plugin>> {
         Box::new(attention::gqa::Gqa),
         Box::new(attention::sliding_window::SlidingWindow),
         Box::new(attention::qkv_bias::QkvBias),
+        Box::new(attention::softcap::Softcap),
         Box::new(position::rope::Rope),
         Box::new(norm::rmsnorm::RmsNorm),
         Box::new(norm::offset_rmsnorm::OffsetRmsNorm),
         Box::new(norm::qk_norm::QkNorm),
+        Box::new(norm::layernorm::LayerNorm),
+        Box::new(norm::pre_norm::PreNorm),
+        Box::new(norm::post_norm::PostNorm),
+        Box::new(norm::sandwich_norm::SandwichNorm),
         Box::new(ffn::swiglu::SwiGlu),
         Box::new(ffn::geglu::GeGlu),
+        Box::new(ffn::mlp::Mlp),
     ]
 }

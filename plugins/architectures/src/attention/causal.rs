@@ -2,8 +2,8 @@
 //! only in how many query heads share one key/value head.
 
 use vibee_core::config::ModelConfig;
-use vibee_core::cpu::{axpy, dot, softmax};
-use vibee_core::ops::{Attention, KvView};
+use vibee_core::cpu::{axpy, dot, softcap, softmax};
+use vibee_core::ops::{AttendOptions, Attention, KvView};
 use vibee_core::parallel;
 use vibee_core::Matrix;
 
@@ -20,7 +20,12 @@ impl CausalAttention {
             heads: config.num_heads,
             kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
-            scale: 1.0 / (config.head_dim as f32).sqrt(),
+            // Gemma 2 scales queries by its own `query_pre_attn_scalar` rather than head_dim.
+            scale: 1.0
+                / config
+                    .query_pre_attn_scalar
+                    .unwrap_or(config.head_dim as f64)
+                    .sqrt() as f32,
         }
     }
 }
@@ -31,7 +36,7 @@ impl Attention for CausalAttention {
         q: &Matrix,
         kv: &KvView<'_>,
         positions: &[usize],
-        window: Option<usize>,
+        options: AttendOptions,
     ) -> Matrix {
         let (hd, kv_dim) = (self.head_dim, self.kv_heads * self.head_dim);
         let group = self.heads / self.kv_heads;
@@ -43,12 +48,15 @@ impl Attention for CausalAttention {
             // A query sees cached tokens up to and including its own position; with a window,
             // only the latest `window` of them.
             let end = (positions[row] + 1).min(kv.tokens);
-            let start = window.map_or(0, |w| end.saturating_sub(w));
+            let start = options.window.map_or(0, |w| end.saturating_sub(w));
             let keys = kv.keys.iter().flat_map(|chunk| chunk.chunks_exact(kv_dim));
             let mut scores: Vec<f32> = keys
                 .take(end)
                 .skip(start)
-                .map(|key| dot(query, &key[kv_offset..kv_offset + hd]) * self.scale)
+                .map(|key| {
+                    let score = dot(query, &key[kv_offset..kv_offset + hd]) * self.scale;
+                    options.softcap.map_or(score, |cap| softcap(score, cap))
+                })
                 .collect();
             softmax(&mut scores);
             let values = kv

@@ -6,3 +6,4 @@ pub mod mha;
 pub mod mqa;
 pub mod qkv_bias;
 pub mod sliding_window;
+pub mod softcap;

@@ -1,4 +1,5 @@
-//! v2206 `qkv-bias`: learned biases added to the query, key and value projections (Qwen2).
+//! v2206 `qkv-bias`: learned biases added to the query, key and value projections (Qwen2), and
+//! to the output projection where the checkpoint has one (StarCoder2).
 
 use std::sync::Arc;
 
@@ -23,7 +24,7 @@ impl Plugin for QkvBias {
 
 impl Factory<dyn Bias> for QkvBias {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {
-        if config.qkv_bias {
+        if config.qkv_bias || config.o_bias {
             Ok(())
         } else {
             Err(format!(

@@ -25,7 +25,7 @@ impl Plugin for GeGlu {
 }
 
 /// The GELU variant a `hidden_act` names.
-fn activation(name: &str) -> Option<fn(f32) -> f32> {
+pub fn activation(name: &str) -> Option<fn(f32) -> f32> {
     match name {
         "gelu" => Some(gelu_erf),
         "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Some(gelu_tanh),

@@ -2,4 +2,5 @@
 
 pub mod gated;
 pub mod geglu;
+pub mod mlp;
 pub mod swiglu;

@@ -28,10 +28,7 @@ impl Factory<dyn Norm> for OffsetRmsNorm {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {
         match config.norm {
             NormKind::RmsUnitOffset => Ok(()),
-            NormKind::Rms => Err(format!(
-                "model_type {} scales by the stored weight, not (1 + weight) (use `rmsnorm`)",
-                config.model_type
-            )),
+            other => Err(super::mismatch(config, other)),
         }
     }
 

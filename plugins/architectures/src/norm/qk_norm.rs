@@ -1,5 +1,5 @@
-//! v2243 `qk-norm`: RMSNorm of each query and key head before the rotary embedding, with its
-//! own learned gain (Qwen3).
+//! v2243 `qk-norm`: RMSNorm of queries and keys before the rotary embedding, with their own
+//! learned gains: per head (Qwen3) or over the whole projection (OLMo 2).
 
 use std::sync::Arc;
 
@@ -26,7 +26,7 @@ impl Plugin for QkNorm {
 
 impl Factory<dyn Norm> for QkNorm {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {
-        if config.qk_norm {
+        if config.qk_norm.is_some() {
             Ok(())
         } else {
             Err(format!(

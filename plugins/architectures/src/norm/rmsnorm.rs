@@ -26,10 +26,7 @@ impl Factory<dyn Norm> for RmsNorm {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {
         match config.norm {
             NormKind::Rms => Ok(()),
-            NormKind::RmsUnitOffset => Err(format!(
-                "model_type {} scales by (1 + weight), not weight (use `offset-rmsnorm`)",
-                config.model_type
-            )),
+            other => Err(super::mismatch(config, other)),
         }
     }
 
