@@ -37,6 +37,8 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "gemma2",
     "olmo2",
     "starcoder2",
+    "mixtral",
+    "qwen2_moe",
 ];
 
 /// Keys that do not change a forward pass.
@@ -117,6 +119,8 @@ pub struct ModelConfig {
     /// Where the norms sit around each sub-layer and how residuals add up.
     pub residual: Residual,
     pub ffn: FfnKind,
+    /// Feed-forward layers that route each token to a few experts (Mixtral, Qwen2-MoE).
+    pub moe: Option<MoeConfig>,
     /// Attention scores pass through `cap · tanh(score / cap)` (Gemma 2).
     pub attn_softcap: Option<f64>,
     /// Final logits pass through `cap · tanh(logit / cap)` (Gemma 2).
@@ -153,6 +157,31 @@ pub enum Residual {
     Sandwich,
     /// `x + norm(attn(x))`, then `h + norm(ffn(h))` (OLMo 2).
     PostNorm,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeConfig {
+    pub experts: usize,
+    /// Experts each token is routed to.
+    pub top_k: usize,
+    /// Each expert is a SwiGLU of this width.
+    pub expert_intermediate: usize,
+    /// Renormalise the top-k routing probabilities to sum to one.
+    pub normalize_top_k: bool,
+    /// A shared expert every token also passes through, scaled by a sigmoid gate (Qwen2-MoE).
+    pub shared_intermediate: Option<usize>,
+    /// Per layer: routed (true) or a dense SwiGLU of `intermediate_size` (false).
+    pub sparse_layers: Vec<bool>,
+    pub layout: MoeLayout,
+}
+
+/// How a family names its expert tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MoeLayout {
+    /// `block_sparse_moe.{gate, experts.N.{w1, w2, w3}}`
+    Mixtral,
+    /// `mlp.{gate, experts.N.{gate,up,down}_proj, shared_expert.*, shared_expert_gate}`
+    Qwen,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -305,7 +334,11 @@ impl ModelConfig {
         // Qwen2 always biases its q/k/v projections and has no key saying so; StarCoder2's
         // `use_bias` puts biases on every projection.
         let all_bias = starcoder2 && f.bool("use_bias")?.unwrap_or(true);
-        let qkv_bias = family == "qwen2" || all_bias;
+        let qkv_bias = match family {
+            "qwen2" => true,
+            "qwen2_moe" => f.bool("qkv_bias")?.unwrap_or(true),
+            _ => all_bias,
+        };
         for key in ["attention_bias", "mlp_bias"] {
             if f.bool(key)? == Some(true) {
                 return Err(invalid(format!(
@@ -344,9 +377,16 @@ impl ModelConfig {
         let final_softcap = positive(f.f64("final_logit_softcapping")?, "final_logit_softcapping")?;
         let query_pre_attn_scalar =
             positive(f.f64("query_pre_attn_scalar")?, "query_pre_attn_scalar")?;
-        for key in ["embedding_dropout", "residual_dropout"] {
+        for key in [
+            "embedding_dropout",
+            "residual_dropout",
+            "router_aux_loss_coef",
+            "router_jitter_noise",
+        ] {
             f.f64(key)?;
         }
+        f.bool("output_router_logits")?;
+        let moe = mixture_of_experts(&mut f, family, num_layers)?;
         let config = Self {
             hidden_size,
             intermediate_size: f.required_usize("intermediate_size")?,
@@ -393,6 +433,7 @@ impl ModelConfig {
             } else {
                 FfnKind::Gated
             },
+            moe,
             attn_softcap,
             final_softcap,
             query_pre_attn_scalar,
@@ -423,6 +464,7 @@ impl ModelConfig {
             NormKind::Layer { .. } => "layernorm",
         };
         let ffn = match (self.ffn, self.hidden_act.as_str()) {
+            _ if self.moe.is_some() => "moe",
             (FfnKind::Plain { .. }, _) => "mlp",
             (FfnKind::Gated, "silu") => "swiglu",
             (FfnKind::Gated, _) => "geglu",
@@ -495,12 +537,22 @@ fn sliding_window<'a>(
     layers: usize,
 ) -> Result<Vec<Option<usize>>, ConfigError> {
     // Other families' modeling code ignores these keys, so they stay unread (and refused).
-    if !["mistral", "qwen2", "qwen3", "gemma2", "starcoder2"].contains(&family) {
+    if ![
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma2",
+        "starcoder2",
+        "mixtral",
+        "qwen2_moe",
+    ]
+    .contains(&family)
+    {
         return Ok(vec![None; layers]);
     }
     let window = f.usize("sliding_window")?;
     let enabled = match family {
-        "qwen2" | "qwen3" => f.bool("use_sliding_window")?.unwrap_or(false),
+        "qwen2" | "qwen3" | "qwen2_moe" => f.bool("use_sliding_window")?.unwrap_or(false),
         _ => true,
     };
     let max_window_layers = f.usize("max_window_layers")?;
@@ -539,13 +591,70 @@ fn sliding_window<'a>(
             .map(|i| {
                 let slides = match family {
                     "gemma2" => i % 2 == 0,
-                    "qwen2" | "qwen3" => i >= max_window_layers.unwrap_or(0),
+                    "qwen2" | "qwen3" | "qwen2_moe" => i >= max_window_layers.unwrap_or(0),
                     _ => true,
                 };
                 slides.then_some(window)
             })
             .collect()),
     }
+}
+
+fn mixture_of_experts<'a>(
+    f: &mut Fields<'a>,
+    family: &str,
+    layers: usize,
+) -> Result<Option<MoeConfig>, ConfigError> {
+    let config = match family {
+        "mixtral" => MoeConfig {
+            experts: f.required_usize("num_local_experts")?,
+            top_k: f.required_usize("num_experts_per_tok")?,
+            expert_intermediate: f.required_usize("intermediate_size")?,
+            normalize_top_k: true,
+            shared_intermediate: None,
+            sparse_layers: vec![true; layers],
+            layout: MoeLayout::Mixtral,
+        },
+        "qwen2_moe" => {
+            let step = f.usize("decoder_sparse_step")?.unwrap_or(1).max(1);
+            let dense: Vec<usize> = match f.get("mlp_only_layers") {
+                None => Vec::new(),
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .map(|v| v.as_u64().map(|n| n as usize))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| {
+                        invalid("`mlp_only_layers` must be a list of layer indices".into())
+                    })?,
+                Some(other) => {
+                    return Err(invalid(format!(
+                        "`mlp_only_layers` must be a list, got {other}"
+                    )))
+                }
+            };
+            MoeConfig {
+                experts: f.required_usize("num_experts")?,
+                top_k: f.required_usize("num_experts_per_tok")?,
+                expert_intermediate: f.required_usize("moe_intermediate_size")?,
+                normalize_top_k: f.bool("norm_topk_prob")?.unwrap_or(false),
+                shared_intermediate: f
+                    .usize("shared_expert_intermediate_size")?
+                    .filter(|n| *n > 0),
+                sparse_layers: (0..layers)
+                    .map(|i| !dense.contains(&i) && (i + 1) % step == 0)
+                    .collect(),
+                layout: MoeLayout::Qwen,
+            }
+        }
+        _ => return Ok(None),
+    };
+    if config.top_k == 0 || config.top_k > config.experts {
+        return Err(invalid(format!(
+            "num_experts_per_tok ({}) must be between 1 and the number of experts ({})",
+            config.top_k, config.experts
+        )));
+    }
+    Ok(Some(config))
 }
 
 fn token_ids(value: Option<&Value>) -> Result<Vec<u32>, ConfigError> {

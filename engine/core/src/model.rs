@@ -118,6 +118,7 @@ impl Model {
         let cx = BuildContext {
             config: &config,
             weights,
+            layer: 0,
         };
         let required = "checked by choose";
         let attention = operator!(chosen, Attention).context(required)?;
@@ -174,7 +175,11 @@ impl Model {
                 v_proj: projection(&format!("{p}.self_attn.v_proj"), kv_dim, hidden, qkv_bias)?,
                 qk_norm,
                 o_proj: projection(&format!("{p}.self_attn.o_proj"), hidden, q_dim, o_bias)?,
-                ffn: ffn.build(&cx, &format!("{p}.mlp"), hidden)?,
+                ffn: ffn.build(
+                    &BuildContext { layer: i, ..cx },
+                    &format!("{p}.mlp"),
+                    hidden,
+                )?,
             });
         }
         let embed = cx.weight("model.embed_tokens.weight", &[config.vocab_size, hidden])?;

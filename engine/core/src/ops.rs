@@ -158,6 +158,8 @@ pub struct KvView<'a> {
 pub struct BuildContext<'a> {
     pub config: &'a ModelConfig,
     pub weights: &'a Weights,
+    /// The layer being built (0 for model-wide operators).
+    pub layer: usize,
 }
 
 impl BuildContext<'_> {

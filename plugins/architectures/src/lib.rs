@@ -28,5 +28,6 @@ pub fn plugins() -> Vec<Box<dyn Plugin>> {
         Box::new(ffn::swiglu::SwiGlu),
         Box::new(ffn::geglu::GeGlu),
         Box::new(ffn::mlp::Mlp),
+        Box::new(ffn::moe::Moe),
     ]
 }

@@ -12,13 +12,25 @@ pub struct GatedFfn {
 }
 
 impl GatedFfn {
-    /// Binds `{prefix}.gate_proj`, `.up_proj` and `.down_proj`.
+    /// Binds `{prefix}.gate_proj`, `.up_proj` and `.down_proj` of the config's width.
     pub fn build(cx: &BuildContext<'_>, prefix: &str, act: fn(f32) -> f32) -> anyhow::Result<Self> {
-        let (hidden, inter) = (cx.config.hidden_size, cx.config.intermediate_size);
+        let [gate, up, down] =
+            ["gate_proj", "up_proj", "down_proj"].map(|n| format!("{prefix}.{n}.weight"));
+        Self::from_names(cx, [&gate, &up, &down], cx.config.intermediate_size, act)
+    }
+
+    /// Binds the gate, up and down weights named, `width` wide.
+    pub fn from_names(
+        cx: &BuildContext<'_>,
+        [gate, up, down]: [&str; 3],
+        width: usize,
+        act: fn(f32) -> f32,
+    ) -> anyhow::Result<Self> {
+        let hidden = cx.config.hidden_size;
         Ok(Self {
-            gate: cx.linear(&format!("{prefix}.gate_proj.weight"), inter, hidden)?,
-            up: cx.linear(&format!("{prefix}.up_proj.weight"), inter, hidden)?,
-            down: cx.linear(&format!("{prefix}.down_proj.weight"), hidden, inter)?,
+            gate: cx.linear(gate, width, hidden)?,
+            up: cx.linear(up, width, hidden)?,
+            down: cx.linear(down, hidden, width)?,
             act,
         })
     }

@@ -36,7 +36,7 @@ pub fn activation(name: &str) -> Option<fn(f32) -> f32> {
 impl Factory<dyn Ffn> for GeGlu {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {
         match activation(&config.hidden_act) {
-            Some(_) => Ok(()),
+            Some(_) => super::dense_only(config),
             None => Err(format!(
                 "config.json hidden_act = \"{}\" but geglu needs a GELU (gelu, gelu_pytorch_tanh)",
                 config.hidden_act

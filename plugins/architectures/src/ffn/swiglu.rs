@@ -27,7 +27,7 @@ impl Plugin for SwiGlu {
 impl Factory<dyn Ffn> for SwiGlu {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {
         if config.hidden_act == "silu" {
-            Ok(())
+            super::dense_only(config)
         } else {
             Err(format!(
                 "config.json hidden_act = \"{}\" but swiglu needs \"silu\"",
