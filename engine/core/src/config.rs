@@ -39,6 +39,19 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "starcoder2",
     "mixtral",
     "qwen2_moe",
+    "gpt_neox",
+    "falcon",
+];
+
+/// Config keys some families spell differently, read under the Llama spelling.
+const RENAMED_KEYS: &[(&str, &str, &str)] = &[
+    ("falcon", "num_kv_heads", "num_key_value_heads"),
+    ("falcon", "layer_norm_epsilon", "rms_norm_eps"),
+    ("falcon", "ffn_hidden_size", "intermediate_size"),
+    ("falcon", "activation", "hidden_act"),
+    ("gpt_neox", "layer_norm_eps", "rms_norm_eps"),
+    ("gpt_neox", "rotary_pct", "partial_rotary_factor"),
+    ("gpt_neox", "rotary_emb_base", "rope_theta"),
 ];
 
 /// Keys that do not change a forward pass.
@@ -56,6 +69,14 @@ const INERT_KEYS: &[&str] = &[
     "return_dict",
     "is_decoder",
     "tokenizer_class",
+    // Training-only settings.
+    "embedding_dropout",
+    "residual_dropout",
+    "hidden_dropout",
+    "classifier_dropout",
+    "router_aux_loss_coef",
+    "router_jitter_noise",
+    "output_router_logits",
 ];
 
 #[derive(Clone, Debug, PartialEq)]
@@ -109,8 +130,12 @@ pub struct ModelConfig {
     pub dtype: Option<String>,
     /// Learned biases on the q, k and v projections (Qwen2, StarCoder2).
     pub qkv_bias: bool,
-    /// A learned bias on the attention output projection (StarCoder2).
+    /// A learned bias on the attention output projection (StarCoder2, GPT-NeoX).
     pub o_bias: bool,
+    /// Leading dimensions of each head that the rotary embedding turns (GPT-NeoX: a quarter).
+    pub rotary_dim: usize,
+    /// Where the family keeps its tensors.
+    pub layout: Layout,
     /// RMSNorm of queries and keys before the rotary embedding (Qwen3, OLMo 2).
     pub qk_norm: Option<QkNormScope>,
     /// Per layer, the sliding attention window, if that layer has one (Mistral, Qwen2).
@@ -157,6 +182,75 @@ pub enum Residual {
     Sandwich,
     /// `x + norm(attn(x))`, then `h + norm(ffn(h))` (OLMo 2).
     PostNorm,
+    /// `x + attn(norm(x)) + ffn(norm'(x))` (GPT-NeoX, Falcon).
+    Parallel,
+}
+
+/// How the q, k and v projections are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkvLayout {
+    /// `q_proj`, `k_proj`, `v_proj`.
+    Separate,
+    /// One fused matrix whose rows hold, per key/value head, its query heads, its key and its
+    /// value: `[q, k, v]` per head for GPT-NeoX, `[q × heads/kv_heads, k, v]` for Falcon.
+    Fused(&'static str),
+}
+
+/// The tensor names of a family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub embed: &'static str,
+    pub final_norm: &'static str,
+    pub lm_head: &'static str,
+    /// Layer `i` lives under `{layers}.{i}`.
+    pub layers: &'static str,
+    pub attention: &'static str,
+    pub qkv: QkvLayout,
+    pub o_proj: &'static str,
+    /// The plain MLP's input and output projections.
+    pub mlp_in: &'static str,
+    pub mlp_out: &'static str,
+}
+
+impl Layout {
+    pub fn of(family: &str) -> Self {
+        let llama = Layout {
+            embed: "model.embed_tokens",
+            final_norm: "model.norm",
+            lm_head: "lm_head",
+            layers: "model.layers",
+            attention: "self_attn",
+            qkv: QkvLayout::Separate,
+            o_proj: "o_proj",
+            mlp_in: "c_fc",
+            mlp_out: "c_proj",
+        };
+        match family {
+            "gpt_neox" => Layout {
+                embed: "gpt_neox.embed_in",
+                final_norm: "gpt_neox.final_layer_norm",
+                lm_head: "embed_out",
+                layers: "gpt_neox.layers",
+                attention: "attention",
+                qkv: QkvLayout::Fused("query_key_value"),
+                o_proj: "dense",
+                mlp_in: "dense_h_to_4h",
+                mlp_out: "dense_4h_to_h",
+            },
+            "falcon" => Layout {
+                embed: "transformer.word_embeddings",
+                final_norm: "transformer.ln_f",
+                layers: "transformer.h",
+                attention: "self_attention",
+                qkv: QkvLayout::Fused("query_key_value"),
+                o_proj: "dense",
+                mlp_in: "dense_h_to_4h",
+                mlp_out: "dense_4h_to_h",
+                ..llama
+            },
+            _ => llama,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -291,10 +385,26 @@ impl ModelConfig {
 
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
         let value: Value = serde_json::from_str(text)?;
-        let map = value
+        let original = value
             .as_object()
             .ok_or_else(|| invalid("the top level must be an object".into()))?;
-        let mut f = Fields::new(map);
+        let family = original
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let map: Map<String, Value> = original
+            .iter()
+            .map(|(k, v)| {
+                let renamed = RENAMED_KEYS
+                    .iter()
+                    .find(|(fam, from, _)| *fam == family && from == k);
+                (
+                    renamed.map_or(k.clone(), |(_, _, to)| to.to_string()),
+                    v.clone(),
+                )
+            })
+            .collect();
+        let mut f = Fields::new(&map);
         let model_type = f
             .string("model_type")?
             .ok_or_else(|| invalid("missing required key `model_type`".into()))?;
@@ -334,12 +444,23 @@ impl ModelConfig {
         // Qwen2 always biases its q/k/v projections and has no key saying so; StarCoder2's
         // `use_bias` puts biases on every projection.
         let all_bias = starcoder2 && f.bool("use_bias")?.unwrap_or(true);
+        let (neox, falcon) = (family == "gpt_neox", family == "falcon");
+        let family_bias = match family {
+            "gpt_neox" => f.bool("attention_bias")?.unwrap_or(true),
+            "falcon" => f.bool("bias")?.unwrap_or(false),
+            _ => all_bias,
+        };
         let qkv_bias = match family {
             "qwen2" => true,
             "qwen2_moe" => f.bool("qkv_bias")?.unwrap_or(true),
-            _ => all_bias,
+            _ => family_bias,
         };
-        for key in ["attention_bias", "mlp_bias"] {
+        let parallel = match family {
+            "gpt_neox" => f.bool("use_parallel_residual")?.unwrap_or(true),
+            "falcon" => falcon_layout(&mut f)?,
+            _ => false,
+        };
+        for key in ["attention_bias", "mlp_bias"].into_iter().filter(|_| !neox) {
             if f.bool(key)? == Some(true) {
                 return Err(invalid(format!(
                     "`{key}: true` (biases on every attention/MLP projection of model_type {family}) is not implemented by any vibee plugin yet"
@@ -354,7 +475,13 @@ impl ModelConfig {
         }
         let num_layers = f.required_usize("num_hidden_layers")?;
         let sliding_layers = sliding_window(&mut f, family, num_layers)?;
-        let (rope_theta, rope_scaling) = rope(&mut f, max_position_embeddings)?;
+        let (rope_theta, rope_scaling, rotary_factor) = rope(&mut f, max_position_embeddings)?;
+        let rotary_dim = (head_dim as f64 * rotary_factor) as usize;
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim {
+            return Err(invalid(format!(
+                "partial_rotary_factor {rotary_factor} gives {rotary_dim} rotary dimensions of {head_dim}: must be even and positive"
+            )));
+        }
         let dtype = match f.string("dtype")? {
             Some(d) => Some(d),
             None => f.string("torch_dtype")?,
@@ -377,15 +504,6 @@ impl ModelConfig {
         let final_softcap = positive(f.f64("final_logit_softcapping")?, "final_logit_softcapping")?;
         let query_pre_attn_scalar =
             positive(f.f64("query_pre_attn_scalar")?, "query_pre_attn_scalar")?;
-        for key in [
-            "embedding_dropout",
-            "residual_dropout",
-            "router_aux_loss_coef",
-            "router_jitter_noise",
-        ] {
-            f.f64(key)?;
-        }
-        f.bool("output_router_logits")?;
         let moe = mixture_of_experts(&mut f, family, num_layers)?;
         let config = Self {
             hidden_size,
@@ -407,7 +525,9 @@ impl ModelConfig {
             eos_token_ids: token_ids(f.get("eos_token_id"))?,
             dtype,
             qkv_bias,
-            o_bias: all_bias,
+            o_bias: family_bias,
+            rotary_dim,
+            layout: Layout::of(family),
             qk_norm: match family {
                 "qwen3" => Some(QkNormScope::PerHead),
                 "olmo2" => Some(QkNormScope::Whole),
@@ -418,6 +538,8 @@ impl ModelConfig {
                 NormKind::RmsUnitOffset
             } else if starcoder2 {
                 NormKind::Layer { bias: all_bias }
+            } else if neox || falcon {
+                NormKind::Layer { bias: true }
             } else {
                 NormKind::Rms
             },
@@ -425,11 +547,17 @@ impl ModelConfig {
                 Residual::Sandwich
             } else if olmo2 {
                 Residual::PostNorm
+            } else if parallel {
+                Residual::Parallel
             } else {
                 Residual::PreNorm
             },
             ffn: if starcoder2 {
                 FfnKind::Plain { bias: all_bias }
+            } else if neox {
+                FfnKind::Plain { bias: true }
+            } else if falcon {
+                FfnKind::Plain { bias: family_bias }
             } else {
                 FfnKind::Gated
             },
@@ -473,6 +601,7 @@ impl ModelConfig {
             Residual::PreNorm => "pre-norm",
             Residual::Sandwich => "sandwich-norm",
             Residual::PostNorm => "post-norm",
+            Residual::Parallel => "parallel-residual",
         };
         let mut plugins = vec![
             ("attention", attention),
@@ -499,6 +628,13 @@ impl ModelConfig {
     /// The checkpoint's tensor name (under `model.layers.{i}.`) of the norm at `site`.
     pub fn norm_tensor(&self, site: NormSite) -> Option<&'static str> {
         use NormSite::*;
+        match (self.model_type.as_str(), self.residual, site) {
+            ("falcon", _, AttnIn) => return Some("ln_attn"),
+            ("falcon", _, FfnIn) => return Some("ln_mlp"),
+            (_, Residual::Parallel, AttnIn) => return Some("input_layernorm"),
+            (_, Residual::Parallel, FfnIn) => return Some("post_attention_layernorm"),
+            _ => {}
+        }
         match (self.residual, site) {
             (Residual::PreNorm | Residual::Sandwich, AttnIn) => Some("input_layernorm"),
             (Residual::PreNorm, FfnIn) => Some("post_attention_layernorm"),
@@ -600,6 +736,32 @@ fn sliding_window<'a>(
     }
 }
 
+/// Falcon's layout flags: only the new decoder architecture (Falcon 40B/180B, Falcon 2) with
+/// parallel attention and its two layer norms is supported. Returns `parallel_attn`.
+fn falcon_layout<'a>(f: &mut Fields<'a>) -> Result<bool, ConfigError> {
+    if f.bool("new_decoder_architecture")? != Some(true) {
+        return Err(invalid(
+            "falcon: only `new_decoder_architecture: true` checkpoints are supported".into(),
+        ));
+    }
+    if f.bool("alibi")? == Some(true) {
+        return Err(invalid("falcon: `alibi: true` is not supported".into()));
+    }
+    // `multi_query` is ignored by the new architecture, which has `num_kv_heads`.
+    f.bool("multi_query")?;
+    if f.usize("num_ln_in_parallel_attn")?.unwrap_or(2) != 2 {
+        return Err(invalid(
+            "falcon: only `num_ln_in_parallel_attn: 2` is supported".into(),
+        ));
+    }
+    match f.bool("parallel_attn")?.unwrap_or(true) {
+        true => Ok(true),
+        false => Err(invalid(
+            "falcon: only `parallel_attn: true` is supported".into(),
+        )),
+    }
+}
+
 fn mixture_of_experts<'a>(
     f: &mut Fields<'a>,
     family: &str,
@@ -670,23 +832,33 @@ fn token_ids(value: Option<&Value>) -> Result<Vec<u32>, ConfigError> {
 }
 
 /// Reads `rope_theta` + `rope_scaling` (4.x) or `rope_parameters` (5.x).
+/// Returns the base, the frequency scaling and the fraction of each head that rotates.
 fn rope<'a>(
     f: &mut Fields<'a>,
     max_position_embeddings: usize,
-) -> Result<(f64, RopeScaling), ConfigError> {
+) -> Result<(f64, RopeScaling, f64), ConfigError> {
     let top_theta = f.f64("rope_theta")?;
+    let top_partial = f.f64("partial_rotary_factor")?;
     let (params, key) = match f.get("rope_parameters") {
         Some(p) => (Some(p), "rope_parameters"),
         None => (f.get("rope_scaling"), "rope_scaling"),
     };
     let Some(params) = params else {
-        return Ok((top_theta.unwrap_or(10000.0), RopeScaling::None));
+        return Ok((
+            top_theta.unwrap_or(10000.0),
+            RopeScaling::None,
+            top_partial.unwrap_or(1.0),
+        ));
     };
     let map = params
         .as_object()
         .ok_or_else(|| invalid(format!("`{key}` must be an object")))?;
     let mut p = Fields::new(map);
     let theta = p.f64("rope_theta")?.or(top_theta).unwrap_or(10000.0);
+    let partial = p
+        .f64("partial_rotary_factor")?
+        .or(top_partial)
+        .unwrap_or(1.0);
     let kind = match p.string("rope_type")? {
         Some(kind) => kind,
         None => p.string("type")?.unwrap_or_else(|| "default".into()),
@@ -736,7 +908,7 @@ fn rope<'a>(
             "`{key}.{extra}` is not understood for rope type {kind}"
         )));
     }
-    Ok((theta, scaling))
+    Ok((theta, scaling, partial))
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context};
 
-use crate::config::{ModelConfig, NormSite, QkNormScope};
+use crate::config::{ModelConfig, NormSite, QkNormScope, QkvLayout};
 use crate::ops::{
     AttendOptions, Attention, AttentionWindow, Bias, BuildContext, DenseLinear, Ffn, KvCache,
     Linear, Norm, Operator, Operators, PositionEncoding, Residual, SequenceKv, Slot, Softcap,
@@ -29,9 +29,8 @@ impl Projection {
 struct Layer {
     /// The norms of the residual arrangement, by site.
     norms: Vec<(NormSite, Box<dyn Norm>)>,
-    q_proj: Projection,
-    k_proj: Projection,
-    v_proj: Projection,
+    /// One projection per entry: q, k, v separately, or one fused.
+    qkv: Vec<Projection>,
     qk_norm: Option<(Box<dyn Norm>, Box<dyn Norm>)>,
     o_proj: Projection,
     ffn: Box<dyn Ffn>,
@@ -147,17 +146,19 @@ impl Model {
                 })
             };
         let (qkv_bias, o_bias) = (config.qkv_bias, config.o_bias);
+        let layout = config.layout;
         let (q_norm_dim, k_norm_dim) = match config.qk_norm {
             Some(QkNormScope::Whole) => (q_dim, kv_dim),
             _ => (config.head_dim, config.head_dim),
         };
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
-            let p = format!("model.layers.{i}");
+            let p = format!("{}.{i}", layout.layers);
+            let a = format!("{p}.{}", layout.attention);
             let qk_norm = match &qk_norm {
                 Some(f) => Some((
-                    f.build(&cx, &format!("{p}.self_attn.q_norm"), q_norm_dim)?,
-                    f.build(&cx, &format!("{p}.self_attn.k_norm"), k_norm_dim)?,
+                    f.build(&cx, &format!("{a}.q_norm"), q_norm_dim)?,
+                    f.build(&cx, &format!("{a}.k_norm"), k_norm_dim)?,
                 )),
                 None => None,
             };
@@ -170,11 +171,23 @@ impl Model {
             }
             layers.push(Layer {
                 norms,
-                q_proj: projection(&format!("{p}.self_attn.q_proj"), q_dim, hidden, qkv_bias)?,
-                k_proj: projection(&format!("{p}.self_attn.k_proj"), kv_dim, hidden, qkv_bias)?,
-                v_proj: projection(&format!("{p}.self_attn.v_proj"), kv_dim, hidden, qkv_bias)?,
+                qkv: match layout.qkv {
+                    QkvLayout::Separate => vec![
+                        projection(&format!("{a}.q_proj"), q_dim, hidden, qkv_bias)?,
+                        projection(&format!("{a}.k_proj"), kv_dim, hidden, qkv_bias)?,
+                        projection(&format!("{a}.v_proj"), kv_dim, hidden, qkv_bias)?,
+                    ],
+                    QkvLayout::Fused(name) => {
+                        vec![projection(
+                            &format!("{a}.{name}"),
+                            q_dim + 2 * kv_dim,
+                            hidden,
+                            qkv_bias,
+                        )?]
+                    }
+                },
                 qk_norm,
-                o_proj: projection(&format!("{p}.self_attn.o_proj"), hidden, q_dim, o_bias)?,
+                o_proj: projection(&format!("{a}.{}", layout.o_proj), hidden, q_dim, o_bias)?,
                 ffn: ffn.build(
                     &BuildContext { layer: i, ..cx },
                     &format!("{p}.mlp"),
@@ -182,26 +195,29 @@ impl Model {
                 )?,
             });
         }
-        let embed = cx.weight("model.embed_tokens.weight", &[config.vocab_size, hidden])?;
+        let embed = cx.weight(
+            &format!("{}.weight", layout.embed),
+            &[config.vocab_size, hidden],
+        )?;
         let lm_head: Box<dyn Linear> = if config.tie_word_embeddings {
             Box::new(DenseLinear(embed.clone()))
         } else {
-            cx.linear("lm_head.weight", config.vocab_size, hidden)?
+            cx.linear(
+                &format!("{}.weight", layout.lm_head),
+                config.vocab_size,
+                hidden,
+            )?
         };
         // A decode step streams every matmul weight once; of the embedding only one row.
         let weight_bytes = lm_head.weight_bytes()
             + layers
                 .iter()
                 .map(|l| {
-                    [
-                        &l.q_proj.linear,
-                        &l.k_proj.linear,
-                        &l.v_proj.linear,
-                        &l.o_proj.linear,
-                    ]
-                    .iter()
-                    .map(|p| p.weight_bytes())
-                    .sum::<usize>()
+                    l.qkv
+                        .iter()
+                        .chain([&l.o_proj])
+                        .map(|p| p.linear.weight_bytes())
+                        .sum::<usize>()
                         + l.ffn.weight_bytes()
                 })
                 .sum::<usize>();
@@ -212,7 +228,7 @@ impl Model {
                 .collect(),
             embed,
             layers,
-            final_norm: norm.build(&cx, "model.norm", hidden)?,
+            final_norm: norm.build(&cx, layout.final_norm, hidden)?,
             lm_head,
             position: position.build(&cx, "", config.head_dim)?,
             attention: attention.build(&cx, "", config.head_dim)?,
@@ -275,9 +291,11 @@ impl Model {
                 softcap: attention_cap,
             };
             let mut attention = |h: &Matrix| {
-                let mut q = layer.q_proj.forward(h);
-                let mut k = layer.k_proj.forward(h);
-                let v = layer.v_proj.forward(h);
+                let (mut q, mut k, v) = match layer.qkv.as_slice() {
+                    [q, k, v] => (q.forward(h), k.forward(h), v.forward(h)),
+                    [fused] => split_qkv(&fused.forward(h), cfg),
+                    _ => unreachable!("built with one or three projections"),
+                };
                 if let Some((q_norm, k_norm)) = &layer.qk_norm {
                     q = per_head(q_norm.as_ref(), q);
                     k = per_head(k_norm.as_ref(), k);
@@ -308,6 +326,27 @@ impl Model {
         }
         Ok(logits)
     }
+}
+
+/// Splits a fused q/k/v projection output (see [`QkvLayout::Fused`]) into its parts.
+fn split_qkv(fused: &Matrix, cfg: &ModelConfig) -> (Matrix, Matrix, Matrix) {
+    let (hd, n) = (cfg.head_dim, fused.rows);
+    let mut q = Matrix::zeros(n, cfg.q_dim());
+    let mut k = Matrix::zeros(n, cfg.kv_dim());
+    let mut v = Matrix::zeros(n, cfg.kv_dim());
+    let group = cfg.num_heads / cfg.num_kv_heads;
+    let stride = (group + 2) * hd;
+    for r in 0..n {
+        let row = fused.row(r);
+        for g in 0..cfg.num_kv_heads {
+            let block = &row[g * stride..(g + 1) * stride];
+            let (qs, rest) = block.split_at(group * hd);
+            q.row_mut(r)[g * group * hd..(g + 1) * group * hd].copy_from_slice(qs);
+            k.row_mut(r)[g * hd..(g + 1) * hd].copy_from_slice(&rest[..hd]);
+            v.row_mut(r)[g * hd..(g + 1) * hd].copy_from_slice(&rest[hd..]);
+        }
+    }
+    (q, k, v)
 }
 
 /// Applies `norm` to every `norm.dim()` features of each row: each head for a per-head norm,

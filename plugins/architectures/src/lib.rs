@@ -24,6 +24,7 @@ pub fn plugins() -> Vec<Box<dyn Plugin>> {
         Box::new(norm::layernorm::LayerNorm),
         Box::new(norm::pre_norm::PreNorm),
         Box::new(norm::post_norm::PostNorm),
+        Box::new(norm::parallel_residual::ParallelResidual),
         Box::new(norm::sandwich_norm::SandwichNorm),
         Box::new(ffn::swiglu::SwiGlu),
         Box::new(ffn::geglu::GeGlu),

@@ -1,5 +1,6 @@
 //! v2263 `mlp`: the plain two-layer feed-forward `proj(act(fc(x)))`, with biases where the
-//! checkpoint has them (StarCoder2's `c_fc`/`c_proj`).
+//! checkpoint has them (StarCoder2's `c_fc`/`c_proj`, GPT-NeoX's and Falcon's
+//! `dense_h_to_4h`/`dense_4h_to_h`).
 
 use std::sync::Arc;
 
@@ -52,11 +53,12 @@ impl Factory<dyn Ffn> for Mlp {
                 .then(|| cx.vector(&format!("{prefix}.{name}.bias"), len))
                 .transpose()
         };
+        let (fc, proj) = (cx.config.layout.mlp_in, cx.config.layout.mlp_out);
         Ok(Box::new(MlpOp {
-            fc: cx.linear(&format!("{prefix}.c_fc.weight"), inter, hidden)?,
-            fc_bias: bias("c_fc", inter)?,
-            proj: cx.linear(&format!("{prefix}.c_proj.weight"), hidden, inter)?,
-            proj_bias: bias("c_proj", hidden)?,
+            fc: cx.linear(&format!("{prefix}.{fc}.weight"), inter, hidden)?,
+            fc_bias: bias(fc, inter)?,
+            proj: cx.linear(&format!("{prefix}.{proj}.weight"), hidden, inter)?,
+            proj_bias: bias(proj, hidden)?,
             act: activation(&cx.config.hidden_act).expect("checked before building"),
         }))
     }

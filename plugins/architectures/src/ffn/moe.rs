@@ -56,7 +56,7 @@ impl Factory<dyn Ffn> for Moe {
 }
 
 fn build_experts(cx: &BuildContext<'_>, moe: &MoeConfig) -> anyhow::Result<MoeOp> {
-    let layer = format!("model.layers.{}", cx.layer);
+    let layer = format!("{}.{}", cx.config.layout.layers, cx.layer);
     let hidden = cx.config.hidden_size;
     let (block, [gate, up, down]) = match moe.layout {
         MoeLayout::Mixtral => (format!("{layer}.block_sparse_moe"), ["w1", "w3", "w2"]),

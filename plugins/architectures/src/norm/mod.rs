@@ -2,6 +2,7 @@
 
 pub mod layernorm;
 pub mod offset_rmsnorm;
+pub mod parallel_residual;
 pub mod post_norm;
 pub mod pre_norm;
 pub mod qk_norm;
@@ -29,6 +30,7 @@ fn placement_mismatch(config: &ModelConfig, found: Residual) -> String {
         Residual::PreNorm => "pre-norm",
         Residual::Sandwich => "sandwich-norm",
         Residual::PostNorm => "post-norm",
+        Residual::Parallel => "parallel-residual",
     };
     format!(
         "model_type {} places its norms as {found:?} (use `{plugin}`)",

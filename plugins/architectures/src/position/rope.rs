@@ -1,5 +1,6 @@
 //! v2220 `rope`: rotary position embeddings in the half-split layout Hugging Face Llama uses,
-//! with `rope_theta` and the `linear`, `dynamic` (NTK) and `llama3` frequency scalings.
+//! with `rope_theta`, the `linear`, `dynamic` (NTK) and `llama3` frequency scalings, and partial
+//! rotation of each head's leading dimensions (GPT-NeoX's `partial_rotary_factor`).
 //!
 //! Frequencies and angles are computed in f32, as transformers does, so positions far into the
 //! context round the same way.
@@ -46,13 +47,14 @@ impl Factory<dyn PositionEncoding> for Rope {
         _dim: usize,
     ) -> anyhow::Result<Box<dyn PositionEncoding>> {
         let config = cx.config;
-        let dim = config.head_dim;
+        let dim = config.rotary_dim;
         let inv_freq = scaled_inv_freq(
             base_inv_freq(config.rope_theta as f32, dim),
             &config.rope_scaling,
         );
         Ok(Box::new(RotaryEmbedding {
             dim,
+            head_dim: config.head_dim,
             inv_freq,
             theta: config.rope_theta as f32,
             scaling: config.rope_scaling.clone(),
@@ -106,7 +108,9 @@ fn scaled_inv_freq(inv_freq: Vec<f32>, scaling: &RopeScaling) -> Vec<f32> {
 }
 
 struct RotaryEmbedding {
+    /// Rotated leading dimensions of each head (all of it unless partial, as in GPT-NeoX).
     dim: usize,
+    head_dim: usize,
     inv_freq: Vec<f32>,
     theta: f32,
     scaling: RopeScaling,
@@ -145,7 +149,7 @@ impl PositionEncoding for RotaryEmbedding {
                         (angle.cos(), angle.sin())
                     })
                     .unzip();
-                for head in row.chunks_exact_mut(self.dim).take(heads) {
+                for head in row.chunks_exact_mut(self.head_dim).take(heads) {
                     for i in 0..half {
                         let (a, b) = (head[i], head[i + half]);
                         head[i] = a * cos[i] - b * sin[i];
