@@ -159,8 +159,8 @@ fn unknown_plugin_suggests_the_closest_name() {
 
 #[test]
 fn planned_plugin_is_reported_as_not_implemented() {
-    let err = load_error(&fixture("llama-gqa"), "gqa,alibi,rmsnorm,swiglu");
-    assert!(err.contains("`alibi` (v2221) is planned"), "{err}");
+    let err = load_error(&fixture("llama-gqa"), "gqa,rope,rmsnorm,swiglu,paged-kv");
+    assert!(err.contains("`paged-kv` (v2301) is planned"), "{err}");
 }
 
 #[test]

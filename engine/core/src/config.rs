@@ -41,6 +41,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "qwen2_moe",
     "gpt_neox",
     "falcon",
+    "bloom",
 ];
 
 /// Config keys some families spell differently, read under the Llama spelling.
@@ -52,6 +53,9 @@ const RENAMED_KEYS: &[(&str, &str, &str)] = &[
     ("gpt_neox", "layer_norm_eps", "rms_norm_eps"),
     ("gpt_neox", "rotary_pct", "partial_rotary_factor"),
     ("gpt_neox", "rotary_emb_base", "rope_theta"),
+    ("bloom", "n_head", "num_attention_heads"),
+    ("bloom", "n_layer", "num_hidden_layers"),
+    ("bloom", "layer_norm_epsilon", "rms_norm_eps"),
 ];
 
 /// Keys that do not change a forward pass.
@@ -123,6 +127,7 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
     pub hidden_act: String,
+    pub position: PositionKind,
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
@@ -186,6 +191,14 @@ pub enum Residual {
     Parallel,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PositionKind {
+    /// Rotary embeddings of queries and keys.
+    Rope,
+    /// Linear biases on attention scores (BLOOM).
+    Alibi,
+}
+
 /// How the q, k and v projections are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QkvLayout {
@@ -200,6 +213,8 @@ pub enum QkvLayout {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
     pub embed: &'static str,
+    /// A norm applied to the embeddings (BLOOM).
+    pub embed_norm: Option<&'static str>,
     pub final_norm: &'static str,
     pub lm_head: &'static str,
     /// Layer `i` lives under `{layers}.{i}`.
@@ -216,6 +231,7 @@ impl Layout {
     pub fn of(family: &str) -> Self {
         let llama = Layout {
             embed: "model.embed_tokens",
+            embed_norm: None,
             final_norm: "model.norm",
             lm_head: "lm_head",
             layers: "model.layers",
@@ -226,8 +242,21 @@ impl Layout {
             mlp_out: "c_proj",
         };
         match family {
+            "bloom" => Layout {
+                embed: "transformer.word_embeddings",
+                embed_norm: Some("transformer.word_embeddings_layernorm"),
+                final_norm: "transformer.ln_f",
+                layers: "transformer.h",
+                attention: "self_attention",
+                qkv: QkvLayout::Fused("query_key_value"),
+                o_proj: "dense",
+                mlp_in: "dense_h_to_4h",
+                mlp_out: "dense_4h_to_h",
+                ..llama
+            },
             "gpt_neox" => Layout {
                 embed: "gpt_neox.embed_in",
+                embed_norm: None,
                 final_norm: "gpt_neox.final_layer_norm",
                 lm_head: "embed_out",
                 layers: "gpt_neox.layers",
@@ -428,7 +457,8 @@ impl ModelConfig {
                 )))
             }
         };
-        if head_dim % 2 != 0 {
+        let bloom = model_type == "bloom";
+        if head_dim % 2 != 0 && !bloom {
             return Err(invalid(format!(
                 "head_dim ({head_dim}) must be even for rotary embeddings"
             )));
@@ -445,8 +475,16 @@ impl ModelConfig {
         // `use_bias` puts biases on every projection.
         let all_bias = starcoder2 && f.bool("use_bias")?.unwrap_or(true);
         let (neox, falcon) = (family == "gpt_neox", family == "falcon");
+        if bloom && f.bool("apply_residual_connection_post_layernorm")? == Some(true) {
+            return Err(invalid(
+                "bloom: `apply_residual_connection_post_layernorm: true` is not supported".into(),
+            ));
+        }
+        // BLOOM's `slow_but_exact` only changes how tensor-parallel shards are merged.
+        f.bool("slow_but_exact")?;
         let family_bias = match family {
             "gpt_neox" => f.bool("attention_bias")?.unwrap_or(true),
+            "bloom" => true,
             "falcon" => f.bool("bias")?.unwrap_or(false),
             _ => all_bias,
         };
@@ -477,7 +515,7 @@ impl ModelConfig {
         let sliding_layers = sliding_window(&mut f, family, num_layers)?;
         let (rope_theta, rope_scaling, rotary_factor) = rope(&mut f, max_position_embeddings)?;
         let rotary_dim = (head_dim as f64 * rotary_factor) as usize;
-        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim {
+        if !bloom && (rotary_dim == 0 || !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim) {
             return Err(invalid(format!(
                 "partial_rotary_factor {rotary_factor} gives {rotary_dim} rotary dimensions of {head_dim}: must be even and positive"
             )));
@@ -507,7 +545,12 @@ impl ModelConfig {
         let moe = mixture_of_experts(&mut f, family, num_layers)?;
         let config = Self {
             hidden_size,
-            intermediate_size: f.required_usize("intermediate_size")?,
+            // BLOOM's MLP is always four times as wide as the model.
+            intermediate_size: if bloom {
+                4 * hidden_size
+            } else {
+                f.required_usize("intermediate_size")?
+            },
             num_layers,
             num_heads,
             num_kv_heads,
@@ -517,7 +560,17 @@ impl ModelConfig {
             rms_norm_eps: norm_eps,
             rope_theta,
             rope_scaling,
-            hidden_act,
+            // BLOOM's GELU is the tanh approximation and has no config key.
+            hidden_act: if bloom {
+                "gelu_pytorch_tanh".into()
+            } else {
+                hidden_act
+            },
+            position: if bloom {
+                PositionKind::Alibi
+            } else {
+                PositionKind::Rope
+            },
             tie_word_embeddings: f
                 .bool("tie_word_embeddings")?
                 .unwrap_or(gemma || gemma2 || starcoder2),
@@ -538,7 +591,7 @@ impl ModelConfig {
                 NormKind::RmsUnitOffset
             } else if starcoder2 {
                 NormKind::Layer { bias: all_bias }
-            } else if neox || falcon {
+            } else if neox || falcon || bloom {
                 NormKind::Layer { bias: true }
             } else {
                 NormKind::Rms
@@ -554,7 +607,7 @@ impl ModelConfig {
             },
             ffn: if starcoder2 {
                 FfnKind::Plain { bias: all_bias }
-            } else if neox {
+            } else if neox || bloom {
                 FfnKind::Plain { bias: true }
             } else if falcon {
                 FfnKind::Plain { bias: family_bias }
@@ -603,9 +656,13 @@ impl ModelConfig {
             Residual::PostNorm => "post-norm",
             Residual::Parallel => "parallel-residual",
         };
+        let position = match self.position {
+            PositionKind::Rope => "rope",
+            PositionKind::Alibi => "alibi",
+        };
         let mut plugins = vec![
             ("attention", attention),
-            ("position", "rope"),
+            ("position", position),
             ("norm", norm),
             ("ffn", ffn),
             ("residual", residual),
@@ -647,9 +704,11 @@ impl ModelConfig {
 
     /// The longest sequence the model accepts: `max_position_embeddings`, except under dynamic
     /// NTK scaling, whose purpose is running past the trained length with no fixed bound (as in
-    /// transformers); there, requests are bounded by their `max_tokens` alone.
+    /// transformers), and ALiBi, which has no trained length; there, requests are bounded by
+    /// their `max_tokens` alone.
     pub fn context_length(&self) -> usize {
         match self.rope_scaling {
+            _ if self.position == PositionKind::Alibi => usize::MAX,
             RopeScaling::Dynamic { .. } => usize::MAX,
             _ => self.max_position_embeddings,
         }

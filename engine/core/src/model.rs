@@ -54,6 +54,7 @@ pub struct Model {
     embed: Weight,
     layers: Vec<Layer>,
     final_norm: Box<dyn Norm>,
+    embed_norm: Option<Box<dyn Norm>>,
     lm_head: Box<dyn Linear>,
     position: Box<dyn PositionEncoding>,
     attention: Box<dyn Attention>,
@@ -229,6 +230,10 @@ impl Model {
             embed,
             layers,
             final_norm: norm.build(&cx, layout.final_norm, hidden)?,
+            embed_norm: layout
+                .embed_norm
+                .map(|name| norm.build(&cx, name, hidden))
+                .transpose()?,
             lm_head,
             position: position.build(&cx, "", config.head_dim)?,
             attention: attention.build(&cx, "", config.head_dim)?,
@@ -284,11 +289,15 @@ impl Model {
         if let Some(scale) = cfg.embedding_scale {
             x.data.iter_mut().for_each(|v| *v *= scale);
         }
+        if let Some(norm) = &self.embed_norm {
+            x = norm.forward(&x);
+        }
         let attention_cap = self.softcap.as_ref().and_then(|s| s.attention());
         for (i, layer) in self.layers.iter().enumerate() {
             let options = AttendOptions {
                 window: self.window.as_ref().and_then(|w| w.window(i)),
                 softcap: attention_cap,
+                alibi: self.position.alibi_slopes(),
             };
             let mut attention = |h: &Matrix| {
                 let (mut q, mut k, v) = match layer.qkv.as_slice() {

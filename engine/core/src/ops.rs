@@ -97,11 +97,13 @@ pub trait Softcap: Send + Sync {
 
 /// Per-call attention options beyond causality.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct AttendOptions {
+pub struct AttendOptions<'a> {
     /// `Some(w)`: a query at position `p` sees only positions `p + 1 - w ..= p`.
     pub window: Option<usize>,
     /// Scores pass through `c · tanh(score / c)`.
     pub softcap: Option<f32>,
+    /// Scores of head `h` gain `alibi[h] · key_position`.
+    pub alibi: Option<&'a [f32]>,
 }
 
 /// Which earlier tokens a layer's queries may see, beyond causality.
@@ -111,8 +113,13 @@ pub trait AttentionWindow: Send + Sync {
 }
 
 pub trait PositionEncoding: Send + Sync {
-    /// Encodes `positions[i]` into row `i` of `x`, which holds `heads` heads side by side.
+    /// Encodes `positions[i]` into row `i` of `x` (queries or keys), which holds `heads` heads
+    /// side by side. Encodings that act on attention scores instead leave `x` as it is.
     fn apply(&self, x: &mut Matrix, heads: usize, positions: &[usize]);
+    /// Per-head slopes of linear score biases `slope · key_position`, for ALiBi.
+    fn alibi_slopes(&self) -> Option<&[f32]> {
+        None
+    }
 }
 
 /// Causal attention of new queries over a sequence's cached keys and values.

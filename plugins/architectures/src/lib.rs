@@ -18,6 +18,7 @@ pub fn plugins() -> Vec<Box<dyn Plugin>> {
         Box::new(attention::qkv_bias::QkvBias),
         Box::new(attention::softcap::Softcap),
         Box::new(position::rope::Rope),
+        Box::new(position::alibi::Alibi),
         Box::new(norm::rmsnorm::RmsNorm),
         Box::new(norm::offset_rmsnorm::OffsetRmsNorm),
         Box::new(norm::qk_norm::QkNorm),

@@ -36,7 +36,7 @@ impl Attention for CausalAttention {
         q: &Matrix,
         kv: &KvView<'_>,
         positions: &[usize],
-        options: AttendOptions,
+        options: AttendOptions<'_>,
     ) -> Matrix {
         let (hd, kv_dim) = (self.head_dim, self.kv_heads * self.head_dim);
         let group = self.heads / self.kv_heads;
@@ -50,11 +50,16 @@ impl Attention for CausalAttention {
             let end = (positions[row] + 1).min(kv.tokens);
             let start = options.window.map_or(0, |w| end.saturating_sub(w));
             let keys = kv.keys.iter().flat_map(|chunk| chunk.chunks_exact(kv_dim));
+            let slope = options.alibi.map(|slopes| slopes[head]);
             let mut scores: Vec<f32> = keys
+                .enumerate()
                 .take(end)
                 .skip(start)
-                .map(|key| {
-                    let score = dot(query, &key[kv_offset..kv_offset + hd]) * self.scale;
+                .map(|(position, key)| {
+                    let mut score = dot(query, &key[kv_offset..kv_offset + hd]) * self.scale;
+                    if let Some(slope) = slope {
+                        score += slope * position as f32;
+                    }
                     options.softcap.map_or(score, |cap| softcap(score, cap))
                 })
                 .collect();

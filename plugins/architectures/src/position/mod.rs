@@ -1,3 +1,4 @@
 //! Position family (v2220–v2239).
 
+pub mod alibi;
 pub mod rope;

@@ -9,7 +9,7 @@ use std::f64::consts::PI;
 use std::sync::Arc;
 
 use rayon::prelude::*;
-use vibee_core::config::{ModelConfig, RopeScaling};
+use vibee_core::config::{ModelConfig, PositionKind, RopeScaling};
 use vibee_core::ops::{BuildContext, Factory, Operator, PositionEncoding};
 use vibee_core::{App, Matrix, Plugin, PluginSpec};
 
@@ -30,6 +30,12 @@ impl Plugin for Rope {
 
 impl Factory<dyn PositionEncoding> for Rope {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {
+        if config.position != PositionKind::Rope {
+            return Err(format!(
+                "model_type {} uses ALiBi, not rotary embeddings (use `alibi`)",
+                config.model_type
+            ));
+        }
         if config.rope_theta > 0.0 {
             Ok(())
         } else {
