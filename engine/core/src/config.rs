@@ -42,6 +42,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "gpt_neox",
     "falcon",
     "bloom",
+    "gpt2",
 ];
 
 /// Config keys some families spell differently, read under the Llama spelling.
@@ -56,6 +57,13 @@ const RENAMED_KEYS: &[(&str, &str, &str)] = &[
     ("bloom", "n_head", "num_attention_heads"),
     ("bloom", "n_layer", "num_hidden_layers"),
     ("bloom", "layer_norm_epsilon", "rms_norm_eps"),
+    ("gpt2", "n_embd", "hidden_size"),
+    ("gpt2", "n_head", "num_attention_heads"),
+    ("gpt2", "n_layer", "num_hidden_layers"),
+    ("gpt2", "n_positions", "max_position_embeddings"),
+    ("gpt2", "n_inner", "intermediate_size"),
+    ("gpt2", "layer_norm_epsilon", "rms_norm_eps"),
+    ("gpt2", "activation_function", "hidden_act"),
 ];
 
 /// Keys that do not change a forward pass.
@@ -197,6 +205,8 @@ pub enum PositionKind {
     Rope,
     /// Linear biases on attention scores (BLOOM).
     Alibi,
+    /// A learned embedding per absolute position, added to the token embeddings (GPT-2).
+    Learned,
 }
 
 /// How the q, k and v projections are stored.
@@ -204,6 +214,8 @@ pub enum PositionKind {
 pub enum QkvLayout {
     /// `q_proj`, `k_proj`, `v_proj`.
     Separate,
+    /// One fused matrix whose rows are all queries, then all keys, then all values (GPT-2).
+    Concat(&'static str),
     /// One fused matrix whose rows hold, per key/value head, its query heads, its key and its
     /// value: `[q, k, v]` per head for GPT-NeoX, `[q × heads/kv_heads, k, v]` for Falcon.
     Fused(&'static str),
@@ -225,6 +237,10 @@ pub struct Layout {
     /// The plain MLP's input and output projections.
     pub mlp_in: &'static str,
     pub mlp_out: &'static str,
+    /// The learned position table (GPT-2).
+    pub position_embed: Option<&'static str>,
+    /// Linear weights are stored `[in, out]` (GPT-2's Conv1D) rather than `[out, in]`.
+    pub transposed: bool,
 }
 
 impl Layout {
@@ -240,8 +256,21 @@ impl Layout {
             o_proj: "o_proj",
             mlp_in: "c_fc",
             mlp_out: "c_proj",
+            position_embed: None,
+            transposed: false,
         };
         match family {
+            "gpt2" => Layout {
+                embed: "transformer.wte",
+                position_embed: Some("transformer.wpe"),
+                final_norm: "transformer.ln_f",
+                layers: "transformer.h",
+                attention: "attn",
+                qkv: QkvLayout::Concat("c_attn"),
+                o_proj: "c_proj",
+                transposed: true,
+                ..llama
+            },
             "bloom" => Layout {
                 embed: "transformer.word_embeddings",
                 embed_norm: Some("transformer.word_embeddings_layernorm"),
@@ -265,6 +294,8 @@ impl Layout {
                 o_proj: "dense",
                 mlp_in: "dense_h_to_4h",
                 mlp_out: "dense_4h_to_h",
+                position_embed: None,
+                transposed: false,
             },
             "falcon" => Layout {
                 embed: "transformer.word_embeddings",
@@ -482,9 +513,13 @@ impl ModelConfig {
         }
         // BLOOM's `slow_but_exact` only changes how tensor-parallel shards are merged.
         f.bool("slow_but_exact")?;
+        let gpt2 = family == "gpt2";
+        if gpt2 {
+            gpt2_flags(&mut f)?;
+        }
         let family_bias = match family {
             "gpt_neox" => f.bool("attention_bias")?.unwrap_or(true),
-            "bloom" => true,
+            "bloom" | "gpt2" => true,
             "falcon" => f.bool("bias")?.unwrap_or(false),
             _ => all_bias,
         };
@@ -545,11 +580,12 @@ impl ModelConfig {
         let moe = mixture_of_experts(&mut f, family, num_layers)?;
         let config = Self {
             hidden_size,
-            // BLOOM's MLP is always four times as wide as the model.
-            intermediate_size: if bloom {
-                4 * hidden_size
-            } else {
-                f.required_usize("intermediate_size")?
+            // BLOOM's MLP is always four times as wide as the model, GPT-2's unless `n_inner`
+            // says otherwise.
+            intermediate_size: match f.usize("intermediate_size")? {
+                _ if bloom => 4 * hidden_size,
+                None if gpt2 => 4 * hidden_size,
+                _ => f.required_usize("intermediate_size")?,
             },
             num_layers,
             num_heads,
@@ -568,6 +604,8 @@ impl ModelConfig {
             },
             position: if bloom {
                 PositionKind::Alibi
+            } else if gpt2 {
+                PositionKind::Learned
             } else {
                 PositionKind::Rope
             },
@@ -591,7 +629,7 @@ impl ModelConfig {
                 NormKind::RmsUnitOffset
             } else if starcoder2 {
                 NormKind::Layer { bias: all_bias }
-            } else if neox || falcon || bloom {
+            } else if neox || falcon || bloom || gpt2 {
                 NormKind::Layer { bias: true }
             } else {
                 NormKind::Rms
@@ -607,7 +645,7 @@ impl ModelConfig {
             },
             ffn: if starcoder2 {
                 FfnKind::Plain { bias: all_bias }
-            } else if neox || bloom {
+            } else if neox || bloom || gpt2 {
                 FfnKind::Plain { bias: true }
             } else if falcon {
                 FfnKind::Plain { bias: family_bias }
@@ -659,6 +697,7 @@ impl ModelConfig {
         let position = match self.position {
             PositionKind::Rope => "rope",
             PositionKind::Alibi => "alibi",
+            PositionKind::Learned => "learned-position",
         };
         let mut plugins = vec![
             ("attention", attention),
@@ -688,6 +727,8 @@ impl ModelConfig {
         match (self.model_type.as_str(), self.residual, site) {
             ("falcon", _, AttnIn) => return Some("ln_attn"),
             ("falcon", _, FfnIn) => return Some("ln_mlp"),
+            ("gpt2", _, AttnIn) => return Some("ln_1"),
+            ("gpt2", _, FfnIn) => return Some("ln_2"),
             (_, Residual::Parallel, AttnIn) => return Some("input_layernorm"),
             (_, Residual::Parallel, FfnIn) => return Some("post_attention_layernorm"),
             _ => {}
@@ -793,6 +834,39 @@ fn sliding_window<'a>(
             })
             .collect()),
     }
+}
+
+/// GPT-2 flags that would change the forward pass, refused unless at their default.
+fn gpt2_flags<'a>(f: &mut Fields<'a>) -> Result<(), ConfigError> {
+    for (key, supported) in [
+        ("add_cross_attention", false),
+        ("scale_attn_by_inverse_layer_idx", false),
+        ("scale_attn_weights", true),
+    ] {
+        if f.bool(key)?.is_some_and(|v| v != supported) {
+            return Err(invalid(format!(
+                "gpt2: `{key}: {}` is not supported",
+                !supported
+            )));
+        }
+    }
+    // Upcasting only matters in half precision; vibee computes attention in f32.
+    f.bool("reorder_and_upcast_attn")?;
+    for key in [
+        "attn_pdrop",
+        "embd_pdrop",
+        "resid_pdrop",
+        "summary_first_dropout",
+    ] {
+        f.f64(key)?;
+    }
+    for key in ["summary_activation", "summary_type"] {
+        f.string(key)?;
+    }
+    for key in ["summary_proj_to_labels", "summary_use_proj"] {
+        f.bool(key)?;
+    }
+    Ok(())
 }
 
 /// Falcon's layout flags: only the new decoder architecture (Falcon 40B/180B, Falcon 2) with

@@ -178,7 +178,7 @@ impl Model {
                         projection(&format!("{a}.k_proj"), kv_dim, hidden, qkv_bias)?,
                         projection(&format!("{a}.v_proj"), kv_dim, hidden, qkv_bias)?,
                     ],
-                    QkvLayout::Fused(name) => {
+                    QkvLayout::Fused(name) | QkvLayout::Concat(name) => {
                         vec![projection(
                             &format!("{a}.{name}"),
                             q_dim + 2 * kv_dim,
@@ -289,6 +289,7 @@ impl Model {
         if let Some(scale) = cfg.embedding_scale {
             x.data.iter_mut().for_each(|v| *v *= scale);
         }
+        self.position.embed(&mut x, &positions);
         if let Some(norm) = &self.embed_norm {
             x = norm.forward(&x);
         }
@@ -337,12 +338,22 @@ impl Model {
     }
 }
 
-/// Splits a fused q/k/v projection output (see [`QkvLayout::Fused`]) into its parts.
+/// Splits a fused q/k/v projection output (see [`QkvLayout`]) into its parts.
 fn split_qkv(fused: &Matrix, cfg: &ModelConfig) -> (Matrix, Matrix, Matrix) {
     let (hd, n) = (cfg.head_dim, fused.rows);
     let mut q = Matrix::zeros(n, cfg.q_dim());
     let mut k = Matrix::zeros(n, cfg.kv_dim());
     let mut v = Matrix::zeros(n, cfg.kv_dim());
+    if let QkvLayout::Concat(_) = cfg.layout.qkv {
+        let (qd, kd) = (cfg.q_dim(), cfg.kv_dim());
+        for r in 0..n {
+            let row = fused.row(r);
+            q.row_mut(r).copy_from_slice(&row[..qd]);
+            k.row_mut(r).copy_from_slice(&row[qd..qd + kd]);
+            v.row_mut(r).copy_from_slice(&row[qd + kd..]);
+        }
+        return (q, k, v);
+    }
     let group = cfg.num_heads / cfg.num_kv_heads;
     let stride = (group + 2) * hd;
     for r in 0..n {

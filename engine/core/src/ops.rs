@@ -116,6 +116,8 @@ pub trait PositionEncoding: Send + Sync {
     /// Encodes `positions[i]` into row `i` of `x` (queries or keys), which holds `heads` heads
     /// side by side. Encodings that act on attention scores instead leave `x` as it is.
     fn apply(&self, x: &mut Matrix, heads: usize, positions: &[usize]);
+    /// Adds position information to the token embeddings, for learned absolute positions.
+    fn embed(&self, _x: &mut Matrix, _positions: &[usize]) {}
     /// Per-head slopes of linear score biases `slope · key_position`, for ALiBi.
     fn alibi_slopes(&self) -> Option<&[f32]> {
         None
@@ -180,7 +182,12 @@ impl BuildContext<'_> {
     }
 
     pub fn linear(&self, name: &str, out: usize, inp: usize) -> anyhow::Result<Box<dyn Linear>> {
-        Ok(Box::new(DenseLinear(self.weight(name, &[out, inp])?)))
+        let weight = if self.config.layout.transposed {
+            self.weight(name, &[inp, out])?.transposed()
+        } else {
+            self.weight(name, &[out, inp])?
+        };
+        Ok(Box::new(DenseLinear(weight)))
     }
 }
 

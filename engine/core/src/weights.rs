@@ -167,6 +167,22 @@ impl Weight {
         }
     }
 
+    /// A 2-D weight with rows and columns swapped, as an owned copy in the same dtype (for
+    /// checkpoints that store `[in, out]`, like GPT-2's Conv1D; done once at load).
+    pub fn transposed(&self) -> Weight {
+        let (rows, cols) = (self.shape[0], self.shape[1]);
+        let size = self.dtype.size();
+        let bytes = &self.storage.bytes()[self.start..self.start + self.len];
+        let mut out = vec![0u8; self.len];
+        for r in 0..rows {
+            for c in 0..cols {
+                let (from, to) = ((r * cols + c) * size, (c * rows + r) * size);
+                out[to..to + size].copy_from_slice(&bytes[from..from + size]);
+            }
+        }
+        Weight::from_bytes(out, self.dtype, vec![cols, rows])
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }

@@ -28,10 +28,7 @@ impl Factory<dyn PositionEncoding> for Alibi {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {
         match config.position {
             PositionKind::Alibi => Ok(()),
-            PositionKind::Rope => Err(format!(
-                "model_type {} uses rotary embeddings (config rope_theta = {}), not ALiBi (use `rope`)",
-                config.model_type, config.rope_theta
-            )),
+            other => Err(super::mismatch(config, other)),
         }
     }
 

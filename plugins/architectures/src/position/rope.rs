@@ -31,10 +31,7 @@ impl Plugin for Rope {
 impl Factory<dyn PositionEncoding> for Rope {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {
         if config.position != PositionKind::Rope {
-            return Err(format!(
-                "model_type {} uses ALiBi, not rotary embeddings (use `alibi`)",
-                config.model_type
-            ));
+            return Err(super::mismatch(config, config.position));
         }
         if config.rope_theta > 0.0 {
             Ok(())
