@@ -43,6 +43,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "falcon",
     "bloom",
     "gpt2",
+    "phi3",
 ];
 
 /// Config keys some families spell differently, read under the Llama spelling.
@@ -65,6 +66,9 @@ const RENAMED_KEYS: &[(&str, &str, &str)] = &[
     ("gpt2", "layer_norm_epsilon", "rms_norm_eps"),
     ("gpt2", "activation_function", "hidden_act"),
 ];
+
+/// Training-only settings of single families.
+const FAMILY_INERT_KEYS: &[(&str, &str)] = &[("phi3", "embd_pdrop"), ("phi3", "resid_pdrop")];
 
 /// Keys that do not change a forward pass.
 const INERT_KEYS: &[&str] = &[
@@ -107,6 +111,14 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: usize,
     },
+    /// Per-frequency rescaling, `short` within the trained length and `long` past it, with
+    /// cos/sin scaled by `attention_factor` (Phi-3).
+    LongRope {
+        short: Vec<f64>,
+        long: Vec<f64>,
+        original_max_position_embeddings: usize,
+        attention_factor: f64,
+    },
 }
 
 impl RopeScaling {
@@ -116,6 +128,7 @@ impl RopeScaling {
             RopeScaling::Linear { .. } => "linear",
             RopeScaling::Dynamic { .. } => "dynamic",
             RopeScaling::Llama3 { .. } => "llama3",
+            RopeScaling::LongRope { .. } => "longrope",
         }
     }
 }
@@ -241,6 +254,8 @@ pub struct Layout {
     pub position_embed: Option<&'static str>,
     /// Linear weights are stored `[in, out]` (GPT-2's Conv1D) rather than `[out, in]`.
     pub transposed: bool,
+    /// The gated feed-forward's gate and up projections fused, gate rows first (Phi-3).
+    pub gate_up: Option<&'static str>,
 }
 
 impl Layout {
@@ -258,8 +273,14 @@ impl Layout {
             mlp_out: "c_proj",
             position_embed: None,
             transposed: false,
+            gate_up: None,
         };
         match family {
+            "phi3" => Layout {
+                qkv: QkvLayout::Concat("qkv_proj"),
+                gate_up: Some("gate_up_proj"),
+                ..llama
+            },
             "gpt2" => Layout {
                 embed: "transformer.wte",
                 position_embed: Some("transformer.wpe"),
@@ -296,6 +317,7 @@ impl Layout {
                 mlp_out: "dense_4h_to_h",
                 position_embed: None,
                 transposed: false,
+                gate_up: None,
             },
             "falcon" => Layout {
                 embed: "transformer.word_embeddings",
@@ -659,7 +681,17 @@ impl ModelConfig {
             embedding_scale: (gemma || gemma2).then(|| (hidden_size as f64).sqrt() as f32),
             model_type,
         };
-        if let Some(key) = f.unread(INERT_KEYS) {
+        let inert: Vec<&str> = INERT_KEYS
+            .iter()
+            .copied()
+            .chain(
+                FAMILY_INERT_KEYS
+                    .iter()
+                    .filter(|(fam, _)| *fam == config.model_type)
+                    .map(|(_, k)| *k),
+            )
+            .collect();
+        if let Some(key) = f.unread(&inert) {
             return Err(ConfigError::UnknownKey {
                 key: key.to_string(),
                 model_type: config.model_type,
@@ -781,6 +813,7 @@ fn sliding_window<'a>(
         "starcoder2",
         "mixtral",
         "qwen2_moe",
+        "phi3",
     ]
     .contains(&family)
     {
@@ -972,6 +1005,7 @@ fn rope<'a>(
 ) -> Result<(f64, RopeScaling, f64), ConfigError> {
     let top_theta = f.f64("rope_theta")?;
     let top_partial = f.f64("partial_rotary_factor")?;
+    let top_original = f.usize("original_max_position_embeddings")?;
     let (params, key) = match f.get("rope_parameters") {
         Some(p) => (Some(p), "rope_parameters"),
         None => (f.get("rope_scaling"), "rope_scaling"),
@@ -1030,9 +1064,34 @@ fn rope<'a>(
                     })?,
             }
         }
+        "longrope" => {
+            let original = p
+                .usize("original_max_position_embeddings")?
+                .or(top_original)
+                .ok_or_else(|| invalid(format!("`{key}` of type longrope needs `original_max_position_embeddings`")))?;
+            let mut list = |name| -> Result<Vec<f64>, ConfigError> {
+                p.get(name)
+                    .and_then(Value::as_array)
+                    .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<_>>>())
+                    .ok_or_else(|| invalid(format!("`{key}.{name}` must be a list of numbers")))
+            };
+            let (short, long) = (list("short_factor")?, list("long_factor")?);
+            let factor = p.f64("factor")?.unwrap_or(max_position_embeddings as f64 / original as f64);
+            let attention_factor = match p.f64("attention_factor")? {
+                Some(a) => a,
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+            };
+            RopeScaling::LongRope {
+                short,
+                long,
+                original_max_position_embeddings: original,
+                attention_factor,
+            }
+        }
         other => {
             return Err(invalid(format!(
-                "{key}.rope_type `{other}` is not supported (supported: default, linear, dynamic, llama3)"
+                "{key}.rope_type `{other}` is not supported (supported: default, linear, dynamic, llama3, longrope)"
             )))
         }
     };

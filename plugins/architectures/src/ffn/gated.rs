@@ -5,15 +5,33 @@ use vibee_core::ops::{BuildContext, Ffn, Linear};
 use vibee_core::Matrix;
 
 pub struct GatedFfn {
-    gate: Box<dyn Linear>,
-    up: Box<dyn Linear>,
+    gate_up: GateUp,
     down: Box<dyn Linear>,
     act: fn(f32) -> f32,
 }
 
+/// The gate and up projections, stored apart or fused as `[gate; up]` rows.
+enum GateUp {
+    Separate(Box<dyn Linear>, Box<dyn Linear>),
+    Fused(Box<dyn Linear>),
+}
+
 impl GatedFfn {
-    /// Binds `{prefix}.gate_proj`, `.up_proj` and `.down_proj` of the config's width.
+    /// Binds `{prefix}.gate_proj`, `.up_proj` (or the family's fused gate/up) and `.down_proj`
+    /// of the config's width.
     pub fn build(cx: &BuildContext<'_>, prefix: &str, act: fn(f32) -> f32) -> anyhow::Result<Self> {
+        let (hidden, inter) = (cx.config.hidden_size, cx.config.intermediate_size);
+        if let Some(fused) = cx.config.layout.gate_up {
+            return Ok(Self {
+                gate_up: GateUp::Fused(cx.linear(
+                    &format!("{prefix}.{fused}.weight"),
+                    2 * inter,
+                    hidden,
+                )?),
+                down: cx.linear(&format!("{prefix}.down_proj.weight"), hidden, inter)?,
+                act,
+            });
+        }
         let [gate, up, down] =
             ["gate_proj", "up_proj", "down_proj"].map(|n| format!("{prefix}.{n}.weight"));
         Self::from_names(cx, [&gate, &up, &down], cx.config.intermediate_size, act)
@@ -28,8 +46,10 @@ impl GatedFfn {
     ) -> anyhow::Result<Self> {
         let hidden = cx.config.hidden_size;
         Ok(Self {
-            gate: cx.linear(gate, width, hidden)?,
-            up: cx.linear(up, width, hidden)?,
+            gate_up: GateUp::Separate(
+                cx.linear(gate, width, hidden)?,
+                cx.linear(up, width, hidden)?,
+            ),
             down: cx.linear(down, hidden, width)?,
             act,
         })
@@ -38,15 +58,36 @@ impl GatedFfn {
 
 impl Ffn for GatedFfn {
     fn forward(&self, x: &Matrix) -> Matrix {
-        let mut gated = self.gate.forward(x);
-        let up = self.up.forward(x);
-        for (g, u) in gated.data.iter_mut().zip(&up.data) {
-            *g = (self.act)(*g) * u;
-        }
+        let gated = match &self.gate_up {
+            GateUp::Separate(gate, up) => {
+                let mut gated = gate.forward(x);
+                let up = up.forward(x);
+                for (g, u) in gated.data.iter_mut().zip(&up.data) {
+                    *g = (self.act)(*g) * u;
+                }
+                gated
+            }
+            GateUp::Fused(fused) => {
+                let both = fused.forward(x);
+                let width = both.cols / 2;
+                let mut gated = Matrix::zeros(x.rows, width);
+                for (out, row) in gated.rows_iter_mut().zip(both.rows_iter()) {
+                    let (gate, up) = row.split_at(width);
+                    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+                        *o = (self.act)(*g) * u;
+                    }
+                }
+                gated
+            }
+        };
         self.down.forward(&gated)
     }
 
     fn weight_bytes(&self) -> usize {
-        self.gate.weight_bytes() + self.up.weight_bytes() + self.down.weight_bytes()
+        let gate_up = match &self.gate_up {
+            GateUp::Separate(gate, up) => gate.weight_bytes() + up.weight_bytes(),
+            GateUp::Fused(fused) => fused.weight_bytes(),
+        };
+        gate_up + self.down.weight_bytes()
     }
 }

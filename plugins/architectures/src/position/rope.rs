@@ -1,5 +1,5 @@
 //! v2220 `rope`: rotary position embeddings in the half-split layout Hugging Face Llama uses,
-//! with `rope_theta`, the `linear`, `dynamic` (NTK) and `llama3` frequency scalings, and partial
+//! with `rope_theta`, the `linear`, `dynamic` (NTK), `llama3` and `longrope` scalings, and partial
 //! rotation of each head's leading dimensions (GPT-NeoX's `partial_rotary_factor`).
 //!
 //! Frequencies and angles are computed in f32, as transformers does, so positions far into the
@@ -32,6 +32,16 @@ impl Factory<dyn PositionEncoding> for Rope {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {
         if config.position != PositionKind::Rope {
             return Err(super::mismatch(config, config.position));
+        }
+        if let RopeScaling::LongRope { short, long, .. } = &config.rope_scaling {
+            let want = config.rotary_dim / 2;
+            if short.len() != want || long.len() != want {
+                return Err(format!(
+                    "config.json longrope short_factor/long_factor have {}/{} entries, need {want} (rotary dim / 2)",
+                    short.len(),
+                    long.len()
+                ));
+            }
         }
         if config.rope_theta > 0.0 {
             Ok(())
@@ -75,7 +85,7 @@ fn base_inv_freq(base: f32, dim: usize) -> Vec<f32> {
 
 fn scaled_inv_freq(inv_freq: Vec<f32>, scaling: &RopeScaling) -> Vec<f32> {
     match *scaling {
-        RopeScaling::None | RopeScaling::Dynamic { .. } => inv_freq,
+        RopeScaling::None | RopeScaling::Dynamic { .. } | RopeScaling::LongRope { .. } => inv_freq,
         RopeScaling::Linear { factor } => inv_freq.iter().map(|f| f / factor as f32).collect(),
         RopeScaling::Llama3 {
             factor,
@@ -121,25 +131,49 @@ struct RotaryEmbedding {
 }
 
 impl RotaryEmbedding {
-    /// Dynamic NTK scaling raises the base once the sequence outgrows the trained context,
-    /// judged by the furthest position in this forward pass (as transformers does).
-    fn frequencies(&self, positions: &[usize]) -> Vec<f32> {
-        let RopeScaling::Dynamic { factor, .. } = self.scaling else {
-            return self.inv_freq.clone();
-        };
+    /// The frequencies for this forward pass, and the factor on cos/sin. Dynamic NTK scaling
+    /// raises the base once the sequence outgrows the trained context, and longrope switches
+    /// from its short to its long factors there, judged by the furthest position in this
+    /// forward pass (as transformers does).
+    fn frequencies(&self, positions: &[usize]) -> (Vec<f32>, f32) {
         let seq_len = positions.iter().max().map_or(0, |p| p + 1);
-        if seq_len <= self.max_position_embeddings {
-            return self.inv_freq.clone();
+        match &self.scaling {
+            RopeScaling::Dynamic { factor, .. } if seq_len > self.max_position_embeddings => {
+                let (factor, dim) = (*factor as f32, self.dim as f32);
+                let growth =
+                    factor * seq_len as f32 / self.max_position_embeddings as f32 - (factor - 1.0);
+                (
+                    base_inv_freq(self.theta * growth.powf(dim / (dim - 2.0)), self.dim),
+                    1.0,
+                )
+            }
+            RopeScaling::LongRope {
+                short,
+                long,
+                original_max_position_embeddings,
+                attention_factor,
+            } => {
+                let factors = if seq_len > *original_max_position_embeddings {
+                    long
+                } else {
+                    short
+                };
+                let dim = self.dim as f32;
+                let inv_freq = factors
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &e)| 1.0 / (e as f32 * self.theta.powf((2 * i) as f32 / dim)))
+                    .collect();
+                (inv_freq, *attention_factor as f32)
+            }
+            _ => (self.inv_freq.clone(), 1.0),
         }
-        let (factor, dim) = (factor as f32, self.dim as f32);
-        let growth = factor * seq_len as f32 / self.max_position_embeddings as f32 - (factor - 1.0);
-        base_inv_freq(self.theta * growth.powf(dim / (dim - 2.0)), self.dim)
     }
 }
 
 impl PositionEncoding for RotaryEmbedding {
     fn apply(&self, x: &mut Matrix, heads: usize, positions: &[usize]) {
-        let inv_freq = self.frequencies(positions);
+        let (inv_freq, magnitude) = self.frequencies(positions);
         let half = self.dim / 2;
         x.data
             .par_chunks_mut(x.cols)
@@ -149,7 +183,7 @@ impl PositionEncoding for RotaryEmbedding {
                     .iter()
                     .map(|f| {
                         let angle = pos as f32 * f;
-                        (angle.cos(), angle.sin())
+                        (angle.cos() * magnitude, angle.sin() * magnitude)
                     })
                     .unzip();
                 for head in row.chunks_exact_mut(self.head_dim).take(heads) {
