@@ -1,5 +1,6 @@
 //! Norm family (v2240–v2259): the norms themselves and where a layer places them.
 
+pub mod arrangement;
 pub mod layernorm;
 pub mod offset_rmsnorm;
 pub mod parallel_residual;
