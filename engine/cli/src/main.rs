@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
+use vibee_architectures::arch_search::arch_calc::{self, Dtype};
 use vibee_cli::{builtin_model_dir, builtin_plugins};
 use vibee_core::pipeline::SamplingParams;
 use vibee_core::registry::{Registry, FAMILIES};
@@ -34,6 +35,8 @@ enum Command {
     Bench(BenchArgs),
     /// Run specs' conformance cases and report pass/fail.
     Conformance(ConformanceArgs),
+    /// Size an architecture: parameters, FLOPs/token, KV cache, memory, compute-optimal data.
+    Arch(ArchArgs),
 }
 
 #[derive(Args)]
@@ -136,6 +139,67 @@ struct ConformanceArgs {
     junit: Option<PathBuf>,
 }
 
+#[derive(Args)]
+struct ArchArgs {
+    /// A Hugging Face config.json.
+    #[arg(long, conflicts_with_all = ["hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "head_dim", "experts", "experts_per_token", "tied"])]
+    config: Option<PathBuf>,
+    /// Hidden size of a Llama-style decoder given by flags (RMSNorm, SwiGLU, no biases).
+    #[arg(long)]
+    hidden: Option<u64>,
+    /// Decoder layers.
+    #[arg(long)]
+    layers: Option<u64>,
+    /// Attention (query) heads.
+    #[arg(long)]
+    heads: Option<u64>,
+    /// Key/value heads (default: one per head; with --sweep, GQA with this many).
+    #[arg(long)]
+    kv_heads: Option<u64>,
+    /// Feed-forward width (of each expert, with --experts).
+    #[arg(long)]
+    intermediate: Option<u64>,
+    /// Vocabulary size (with --sweep: default 32000).
+    #[arg(long)]
+    vocab: Option<u64>,
+    /// Default: hidden / heads.
+    #[arg(long)]
+    head_dim: Option<u64>,
+    /// Routed experts in every layer (Mixtral-style).
+    #[arg(long)]
+    experts: Option<u64>,
+    /// Routed experts each token runs through (top-k).
+    #[arg(long)]
+    experts_per_token: Option<u64>,
+    /// The lm_head shares the embedding matrix.
+    #[arg(long)]
+    tied: bool,
+    /// Positions a decoded token attends to, and the KV length per sequence for memory.
+    #[arg(long, default_value_t = 2048)]
+    context: u64,
+    /// Tokens in the prefill FLOPs estimate.
+    #[arg(long, default_value_t = 512)]
+    prompt: u64,
+    /// Sequences held in the KV cache for the memory estimate.
+    #[arg(long, default_value_t = 1)]
+    batch: u64,
+    /// Weights' dtype: f32, f16, bf16 or int8.
+    #[arg(long, default_value = "bf16")]
+    dtype: Dtype,
+    /// KV-cache dtype: f32, f16, bf16 or int8 (default: --dtype).
+    #[arg(long)]
+    kv_dtype: Option<Dtype>,
+    /// A training compute budget (e.g. 1e23): its compute-optimal parameters and tokens.
+    #[arg(long, value_parser = arch_calc::parse_quantity)]
+    flops: Option<f64>,
+    /// Llama-style shapes within ±10% of this many parameters (e.g. 7e9 or 7B).
+    #[arg(long, value_parser = arch_calc::parse_quantity, conflicts_with_all = ["config", "hidden", "layers", "heads", "intermediate", "head_dim", "experts", "experts_per_token", "flops", "prompt", "batch"])]
+    sweep: Option<f64>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("VIBEE_LOG"))
@@ -156,6 +220,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Specs(args) => specs(args),
         Command::Bench(args) => bench(args),
         Command::Conformance(args) => conformance(args),
+        Command::Arch(args) => arch(args),
     }
 }
 
@@ -458,6 +523,75 @@ fn conformance(args: ConformanceArgs) -> anyhow::Result<()> {
     if failed > 0 {
         bail!("{failed} conformance case(s) failed");
     }
+    Ok(())
+}
+
+fn arch(args: ArchArgs) -> anyhow::Result<()> {
+    let kv_dtype = args.kv_dtype.unwrap_or(args.dtype);
+    let print = |table: String, json: String| {
+        if args.json {
+            println!("{json}");
+        } else {
+            print!("{table}");
+        }
+    };
+    if let Some(budget) = args.sweep {
+        let sweep = arch_calc::sweep(&arch_calc::SweepOptions {
+            budget,
+            vocab: args.vocab.unwrap_or(32000),
+            kv_heads: args.kv_heads,
+            tied: args.tied,
+            context: args.context,
+            kv_dtype,
+        })?;
+        print(sweep.table(), serde_json::to_string(&sweep)?);
+        return Ok(());
+    }
+    let dims = arch_calc::Dims {
+        hidden: args.hidden,
+        layers: args.layers,
+        heads: args.heads,
+        kv_heads: args.kv_heads,
+        intermediate: args.intermediate,
+        vocab: args.vocab,
+        head_dim: args.head_dim,
+        experts: args.experts,
+        experts_per_token: args.experts_per_token,
+        tied: args.tied,
+    };
+    let (arch, source) = match &args.config {
+        Some(path) => {
+            let name = path.file_name().map_or_else(
+                || path.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            (arch_calc::read_config(path)?, name)
+        }
+        None if dims.any() => (arch_calc::from_dims(&dims)?, "flags".to_string()),
+        None => match args.flops {
+            Some(flops) => {
+                let budget = arch_calc::compute_optimal(flops)?;
+                print(budget.table(), serde_json::to_string(&budget)?);
+                return Ok(());
+            }
+            None => bail!(
+                "describe a model: --config PATH/config.json, or --hidden, --layers, --heads, --intermediate and --vocab; or give --sweep BUDGET or --flops C"
+            ),
+        },
+    };
+    let report = arch_calc::report(
+        &arch,
+        &source,
+        &arch_calc::Options {
+            context: args.context,
+            prompt: args.prompt,
+            batch: args.batch,
+            dtype: args.dtype,
+            kv_dtype,
+            flops_budget: args.flops,
+        },
+    )?;
+    print(report.table(), serde_json::to_string(&report)?);
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context};
+use bevy_ecs::prelude::Resource;
 use serde::{Deserialize, Serialize};
 
 use crate::app::{App, Pipeline, Stage};
@@ -70,6 +71,15 @@ pub enum Check {
         plugins: Vec<String>,
         mentions: String,
     },
+    /// The parameters an arch-search plugin counts for a `config.json` are within `rel_tol`
+    /// (relative; 0 is exact) of the reference, in total and, where given, per token.
+    ParameterCount {
+        config: String,
+        plugins: Vec<String>,
+        total: f64,
+        active: Option<f64>,
+        rel_tol: f64,
+    },
     /// The sampler, run through the Sample stage with `draws` seeds per parameter set, never
     /// picks a token transformers' logits processors filter out, and picks the others at
     /// their reference frequencies (within `max_sigma` binomial standard deviations).
@@ -80,6 +90,11 @@ pub enum Check {
         max_sigma: f32,
     },
 }
+
+/// Counts a `config.json`'s total and per-token (active) parameters: the service an
+/// arch-search plugin puts in the world.
+#[derive(Resource, Clone, Copy)]
+pub struct ParameterCounter(pub fn(&Path) -> anyhow::Result<(u64, u64)>);
 
 /// transformers' next-token distributions for fixed logits (`make_sampling_fixtures.py`).
 #[derive(Debug, Deserialize)]
@@ -263,6 +278,37 @@ fn run_check(
             let la = full_logits(&load(fixture, a)?, &reference.prompt_ids)?;
             let lb = full_logits(&load(fixture, b)?, &reference.prompt_ids)?;
             Ok(compare(&la.data, &lb.data, *max_abs_err))
+        }
+        Check::ParameterCount {
+            config,
+            plugins,
+            total,
+            active,
+            rel_tol,
+        } => {
+            let mut app = App::new(Pipeline::Serving);
+            for plugin in resolve(plugins, registry, catalog)? {
+                app.add_plugin(plugin)?;
+            }
+            let counter = app
+                .world
+                .get_resource::<ParameterCounter>()
+                .with_context(|| format!("none of {plugins:?} counts parameters"))?;
+            let (counted_total, counted_active) = (counter.0)(&root.join(config))?;
+            let off = |counted: u64, want: f64| (counted as f64 - want).abs() / want;
+            let mut worst = off(counted_total, *total);
+            let mut why = (worst > *rel_tol)
+                .then(|| format!("counted {counted_total} parameters, reference {total}"));
+            if let Some(want) = active {
+                let err = off(counted_active, *want);
+                worst = worst.max(err);
+                if err > *rel_tol {
+                    why = Some(format!(
+                        "counted {counted_active} active parameters, reference {want}"
+                    ));
+                }
+            }
+            Ok((Some(worst as f32), why))
         }
         Check::ReferenceSampling {
             reference,

@@ -1,6 +1,7 @@
 //! Built-in plugins of the Architectures branch (v2200–v2299): one module per family, one file
 //! per spec.
 
+pub mod arch_search;
 pub mod attention;
 pub mod ffn;
 pub mod norm;
@@ -24,13 +25,14 @@ pub fn plugins() -> Vec<Box<dyn Plugin>> {
         Box::new(norm::offset_rmsnorm::OffsetRmsNorm),
         Box::new(norm::qk_norm::QkNorm),
         Box::new(norm::layernorm::LayerNorm),
-        Box::new(norm::pre_norm::PreNorm),
-        Box::new(norm::post_norm::PostNorm),
-        Box::new(norm::parallel_residual::ParallelResidual),
-        Box::new(norm::sandwich_norm::SandwichNorm),
+        Box::new(norm::pre_norm::PRE_NORM),
+        Box::new(norm::post_norm::POST_NORM),
+        Box::new(norm::parallel_residual::PARALLEL_RESIDUAL),
+        Box::new(norm::sandwich_norm::SANDWICH_NORM),
         Box::new(ffn::swiglu::SwiGlu),
         Box::new(ffn::geglu::GeGlu),
         Box::new(ffn::mlp::Mlp),
         Box::new(ffn::moe::Moe),
+        Box::new(arch_search::arch_calc::ArchCalc),
     ]
 }
