@@ -1,6 +1,7 @@
 //! Attention family (v2200–v2219).
 
 pub mod causal;
+pub mod flash;
 pub mod gqa;
 pub mod mha;
 pub mod mqa;
