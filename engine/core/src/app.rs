@@ -103,10 +103,6 @@ impl App {
         }
     }
 
-    pub fn pipeline(&self) -> Pipeline {
-        self.pipeline
-    }
-
     pub fn add_plugin(&mut self, plugin: &dyn Plugin) -> Result<(), AppError> {
         let spec = plugin.spec();
         if self.is_enabled(spec.name) {

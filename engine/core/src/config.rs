@@ -121,18 +121,6 @@ pub enum RopeScaling {
     },
 }
 
-impl RopeScaling {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            RopeScaling::None => "default",
-            RopeScaling::Linear { .. } => "linear",
-            RopeScaling::Dynamic { .. } => "dynamic",
-            RopeScaling::Llama3 { .. } => "llama3",
-            RopeScaling::LongRope { .. } => "longrope",
-        }
-    }
-}
-
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
     pub model_type: String,

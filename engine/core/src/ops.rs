@@ -72,7 +72,6 @@ pub trait Norm: Send + Sync {
 /// A learned vector added to every row (projection biases).
 pub trait Bias: Send + Sync {
     fn apply(&self, x: &mut Matrix);
-    fn dim(&self) -> usize;
 }
 
 /// How one layer combines its sub-layers, norms and residual connections.

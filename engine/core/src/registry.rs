@@ -84,13 +84,6 @@ impl SpecEntry {
     pub fn number(&self) -> Option<u32> {
         self.id.strip_prefix('v')?.parse().ok()
     }
-
-    pub fn branch(&self) -> &'static str {
-        FAMILIES
-            .iter()
-            .find(|(f, ..)| *f == self.family)
-            .map_or("?", |(_, b, ..)| b)
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

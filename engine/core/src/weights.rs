@@ -287,10 +287,6 @@ impl Weights {
         Ok(())
     }
 
-    pub fn contains(&self, name: &str) -> bool {
-        self.entries.contains_key(name)
-    }
-
     /// The tensor `name`, checked against the shape the config implies.
     pub fn get(&self, name: &str, expected: &[usize]) -> Result<Weight, WeightError> {
         let entry = self
@@ -316,10 +312,6 @@ impl Weights {
             dtype,
             entry.shape.clone(),
         ))
-    }
-
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.entries.keys().map(String::as_str)
     }
 }
 

@@ -56,8 +56,4 @@ impl Bias for VectorBias {
             }
         }
     }
-
-    fn dim(&self) -> usize {
-        self.0.len()
-    }
 }
