@@ -44,6 +44,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "bloom",
     "gpt2",
     "phi3",
+    "deepseek_v2",
 ];
 
 /// Config keys some families spell differently, read under the Llama spelling.
@@ -111,6 +112,17 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: usize,
     },
+    /// YaRN: frequencies blended between interpolated and extrapolated by a linear ramp over the
+    /// dimensions, cos/sin scaled by `attention_factor`.
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: usize,
+        beta_fast: f64,
+        beta_slow: f64,
+        truncate: bool,
+        attention_factor: f64,
+        softmax_mscale: f64,
+    },
     /// Per-frequency rescaling, `short` within the trained length and `long` past it, with
     /// cos/sin scaled by `attention_factor` (Phi-3).
     LongRope {
@@ -160,6 +172,10 @@ pub struct ModelConfig {
     pub ffn: FfnKind,
     /// Feed-forward layers that route each token to a few experts (Mixtral, Qwen2-MoE).
     pub moe: Option<MoeConfig>,
+    /// Multi-head latent attention (DeepSeek-V2): its ranks and head widths.
+    pub mla: Option<MlaConfig>,
+    /// Rotary pairs are adjacent dimensions `(2i, 2i+1)` (DeepSeek) rather than the two halves.
+    pub rope_interleaved: bool,
     /// Attention scores pass through `cap · tanh(score / cap)` (Gemma 2).
     pub attn_softcap: Option<f64>,
     /// Final logits pass through `cap · tanh(logit / cap)` (Gemma 2).
@@ -323,6 +339,19 @@ impl Layout {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MlaConfig {
+    /// Queries pass through a rank-`q_lora_rank` bottleneck, or one projection when `None`.
+    pub q_lora_rank: Option<usize>,
+    /// Width of the compressed key/value latent that the cache holds.
+    pub kv_lora_rank: usize,
+    /// Per-head query/key dimensions without position encoding.
+    pub nope_dim: usize,
+    /// Per-head query dimensions, and the shared key dimensions, that carry rotary positions.
+    pub rope_dim: usize,
+    pub v_dim: usize,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct MoeConfig {
     pub experts: usize,
@@ -332,8 +361,15 @@ pub struct MoeConfig {
     pub expert_intermediate: usize,
     /// Renormalise the top-k routing probabilities to sum to one.
     pub normalize_top_k: bool,
-    /// A shared expert every token also passes through, scaled by a sigmoid gate (Qwen2-MoE).
+    /// A shared expert every token also passes through (Qwen2-MoE, DeepSeek).
     pub shared_intermediate: Option<usize>,
+    /// The shared expert's output is scaled by a learned sigmoid gate (Qwen2-MoE).
+    pub shared_gate: bool,
+    /// Routing weights are multiplied by this (DeepSeek's `routed_scaling_factor`).
+    pub routed_scale: f32,
+    /// Experts come in `groups`; each token picks its experts from its best `top_groups`
+    /// groups (DeepSeek's `group_limited_greedy`).
+    pub group_limit: Option<(usize, usize)>,
     /// Per layer: routed (true) or a dense SwiGLU of `intermediate_size` (false).
     pub sparse_layers: Vec<bool>,
     pub layout: MoeLayout,
@@ -346,6 +382,8 @@ pub enum MoeLayout {
     Mixtral,
     /// `mlp.{gate, experts.N.{gate,up,down}_proj, shared_expert.*, shared_expert_gate}`
     Qwen,
+    /// `mlp.{gate, experts.N.{gate,up,down}_proj, shared_experts.*}`
+    DeepSeek,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -588,6 +626,7 @@ impl ModelConfig {
         let query_pre_attn_scalar =
             positive(f.f64("query_pre_attn_scalar")?, "query_pre_attn_scalar")?;
         let moe = mixture_of_experts(&mut f, family, num_layers)?;
+        let mla = latent_attention(&mut f, family, head_dim)?;
         let config = Self {
             hidden_size,
             // BLOOM's MLP is always four times as wide as the model, GPT-2's unless `n_inner`
@@ -663,6 +702,8 @@ impl ModelConfig {
                 FfnKind::Gated
             },
             moe,
+            mla,
+            rope_interleaved: family == "deepseek_v2",
             attn_softcap,
             final_softcap,
             query_pre_attn_scalar,
@@ -690,7 +731,9 @@ impl ModelConfig {
 
     /// The plugin that fills each operator slot for this checkpoint (`--plugins auto`).
     pub fn required_plugins(&self) -> Vec<(&'static str, &'static str)> {
-        let attention = if self.num_kv_heads == self.num_heads {
+        let attention = if self.mla.is_some() {
+            "mla"
+        } else if self.num_kv_heads == self.num_heads {
             "mha"
         } else if self.num_kv_heads == 1 {
             "mqa"
@@ -779,8 +822,13 @@ impl ModelConfig {
         self.num_heads * self.head_dim
     }
 
+    /// Floats one token adds to one layer's cache: its keys and values, or for latent attention
+    /// the compressed latent and the shared rotary key (values are not cached separately).
     pub fn kv_dim(&self) -> usize {
-        self.num_kv_heads * self.head_dim
+        match self.mla {
+            Some(m) => m.kv_lora_rank + m.rope_dim,
+            None => self.num_kv_heads * self.head_dim,
+        }
     }
 }
 
@@ -916,6 +964,39 @@ fn falcon_layout<'a>(f: &mut Fields<'a>) -> Result<bool, ConfigError> {
     }
 }
 
+/// DeepSeek-V2's multi-head latent attention. transformers writes `head_dim` as the rotary
+/// width and `qk_head_dim` as nope + rope; both are checked against the parts.
+fn latent_attention<'a>(
+    f: &mut Fields<'a>,
+    family: &str,
+    head_dim: usize,
+) -> Result<Option<MlaConfig>, ConfigError> {
+    if family != "deepseek_v2" {
+        return Ok(None);
+    }
+    let mla = MlaConfig {
+        q_lora_rank: f.usize("q_lora_rank")?,
+        kv_lora_rank: f.required_usize("kv_lora_rank")?,
+        nope_dim: f.required_usize("qk_nope_head_dim")?,
+        rope_dim: f.required_usize("qk_rope_head_dim")?,
+        v_dim: f.required_usize("v_head_dim")?,
+    };
+    if head_dim != mla.rope_dim {
+        return Err(invalid(format!(
+            "deepseek_v2: head_dim ({head_dim}) must equal qk_rope_head_dim ({})",
+            mla.rope_dim
+        )));
+    }
+    if let Some(qk) = f.usize("qk_head_dim")? {
+        if qk != mla.nope_dim + mla.rope_dim {
+            return Err(invalid(format!(
+                "deepseek_v2: qk_head_dim ({qk}) must be qk_nope_head_dim + qk_rope_head_dim"
+            )));
+        }
+    }
+    Ok(Some(mla))
+}
+
 fn mixture_of_experts<'a>(
     f: &mut Fields<'a>,
     family: &str,
@@ -928,6 +1009,9 @@ fn mixture_of_experts<'a>(
             expert_intermediate: f.required_usize("intermediate_size")?,
             normalize_top_k: true,
             shared_intermediate: None,
+            shared_gate: false,
+            routed_scale: 1.0,
+            group_limit: None,
             sparse_layers: vec![true; layers],
             layout: MoeLayout::Mixtral,
         },
@@ -956,14 +1040,62 @@ fn mixture_of_experts<'a>(
                 shared_intermediate: f
                     .usize("shared_expert_intermediate_size")?
                     .filter(|n| *n > 0),
+                shared_gate: true,
+                routed_scale: 1.0,
+                group_limit: None,
                 sparse_layers: (0..layers)
                     .map(|i| !dense.contains(&i) && (i + 1) % step == 0)
                     .collect(),
                 layout: MoeLayout::Qwen,
             }
         }
+        "deepseek_v2" => {
+            let first_dense = f.usize("first_k_dense_replace")?.unwrap_or(0);
+            let width = f.required_usize("moe_intermediate_size")?;
+            // DeepSeek-V2 scales, not renormalises, its top-k weights: the key is unused.
+            f.bool("norm_topk_prob")?;
+            let group_limit = match f.string("topk_method")?.as_deref() {
+                None | Some("greedy") => {
+                    f.usize("n_group")?;
+                    f.usize("topk_group")?;
+                    None
+                }
+                Some("group_limited_greedy") => Some((
+                    f.required_usize("n_group")?,
+                    f.required_usize("topk_group")?,
+                )),
+                Some(other) => {
+                    return Err(invalid(format!(
+                        "deepseek_v2: topk_method `{other}` is not supported"
+                    )))
+                }
+            };
+            MoeConfig {
+                experts: f.required_usize("n_routed_experts")?,
+                top_k: f.required_usize("num_experts_per_tok")?,
+                expert_intermediate: width,
+                normalize_top_k: false,
+                shared_intermediate: f
+                    .usize("n_shared_experts")?
+                    .filter(|n| *n > 0)
+                    .map(|n| n * width),
+                shared_gate: false,
+                routed_scale: f.f64("routed_scaling_factor")?.unwrap_or(1.0) as f32,
+                group_limit,
+                sparse_layers: (0..layers).map(|i| i >= first_dense).collect(),
+                layout: MoeLayout::DeepSeek,
+            }
+        }
         _ => return Ok(None),
     };
+    if let Some((groups, top_groups)) = config.group_limit {
+        if groups == 0 || config.experts % groups != 0 || top_groups == 0 || top_groups > groups {
+            return Err(invalid(format!(
+                "n_group ({groups}) must divide the experts ({}) and topk_group ({top_groups}) be within 1..=n_group",
+                config.experts
+            )));
+        }
+    }
     if config.top_k == 0 || config.top_k > config.experts {
         return Err(invalid(format!(
             "num_experts_per_tok ({}) must be between 1 and the number of experts ({})",
@@ -1052,6 +1184,31 @@ fn rope<'a>(
                     })?,
             }
         }
+        "yarn" => {
+            let factor = factor()?;
+            let original = p
+                .usize("original_max_position_embeddings")?
+                .or(top_original)
+                .ok_or_else(|| invalid(format!("`{key}` of type yarn needs `original_max_position_embeddings`")))?;
+            let mscale = p.f64("mscale")?;
+            let mscale_all_dim = p.f64("mscale_all_dim")?;
+            let get_mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+            let attention_factor = match (p.f64("attention_factor")?, mscale, mscale_all_dim) {
+                (Some(a), ..) => a,
+                (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => get_mscale(factor, m) / get_mscale(factor, all),
+                _ => get_mscale(factor, 1.0),
+            };
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: original,
+                beta_fast: p.f64("beta_fast")?.filter(|b| *b != 0.0).unwrap_or(32.0),
+                beta_slow: p.f64("beta_slow")?.filter(|b| *b != 0.0).unwrap_or(1.0),
+                truncate: p.bool("truncate")?.unwrap_or(true),
+                attention_factor,
+                // Latent attention scales its softmax by this squared (DeepSeek's yarn_apply_mscale).
+                softmax_mscale: mscale_all_dim.filter(|m| *m != 0.0).map_or(1.0, |m| get_mscale(factor, m)),
+            }
+        }
         "longrope" => {
             let original = p
                 .usize("original_max_position_embeddings")?
@@ -1079,7 +1236,7 @@ fn rope<'a>(
         }
         other => {
             return Err(invalid(format!(
-                "{key}.rope_type `{other}` is not supported (supported: default, linear, dynamic, llama3, longrope)"
+                "{key}.rope_type `{other}` is not supported (supported: default, linear, dynamic, llama3, yarn, longrope)"
             )))
         }
     };
@@ -1163,14 +1320,14 @@ mod tests {
 
     #[test]
     fn unsupported_rope_type_and_unknown_scaling_keys_are_named() {
-        let yarn = TINYLLAMA_4X.replace(
+        let mrope = TINYLLAMA_4X.replace(
             r#""rope_scaling": null"#,
-            r#""rope_scaling": {"type": "yarn", "factor": 2.0}"#,
+            r#""rope_scaling": {"type": "mrope", "factor": 2.0}"#,
         );
-        assert!(ModelConfig::from_json(&yarn)
+        assert!(ModelConfig::from_json(&mrope)
             .unwrap_err()
             .to_string()
-            .contains("rope_type `yarn` is not supported"));
+            .contains("rope_type `mrope` is not supported"));
         let extra = TINYLLAMA_4X.replace(
             r#""rope_scaling": null"#,
             r#""rope_scaling": {"type": "linear", "factor": 2.0, "beta": 1}"#,

@@ -4,8 +4,9 @@ use anyhow::{bail, Context};
 
 use crate::config::{ModelConfig, NormSite, QkNormScope, QkvLayout};
 use crate::ops::{
-    AttendOptions, Attention, AttentionWindow, Bias, BuildContext, DenseLinear, Ffn, KvCache,
-    Linear, Norm, Operator, Operators, PositionEncoding, Residual, SequenceKv, Slot, Softcap,
+    AttendOptions, Attention, AttentionBlock, AttentionWindow, Bias, BuildContext, DenseLinear,
+    Ffn, KvCache, Linear, Norm, Operator, Operators, PositionEncoding, Residual, SequenceKv, Slot,
+    Softcap,
 };
 use crate::tensor::Matrix;
 use crate::weights::{Weight, Weights};
@@ -29,11 +30,33 @@ impl Projection {
 struct Layer {
     /// The norms of the residual arrangement, by site.
     norms: Vec<(NormSite, Box<dyn Norm>)>,
-    /// One projection per entry: q, k, v separately, or one fused.
-    qkv: Vec<Projection>,
-    qk_norm: Option<(Box<dyn Norm>, Box<dyn Norm>)>,
-    o_proj: Projection,
+    attention: LayerAttention,
     ffn: Box<dyn Ffn>,
+}
+
+enum LayerAttention {
+    /// q/k/v projections, the attention kernel, and the output projection.
+    Projected {
+        /// One projection per entry: q, k, v separately, or one fused.
+        qkv: Vec<Projection>,
+        qk_norm: Option<(Box<dyn Norm>, Box<dyn Norm>)>,
+        o_proj: Projection,
+    },
+    /// A plugin's whole attention sub-layer.
+    Block(Box<dyn AttentionBlock>),
+}
+
+impl LayerAttention {
+    fn weight_bytes(&self) -> usize {
+        match self {
+            LayerAttention::Projected { qkv, o_proj, .. } => qkv
+                .iter()
+                .chain([o_proj])
+                .map(|p| p.linear.weight_bytes())
+                .sum(),
+            LayerAttention::Block(block) => block.weight_bytes(),
+        }
+    }
 }
 
 impl Layer {
@@ -57,7 +80,8 @@ pub struct Model {
     embed_norm: Option<Box<dyn Norm>>,
     lm_head: Box<dyn Linear>,
     position: Box<dyn PositionEncoding>,
-    attention: Box<dyn Attention>,
+    /// The attention kernel of projected layers (absent when a block fills the slot).
+    attention: Option<Box<dyn Attention>>,
     residual: Box<dyn Residual>,
     window: Option<Box<dyn AttentionWindow>>,
     softcap: Option<Box<dyn Softcap>>,
@@ -121,7 +145,8 @@ impl Model {
             layer: 0,
         };
         let required = "checked by choose";
-        let attention = operator!(chosen, Attention).context(required)?;
+        let kernel = operator!(chosen, Attention);
+        let block = operator!(chosen, AttentionBlock);
         let position = operator!(chosen, Position).context(required)?;
         let norm = operator!(chosen, Norm).context(required)?;
         let ffn = operator!(chosen, Ffn).context(required)?;
@@ -170,25 +195,33 @@ impl Model {
                 })?;
                 norms.push((site, norm.build(&cx, &format!("{p}.{name}"), hidden)?));
             }
+            let attention = match &block {
+                Some(b) => {
+                    LayerAttention::Block(b.build(&BuildContext { layer: i, ..cx }, &a, hidden)?)
+                }
+                None => LayerAttention::Projected {
+                    qkv: match layout.qkv {
+                        QkvLayout::Separate => vec![
+                            projection(&format!("{a}.q_proj"), q_dim, hidden, qkv_bias)?,
+                            projection(&format!("{a}.k_proj"), kv_dim, hidden, qkv_bias)?,
+                            projection(&format!("{a}.v_proj"), kv_dim, hidden, qkv_bias)?,
+                        ],
+                        QkvLayout::Fused(name) | QkvLayout::Concat(name) => {
+                            vec![projection(
+                                &format!("{a}.{name}"),
+                                q_dim + 2 * kv_dim,
+                                hidden,
+                                qkv_bias,
+                            )?]
+                        }
+                    },
+                    qk_norm,
+                    o_proj: projection(&format!("{a}.{}", layout.o_proj), hidden, q_dim, o_bias)?,
+                },
+            };
             layers.push(Layer {
                 norms,
-                qkv: match layout.qkv {
-                    QkvLayout::Separate => vec![
-                        projection(&format!("{a}.q_proj"), q_dim, hidden, qkv_bias)?,
-                        projection(&format!("{a}.k_proj"), kv_dim, hidden, qkv_bias)?,
-                        projection(&format!("{a}.v_proj"), kv_dim, hidden, qkv_bias)?,
-                    ],
-                    QkvLayout::Fused(name) | QkvLayout::Concat(name) => {
-                        vec![projection(
-                            &format!("{a}.{name}"),
-                            q_dim + 2 * kv_dim,
-                            hidden,
-                            qkv_bias,
-                        )?]
-                    }
-                },
-                qk_norm,
-                o_proj: projection(&format!("{a}.{}", layout.o_proj), hidden, q_dim, o_bias)?,
+                attention,
                 ffn: ffn.build(
                     &BuildContext { layer: i, ..cx },
                     &format!("{p}.mlp"),
@@ -213,14 +246,7 @@ impl Model {
         let weight_bytes = lm_head.weight_bytes()
             + layers
                 .iter()
-                .map(|l| {
-                    l.qkv
-                        .iter()
-                        .chain([&l.o_proj])
-                        .map(|p| p.linear.weight_bytes())
-                        .sum::<usize>()
-                        + l.ffn.weight_bytes()
-                })
+                .map(|l| l.attention.weight_bytes() + l.ffn.weight_bytes())
                 .sum::<usize>();
         Ok(Self {
             chosen: chosen
@@ -236,7 +262,9 @@ impl Model {
                 .transpose()?,
             lm_head,
             position: position.build(&cx, "", config.head_dim)?,
-            attention: attention.build(&cx, "", config.head_dim)?,
+            attention: kernel
+                .map(|k| k.build(&cx, "", config.head_dim))
+                .transpose()?,
             residual,
             window: window.map(|w| w.build(&cx, "", 0)).transpose()?,
             softcap: softcap.map(|s| s.build(&cx, "", 0)).transpose()?,
@@ -300,21 +328,33 @@ impl Model {
                 softcap: attention_cap,
                 alibi: self.position.alibi_slopes(),
             };
-            let mut attention = |h: &Matrix| {
-                let (mut q, mut k, v) = match layer.qkv.as_slice() {
-                    [q, k, v] => (q.forward(h), k.forward(h), v.forward(h)),
-                    [fused] => split_qkv(&fused.forward(h), cfg),
-                    _ => unreachable!("built with one or three projections"),
-                };
-                if let Some((q_norm, k_norm)) = &layer.qk_norm {
-                    q = per_head(q_norm.as_ref(), q);
-                    k = per_head(k_norm.as_ref(), k);
+            let mut attention = |h: &Matrix| match &layer.attention {
+                LayerAttention::Block(block) => {
+                    block.forward(h, kv, i, &positions, self.position.as_ref())
                 }
-                self.position.apply(&mut q, cfg.num_heads, &positions);
-                self.position.apply(&mut k, cfg.num_kv_heads, &positions);
-                kv.append(i, &k, &v);
-                let attended = self.attention.forward(&q, &kv.view(i), &positions, options);
-                layer.o_proj.forward(&attended)
+                LayerAttention::Projected {
+                    qkv,
+                    qk_norm,
+                    o_proj,
+                } => {
+                    let (mut q, mut k, v) = match qkv.as_slice() {
+                        [q, k, v] => (q.forward(h), k.forward(h), v.forward(h)),
+                        [fused] => split_qkv(&fused.forward(h), cfg),
+                        _ => unreachable!("built with one or three projections"),
+                    };
+                    if let Some((q_norm, k_norm)) = qk_norm {
+                        q = per_head(q_norm.as_ref(), q);
+                        k = per_head(k_norm.as_ref(), k);
+                    }
+                    self.position.apply(&mut q, cfg.num_heads, &positions);
+                    self.position.apply(&mut k, cfg.num_kv_heads, &positions);
+                    kv.append(i, &k, &v);
+                    let kernel = self
+                        .attention
+                        .as_ref()
+                        .expect("projected layers have a kernel");
+                    o_proj.forward(&kernel.forward(&q, &kv.view(i), &positions, options))
+                }
             };
             self.residual.layer(
                 &mut x,

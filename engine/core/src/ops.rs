@@ -136,6 +136,24 @@ pub trait Attention: Send + Sync {
     ) -> Matrix;
 }
 
+/// A whole attention sub-layer with its own projections and cache layout, for techniques that
+/// do not split into q/k/v projections plus a kernel (multi-head latent attention).
+pub trait AttentionBlock: Send + Sync {
+    /// Attends the normalised input `h` (the tokens at `positions`) over layer `layer` of the
+    /// sequence's cache, appending these tokens to it; returns the output projection's result.
+    fn forward(
+        &self,
+        h: &Matrix,
+        kv: &mut dyn SequenceKv,
+        layer: usize,
+        positions: &[usize],
+        position: &dyn PositionEncoding,
+    ) -> Matrix;
+
+    /// Bytes of weights one decode step reads.
+    fn weight_bytes(&self) -> usize;
+}
+
 pub trait Ffn: Send + Sync {
     fn forward(&self, x: &Matrix) -> Matrix;
     fn weight_bytes(&self) -> usize;
@@ -150,6 +168,7 @@ pub trait KvCache: Send + Sync {
 pub trait SequenceKv: Send + Sync {
     /// Tokens cached in `layer`.
     fn len(&self, layer: usize) -> usize;
+    /// `values` may have no columns: layouts that cache one latent per token store keys only.
     fn append(&mut self, layer: usize, keys: &Matrix, values: &Matrix);
     fn view(&self, layer: usize) -> KvView<'_>;
 }
@@ -215,6 +234,8 @@ pub trait Factory<T: ?Sized>: Send + Sync {
 #[derive(Clone)]
 pub enum Operator {
     Attention(Arc<dyn Factory<dyn Attention>>),
+    /// Fills the attention slot with a whole sub-layer, built per layer.
+    AttentionBlock(Arc<dyn Factory<dyn AttentionBlock>>),
     Position(Arc<dyn Factory<dyn PositionEncoding>>),
     Norm(Arc<dyn Factory<dyn Norm>>),
     Ffn(Arc<dyn Factory<dyn Ffn>>),
@@ -229,7 +250,7 @@ pub enum Operator {
 impl Operator {
     pub fn slot(&self) -> Slot {
         match self {
-            Operator::Attention(_) => Slot::Attention,
+            Operator::Attention(_) | Operator::AttentionBlock(_) => Slot::Attention,
             Operator::Position(_) => Slot::Position,
             Operator::Norm(_) => Slot::Norm,
             Operator::Ffn(_) => Slot::Ffn,
@@ -245,6 +266,7 @@ impl Operator {
     pub fn check(&self, config: &ModelConfig) -> Result<(), String> {
         match self {
             Operator::Attention(f) => f.check(config),
+            Operator::AttentionBlock(f) => f.check(config),
             Operator::Position(f) => f.check(config),
             Operator::Norm(f) => f.check(config),
             Operator::Ffn(f) => f.check(config),

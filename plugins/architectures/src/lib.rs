@@ -16,6 +16,7 @@ pub fn plugins() -> Vec<Box<dyn Plugin>> {
         Box::new(attention::mqa::Mqa),
         Box::new(attention::gqa::Gqa),
         Box::new(attention::flash::FlashAttention),
+        Box::new(attention::mla::Mla),
         Box::new(attention::sliding_window::SlidingWindow),
         Box::new(attention::qkv_bias::QkvBias),
         Box::new(attention::softcap::Softcap),

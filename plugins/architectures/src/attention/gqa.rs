@@ -26,6 +26,7 @@ impl Plugin for Gqa {
 
 impl Factory<dyn Attention> for Gqa {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {
+        super::projected_only(config)?;
         if config.num_heads.is_multiple_of(config.num_kv_heads) {
             Ok(())
         } else {

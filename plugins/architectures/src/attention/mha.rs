@@ -25,6 +25,7 @@ impl Plugin for Mha {
 
 impl Factory<dyn Attention> for Mha {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {
+        super::projected_only(config)?;
         if config.num_kv_heads == config.num_heads {
             Ok(())
         } else {

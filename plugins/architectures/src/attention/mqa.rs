@@ -25,6 +25,7 @@ impl Plugin for Mqa {
 
 impl Factory<dyn Attention> for Mqa {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {
+        super::projected_only(config)?;
         if config.num_kv_heads == 1 {
             Ok(())
         } else {

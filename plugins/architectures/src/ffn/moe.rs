@@ -1,6 +1,8 @@
 //! v2262 `moe`: mixture-of-experts feed-forward. A router scores the experts per token; each
-//! token goes through its top-k SwiGLU experts (softmax then top-k, renormalised or not as the
-//! checkpoint says), plus a sigmoid-gated shared expert where the family has one (Qwen2-MoE).
+//! token goes through its top-k SwiGLU experts (softmax then top-k — within the best expert
+//! groups for DeepSeek's group-limited routing —, renormalised or scaled as the checkpoint
+//! says), plus shared experts where the family has them (Qwen2-MoE's behind a sigmoid gate,
+//! DeepSeek's ungated).
 //!
 //! Tokens are gathered per expert and each expert runs once on its batch of rows, so a prefill
 //! costs one matmul per expert, not one per token, and the layout splits across devices by
@@ -60,10 +62,14 @@ fn build_experts(cx: &BuildContext<'_>, moe: &MoeConfig) -> anyhow::Result<MoeOp
     let hidden = cx.config.hidden_size;
     let (block, [gate, up, down]) = match moe.layout {
         MoeLayout::Mixtral => (format!("{layer}.block_sparse_moe"), ["w1", "w3", "w2"]),
-        MoeLayout::Qwen => (
+        MoeLayout::Qwen | MoeLayout::DeepSeek => (
             format!("{layer}.mlp"),
             ["gate_proj", "up_proj", "down_proj"],
         ),
+    };
+    let shared_name = match moe.layout {
+        MoeLayout::DeepSeek => "shared_experts",
+        _ => "shared_expert",
     };
     let experts = (0..moe.experts)
         .map(|e| {
@@ -74,11 +80,12 @@ fn build_experts(cx: &BuildContext<'_>, moe: &MoeConfig) -> anyhow::Result<MoeOp
     let shared = match moe.shared_intermediate {
         Some(width) => {
             let [g, u, d] = ["gate_proj", "up_proj", "down_proj"]
-                .map(|n| format!("{block}.shared_expert.{n}.weight"));
-            Some((
-                GatedFfn::from_names(cx, [&g, &u, &d], width, silu)?,
-                cx.linear(&format!("{block}.shared_expert_gate.weight"), 1, hidden)?,
-            ))
+                .map(|n| format!("{block}.{shared_name}.{n}.weight"));
+            let gate = moe
+                .shared_gate
+                .then(|| cx.linear(&format!("{block}.shared_expert_gate.weight"), 1, hidden))
+                .transpose()?;
+            Some((GatedFfn::from_names(cx, [&g, &u, &d], width, silu)?, gate))
         }
         None => None,
     };
@@ -87,6 +94,8 @@ fn build_experts(cx: &BuildContext<'_>, moe: &MoeConfig) -> anyhow::Result<MoeOp
         experts,
         top_k: moe.top_k,
         normalize: moe.normalize_top_k,
+        scale: moe.routed_scale,
+        group_limit: moe.group_limit,
         shared,
     })
 }
@@ -96,7 +105,10 @@ struct MoeOp {
     experts: Vec<GatedFfn>,
     top_k: usize,
     normalize: bool,
-    shared: Option<(GatedFfn, Box<dyn Linear>)>,
+    scale: f32,
+    group_limit: Option<(usize, usize)>,
+    /// The shared expert, and its sigmoid gate where the family has one.
+    shared: Option<(GatedFfn, Option<Box<dyn Linear>>)>,
 }
 
 impl MoeOp {
@@ -106,6 +118,9 @@ impl MoeOp {
         let mut assigned = vec![Vec::new(); self.experts.len()];
         for (token, probs) in logits.rows_iter_mut().enumerate() {
             softmax(probs);
+            if let Some((groups, top_groups)) = self.group_limit {
+                restrict_to_best_groups(probs, groups, top_groups);
+            }
             let mut order: Vec<usize> = (0..probs.len()).collect();
             order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
             let chosen = &order[..self.top_k];
@@ -115,10 +130,24 @@ impl MoeOp {
                 1.0
             };
             for &e in chosen {
-                assigned[e].push((token, probs[e] / total));
+                assigned[e].push((token, probs[e] / total * self.scale));
             }
         }
         assigned
+    }
+}
+
+/// Zeroes the probabilities outside the `top_groups` groups whose best expert scores highest.
+fn restrict_to_best_groups(probs: &mut [f32], groups: usize, top_groups: usize) {
+    let size = probs.len() / groups;
+    let best: Vec<f32> = probs
+        .chunks(size)
+        .map(|g| g.iter().copied().fold(f32::MIN, f32::max))
+        .collect();
+    let mut order: Vec<usize> = (0..groups).collect();
+    order.sort_by(|&a, &b| best[b].total_cmp(&best[a]).then(a.cmp(&b)));
+    for &g in &order[top_groups..] {
+        probs[g * size..(g + 1) * size].fill(0.0);
     }
 }
 
@@ -140,9 +169,11 @@ impl Ffn for MoeOp {
         }
         if let Some((shared, gate)) = &self.shared {
             let y = shared.forward(x);
-            let g = gate.forward(x);
+            let g = gate.as_ref().map(|g| g.forward(x));
             for (token, row) in y.rows_iter().enumerate() {
-                let scale = 1.0 / (1.0 + (-g.data[token]).exp());
+                let scale = g
+                    .as_ref()
+                    .map_or(1.0, |g| 1.0 / (1.0 + (-g.data[token]).exp()));
                 axpy(scale, row, out.row_mut(token));
             }
         }
@@ -152,10 +183,23 @@ impl Ffn for MoeOp {
     /// A decode token reads the router, its top-k experts and the shared expert.
     fn weight_bytes(&self) -> usize {
         let expert = self.experts.first().map_or(0, Ffn::weight_bytes);
-        let shared = self
-            .shared
-            .as_ref()
-            .map_or(0, |(s, g)| s.weight_bytes() + g.weight_bytes());
+        let shared = self.shared.as_ref().map_or(0, |(s, g)| {
+            s.weight_bytes() + g.as_ref().map_or(0, |g| g.weight_bytes())
+        });
         self.router.weight_bytes() + self.top_k * expert + shared
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::restrict_to_best_groups;
+
+    #[test]
+    fn group_limited_routing_keeps_only_the_best_groups() {
+        // 3 groups of 2 experts; group maxima 0.30, 0.25, 0.20: the best two groups survive,
+        // as transformers' group_limited_greedy masks them (its scores.masked_fill(~mask, 0)).
+        let mut probs = [0.30, 0.05, 0.25, 0.10, 0.20, 0.10];
+        restrict_to_best_groups(&mut probs, 3, 2);
+        assert_eq!(probs, [0.30, 0.05, 0.25, 0.10, 0.0, 0.0]);
     }
 }

@@ -1,5 +1,6 @@
 //! v2220 `rope`: rotary position embeddings in the half-split layout Hugging Face Llama uses,
-//! with `rope_theta`, the `linear`, `dynamic` (NTK), `llama3` and `longrope` scalings, and partial
+//! or in adjacent pairs (DeepSeek), with `rope_theta`, the `linear`, `dynamic` (NTK), `llama3`,
+//! `yarn` and `longrope` scalings, and partial
 //! rotation of each head's leading dimensions (GPT-NeoX's `partial_rotary_factor`).
 //!
 //! Frequencies and angles are computed in f32, as transformers does, so positions far into the
@@ -63,11 +64,13 @@ impl Factory<dyn PositionEncoding> for Rope {
         let dim = config.rotary_dim;
         let inv_freq = scaled_inv_freq(
             base_inv_freq(config.rope_theta as f32, dim),
+            config.rope_theta,
             &config.rope_scaling,
         );
         Ok(Box::new(RotaryEmbedding {
             dim,
             head_dim: config.head_dim,
+            interleaved: config.rope_interleaved,
             inv_freq,
             theta: config.rope_theta as f32,
             scaling: config.rope_scaling.clone(),
@@ -83,9 +86,25 @@ fn base_inv_freq(base: f32, dim: usize) -> Vec<f32> {
         .collect()
 }
 
-fn scaled_inv_freq(inv_freq: Vec<f32>, scaling: &RopeScaling) -> Vec<f32> {
+fn scaled_inv_freq(inv_freq: Vec<f32>, theta: f64, scaling: &RopeScaling) -> Vec<f32> {
     match *scaling {
         RopeScaling::None | RopeScaling::Dynamic { .. } | RopeScaling::LongRope { .. } => inv_freq,
+        RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            beta_fast,
+            beta_slow,
+            truncate,
+            ..
+        } => yarn(
+            &inv_freq,
+            theta,
+            factor,
+            original_max_position_embeddings,
+            beta_fast,
+            beta_slow,
+            truncate,
+        ),
         RopeScaling::Linear { factor } => inv_freq.iter().map(|f| f / factor as f32).collect(),
         RopeScaling::Llama3 {
             factor,
@@ -120,10 +139,45 @@ fn scaled_inv_freq(inv_freq: Vec<f32>, scaling: &RopeScaling) -> Vec<f32> {
     }
 }
 
+/// YaRN: each frequency is a blend of the original (extrapolated) and the `factor`-divided
+/// (interpolated) one, by a linear ramp between the dimensions whose wavelengths make
+/// `beta_fast` and `beta_slow` rotations over the trained context.
+fn yarn(
+    inv_freq: &[f32],
+    base: f64,
+    factor: f64,
+    original: usize,
+    beta_fast: f64,
+    beta_slow: f64,
+    truncate: bool,
+) -> Vec<f32> {
+    let dim = (inv_freq.len() * 2) as f64;
+    let correction_dim =
+        |rotations: f64| dim * (original as f64 / (rotations * 2.0 * PI)).ln() / (2.0 * base.ln());
+    let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
+    if truncate {
+        (low, high) = (low.floor(), high.ceil());
+    }
+    let (low, high) = (low.max(0.0) as f32, high.min(dim - 1.0) as f32);
+    let high = if low == high { high + 0.001 } else { high };
+    inv_freq
+        .iter()
+        .enumerate()
+        .map(|(i, &extrapolated)| {
+            let ramp = ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
+            let extrapolation = 1.0 - ramp;
+            let interpolated = extrapolated / factor as f32;
+            interpolated * (1.0 - extrapolation) + extrapolated * extrapolation
+        })
+        .collect()
+}
+
 struct RotaryEmbedding {
     /// Rotated leading dimensions of each head (all of it unless partial, as in GPT-NeoX).
     dim: usize,
     head_dim: usize,
+    /// Adjacent pairs rotate together (DeepSeek) instead of the two halves.
+    interleaved: bool,
     inv_freq: Vec<f32>,
     theta: f32,
     scaling: RopeScaling,
@@ -166,6 +220,9 @@ impl RotaryEmbedding {
                     .collect();
                 (inv_freq, *attention_factor as f32)
             }
+            RopeScaling::Yarn {
+                attention_factor, ..
+            } => (self.inv_freq.clone(), *attention_factor as f32),
             _ => (self.inv_freq.clone(), 1.0),
         }
     }
@@ -188,9 +245,15 @@ impl PositionEncoding for RotaryEmbedding {
                     .unzip();
                 for head in row.chunks_exact_mut(self.head_dim).take(heads) {
                     for i in 0..half {
-                        let (a, b) = (head[i], head[i + half]);
-                        head[i] = a * cos[i] - b * sin[i];
-                        head[i + half] = b * cos[i] + a * sin[i];
+                        // Pair i is (i, i + half), or (2i, 2i + 1) in the interleaved layout.
+                        let (x, y) = if self.interleaved {
+                            (2 * i, 2 * i + 1)
+                        } else {
+                            (i, i + half)
+                        };
+                        let (a, b) = (head[x], head[y]);
+                        head[x] = a * cos[i] - b * sin[i];
+                        head[y] = b * cos[i] + a * sin[i];
                     }
                 }
             });
@@ -206,6 +269,7 @@ mod tests {
         let base = base_inv_freq(500000.0, 64);
         let scaled = scaled_inv_freq(
             base.clone(),
+            500000.0,
             &RopeScaling::Llama3 {
                 factor: 8.0,
                 low_freq_factor: 1.0,

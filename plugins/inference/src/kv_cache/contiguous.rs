@@ -56,7 +56,7 @@ impl SequenceKv for ContiguousSequence {
     }
 
     fn append(&mut self, layer: usize, keys: &Matrix, values: &Matrix) {
-        debug_assert_eq!((keys.cols, values.cols), (self.kv_dim, self.kv_dim));
+        debug_assert!(keys.cols == self.kv_dim && (values.cols == self.kv_dim || values.cols == 0));
         let (k, v) = &mut self.layers[layer];
         k.extend_from_slice(&keys.data);
         v.extend_from_slice(&values.data);
