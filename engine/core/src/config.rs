@@ -45,6 +45,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "gpt2",
     "phi3",
     "deepseek_v2",
+    "smollm3",
 ];
 
 /// Config keys some families spell differently, read under the Llama spelling.
@@ -176,6 +177,8 @@ pub struct ModelConfig {
     pub mla: Option<MlaConfig>,
     /// Rotary pairs are adjacent dimensions `(2i, 2i+1)` (DeepSeek) rather than the two halves.
     pub rope_interleaved: bool,
+    /// Per layer: attend with no position encoding at all (NoPE; SmolLM3's `no_rope_layers`).
+    pub nope_layers: Vec<bool>,
     /// Attention scores pass through `cap · tanh(score / cap)` (Gemma 2).
     pub attn_softcap: Option<f64>,
     /// Final logits pass through `cap · tanh(logit / cap)` (Gemma 2).
@@ -627,6 +630,7 @@ impl ModelConfig {
             positive(f.f64("query_pre_attn_scalar")?, "query_pre_attn_scalar")?;
         let moe = mixture_of_experts(&mut f, family, num_layers)?;
         let mla = latent_attention(&mut f, family, head_dim)?;
+        let nope_layers = no_position_layers(&mut f, family, num_layers)?;
         let config = Self {
             hidden_size,
             // BLOOM's MLP is always four times as wide as the model, GPT-2's unless `n_inner`
@@ -704,6 +708,7 @@ impl ModelConfig {
             moe,
             mla,
             rope_interleaved: family == "deepseek_v2",
+            nope_layers,
             attn_softcap,
             final_softcap,
             query_pre_attn_scalar,
@@ -778,6 +783,9 @@ impl ModelConfig {
         if self.sliding_layers.iter().any(Option::is_some) {
             plugins.push(("attention-window", "sliding-window"));
         }
+        if self.nope_layers.iter().any(|n| *n) {
+            plugins.push(("nope", "nope"));
+        }
         if self.attn_softcap.is_some() || self.final_softcap.is_some() {
             plugins.push(("softcap", "softcap"));
         }
@@ -850,6 +858,7 @@ fn sliding_window<'a>(
         "mixtral",
         "qwen2_moe",
         "phi3",
+        "smollm3",
     ]
     .contains(&family)
     {
@@ -857,7 +866,9 @@ fn sliding_window<'a>(
     }
     let window = f.usize("sliding_window")?;
     let enabled = match family {
-        "qwen2" | "qwen3" | "qwen2_moe" => f.bool("use_sliding_window")?.unwrap_or(false),
+        "qwen2" | "qwen3" | "qwen2_moe" | "smollm3" => {
+            f.bool("use_sliding_window")?.unwrap_or(false)
+        }
         _ => true,
     };
     let max_window_layers = f.usize("max_window_layers")?;
@@ -896,7 +907,9 @@ fn sliding_window<'a>(
             .map(|i| {
                 let slides = match family {
                     "gemma2" => i % 2 == 0,
-                    "qwen2" | "qwen3" | "qwen2_moe" => i >= max_window_layers.unwrap_or(0),
+                    "qwen2" | "qwen3" | "qwen2_moe" | "smollm3" => {
+                        i >= max_window_layers.unwrap_or(0)
+                    }
                     _ => true,
                 };
                 slides.then_some(window)
@@ -961,6 +974,37 @@ fn falcon_layout<'a>(f: &mut Fields<'a>) -> Result<bool, ConfigError> {
         false => Err(invalid(
             "falcon: only `parallel_attn: true` is supported".into(),
         )),
+    }
+}
+
+/// SmolLM3's NoPE layers: `no_rope_layers[i]` is 1 where layer `i` uses rotary embeddings and
+/// 0 where it uses none; without the list, every `no_rope_layer_interval`-th layer is NoPE.
+fn no_position_layers<'a>(
+    f: &mut Fields<'a>,
+    family: &str,
+    layers: usize,
+) -> Result<Vec<bool>, ConfigError> {
+    if family != "smollm3" {
+        return Ok(vec![false; layers]);
+    }
+    let interval = f.usize("no_rope_layer_interval")?;
+    match f.get("no_rope_layers") {
+        Some(Value::Array(flags)) if flags.len() == layers => flags
+            .iter()
+            .map(|v| match v.as_u64() {
+                Some(0) => Ok(true),
+                Some(1) => Ok(false),
+                _ => Err(invalid(format!(
+                    "`no_rope_layers` entries must be 0 or 1, got {v}"
+                ))),
+            })
+            .collect(),
+        Some(other) => Err(invalid(format!(
+            "`no_rope_layers` must be a list of {layers} flags, got {other}"
+        ))),
+        None => Ok((0..layers)
+            .map(|i| interval.is_some_and(|n| n > 0 && (i + 1) % n == 0))
+            .collect()),
     }
 }
 

@@ -5,8 +5,8 @@ use anyhow::{bail, Context};
 use crate::config::{ModelConfig, NormSite, QkNormScope, QkvLayout};
 use crate::ops::{
     AttendOptions, Attention, AttentionBlock, AttentionWindow, Bias, BuildContext, DenseLinear,
-    Ffn, KvCache, Linear, Norm, Operator, Operators, PositionEncoding, Residual, SequenceKv, Slot,
-    Softcap,
+    Ffn, KvCache, Linear, NoPosition, Norm, Operator, Operators, PositionEncoding, Residual,
+    SequenceKv, Slot, Softcap,
 };
 use crate::tensor::Matrix;
 use crate::weights::{Weight, Weights};
@@ -85,6 +85,7 @@ pub struct Model {
     residual: Box<dyn Residual>,
     window: Option<Box<dyn AttentionWindow>>,
     softcap: Option<Box<dyn Softcap>>,
+    nope: Option<Box<dyn NoPosition>>,
     kv_cache: Box<dyn KvCache>,
     weight_bytes: usize,
 }
@@ -156,6 +157,7 @@ impl Model {
                 .context(required)?
                 .build(&cx, "", config.hidden_size)?;
         let softcap = operator!(chosen, Softcap);
+        let nope = operator!(chosen, Nope);
         let bias = operator!(chosen, QkvBias);
         let qk_norm = operator!(chosen, QkNorm);
         let window = operator!(chosen, AttentionWindow);
@@ -268,6 +270,7 @@ impl Model {
             residual,
             window: window.map(|w| w.build(&cx, "", 0)).transpose()?,
             softcap: softcap.map(|s| s.build(&cx, "", 0)).transpose()?,
+            nope: nope.map(|n| n.build(&cx, "", 0)).transpose()?,
             kv_cache: kv.build(&cx, "", 0)?,
             weight_bytes,
             config,
@@ -346,8 +349,10 @@ impl Model {
                         q = per_head(q_norm.as_ref(), q);
                         k = per_head(k_norm.as_ref(), k);
                     }
-                    self.position.apply(&mut q, cfg.num_heads, &positions);
-                    self.position.apply(&mut k, cfg.num_kv_heads, &positions);
+                    if !self.nope.as_ref().is_some_and(|n| n.skips(i)) {
+                        self.position.apply(&mut q, cfg.num_heads, &positions);
+                        self.position.apply(&mut k, cfg.num_kv_heads, &positions);
+                    }
                     kv.append(i, &k, &v);
                     let kernel = self
                         .attention

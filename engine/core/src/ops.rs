@@ -24,10 +24,11 @@ pub enum Slot {
     QkNorm,
     AttentionWindow,
     Softcap,
+    Nope,
 }
 
 impl Slot {
-    pub const ALL: [Slot; 10] = [
+    pub const ALL: [Slot; 11] = [
         Slot::Attention,
         Slot::Position,
         Slot::Norm,
@@ -38,6 +39,7 @@ impl Slot {
         Slot::QkNorm,
         Slot::AttentionWindow,
         Slot::Softcap,
+        Slot::Nope,
     ];
 
     /// The registry's `provides` name of this slot.
@@ -53,6 +55,7 @@ impl Slot {
             Slot::QkNorm => "qk-norm",
             Slot::AttentionWindow => "attention-window",
             Slot::Softcap => "softcap",
+            Slot::Nope => "nope",
         }
     }
 }
@@ -86,6 +89,11 @@ pub trait Residual: Send + Sync {
         attention: &mut dyn FnMut(&Matrix) -> Matrix,
         ffn: &dyn Fn(&Matrix) -> Matrix,
     );
+}
+
+/// Layers that attend with no position encoding at all (NoPE).
+pub trait NoPosition: Send + Sync {
+    fn skips(&self, layer: usize) -> bool;
 }
 
 /// Soft caps `c · tanh(x / c)` on attention scores and on final logits.
@@ -245,6 +253,7 @@ pub enum Operator {
     QkNorm(Arc<dyn Factory<dyn Norm>>),
     AttentionWindow(Arc<dyn Factory<dyn AttentionWindow>>),
     Softcap(Arc<dyn Factory<dyn Softcap>>),
+    Nope(Arc<dyn Factory<dyn NoPosition>>),
 }
 
 impl Operator {
@@ -257,6 +266,7 @@ impl Operator {
             Operator::KvCache(_) => Slot::KvCache,
             Operator::Residual(_) => Slot::Residual,
             Operator::Softcap(_) => Slot::Softcap,
+            Operator::Nope(_) => Slot::Nope,
             Operator::QkvBias(_) => Slot::QkvBias,
             Operator::QkNorm(_) => Slot::QkNorm,
             Operator::AttentionWindow(_) => Slot::AttentionWindow,
@@ -273,6 +283,7 @@ impl Operator {
             Operator::KvCache(f) => f.check(config),
             Operator::Residual(f) => f.check(config),
             Operator::Softcap(f) => f.check(config),
+            Operator::Nope(f) => f.check(config),
             Operator::QkvBias(f) => f.check(config),
             Operator::QkNorm(f) => f.check(config),
             Operator::AttentionWindow(f) => f.check(config),

@@ -23,6 +23,7 @@ pub fn plugins() -> Vec<Box<dyn Plugin>> {
         Box::new(position::rope::Rope),
         Box::new(position::alibi::Alibi),
         Box::new(position::learned::LearnedPosition),
+        Box::new(position::nope::Nope),
         Box::new(norm::rmsnorm::RmsNorm),
         Box::new(norm::offset_rmsnorm::OffsetRmsNorm),
         Box::new(norm::qk_norm::QkNorm),

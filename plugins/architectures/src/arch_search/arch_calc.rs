@@ -71,6 +71,7 @@ pub const SUPPORTED: &[&str] = &[
     "bloom",
     "starcoder2",
     "olmo2",
+    "smollm3",
 ];
 
 /// Training tokens per parameter at the Chinchilla compute optimum.
@@ -437,7 +438,7 @@ pub fn from_config(value: &Value) -> anyhow::Result<Arch> {
     let r = Reader { config, model_type };
     let arch = match model_type {
         "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "phi3" | "olmo2"
-        | "starcoder2" => decoder(&r)?,
+        | "starcoder2" | "smollm3" => decoder(&r)?,
         "mixtral" => mixtral(&r)?,
         "qwen2_moe" => qwen2_moe(&r)?,
         "deepseek_v2" => deepseek_v2(&r)?,

@@ -2,6 +2,7 @@
 
 pub mod alibi;
 pub mod learned;
+pub mod nope;
 pub mod rope;
 
 use vibee_core::config::{ModelConfig, PositionKind};
