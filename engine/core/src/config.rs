@@ -1253,7 +1253,8 @@ fn rope<'a>(
                 softmax_mscale: mscale_all_dim.filter(|m| *m != 0.0).map_or(1.0, |m| get_mscale(factor, m)),
             }
         }
-        "longrope" => {
+        // "su" is the name Phi-3's first configs gave longrope.
+        "longrope" | "su" => {
             let original = p
                 .usize("original_max_position_embeddings")?
                 .or(top_original)
@@ -1380,6 +1381,23 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("rope_scaling.beta"));
+    }
+
+    #[test]
+    fn phi3_su_scaling_reads_as_longrope() {
+        let json = TINYLLAMA_4X.replace(
+            r#""rope_scaling": null"#,
+            r#""rope_scaling": {"type": "su", "short_factor": [1.0], "long_factor": [2.0],
+               "original_max_position_embeddings": 1024}"#,
+        );
+        let c = ModelConfig::from_json(&json).unwrap();
+        assert!(matches!(
+            c.rope_scaling,
+            RopeScaling::LongRope {
+                original_max_position_embeddings: 1024,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -8,7 +8,16 @@ use vibee_core::config::{FfnKind, ModelConfig};
 use vibee_core::ops::{BuildContext, Factory, Ffn, Linear, Operator};
 use vibee_core::{App, Matrix, Plugin, PluginSpec};
 
-use super::geglu::activation;
+use vibee_core::cpu::silu;
+
+/// The activations a plain MLP may use: the GELUs, ReLU (OPT-style) and SiLU.
+fn activation(name: &str) -> Option<fn(f32) -> f32> {
+    match name {
+        "relu" => Some(|x: f32| x.max(0.0)),
+        "silu" => Some(silu),
+        gelu => super::geglu::activation(gelu),
+    }
+}
 
 pub struct Mlp;
 
@@ -92,5 +101,18 @@ impl Ffn for MlpOp {
 
     fn weight_bytes(&self) -> usize {
         self.fc.weight_bytes() + self.proj.weight_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::activation;
+
+    #[test]
+    fn activations_by_name() {
+        let relu = activation("relu").unwrap();
+        assert_eq!((relu(-2.0), relu(3.0)), (0.0, 3.0));
+        assert!((activation("silu").unwrap()(1.0) - 0.731_058_6).abs() < 1e-6);
+        assert!(activation("gelu_new").is_some() && activation("swish7").is_none());
     }
 }
