@@ -20,6 +20,28 @@ pub trait Plugin: Send + Sync + 'static {
     fn build(&self, app: &mut App);
 }
 
+/// Implements [`Plugin`] for a unit struct whose whole contribution is one operator: the struct
+/// is also the operator's factory. `operator_plugin!(Gqa, "v2202", "gqa", Attention)`.
+#[macro_export]
+macro_rules! operator_plugin {
+    ($plugin:ident, $id:literal, $name:literal, $variant:ident) => {
+        impl $crate::Plugin for $plugin {
+            fn spec(&self) -> $crate::PluginSpec {
+                $crate::PluginSpec {
+                    id: $id,
+                    name: $name,
+                }
+            }
+
+            fn build(&self, app: &mut $crate::App) {
+                app.register_operator($crate::ops::Operator::$variant(::std::sync::Arc::new(
+                    $plugin,
+                )));
+            }
+        }
+    };
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ResolveError {
     #[error("unknown plugin `{name}`{}", suggestion(.closest))]

@@ -2,11 +2,8 @@
 //! key/value head, sliding windows, ALiBi, soft caps), computed tile by tile with an online
 //! softmax so no query ever holds its full row of scores.
 
-use std::sync::Arc;
-
 use vibee_core::config::ModelConfig;
-use vibee_core::ops::{Attention, BuildContext, Factory, Operator};
-use vibee_core::{App, Plugin, PluginSpec};
+use vibee_core::ops::{Attention, BuildContext, Factory};
 
 use super::causal::CausalAttention;
 
@@ -15,18 +12,7 @@ const TILE: usize = 64;
 
 pub struct FlashAttention;
 
-impl Plugin for FlashAttention {
-    fn spec(&self) -> PluginSpec {
-        PluginSpec {
-            id: "v2205",
-            name: "flash-attention",
-        }
-    }
-
-    fn build(&self, app: &mut App) {
-        app.register_operator(Operator::Attention(Arc::new(FlashAttention)));
-    }
-}
+vibee_core::operator_plugin!(FlashAttention, "v2205", "flash-attention", Attention);
 
 impl Factory<dyn Attention> for FlashAttention {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {

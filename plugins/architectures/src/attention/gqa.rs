@@ -1,28 +1,14 @@
 //! v2202 `gqa`: grouped-query attention, each key/value head shared by a group of query heads.
 //! It generalises `mha` (groups of one) and `mqa` (one group), so it fits both.
 
-use std::sync::Arc;
-
 use vibee_core::config::ModelConfig;
-use vibee_core::ops::{Attention, BuildContext, Factory, Operator};
-use vibee_core::{App, Plugin, PluginSpec};
+use vibee_core::ops::{Attention, BuildContext, Factory};
 
 use super::causal::CausalAttention;
 
 pub struct Gqa;
 
-impl Plugin for Gqa {
-    fn spec(&self) -> PluginSpec {
-        PluginSpec {
-            id: "v2202",
-            name: "gqa",
-        }
-    }
-
-    fn build(&self, app: &mut App) {
-        app.register_operator(Operator::Attention(Arc::new(Gqa)));
-    }
-}
+vibee_core::operator_plugin!(Gqa, "v2202", "gqa", Attention);
 
 impl Factory<dyn Attention> for Gqa {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {

@@ -1,27 +1,13 @@
 //! v2200 `mha`: multi-head attention, one key/value head per query head.
 
-use std::sync::Arc;
-
 use vibee_core::config::ModelConfig;
-use vibee_core::ops::{Attention, BuildContext, Factory, Operator};
-use vibee_core::{App, Plugin, PluginSpec};
+use vibee_core::ops::{Attention, BuildContext, Factory};
 
 use super::causal::CausalAttention;
 
 pub struct Mha;
 
-impl Plugin for Mha {
-    fn spec(&self) -> PluginSpec {
-        PluginSpec {
-            id: "v2200",
-            name: "mha",
-        }
-    }
-
-    fn build(&self, app: &mut App) {
-        app.register_operator(Operator::Attention(Arc::new(Mha)));
-    }
-}
+vibee_core::operator_plugin!(Mha, "v2200", "mha", Attention);
 
 impl Factory<dyn Attention> for Mha {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {

@@ -8,31 +8,18 @@
 //! weighted sum of latents, so no per-head key or value is ever materialised — the decode path
 //! reads the compressed cache directly.
 
-use std::sync::Arc;
-
 use vibee_core::config::{MlaConfig, ModelConfig, RopeScaling};
 use vibee_core::cpu::{axpy, dot, softmax};
 use vibee_core::ops::{
-    AttentionBlock, BuildContext, Factory, Linear, Norm, Operator, PositionEncoding, SequenceKv,
+    AttentionBlock, BuildContext, Factory, Linear, Norm, PositionEncoding, SequenceKv,
 };
-use vibee_core::{parallel, App, Matrix, Plugin, PluginSpec};
+use vibee_core::{parallel, Matrix};
 
 use crate::norm::rmsnorm::RmsNormOp;
 
 pub struct Mla;
 
-impl Plugin for Mla {
-    fn spec(&self) -> PluginSpec {
-        PluginSpec {
-            id: "v2204",
-            name: "mla",
-        }
-    }
-
-    fn build(&self, app: &mut App) {
-        app.register_operator(Operator::AttentionBlock(Arc::new(Mla)));
-    }
-}
+vibee_core::operator_plugin!(Mla, "v2204", "mla", AttentionBlock);
 
 impl Factory<dyn AttentionBlock> for Mla {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {

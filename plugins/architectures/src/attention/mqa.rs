@@ -1,27 +1,13 @@
 //! v2201 `mqa`: multi-query attention, one key/value head shared by all query heads.
 
-use std::sync::Arc;
-
 use vibee_core::config::ModelConfig;
-use vibee_core::ops::{Attention, BuildContext, Factory, Operator};
-use vibee_core::{App, Plugin, PluginSpec};
+use vibee_core::ops::{Attention, BuildContext, Factory};
 
 use super::causal::CausalAttention;
 
 pub struct Mqa;
 
-impl Plugin for Mqa {
-    fn spec(&self) -> PluginSpec {
-        PluginSpec {
-            id: "v2201",
-            name: "mqa",
-        }
-    }
-
-    fn build(&self, app: &mut App) {
-        app.register_operator(Operator::Attention(Arc::new(Mqa)));
-    }
-}
+vibee_core::operator_plugin!(Mqa, "v2201", "mqa", Attention);
 
 impl Factory<dyn Attention> for Mqa {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {

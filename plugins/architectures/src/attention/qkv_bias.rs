@@ -1,26 +1,13 @@
 //! v2206 `qkv-bias`: learned biases added to the query, key and value projections (Qwen2), and
 //! to the output projection where the checkpoint has one (StarCoder2).
 
-use std::sync::Arc;
-
 use vibee_core::config::ModelConfig;
-use vibee_core::ops::{Bias, BuildContext, Factory, Operator};
-use vibee_core::{App, Matrix, Plugin, PluginSpec};
+use vibee_core::ops::{Bias, BuildContext, Factory};
+use vibee_core::Matrix;
 
 pub struct QkvBias;
 
-impl Plugin for QkvBias {
-    fn spec(&self) -> PluginSpec {
-        PluginSpec {
-            id: "v2206",
-            name: "qkv-bias",
-        }
-    }
-
-    fn build(&self, app: &mut App) {
-        app.register_operator(Operator::QkvBias(Arc::new(QkvBias)));
-    }
-}
+vibee_core::operator_plugin!(QkvBias, "v2206", "qkv-bias", QkvBias);
 
 impl Factory<dyn Bias> for QkvBias {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {

@@ -2,26 +2,12 @@
 //! (itself included), in the layers the checkpoint marks (Mistral: all; Qwen2: from
 //! `max_window_layers` on, or as `layer_types` lists).
 
-use std::sync::Arc;
-
 use vibee_core::config::ModelConfig;
-use vibee_core::ops::{AttentionWindow, BuildContext, Factory, Operator};
-use vibee_core::{App, Plugin, PluginSpec};
+use vibee_core::ops::{AttentionWindow, BuildContext, Factory};
 
 pub struct SlidingWindow;
 
-impl Plugin for SlidingWindow {
-    fn spec(&self) -> PluginSpec {
-        PluginSpec {
-            id: "v2203",
-            name: "sliding-window",
-        }
-    }
-
-    fn build(&self, app: &mut App) {
-        app.register_operator(Operator::AttentionWindow(Arc::new(SlidingWindow)));
-    }
-}
+vibee_core::operator_plugin!(SlidingWindow, "v2203", "sliding-window", AttentionWindow);
 
 impl Factory<dyn AttentionWindow> for SlidingWindow {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {

@@ -1,26 +1,12 @@
 //! v2207 `softcap`: attention scores and final logits pass through `cap · tanh(x / cap)`, with
 //! the caps the checkpoint sets (Gemma 2: `attn_logit_softcapping`, `final_logit_softcapping`).
 
-use std::sync::Arc;
-
 use vibee_core::config::ModelConfig;
-use vibee_core::ops::{BuildContext, Factory, Operator, Softcap as Caps};
-use vibee_core::{App, Plugin, PluginSpec};
+use vibee_core::ops::{BuildContext, Factory, Softcap as Caps};
 
 pub struct Softcap;
 
-impl Plugin for Softcap {
-    fn spec(&self) -> PluginSpec {
-        PluginSpec {
-            id: "v2207",
-            name: "softcap",
-        }
-    }
-
-    fn build(&self, app: &mut App) {
-        app.register_operator(Operator::Softcap(Arc::new(Softcap)));
-    }
-}
+vibee_core::operator_plugin!(Softcap, "v2207", "softcap", Softcap);
 
 impl Factory<dyn Caps> for Softcap {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {

@@ -1,28 +1,14 @@
 //! v2261 `geglu`: the gated GELU feed-forward, `down(gelu(gate(x)) · up(x))` (Gemma), with the
 //! exact (erf) GELU or its tanh approximation as the checkpoint's `hidden_act` says.
 
-use std::sync::Arc;
-
 use vibee_core::config::ModelConfig;
-use vibee_core::ops::{BuildContext, Factory, Ffn, Operator};
-use vibee_core::{App, Plugin, PluginSpec};
+use vibee_core::ops::{BuildContext, Factory, Ffn};
 
 use super::gated::GatedFfn;
 
 pub struct GeGlu;
 
-impl Plugin for GeGlu {
-    fn spec(&self) -> PluginSpec {
-        PluginSpec {
-            id: "v2261",
-            name: "geglu",
-        }
-    }
-
-    fn build(&self, app: &mut App) {
-        app.register_operator(Operator::Ffn(Arc::new(GeGlu)));
-    }
-}
+vibee_core::operator_plugin!(GeGlu, "v2261", "geglu", Ffn);
 
 /// The GELU variant a `hidden_act` names.
 pub fn activation(name: &str) -> Option<fn(f32) -> f32> {

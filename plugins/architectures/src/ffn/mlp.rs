@@ -2,11 +2,9 @@
 //! checkpoint has them (StarCoder2's `c_fc`/`c_proj`, GPT-NeoX's and Falcon's
 //! `dense_h_to_4h`/`dense_4h_to_h`).
 
-use std::sync::Arc;
-
 use vibee_core::config::{FfnKind, ModelConfig};
-use vibee_core::ops::{BuildContext, Factory, Ffn, Linear, Operator};
-use vibee_core::{App, Matrix, Plugin, PluginSpec};
+use vibee_core::ops::{BuildContext, Factory, Ffn, Linear};
+use vibee_core::Matrix;
 
 use vibee_core::cpu::silu;
 
@@ -21,18 +19,7 @@ fn activation(name: &str) -> Option<fn(f32) -> f32> {
 
 pub struct Mlp;
 
-impl Plugin for Mlp {
-    fn spec(&self) -> PluginSpec {
-        PluginSpec {
-            id: "v2263",
-            name: "mlp",
-        }
-    }
-
-    fn build(&self, app: &mut App) {
-        app.register_operator(Operator::Ffn(Arc::new(Mlp)));
-    }
-}
+vibee_core::operator_plugin!(Mlp, "v2263", "mlp", Ffn);
 
 impl Factory<dyn Ffn> for Mlp {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {

@@ -8,29 +8,16 @@
 //! costs one matmul per expert, not one per token, and the layout splits across devices by
 //! expert.
 
-use std::sync::Arc;
-
 use vibee_core::config::{ModelConfig, MoeConfig, MoeLayout};
 use vibee_core::cpu::{axpy, silu, softmax};
-use vibee_core::ops::{BuildContext, Factory, Ffn, Linear, Operator};
-use vibee_core::{App, Matrix, Plugin, PluginSpec};
+use vibee_core::ops::{BuildContext, Factory, Ffn, Linear};
+use vibee_core::Matrix;
 
 use super::gated::GatedFfn;
 
 pub struct Moe;
 
-impl Plugin for Moe {
-    fn spec(&self) -> PluginSpec {
-        PluginSpec {
-            id: "v2262",
-            name: "moe",
-        }
-    }
-
-    fn build(&self, app: &mut App) {
-        app.register_operator(Operator::Ffn(Arc::new(Moe)));
-    }
-}
+vibee_core::operator_plugin!(Moe, "v2262", "moe", Ffn);
 
 impl Factory<dyn Ffn> for Moe {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {

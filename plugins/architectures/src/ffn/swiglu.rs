@@ -1,28 +1,14 @@
 //! v2260 `swiglu`: the gated SiLU feed-forward, `down(silu(gate(x)) · up(x))`.
 
-use std::sync::Arc;
-
 use vibee_core::config::ModelConfig;
 use vibee_core::cpu::silu;
-use vibee_core::ops::{BuildContext, Factory, Ffn, Operator};
-use vibee_core::{App, Plugin, PluginSpec};
+use vibee_core::ops::{BuildContext, Factory, Ffn};
 
 use super::gated::GatedFfn;
 
 pub struct SwiGlu;
 
-impl Plugin for SwiGlu {
-    fn spec(&self) -> PluginSpec {
-        PluginSpec {
-            id: "v2260",
-            name: "swiglu",
-        }
-    }
-
-    fn build(&self, app: &mut App) {
-        app.register_operator(Operator::Ffn(Arc::new(SwiGlu)));
-    }
-}
+vibee_core::operator_plugin!(SwiGlu, "v2260", "swiglu", Ffn);
 
 impl Factory<dyn Ffn> for SwiGlu {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {

@@ -1,27 +1,14 @@
 //! v2241 `layernorm`: `(x − mean) / sqrt(var + eps) · weight + bias` over each row, with or
 //! without the bias (StarCoder2, GPT-2, GPT-NeoX, Falcon, BLOOM).
 
-use std::sync::Arc;
-
 use rayon::prelude::*;
 use vibee_core::config::{ModelConfig, NormKind};
-use vibee_core::ops::{BuildContext, Factory, Norm, Operator};
-use vibee_core::{App, Matrix, Plugin, PluginSpec};
+use vibee_core::ops::{BuildContext, Factory, Norm};
+use vibee_core::Matrix;
 
 pub struct LayerNorm;
 
-impl Plugin for LayerNorm {
-    fn spec(&self) -> PluginSpec {
-        PluginSpec {
-            id: "v2241",
-            name: "layernorm",
-        }
-    }
-
-    fn build(&self, app: &mut App) {
-        app.register_operator(Operator::Norm(Arc::new(LayerNorm)));
-    }
-}
+vibee_core::operator_plugin!(LayerNorm, "v2241", "layernorm", Norm);
 
 impl Factory<dyn Norm> for LayerNorm {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {

@@ -1,28 +1,14 @@
 //! v2242 `offset-rmsnorm`: RMSNorm whose stored weight is an offset from one,
 //! `x / sqrt(mean(x²) + eps) · (1 + weight)` (Gemma). The offset is folded in at load time.
 
-use std::sync::Arc;
-
 use vibee_core::config::{ModelConfig, NormKind};
-use vibee_core::ops::{BuildContext, Factory, Norm, Operator};
-use vibee_core::{App, Plugin, PluginSpec};
+use vibee_core::ops::{BuildContext, Factory, Norm};
 
 use super::rmsnorm::RmsNormOp;
 
 pub struct OffsetRmsNorm;
 
-impl Plugin for OffsetRmsNorm {
-    fn spec(&self) -> PluginSpec {
-        PluginSpec {
-            id: "v2242",
-            name: "offset-rmsnorm",
-        }
-    }
-
-    fn build(&self, app: &mut App) {
-        app.register_operator(Operator::Norm(Arc::new(OffsetRmsNorm)));
-    }
-}
+vibee_core::operator_plugin!(OffsetRmsNorm, "v2242", "offset-rmsnorm", Norm);
 
 impl Factory<dyn Norm> for OffsetRmsNorm {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {

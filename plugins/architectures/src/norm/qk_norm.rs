@@ -1,28 +1,14 @@
 //! v2243 `qk-norm`: RMSNorm of queries and keys before the rotary embedding, with their own
 //! learned gains: per head (Qwen3) or over the whole projection (OLMo 2).
 
-use std::sync::Arc;
-
 use vibee_core::config::ModelConfig;
-use vibee_core::ops::{BuildContext, Factory, Norm, Operator};
-use vibee_core::{App, Plugin, PluginSpec};
+use vibee_core::ops::{BuildContext, Factory, Norm};
 
 use super::rmsnorm::RmsNormOp;
 
 pub struct QkNorm;
 
-impl Plugin for QkNorm {
-    fn spec(&self) -> PluginSpec {
-        PluginSpec {
-            id: "v2243",
-            name: "qk-norm",
-        }
-    }
-
-    fn build(&self, app: &mut App) {
-        app.register_operator(Operator::QkNorm(Arc::new(QkNorm)));
-    }
-}
+vibee_core::operator_plugin!(QkNorm, "v2243", "qk-norm", QkNorm);
 
 impl Factory<dyn Norm> for QkNorm {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {

@@ -1,26 +1,13 @@
 //! v2240 `rmsnorm`: root-mean-square layer norm, `x / sqrt(mean(x²) + eps) · weight`.
 
-use std::sync::Arc;
-
 use rayon::prelude::*;
 use vibee_core::config::{ModelConfig, NormKind};
-use vibee_core::ops::{BuildContext, Factory, Norm, Operator};
-use vibee_core::{App, Matrix, Plugin, PluginSpec};
+use vibee_core::ops::{BuildContext, Factory, Norm};
+use vibee_core::Matrix;
 
 pub struct RmsNorm;
 
-impl Plugin for RmsNorm {
-    fn spec(&self) -> PluginSpec {
-        PluginSpec {
-            id: "v2240",
-            name: "rmsnorm",
-        }
-    }
-
-    fn build(&self, app: &mut App) {
-        app.register_operator(Operator::Norm(Arc::new(RmsNorm)));
-    }
-}
+vibee_core::operator_plugin!(RmsNorm, "v2240", "rmsnorm", Norm);
 
 impl Factory<dyn Norm> for RmsNorm {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {

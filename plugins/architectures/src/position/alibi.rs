@@ -3,26 +3,13 @@
 //! growing linearly with distance. Slopes follow the paper: a geometric sequence for the largest
 //! power of two not above the head count, interleaved extras for the remaining heads.
 
-use std::sync::Arc;
-
 use vibee_core::config::{ModelConfig, PositionKind};
-use vibee_core::ops::{BuildContext, Factory, Operator, PositionEncoding};
-use vibee_core::{App, Matrix, Plugin, PluginSpec};
+use vibee_core::ops::{BuildContext, Factory, PositionEncoding};
+use vibee_core::Matrix;
 
 pub struct Alibi;
 
-impl Plugin for Alibi {
-    fn spec(&self) -> PluginSpec {
-        PluginSpec {
-            id: "v2221",
-            name: "alibi",
-        }
-    }
-
-    fn build(&self, app: &mut App) {
-        app.register_operator(Operator::Position(Arc::new(Alibi)));
-    }
-}
+vibee_core::operator_plugin!(Alibi, "v2221", "alibi", Position);
 
 impl Factory<dyn PositionEncoding> for Alibi {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {

@@ -1,27 +1,14 @@
 //! v2222 `learned-position`: a learned embedding per absolute position, added to the token
 //! embeddings (GPT-2). Queries and keys are left as they are.
 
-use std::sync::Arc;
-
 use vibee_core::config::{ModelConfig, PositionKind};
-use vibee_core::ops::{BuildContext, Factory, Operator, PositionEncoding};
+use vibee_core::ops::{BuildContext, Factory, PositionEncoding};
 use vibee_core::weights::Weight;
-use vibee_core::{App, Matrix, Plugin, PluginSpec};
+use vibee_core::Matrix;
 
 pub struct LearnedPosition;
 
-impl Plugin for LearnedPosition {
-    fn spec(&self) -> PluginSpec {
-        PluginSpec {
-            id: "v2222",
-            name: "learned-position",
-        }
-    }
-
-    fn build(&self, app: &mut App) {
-        app.register_operator(Operator::Position(Arc::new(LearnedPosition)));
-    }
-}
+vibee_core::operator_plugin!(LearnedPosition, "v2222", "learned-position", Position);
 
 impl Factory<dyn PositionEncoding> for LearnedPosition {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {

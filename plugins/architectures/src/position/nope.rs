@@ -2,26 +2,12 @@
 //! only causal order (SmolLM3's `no_rope_layers`; Llama 4's interleaved NoPE layers). The other
 //! layers keep the model's position encoding.
 
-use std::sync::Arc;
-
 use vibee_core::config::ModelConfig;
-use vibee_core::ops::{BuildContext, Factory, NoPosition, Operator};
-use vibee_core::{App, Plugin, PluginSpec};
+use vibee_core::ops::{BuildContext, Factory, NoPosition};
 
 pub struct Nope;
 
-impl Plugin for Nope {
-    fn spec(&self) -> PluginSpec {
-        PluginSpec {
-            id: "v2223",
-            name: "nope",
-        }
-    }
-
-    fn build(&self, app: &mut App) {
-        app.register_operator(Operator::Nope(Arc::new(Nope)));
-    }
-}
+vibee_core::operator_plugin!(Nope, "v2223", "nope", Nope);
 
 impl Factory<dyn NoPosition> for Nope {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {

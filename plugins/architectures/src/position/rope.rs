@@ -7,27 +7,15 @@
 //! context round the same way.
 
 use std::f64::consts::PI;
-use std::sync::Arc;
 
 use rayon::prelude::*;
 use vibee_core::config::{ModelConfig, PositionKind, RopeScaling};
-use vibee_core::ops::{BuildContext, Factory, Operator, PositionEncoding};
-use vibee_core::{App, Matrix, Plugin, PluginSpec};
+use vibee_core::ops::{BuildContext, Factory, PositionEncoding};
+use vibee_core::Matrix;
 
 pub struct Rope;
 
-impl Plugin for Rope {
-    fn spec(&self) -> PluginSpec {
-        PluginSpec {
-            id: "v2220",
-            name: "rope",
-        }
-    }
-
-    fn build(&self, app: &mut App) {
-        app.register_operator(Operator::Position(Arc::new(Rope)));
-    }
-}
+vibee_core::operator_plugin!(Rope, "v2220", "rope", Position);
 
 impl Factory<dyn PositionEncoding> for Rope {
     fn check(&self, config: &ModelConfig) -> Result<(), String> {

@@ -1,25 +1,12 @@
 //! v2300 `kv-cache`: one contiguous, growing buffer of keys and one of values per layer.
 
-use std::sync::Arc;
-
 use vibee_core::config::ModelConfig;
-use vibee_core::ops::{BuildContext, Factory, KvCache, KvView, Operator, SequenceKv};
-use vibee_core::{App, Matrix, Plugin, PluginSpec};
+use vibee_core::ops::{BuildContext, Factory, KvCache, KvView, SequenceKv};
+use vibee_core::Matrix;
 
 pub struct ContiguousKvCache;
 
-impl Plugin for ContiguousKvCache {
-    fn spec(&self) -> PluginSpec {
-        PluginSpec {
-            id: "v2300",
-            name: "kv-cache",
-        }
-    }
-
-    fn build(&self, app: &mut App) {
-        app.register_operator(Operator::KvCache(Arc::new(ContiguousKvCache)));
-    }
-}
+vibee_core::operator_plugin!(ContiguousKvCache, "v2300", "kv-cache", KvCache);
 
 impl Factory<dyn KvCache> for ContiguousKvCache {
     fn check(&self, _config: &ModelConfig) -> Result<(), String> {
