@@ -1,38 +1,8 @@
 //! `vibee arch` (v2280 arch-calc) as a user runs it.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn vibee(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vibee"))
-        .args(args)
-        .current_dir(repo())
-        .output()
-        .expect("vibee runs")
-}
-
-fn stdout(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "vibee failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-fn failure(out: &Output, code: i32) -> String {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "expected a clean failure, got {:?}",
-        out.status
-    );
-    String::from_utf8(out.stderr.clone()).unwrap()
-}
+use common::{failure, stdout, vibee};
 
 fn json(args: &[&str]) -> serde_json::Value {
     let mut all = args.to_vec();

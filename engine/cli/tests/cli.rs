@@ -1,40 +1,8 @@
 //! The `vibee` command as a user runs it.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn vibee(args: &[&str]) -> Output {
-    let cache = std::env::temp_dir().join(format!("vibee-cli-test-{}", std::process::id()));
-    Command::new(env!("CARGO_BIN_EXE_vibee"))
-        .args(args)
-        .current_dir(repo())
-        .env("XDG_CACHE_HOME", cache)
-        .output()
-        .expect("vibee runs")
-}
-
-fn stdout(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "vibee failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-fn failure(out: &Output) -> String {
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "expected a clean failure, got {:?}",
-        out.status
-    );
-    String::from_utf8(out.stderr.clone()).unwrap()
-}
+use common::{failure, repo, stdout, vibee};
 
 fn reference(name: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(
@@ -206,7 +174,7 @@ fn bad_requests_fail_with_a_message_not_a_panic() {
             "unknown family `atention`",
         ),
     ] {
-        let err = failure(&vibee(&args));
+        let err = failure(&vibee(&args), 1);
         assert!(err.contains(message), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
@@ -266,7 +234,7 @@ fn conformance_exits_non_zero_when_a_case_fails() {
         "--root",
         root.to_str().unwrap(),
     ]);
-    let err = failure(&out);
+    let err = failure(&out, 1);
     assert!(err.contains("1 conformance case(s) failed"), "{err}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL"));
     std::fs::remove_dir_all(root).unwrap();
