@@ -12,6 +12,7 @@ use vibee_architectures::arch_search::arch_calc::{self, Dtype};
 use vibee_cli::{builtin_model_dir, builtin_plugins};
 use vibee_core::pipeline::SamplingParams;
 use vibee_core::registry::{Registry, FAMILIES};
+use vibee_core::tokenizer::ChatMessage;
 use vibee_core::{runner, Engine};
 
 #[derive(Parser)]
@@ -63,6 +64,12 @@ struct RunArgs {
     /// Prompt as comma-separated token ids.
     #[arg(long, value_delimiter = ',')]
     prompt_ids: Option<Vec<u32>>,
+    /// Send --prompt as a user message through the model's chat template.
+    #[arg(long, conflicts_with = "prompt_ids")]
+    chat: bool,
+    /// A system message to put before the user message (with --chat).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
     #[arg(long, default_value_t = 32)]
     max_tokens: usize,
     /// Always take the most likely token (temperature 0).
@@ -266,6 +273,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         (_, Some(ids)) => ids.clone(),
         (Some(text), None) if text.is_empty() => bail!("the prompt is empty: give some text"),
         (Some(text), None) => match &engine.tokenizer {
+            Some(tokenizer) if args.chat => {
+                let message = |role: &str, content: &str| ChatMessage {
+                    role: role.into(),
+                    content: content.into(),
+                };
+                let mut messages: Vec<ChatMessage> =
+                    args.system.iter().map(|s| message("system", s)).collect();
+                messages.push(message("user", text));
+                tokenizer.encode_chat(&messages, true)?
+            }
             Some(tokenizer) => tokenizer.encode(text)?,
             None => {
                 bail!("this model has no tokenizer.json; pass --prompt-ids instead of --prompt")

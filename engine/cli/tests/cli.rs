@@ -239,3 +239,27 @@ fn conformance_exits_non_zero_when_a_case_fails() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL"));
     std::fs::remove_dir_all(root).unwrap();
 }
+
+#[test]
+fn chat_prompts_go_through_the_chat_template() {
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("tests/fixtures/chat.json")).unwrap(),
+    )
+    .unwrap();
+    let hello = &reference["cases"][0];
+    let out = vibee(&[
+        "run",
+        "--chat",
+        "--prompt",
+        "Hello there",
+        "--max-tokens",
+        "2",
+        "--greedy",
+        "--json",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        json["prompt_tokens"].as_u64().unwrap() as usize,
+        hello["ids"].as_array().unwrap().len()
+    );
+}
