@@ -42,17 +42,13 @@ impl Factory<dyn AttentionBlock> for Mla {
         let m = config.mla.expect("checked before building");
         let (hidden, heads) = (config.hidden_size, config.num_heads);
         let qk = m.nope_dim + m.rope_dim;
-        let eps = config.rms_norm_eps;
         let query = match m.q_lora_rank {
             None => {
                 Query::Direct(cx.linear(&format!("{prefix}.q_proj.weight"), heads * qk, hidden)?)
             }
             Some(rank) => Query::LowRank {
                 down: cx.linear(&format!("{prefix}.q_a_proj.weight"), rank, hidden)?,
-                norm: RmsNormOp::new(
-                    cx.vector(&format!("{prefix}.q_a_layernorm.weight"), rank)?,
-                    eps,
-                ),
+                norm: RmsNormOp::load(cx, &format!("{prefix}.q_a_layernorm"), rank, 0.0)?,
                 up: cx.linear(&format!("{prefix}.q_b_proj.weight"), heads * qk, rank)?,
             },
         };
@@ -74,10 +70,7 @@ impl Factory<dyn AttentionBlock> for Mla {
                 m.kv_lora_rank + m.rope_dim,
                 hidden,
             )?,
-            kv_norm: RmsNormOp::new(
-                cx.vector(&format!("{prefix}.kv_a_layernorm.weight"), m.kv_lora_rank)?,
-                eps,
-            ),
+            kv_norm: RmsNormOp::load(cx, &format!("{prefix}.kv_a_layernorm"), m.kv_lora_rank, 0.0)?,
             kv_up_bytes: kv_up.bytes(),
             kv_up: kv_up.to_f32_vec(),
             o_proj: cx.linear(&format!("{prefix}.o_proj.weight"), hidden, heads * m.v_dim)?,

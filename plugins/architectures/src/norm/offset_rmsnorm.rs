@@ -24,11 +24,6 @@ impl Factory<dyn Norm> for OffsetRmsNorm {
         prefix: &str,
         dim: usize,
     ) -> anyhow::Result<Box<dyn Norm>> {
-        let gain = cx
-            .vector(&format!("{prefix}.weight"), dim)?
-            .into_iter()
-            .map(|w| 1.0 + w)
-            .collect();
-        Ok(Box::new(RmsNormOp::new(gain, cx.config.rms_norm_eps)))
+        Ok(Box::new(RmsNormOp::load(cx, prefix, dim, 1.0)?))
     }
 }

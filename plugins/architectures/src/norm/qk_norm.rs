@@ -28,9 +28,6 @@ impl Factory<dyn Norm> for QkNorm {
         prefix: &str,
         dim: usize,
     ) -> anyhow::Result<Box<dyn Norm>> {
-        Ok(Box::new(RmsNormOp::new(
-            cx.vector(&format!("{prefix}.weight"), dim)?,
-            cx.config.rms_norm_eps,
-        )))
+        Ok(Box::new(RmsNormOp::load(cx, prefix, dim, 0.0)?))
     }
 }

@@ -23,10 +23,7 @@ impl Factory<dyn Norm> for RmsNorm {
         prefix: &str,
         dim: usize,
     ) -> anyhow::Result<Box<dyn Norm>> {
-        Ok(Box::new(RmsNormOp::new(
-            cx.vector(&format!("{prefix}.weight"), dim)?,
-            cx.config.rms_norm_eps,
-        )))
+        Ok(Box::new(RmsNormOp::load(cx, prefix, dim, 0.0)?))
     }
 }
 
@@ -37,11 +34,23 @@ pub struct RmsNormOp {
 }
 
 impl RmsNormOp {
-    pub fn new(gain: Vec<f32>, eps: f64) -> Self {
-        Self {
+    /// The norm whose gain is `{name}.weight` plus `offset` (1 for Gemma's `(1 + w)`), with
+    /// the checkpoint's epsilon.
+    pub fn load(
+        cx: &BuildContext<'_>,
+        name: &str,
+        dim: usize,
+        offset: f32,
+    ) -> anyhow::Result<Self> {
+        let gain = cx
+            .vector(&format!("{name}.weight"), dim)?
+            .into_iter()
+            .map(|w| w + offset)
+            .collect();
+        Ok(Self {
             gain,
-            eps: eps as f32,
-        }
+            eps: cx.config.rms_norm_eps as f32,
+        })
     }
 }
 
