@@ -539,12 +539,6 @@ impl ModelConfig {
                 )))
             }
         };
-        let bloom = model_type == "bloom";
-        if head_dim % 2 != 0 && !bloom {
-            return Err(invalid(format!(
-                "head_dim ({head_dim}) must be even for rotary embeddings"
-            )));
-        }
         let max_position_embeddings = f.usize("max_position_embeddings")?.unwrap_or(2048);
         let family = model_type.as_str();
         let (gemma, gemma2, olmo2, starcoder2) = (
@@ -557,14 +551,24 @@ impl ModelConfig {
         // `use_bias` puts biases on every projection.
         let all_bias = starcoder2 && f.bool("use_bias")?.unwrap_or(true);
         let (neox, falcon) = (family == "gpt_neox", family == "falcon");
-        if bloom && f.bool("apply_residual_connection_post_layernorm")? == Some(true) {
-            return Err(invalid(
-                "bloom: `apply_residual_connection_post_layernorm: true` is not supported".into(),
-            ));
+        let (bloom, gpt2) = (family == "bloom", family == "gpt2");
+        if bloom {
+            if f.bool("apply_residual_connection_post_layernorm")? == Some(true) {
+                return Err(invalid(
+                    "bloom: `apply_residual_connection_post_layernorm: true` is not supported"
+                        .into(),
+                ));
+            }
+            // `slow_but_exact` only changes how tensor-parallel shards are merged.
+            f.bool("slow_but_exact")?;
         }
-        // BLOOM's `slow_but_exact` only changes how tensor-parallel shards are merged.
-        f.bool("slow_but_exact")?;
-        let gpt2 = family == "gpt2";
+        let position = if bloom {
+            PositionKind::Alibi
+        } else if gpt2 {
+            PositionKind::Learned
+        } else {
+            PositionKind::Rope
+        };
         if gpt2 {
             gpt2_flags(&mut f)?;
         }
@@ -601,7 +605,8 @@ impl ModelConfig {
         let sliding_layers = sliding_window(&mut f, family, num_layers)?;
         let (rope_theta, rope_scaling, rotary_factor) = rope(&mut f, max_position_embeddings)?;
         let rotary_dim = (head_dim as f64 * rotary_factor) as usize;
-        if !bloom && (rotary_dim == 0 || !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim) {
+        let rotary_fits = rotary_dim > 0 && rotary_dim.is_multiple_of(2) && rotary_dim <= head_dim;
+        if position == PositionKind::Rope && !rotary_fits {
             return Err(invalid(format!(
                 "partial_rotary_factor {rotary_factor} gives {rotary_dim} rotary dimensions of {head_dim}: must be even and positive"
             )));
@@ -655,13 +660,7 @@ impl ModelConfig {
             } else {
                 hidden_act
             },
-            position: if bloom {
-                PositionKind::Alibi
-            } else if gpt2 {
-                PositionKind::Learned
-            } else {
-                PositionKind::Rope
-            },
+            position,
             tie_word_embeddings: f
                 .bool("tie_word_embeddings")?
                 .unwrap_or(gemma || gemma2 || starcoder2),
