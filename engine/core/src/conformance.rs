@@ -106,17 +106,9 @@ struct SamplingReference {
 
 #[derive(Debug, Deserialize)]
 struct SamplingCase {
-    params: SamplingCaseParams,
+    /// The sampler fields transformers was given; the rest keep their defaults.
+    params: SamplingParams,
     probs: Vec<f32>,
-}
-
-#[derive(Debug, Deserialize)]
-struct SamplingCaseParams {
-    temperature: f32,
-    top_k: usize,
-    top_p: f32,
-    min_p: f32,
-    repetition_penalty: f32,
 }
 
 /// What transformers produced for a fixture model.
@@ -361,17 +353,11 @@ fn sampling(
     };
     let mut worst = 0.0f32;
     for (index, case) in reference.cases.iter().enumerate() {
-        let p = &case.params;
         let mut counts = vec![0usize; reference.logits.len()];
         for seed in 0..draws as u64 {
             let params = SamplingParams {
-                temperature: p.temperature,
-                top_k: p.top_k,
-                top_p: p.top_p,
-                min_p: p.min_p,
-                repetition_penalty: p.repetition_penalty,
                 seed,
-                ..SamplingParams::default()
+                ..case.params.clone()
             };
             let entity = app
                 .world
