@@ -301,45 +301,24 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         ignore_eos: args.ignore_eos,
     };
     check_sampling(&params)?;
-    let tokenizer = engine.tokenizer.as_ref();
     if args.json {
         let out = runner::generate(&mut engine.app, prompt, params)?;
-        let mut value = serde_json::to_value(&out)?;
-        value["text"] = json!(tokenizer.map(|t| t.decode(&out.tokens)).transpose()?);
-        println!("{value}");
+        println!("{}", serde_json::to_value(&out)?);
         return Ok(());
     }
-    // Stream text as it is generated: print whatever the decoded text has grown by.
-    let mut generated = Vec::new();
-    let mut printed = 0;
-    let out = runner::generate_streaming(&mut engine.app, prompt, params, |token| {
-        match tokenizer {
-            None => print!("{token} "),
-            Some(t) => {
-                generated.push(token);
-                let text = t.decode(&generated).unwrap_or_default();
-                // A token can end inside a multi-byte character: wait for the rest of it.
-                if !text.ends_with('\u{FFFD}')
-                    && text.len() > printed
-                    && text.is_char_boundary(printed)
-                {
-                    print!("{}", &text[printed..]);
-                    printed = text.len();
-                }
-            }
+    let has_text = engine.tokenizer.is_some();
+    let out = runner::generate_streaming(&mut engine.app, prompt, params, |streamed| {
+        if has_text {
+            print!("{}", streamed.text);
+        } else {
+            print!("{} ", streamed.token);
         }
         let _ = std::io::stdout().flush();
     })?;
-    // Whatever was held back (an incomplete character at the end) is printed as it decodes.
-    let rest = match tokenizer {
-        Some(t) => t
-            .decode(&generated)?
-            .get(printed..)
-            .unwrap_or_default()
-            .to_string(),
-        None => String::new(),
-    };
-    println!("{rest}");
+    println!();
+    for flag in &out.flags {
+        eprintln!("[flagged: {flag}]");
+    }
     eprintln!(
         "[{} prompt tokens, {} generated ({:?}); prefill {:.1} tok/s, decode {:.1} tok/s, first token {:.3}s]",
         out.prompt_tokens,

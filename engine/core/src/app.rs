@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use bevy_ecs::prelude::*;
-use bevy_ecs::schedule::{ExecutorKind, IntoScheduleConfigs, ScheduleLabel};
+use bevy_ecs::schedule::{ExecutorKind, IntoScheduleConfigs, ScheduleLabel, SystemSet};
 use bevy_ecs::system::ScheduleSystem;
 
 use crate::ops::{Operator, Operators};
@@ -22,6 +22,16 @@ pub enum Stage {
     Backward,
     Optimize,
     Checkpoint,
+}
+
+/// Where in its stage a system runs: plugins' systems are `Main`; hooks that must see or
+/// change what they work on first (logits processors before the sampler, detokenizing before
+/// text filters) are `Early`, observers of the finished stage are `Late`.
+#[derive(SystemSet, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Order {
+    Early,
+    Main,
+    Late,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +84,8 @@ pub enum AppError {
     AlreadyEnabled(String),
     #[error("plugin `{0}` is not enabled")]
     NotEnabled(String),
+    #[error("plugin `{plugin}` could not start: {message}")]
+    Build { plugin: String, message: String },
 }
 
 impl App {
@@ -89,6 +101,7 @@ impl App {
             // Stages are short and the hot path parallelises inside operators (rayon), so a
             // thread pool per stage would only add latency.
             schedule.set_executor_kind(ExecutorKind::SingleThreaded);
+            schedule.configure_sets((Order::Early, Order::Main, Order::Late).chain());
             schedules.insert(schedule);
         }
         world.insert_resource(schedules);
@@ -108,10 +121,15 @@ impl App {
         if self.is_enabled(spec.name) {
             return Err(AppError::AlreadyEnabled(spec.name.into()));
         }
-        if self.built.insert(spec.name) {
+        if !self.built.contains(spec.name) {
             self.building = Some(spec.name);
-            plugin.build(self);
+            let built = plugin.build(self);
             self.building = None;
+            built.map_err(|e| AppError::Build {
+                plugin: spec.name.into(),
+                message: format!("{e:#}"),
+            })?;
+            self.built.insert(spec.name);
         } else {
             self.world
                 .resource_mut::<Operators>()
@@ -158,6 +176,17 @@ impl App {
         stage: Stage,
         systems: impl IntoScheduleConfigs<ScheduleSystem, M>,
     ) -> &mut Self {
+        self.add_systems_at(stage, Order::Main, systems)
+    }
+
+    /// Adds systems to a stage at a given place in it (see [`Order`]).
+    pub fn add_systems_at<M>(
+        &mut self,
+        stage: Stage,
+        order: Order,
+        systems: impl IntoScheduleConfigs<ScheduleSystem, M>,
+    ) -> &mut Self {
+        let systems = systems.in_set(order);
         let mut schedules = self.world.resource_mut::<Schedules>();
         match self.building {
             Some(name) => schedules.add_systems(
@@ -180,10 +209,24 @@ impl App {
         self
     }
 
-    /// Runs one engine step: every stage of the pipeline, in order.
+    /// Runs one engine step: every stage of the pipeline, in order. A plugin a system took
+    /// out of [`EnabledPlugins`] during the step (one that panicked) is disabled afterwards.
     pub fn step(&mut self) {
         for &stage in self.pipeline.stages() {
             self.world.run_schedule(stage);
+        }
+        let enabled = &self.world.resource::<EnabledPlugins>().0;
+        let dropped: Vec<&'static str> = self
+            .enabled
+            .iter()
+            .map(|p| p.name)
+            .filter(|name| !enabled.contains(name))
+            .collect();
+        for name in dropped {
+            self.enabled.retain(|p| p.name != name);
+            self.world
+                .resource_mut::<Operators>()
+                .set_enabled(name, false);
         }
     }
 }
@@ -205,9 +248,10 @@ mod tests {
             }
         }
 
-        fn build(&self, app: &mut App) {
+        fn build(&self, app: &mut App) -> anyhow::Result<()> {
             app.world.init_resource::<Ticks>();
             app.add_systems(Stage::Monitor, |mut ticks: ResMut<Ticks>| ticks.0 += 1);
+            Ok(())
         }
     }
 

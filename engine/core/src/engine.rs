@@ -10,6 +10,7 @@ use crate::ops::Operators;
 use crate::pipeline;
 use crate::plugin::{resolve, Plugin};
 use crate::registry::Registry;
+use crate::text;
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
 
@@ -17,7 +18,7 @@ pub struct Engine {
     pub app: App,
     pub model: Arc<Model>,
     /// Absent when the checkpoint ships no `tokenizer.json`; token ids still work.
-    pub tokenizer: Option<Tokenizer>,
+    pub tokenizer: Option<Arc<Tokenizer>>,
 }
 
 /// Expands `auto` into the plugins the checkpoint's config needs.
@@ -59,11 +60,17 @@ impl Engine {
             app.world.resource::<Operators>(),
         )?);
         let tokenizer = if dir.join("tokenizer.json").exists() {
-            Some(Tokenizer::from_dir(dir, model.config.bos_token_id)?)
+            Some(Arc::new(Tokenizer::from_dir(
+                dir,
+                model.config.bos_token_id,
+            )?))
         } else {
             None
         };
         pipeline::install(&mut app, model.clone());
+        if let Some(tokenizer) = &tokenizer {
+            text::install(&mut app, tokenizer.clone());
+        }
         Ok(Self {
             app,
             model,

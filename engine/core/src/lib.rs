@@ -14,6 +14,7 @@ pub mod plugin;
 pub mod registry;
 pub mod runner;
 pub mod tensor;
+pub mod text;
 pub mod tokenizer;
 pub mod weights;
 

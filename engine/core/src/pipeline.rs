@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 use bevy_ecs::prelude::*;
 
 use crate::app::{App, Stage};
+use crate::config::ModelConfig;
 use crate::model::Model;
 use crate::ops::SequenceKv;
+use crate::text::TextStream;
 
 #[derive(Resource, Clone)]
 pub struct ModelResource(pub Arc<Model>);
@@ -86,6 +88,8 @@ pub enum FinishReason {
     Stop,
     /// The model's context is full.
     Context,
+    /// A text filter ended the request.
+    ContentFilter,
 }
 
 #[derive(Component, Debug, Clone, PartialEq)]
@@ -106,9 +110,17 @@ pub struct Logits(pub Vec<f32>);
 #[derive(Component, Debug, Default)]
 pub struct NextToken(pub Option<u32>);
 
+/// What Emit streams for each new token: the token and the text it adds once text filters
+/// had it (empty while a character or a pattern is incomplete, and without a tokenizer).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Streamed {
+    pub token: u32,
+    pub text: String,
+}
+
 /// Where Emit streams each new token.
 #[derive(Component)]
-pub struct StreamTx(pub Sender<u32>);
+pub struct StreamTx(pub Sender<Streamed>);
 
 #[derive(Component, Debug, Clone)]
 pub struct Timing {
@@ -158,6 +170,7 @@ pub fn request_bundle(prompt: Vec<u32>, params: SamplingParams) -> impl Bundle {
         Logits::default(),
         NextToken::default(),
         Timing::new(),
+        TextStream::default(),
     )
 }
 
@@ -212,6 +225,24 @@ fn forward(
     }
 }
 
+/// Why appending `token` ends the request, if it does.
+pub fn stop_reason(
+    tokens: &Tokens,
+    token: u32,
+    params: &SamplingParams,
+    config: &ModelConfig,
+) -> Option<FinishReason> {
+    if !params.ignore_eos && config.eos_token_ids.contains(&token) {
+        Some(FinishReason::Stop)
+    } else if tokens.generated.len() + 1 >= params.max_tokens {
+        Some(FinishReason::Length)
+    } else if tokens.len() + 1 >= config.context_length() {
+        Some(FinishReason::Context)
+    } else {
+        None
+    }
+}
+
 /// What Emit touches on each running request.
 type EmitItems<'a> = (
     &'a mut Tokens,
@@ -219,12 +250,13 @@ type EmitItems<'a> = (
     &'a SamplingParams,
     &'a mut SeqState,
     &'a mut Timing,
+    &'a mut TextStream,
     Option<&'a StreamTx>,
 );
 
 fn emit(model: Res<ModelResource>, mut running: Query<EmitItems>) {
     let config = &model.0.config;
-    for (mut tokens, mut next, params, mut state, mut timing, stream) in &mut running {
+    for (mut tokens, mut next, params, mut state, mut timing, mut text, stream) in &mut running {
         if *state != SeqState::Running {
             continue;
         }
@@ -234,21 +266,23 @@ fn emit(model: Res<ModelResource>, mut running: Query<EmitItems>) {
             );
             continue;
         };
+        let finish = match text.stop {
+            Some(_) => Some(FinishReason::ContentFilter),
+            None => stop_reason(&tokens, token, params, config),
+        };
         tokens.generated.push(token);
         if timing.first_token.is_none() {
             timing.first_token = Some(timing.submitted.elapsed());
         }
+        let delta = std::mem::take(&mut text.delta);
+        text.released.push_str(&delta);
         if let Some(StreamTx(tx)) = stream {
             // A receiver that hung up only means nobody listens any more; generation state
             // stays consistent and the request finishes normally.
-            let _ = tx.send(token);
+            let _ = tx.send(Streamed { token, text: delta });
         }
-        if !params.ignore_eos && config.eos_token_ids.contains(&token) {
-            *state = SeqState::Finished(FinishReason::Stop);
-        } else if tokens.generated.len() >= params.max_tokens {
-            *state = SeqState::Finished(FinishReason::Length);
-        } else if tokens.len() >= config.context_length() {
-            *state = SeqState::Finished(FinishReason::Context);
+        if let Some(reason) = finish {
+            *state = SeqState::Finished(reason);
         }
     }
 }

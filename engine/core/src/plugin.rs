@@ -16,8 +16,9 @@ pub struct PluginSpec {
 
 pub trait Plugin: Send + Sync + 'static {
     fn spec(&self) -> PluginSpec;
-    /// Adds the plugin's resources, systems and operators to `app`.
-    fn build(&self, app: &mut App);
+    /// Adds the plugin's resources, systems and operators to `app`; an error (a third-party
+    /// plugin refusing its configuration) leaves the plugin disabled.
+    fn build(&self, app: &mut App) -> anyhow::Result<()>;
 }
 
 /// Implements [`Plugin`] for a unit struct whose whole contribution is one operator: the struct
@@ -33,10 +34,11 @@ macro_rules! operator_plugin {
                 }
             }
 
-            fn build(&self, app: &mut $crate::App) {
+            fn build(&self, app: &mut $crate::App) -> ::anyhow::Result<()> {
                 app.register_operator($crate::ops::Operator::$variant(::std::sync::Arc::new(
                     $plugin,
                 )));
+                Ok(())
             }
         }
     };
@@ -170,7 +172,9 @@ mod tests {
             }
         }
 
-        fn build(&self, _app: &mut App) {}
+        fn build(&self, _app: &mut App) -> anyhow::Result<()> {
+            Ok(())
+        }
     }
 
     fn entry(

@@ -7,12 +7,18 @@ use serde::Serialize;
 
 use crate::app::App;
 use crate::pipeline::{
-    request_bundle, FinishReason, ModelResource, SamplingParams, SeqState, StreamTx, Timing, Tokens,
+    request_bundle, FinishReason, ModelResource, SamplingParams, SeqState, StreamTx, Streamed,
+    Timing, Tokens,
 };
+use crate::text::{TextStream, TokenizerResource};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct GenerateOutput {
     pub tokens: Vec<u32>,
+    /// The streamed text, after text filters (absent without a tokenizer).
+    pub text: Option<String>,
+    /// Why text filters flagged the request.
+    pub flags: Vec<String>,
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
     pub prefill_tokens_per_s: f64,
@@ -53,12 +59,13 @@ pub fn generate(
     generate_streaming(app, prompt, params, |_| {})
 }
 
-/// Like [`generate`], calling `on_token` with each token as soon as a step emits it.
+/// Like [`generate`], calling `on_token` with each token and its text as soon as a step
+/// emits it.
 pub fn generate_streaming(
     app: &mut App,
     prompt: Vec<u32>,
     params: SamplingParams,
-    mut on_token: impl FnMut(u32),
+    mut on_token: impl FnMut(&Streamed),
 ) -> anyhow::Result<GenerateOutput> {
     validate(app, &prompt, &params)?;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -68,7 +75,7 @@ pub fn generate_streaming(
         .id();
     let finish = loop {
         app.step();
-        rx.try_iter().for_each(&mut on_token);
+        rx.try_iter().for_each(|streamed| on_token(&streamed));
         match app.world.get::<SeqState>(entity) {
             Some(SeqState::Finished(reason)) => break *reason,
             Some(SeqState::Failed(why)) => {
@@ -81,6 +88,12 @@ pub fn generate_streaming(
     };
     let tokens = app.world.get::<Tokens>(entity).cloned().unwrap_or_default();
     let timing = app.world.get::<Timing>(entity).cloned().unwrap_or_default();
+    let text = app
+        .world
+        .entity_mut(entity)
+        .take::<TextStream>()
+        .unwrap_or_default();
+    let has_tokenizer = app.world.contains_resource::<TokenizerResource>();
     app.world.despawn(entity);
     let rate = |n: usize, d: Duration| {
         if d.is_zero() {
@@ -95,6 +108,8 @@ pub fn generate_streaming(
         decode_tokens_per_s: rate(timing.decode_steps, timing.decode),
         time_to_first_token_s: timing.first_token.unwrap_or_default().as_secs_f64(),
         tokens: tokens.generated,
+        text: has_tokenizer.then_some(text.released),
+        flags: text.flags,
         finish_reason: finish,
     })
 }

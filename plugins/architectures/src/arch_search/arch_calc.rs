@@ -47,9 +47,10 @@ impl Plugin for ArchCalc {
 
     /// A tool (`vibee arch`) rather than a pipeline stage: it offers its parameter counter
     /// to the world, which is how `vibee conformance` checks it.
-    fn build(&self, app: &mut App) {
+    fn build(&self, app: &mut App) -> anyhow::Result<()> {
         app.world
             .insert_resource(ParameterCounter(parameter_counts));
+        Ok(())
     }
 }
 

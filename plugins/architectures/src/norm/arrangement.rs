@@ -28,8 +28,9 @@ impl Plugin for Arrangement {
         self.spec
     }
 
-    fn build(&self, app: &mut App) {
+    fn build(&self, app: &mut App) -> anyhow::Result<()> {
         app.register_operator(Operator::Residual(Arc::new(*self)));
+        Ok(())
     }
 }
 

@@ -20,8 +20,9 @@ impl Plugin for Sampler {
         }
     }
 
-    fn build(&self, app: &mut App) {
+    fn build(&self, app: &mut App) -> anyhow::Result<()> {
         app.add_systems(Stage::Sample, sample);
+        Ok(())
     }
 }
 
