@@ -27,6 +27,7 @@ pub fn load(dir: &Path, list: &str) -> anyhow::Result<Engine> {
         &plugins(list),
         &Registry::builtin(),
         &vibee_cli::builtin_plugins(),
+        &Default::default(),
     )
 }
 

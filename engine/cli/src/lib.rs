@@ -3,13 +3,34 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use vibee_core::Plugin;
+use vibee_core::external::{self, ExternalPlugin};
+use vibee_core::{Plugin, Registry};
 
 /// Every plugin compiled into vibee.
 pub fn builtin_plugins() -> Vec<Box<dyn Plugin>> {
     let mut plugins = vibee_architectures::plugins();
     plugins.extend(vibee_inference::plugins());
     plugins
+}
+
+/// Loads the third-party plugin libraries at `paths` (files or directories).
+pub fn load_external(paths: &[PathBuf]) -> anyhow::Result<Vec<ExternalPlugin>> {
+    let mut loaded = Vec::new();
+    for path in paths {
+        loaded.extend(external::load_path(path)?);
+    }
+    Ok(loaded)
+}
+
+/// The registry and plugins a command runs with: the built-in ones and `external`.
+pub fn catalog(external: Vec<ExternalPlugin>) -> anyhow::Result<(Registry, Vec<Box<dyn Plugin>>)> {
+    let mut registry = Registry::builtin();
+    let mut plugins = builtin_plugins();
+    for plugin in external {
+        registry.add_external(plugin.registry_entry())?;
+        plugins.push(Box::new(plugin));
+    }
+    Ok((registry, plugins))
 }
 
 /// The built-in tiny model: a 2-layer random-weight Llama (the `llama-gqa` reference fixture),

@@ -9,9 +9,10 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use vibee_architectures::arch_search::arch_calc::{self, Dtype};
-use vibee_cli::{builtin_model_dir, builtin_plugins};
+use vibee_cli::{builtin_model_dir, catalog, load_external};
+use vibee_core::external::PluginConfigs;
 use vibee_core::pipeline::SamplingParams;
-use vibee_core::registry::{Registry, FAMILIES};
+use vibee_core::registry::FAMILIES;
 use vibee_core::tokenizer::ChatMessage;
 use vibee_core::{runner, Engine};
 
@@ -52,6 +53,25 @@ struct ModelArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    #[command(flatten)]
+    external: ExternalArgs,
+}
+
+#[derive(Args)]
+struct ExternalArgs {
+    /// A third-party plugin library, or a directory of them, to load (repeatable); its
+    /// plugins can then be named in --plugins.
+    #[arg(long = "plugin-path")]
+    paths: Vec<PathBuf>,
+    /// Configuration for a third-party plugin, NAME=CONFIG (repeatable).
+    #[arg(long = "plugin-config", value_parser = parse_plugin_config)]
+    configs: Vec<(String, String)>,
+}
+
+fn parse_plugin_config(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(name, config)| (name.to_string(), config.to_string()))
+        .ok_or_else(|| format!("`{text}` is not NAME=CONFIG"))
 }
 
 #[derive(Args)]
@@ -102,6 +122,9 @@ struct RunArgs {
 struct SpecsArgs {
     #[arg(long)]
     family: Option<String>,
+    /// Also list the third-party plugins in this library or directory (repeatable).
+    #[arg(long = "plugin-path")]
+    plugin_paths: Vec<PathBuf>,
     /// implemented or planned
     #[arg(long)]
     status: Option<String>,
@@ -135,9 +158,13 @@ struct ConformanceArgs {
     /// Backend to run on: cpu (the only one in this build) or all.
     #[arg(long, default_value = "all")]
     device: String,
-    /// Repository root holding specs/ and tests/fixtures/.
+    /// Repository root holding specs/ and tests/fixtures/ (the paths cases name).
     #[arg(long, default_value = ".")]
     root: PathBuf,
+    /// Run the cases a third-party plugin library ships (repeatable) instead of the
+    /// built-in specs'.
+    #[arg(long = "plugin", conflicts_with_all = ["spec", "family"])]
+    plugins: Vec<PathBuf>,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -246,13 +273,13 @@ fn load(args: &ModelArgs) -> anyhow::Result<Engine> {
         None => builtin_model_dir()?,
     };
     let started = Instant::now();
-    let engine = Engine::load(
-        &dir,
-        &args.plugins,
-        &Registry::builtin(),
-        &builtin_plugins(),
-    )
-    .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+    let (registry, catalog) = catalog(load_external(&args.external.paths)?)?;
+    let configs = PluginConfigs(args.external.configs.iter().cloned().collect());
+    if let Some(unknown) = configs.0.keys().find(|name| !args.plugins.contains(name)) {
+        bail!("--plugin-config names `{unknown}`, which is not in --plugins");
+    }
+    let engine = Engine::load(&dir, &args.plugins, &registry, &catalog, &configs)
+        .with_context(|| format!("cannot load the model in {}", dir.display()))?;
     tracing::info!(
         "loaded {} in {:.2}s with {:?}",
         dir.display(),
@@ -378,7 +405,7 @@ fn specs(args: SpecsArgs) -> anyhow::Result<()> {
             bail!("--status must be `implemented` or `planned`");
         }
     }
-    let registry = Registry::builtin();
+    let (registry, _) = catalog(load_external(&args.plugin_paths)?)?;
     let selected: Vec<_> = registry
         .specs
         .iter()
@@ -398,8 +425,13 @@ fn specs(args: SpecsArgs) -> anyhow::Result<()> {
         "id", "name", "family", "status"
     );
     for s in selected {
+        let origin = s
+            .origin
+            .as_ref()
+            .map(|o| format!(" [from {o}]"))
+            .unwrap_or_default();
         println!(
-            "{:<6} {:<22} {:<14} {:<12} {}",
+            "{:<6} {:<22} {:<14} {:<12} {}{origin}",
             s.id,
             s.name,
             s.family,
@@ -484,7 +516,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 fn conformance(args: ConformanceArgs) -> anyhow::Result<()> {
-    use vibee_core::conformance::{load_cases, run_cases, CaseResult};
+    use vibee_core::conformance::{load_cases, parse_cases, run_cases, CaseResult};
     use vibee_core::registry::Status;
 
     if args.device != "cpu" && args.device != "all" {
@@ -499,30 +531,48 @@ fn conformance(args: ConformanceArgs) -> anyhow::Result<()> {
             args.root.display()
         );
     }
-    let registry = Registry::builtin();
-    let selected: Vec<_> = registry
-        .specs
+    let external = load_external(&args.plugins)?;
+    let shipped: Vec<(String, String)> = external
         .iter()
-        .filter(|s| s.status == Status::Implemented)
-        .filter(|s| {
-            args.spec
-                .as_ref()
-                .is_none_or(|want| &s.id == want || &s.name == want)
+        .map(|p| {
+            let origin = format!("{} (plugin `{}`)", p.origin.display(), p.manifest.name);
+            (origin, p.manifest.conformance.to_string())
         })
-        .filter(|s| args.family.as_ref().is_none_or(|f| &s.family == f))
         .collect();
-    if selected.is_empty() {
-        bail!("no implemented spec matches the selection");
+    let (registry, catalog) = catalog(external)?;
+    let mut suites = Vec::new();
+    if args.plugins.is_empty() {
+        let selected: Vec<_> = registry
+            .specs
+            .iter()
+            .filter(|s| s.status == Status::Implemented)
+            .filter(|s| {
+                args.spec
+                    .as_ref()
+                    .is_none_or(|want| &s.id == want || &s.name == want)
+            })
+            .filter(|s| args.family.as_ref().is_none_or(|f| &s.family == f))
+            .collect();
+        if selected.is_empty() {
+            bail!("no implemented spec matches the selection");
+        }
+        for entry in selected {
+            let file = entry
+                .conformance
+                .as_ref()
+                .with_context(|| format!("{} has no conformance file", entry.id))?;
+            suites.push(load_cases(&args.root.join(file))?);
+        }
     }
-    let catalog = builtin_plugins();
+    for (origin, text) in &shipped {
+        if text.is_empty() {
+            bail!("{origin} ships no conformance cases");
+        }
+        suites.push(parse_cases(text, origin)?);
+    }
     let mut results: Vec<CaseResult> = Vec::new();
-    for entry in selected {
-        let file = entry
-            .conformance
-            .as_ref()
-            .with_context(|| format!("{} has no conformance file", entry.id))?;
-        let cases = load_cases(&args.root.join(file))?;
-        results.extend(run_cases(&cases, &args.root, &registry, &catalog));
+    for cases in &suites {
+        results.extend(run_cases(cases, &args.root, &registry, &catalog));
     }
     println!(
         "{:<6} {:<72} {:<7} {:>10}  result",

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::app::{App, Pipeline, Stage};
 use crate::engine::Engine;
+use crate::external::PluginConfigs;
 use crate::pipeline::{Logits, NextToken, SamplingParams, SeqState, Tokens};
 use crate::plugin::{resolve, Plugin};
 use crate::registry::Registry;
@@ -145,17 +146,21 @@ pub struct CaseResult {
 pub fn load_cases(path: &Path) -> anyhow::Result<SpecCases> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let cases: SpecCases = ron::from_str(&text).map_err(|e| {
+    parse_cases(&text, &path.display().to_string())
+}
+
+/// Parses conformance cases; `origin` names where the text came from in errors.
+pub fn parse_cases(text: &str, origin: &str) -> anyhow::Result<SpecCases> {
+    let cases: SpecCases = ron::from_str(text).map_err(|e| {
         anyhow::anyhow!(
-            "{}:{}:{}: {}",
-            path.display(),
+            "{origin}:{}:{}: {}",
             e.position.line,
             e.position.col,
             e.code
         )
     })?;
     if cases.cases.is_empty() {
-        bail!("{} has no conformance case", path.display());
+        bail!("{origin} has no conformance case");
     }
     Ok(cases)
 }
@@ -198,7 +203,13 @@ fn run_check(
     catalog: &[Box<dyn Plugin>],
 ) -> anyhow::Result<Outcome> {
     let load = |fixture: &str, plugins: &[String]| {
-        Engine::load(&root.join(fixture), plugins, registry, catalog)
+        Engine::load(
+            &root.join(fixture),
+            plugins,
+            registry,
+            catalog,
+            &PluginConfigs::default(),
+        )
     };
     match check {
         Check::ReferenceLogits {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::app::{App, Pipeline};
 use crate::config::ModelConfig;
+use crate::external::{self, PluginConfigs};
 use crate::model::Model;
 use crate::ops::Operators;
 use crate::pipeline;
@@ -40,16 +41,30 @@ pub fn expand_auto(requested: &[String], config: &ModelConfig) -> Vec<String> {
 }
 
 impl Engine {
+    /// Builds a serving engine for the checkpoint in `dir` with the `requested` plugins;
+    /// `configs` configures third-party ones.
     pub fn load(
         dir: &Path,
         requested: &[String],
         registry: &Registry,
         catalog: &[Box<dyn Plugin>],
+        configs: &PluginConfigs,
     ) -> anyhow::Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         let names = expand_auto(requested, &config);
         let plugins = resolve(&names, registry, catalog)?;
+        let tokenizer = if dir.join("tokenizer.json").exists() {
+            Some(Arc::new(Tokenizer::from_dir(dir, config.bos_token_id)?))
+        } else {
+            None
+        };
         let mut app = App::new(Pipeline::Serving);
+        // Text and third-party extensions come first: plugins' builds may depend on them.
+        if let Some(tokenizer) = &tokenizer {
+            text::install(&mut app, tokenizer.clone());
+        }
+        external::install(&mut app);
+        app.world.insert_resource(configs.clone());
         for plugin in plugins {
             app.add_plugin(plugin)?;
         }
@@ -59,18 +74,7 @@ impl Engine {
             &weights,
             app.world.resource::<Operators>(),
         )?);
-        let tokenizer = if dir.join("tokenizer.json").exists() {
-            Some(Arc::new(Tokenizer::from_dir(
-                dir,
-                model.config.bos_token_id,
-            )?))
-        } else {
-            None
-        };
         pipeline::install(&mut app, model.clone());
-        if let Some(tokenizer) = &tokenizer {
-            text::install(&mut app, tokenizer.clone());
-        }
         Ok(Self {
             app,
             model,

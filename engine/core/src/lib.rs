@@ -6,6 +6,7 @@ pub mod config;
 pub mod conformance;
 pub mod cpu;
 pub mod engine;
+pub mod external;
 pub mod model;
 pub mod ops;
 pub mod parallel;

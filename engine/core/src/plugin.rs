@@ -195,6 +195,7 @@ mod tests {
             provides: provides.map(str::to_string),
             default,
             conformance: None,
+            origin: None,
         }
     }
 

@@ -78,6 +78,10 @@ pub struct SpecEntry {
     /// Path of the conformance cases, relative to the repository root.
     #[serde(default)]
     pub conformance: Option<String>,
+    /// Where a third-party plugin's entry came from (its library and version); built-in
+    /// entries have none.
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 impl SpecEntry {
@@ -118,6 +122,38 @@ impl Registry {
 
     pub fn builtin() -> Self {
         Self::parse(BUILTIN_REGISTRY).expect("the built-in registry is checked by tests")
+    }
+
+    /// Adds a third-party plugin's entry: its name must be new, and an id it shares with an
+    /// existing spec must be of the same family (it implements that spec).
+    pub fn add_external(&mut self, entry: SpecEntry) -> anyhow::Result<()> {
+        let origin = |s: &SpecEntry| s.origin.clone().unwrap_or_else(|| "built in".into());
+        if let Some(taken) = self.specs.iter().find(|s| s.name == entry.name) {
+            anyhow::bail!(
+                "plugin name `{}` ({}) is already taken by {} ({})",
+                entry.name,
+                origin(&entry),
+                taken.id,
+                origin(taken)
+            );
+        }
+        if let Some(other) = self
+            .specs
+            .iter()
+            .find(|s| s.id == entry.id && s.family != entry.family)
+        {
+            anyhow::bail!(
+                "plugin `{}` claims {} as a {} spec, but {} is `{}` of family {}",
+                entry.name,
+                entry.id,
+                entry.family,
+                other.id,
+                other.name,
+                other.family
+            );
+        }
+        self.specs.push(entry);
+        Ok(())
     }
 
     pub fn get(&self, name: &str) -> Option<&SpecEntry> {
