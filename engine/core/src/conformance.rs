@@ -13,11 +13,14 @@ use serde::{Deserialize, Serialize};
 use crate::app::{App, Pipeline, Stage};
 use crate::engine::Engine;
 use crate::external::PluginConfigs;
-use crate::pipeline::{Logits, NextToken, SamplingParams, SeqState, Tokens};
+use crate::pipeline::{
+    request_bundle, FinishReason, Logits, NextToken, SamplingParams, SeqState, Tokens,
+};
 use crate::plugin::{resolve, Plugin};
 use crate::registry::Registry;
 use crate::runner;
 use crate::tensor::Matrix;
+use crate::text::TextStream;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,6 +93,26 @@ pub enum Check {
         draws: usize,
         max_sigma: f32,
     },
+    /// A logits processor, run through the Sample stage on each reference case (its
+    /// configuration, token history and scores), leaves the scores the reference processor
+    /// did (`null` in the reference is a banned token, `-inf`).
+    ReferenceLogitsProcessing {
+        plugin: String,
+        reference: String,
+        max_abs_err: f32,
+    },
+    /// A text filter, fed each reference text token by token (the fixture's tokenizer) through
+    /// the Filter and Emit stages, releases the reference's text, and flags and stops the
+    /// request where the reference does.
+    ReferenceTextFilter {
+        fixture: String,
+        plugin: String,
+        reference: String,
+    },
+    /// A JSON-lines monitor (configured with the path of its log) records a greedy generation
+    /// on the fixture: one `admitted` event with the prompt length, a `token` event for each of
+    /// transformers' greedy tokens in order, then `finished` with reason `length`.
+    MonitorLog { fixture: String, plugin: String },
 }
 
 /// Counts a `config.json`'s total and per-token (active) parameters: the service an
@@ -326,6 +349,31 @@ fn run_check(
             registry,
             catalog,
         ),
+        Check::ReferenceLogitsProcessing {
+            plugin,
+            reference,
+            max_abs_err,
+        } => logits_processing(
+            &root.join(reference),
+            plugin,
+            *max_abs_err,
+            registry,
+            catalog,
+        ),
+        Check::ReferenceTextFilter {
+            fixture,
+            plugin,
+            reference,
+        } => text_filter(
+            &root.join(fixture),
+            plugin,
+            &root.join(reference),
+            registry,
+            catalog,
+        ),
+        Check::MonitorLog { fixture, plugin } => {
+            monitor_log(&root.join(fixture), plugin, registry, catalog)
+        }
         Check::Rejects {
             fixture,
             plugins,
@@ -403,6 +451,250 @@ fn sampling(
     let why = (worst > max_sigma)
         .then(|| format!("a token frequency is {worst:.1} standard deviations from transformers'"));
     Ok((Some(worst), why))
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is malformed", path.display()))
+}
+
+/// The plugins of a case that exercises one plugin on a fixture model: what the model needs,
+/// and the plugin configured with `config`.
+fn with_plugin(
+    fixture: &Path,
+    plugin: &str,
+    config: &str,
+    registry: &Registry,
+    catalog: &[Box<dyn Plugin>],
+) -> anyhow::Result<Engine> {
+    let configs = PluginConfigs([(plugin.to_string(), config.to_string())].into());
+    Engine::load(
+        fixture,
+        &["auto".to_string(), plugin.to_string()],
+        registry,
+        catalog,
+        &configs,
+    )
+}
+
+#[derive(Deserialize)]
+struct ProcessingCase {
+    config: String,
+    input_ids: Vec<u32>,
+    scores: Vec<f32>,
+    expected: Vec<Option<f32>>,
+}
+
+fn logits_processing(
+    path: &Path,
+    plugin: &str,
+    tolerance: f32,
+    registry: &Registry,
+    catalog: &[Box<dyn Plugin>],
+) -> anyhow::Result<Outcome> {
+    #[derive(Deserialize)]
+    struct File {
+        cases: Vec<ProcessingCase>,
+    }
+    let file: File = read_json(path)?;
+    let mut worst = 0.0f32;
+    for (index, case) in file.cases.iter().enumerate() {
+        let mut app = App::new(Pipeline::Serving);
+        crate::external::install(&mut app);
+        app.world.insert_resource(PluginConfigs(
+            [(plugin.to_string(), case.config.clone())].into(),
+        ));
+        for p in resolve(&[plugin.to_string()], registry, catalog)? {
+            app.add_plugin(p)?;
+        }
+        let entity = app
+            .world
+            .spawn((
+                Tokens {
+                    prompt: case.input_ids.clone(),
+                    generated: Vec::new(),
+                },
+                SamplingParams::default(),
+                SeqState::Running,
+                Logits(case.scores.clone()),
+                NextToken(None),
+            ))
+            .id();
+        app.world.run_schedule(Stage::Sample);
+        if let Some(SeqState::Failed(why)) = app.world.get::<SeqState>(entity) {
+            bail!("case {index}: {why}");
+        }
+        let got = &app.world.get::<Logits>(entity).context("logits")?.0;
+        let expected: Vec<f32> = case
+            .expected
+            .iter()
+            .map(|v| v.unwrap_or(f32::NEG_INFINITY))
+            .collect();
+        for (token, (g, e)) in got.iter().zip(&expected).enumerate() {
+            let err = if g == e { 0.0 } else { (g - e).abs() };
+            if err.is_nan() || err > tolerance {
+                return Ok((
+                    None,
+                    Some(format!(
+                        "case {index} (config {:?}): token {token} is {g}, the reference {e}",
+                        case.config
+                    )),
+                ));
+            }
+            worst = worst.max(err);
+        }
+    }
+    Ok((Some(worst), None))
+}
+
+#[derive(Deserialize)]
+struct FilterCase {
+    config: String,
+    text: String,
+    released: String,
+    flagged: bool,
+    stopped: bool,
+}
+
+fn text_filter(
+    fixture: &Path,
+    plugin: &str,
+    path: &Path,
+    registry: &Registry,
+    catalog: &[Box<dyn Plugin>],
+) -> anyhow::Result<Outcome> {
+    #[derive(Deserialize)]
+    struct File {
+        cases: Vec<FilterCase>,
+    }
+    let file: File = read_json(path)?;
+    for (index, case) in file.cases.iter().enumerate() {
+        let mut engine = with_plugin(fixture, plugin, &case.config, registry, catalog)?;
+        let tokenizer = engine
+            .tokenizer
+            .clone()
+            .with_context(|| format!("{} has no tokenizer.json", fixture.display()))?;
+        let ids = tokenizer.encode(&case.text)?;
+        let bos = engine.model.config.bos_token_id;
+        let ids = match bos {
+            Some(b) if ids.first() == Some(&b) => &ids[1..],
+            _ => &ids[..],
+        };
+        let params = SamplingParams {
+            max_tokens: ids.len(),
+            ignore_eos: true,
+            ..SamplingParams::default()
+        };
+        let world = &mut engine.app.world;
+        let prompt = vec![bos.unwrap_or(0)];
+        let entity = world.spawn(request_bundle(prompt, params)).id();
+        world.entity_mut(entity).insert(SeqState::Running);
+        // The tokens are forced rather than sampled; everything after Sample runs as in serving.
+        for &token in ids {
+            if world.get::<SeqState>(entity) != Some(&SeqState::Running) {
+                break;
+            }
+            world.entity_mut(entity).insert(NextToken(Some(token)));
+            for stage in [Stage::Filter, Stage::Emit, Stage::Monitor] {
+                world.run_schedule(stage);
+            }
+        }
+        let state = world.get::<SeqState>(entity).cloned();
+        let text = world.get::<TextStream>(entity).context("text stream")?;
+        let stopped = state == Some(SeqState::Finished(FinishReason::ContentFilter));
+        let failure = if let Some(SeqState::Failed(why)) = &state {
+            Some(why.clone())
+        } else if text.released != case.released {
+            Some(format!(
+                "released {:?}, the reference {:?}",
+                text.released, case.released
+            ))
+        } else if text.flags.is_empty() == case.flagged {
+            Some(format!(
+                "flagged: {:?}, the reference {}",
+                text.flags, case.flagged
+            ))
+        } else if stopped != case.stopped {
+            Some(format!(
+                "stopped: {stopped}, the reference {}",
+                case.stopped
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = failure {
+            return Ok((None, Some(format!("case {index} ({:?}): {why}", case.text))));
+        }
+    }
+    Ok((None, None))
+}
+
+fn monitor_log(
+    fixture: &Path,
+    plugin: &str,
+    registry: &Registry,
+    catalog: &[Box<dyn Plugin>],
+) -> anyhow::Result<Outcome> {
+    let reference = Reference::load(fixture)?;
+    let log = std::env::temp_dir().join(format!(
+        "vibee-monitor-{}-{:?}.jsonl",
+        std::process::id(),
+        std::time::SystemTime::now()
+    ));
+    let mut engine = with_plugin(
+        fixture,
+        plugin,
+        &log.display().to_string(),
+        registry,
+        catalog,
+    )?;
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: reference.greedy_ids.len(),
+        ignore_eos: true,
+        ..SamplingParams::default()
+    };
+    runner::generate(&mut engine.app, reference.prompt_ids.clone(), params)?;
+    drop(engine);
+    let text = std::fs::read_to_string(&log);
+    let _ = std::fs::remove_file(&log);
+    let text = text.with_context(|| format!("{plugin} wrote no log at {}", log.display()))?;
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{plugin} wrote a line that is not JSON"))?;
+    let field = |e: &serde_json::Value, key: &str| e.get(key).cloned().unwrap_or_default();
+    let summary: Vec<(String, u64)> = events
+        .iter()
+        .map(|e| {
+            let kind = field(e, "event").as_str().unwrap_or_default().to_string();
+            let value = match kind.as_str() {
+                "token" => field(e, "token").as_u64(),
+                _ => field(e, "count").as_u64(),
+            };
+            (kind, value.unwrap_or(u64::MAX))
+        })
+        .collect();
+    let n = reference.greedy_ids.len() as u64;
+    let mut expected = vec![("admitted".to_string(), reference.prompt_ids.len() as u64)];
+    expected.extend(
+        reference
+            .greedy_ids
+            .iter()
+            .map(|&t| ("token".to_string(), t as u64)),
+    );
+    expected.push(("finished".to_string(), n));
+    let finish = events.last().map(|e| field(e, "detail"));
+    let why = if summary != expected {
+        Some(format!("logged {summary:?}, expected {expected:?}"))
+    } else if finish != Some(serde_json::json!("length")) {
+        Some(format!("finish reason {finish:?}, expected \"length\""))
+    } else {
+        None
+    };
+    Ok((None, why))
 }
 
 fn full_logits(engine: &Engine, prompt: &[u32]) -> anyhow::Result<Matrix> {
