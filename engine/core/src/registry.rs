@@ -273,6 +273,7 @@ mod tests {
             provides: None,
             default: false,
             conformance: None,
+            origin: None,
         };
         let registry = Registry {
             specs: vec![

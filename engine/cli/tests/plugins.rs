@@ -1,0 +1,188 @@
+//! Third-party plugins end to end: the example libraries and two deliberately broken ones are
+//! built with cargo, then loaded by `vibee` and by the engine in process.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::{failure, repo, stdout, vibee};
+use vibee_core::external::{PluginConfigs, PluginFaults};
+use vibee_core::pipeline::SamplingParams;
+use vibee_core::{runner, Engine};
+
+/// Builds the plugin libraries (cargo does nothing when they are fresh) and returns the
+/// directory they are in: the one holding this test's own profile.
+fn libraries() -> PathBuf {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet"])
+        .args(["-p", "vibee-example-no-repeat-ngram"])
+        .args(["-p", "vibee-example-regex-deny"])
+        .args(["-p", "vibee-example-jsonl-monitor"])
+        .args(["-p", "vibee-test-panicking"])
+        .args(["-p", "vibee-test-abi-mismatch"])
+        .current_dir(repo())
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building the plugin libraries failed");
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+fn library(name: &str) -> PathBuf {
+    use std::env::consts::{DLL_PREFIX, DLL_SUFFIX};
+    libraries().join(format!("{DLL_PREFIX}{name}{DLL_SUFFIX}"))
+}
+
+fn tokens(json: &str) -> Vec<u64> {
+    let value: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    value["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_logits_processor_plugin_changes_generation_from_the_cli() {
+    let lib = library("vibee_example_no_repeat_ngram");
+    let lib = lib.to_str().unwrap();
+    let base = [
+        "run",
+        "--prompt-ids",
+        "5,6,7",
+        "--greedy",
+        "--max-tokens",
+        "60",
+        "--ignore-eos",
+        "--json",
+    ];
+    let plain = tokens(&stdout(&vibee(&base)));
+    let distinct: BTreeSet<_> = plain.iter().collect();
+    assert!(
+        distinct.len() < plain.len(),
+        "the plain run must repeat a token for this test to mean anything: {plain:?}"
+    );
+    let mut args = base.to_vec();
+    args.extend([
+        "--plugin-path",
+        lib,
+        "--plugins",
+        "auto,no-repeat-ngram",
+        "--plugin-config",
+        "no-repeat-ngram=1",
+    ]);
+    let banned = tokens(&stdout(&vibee(&args)));
+    let mut seen: BTreeSet<u64> = [5, 6, 7].into();
+    for t in &banned {
+        assert!(
+            seen.insert(*t),
+            "token {t} repeats with no-repeat-ngram n=1: {banned:?}"
+        );
+    }
+}
+
+#[test]
+fn plugins_are_listed_with_their_origin_and_bad_configurations_are_refused() {
+    let lib = library("vibee_example_regex_deny");
+    let lib = lib.to_str().unwrap();
+    let listed = stdout(&vibee(&[
+        "specs",
+        "--plugin-path",
+        lib,
+        "--family",
+        "content-safety",
+    ]));
+    assert!(
+        listed.contains("regex-deny") && listed.contains(lib),
+        "{listed}"
+    );
+    let err = failure(
+        &vibee(&[
+            "run",
+            "--prompt",
+            "hi",
+            "--plugin-path",
+            lib,
+            "--plugins",
+            "auto,regex-deny",
+            "--plugin-config",
+            "regex-deny=explode (",
+        ]),
+        1,
+    );
+    assert!(err.contains("unknown action `explode`"), "{err}");
+    let err = failure(
+        &vibee(&["run", "--prompt", "hi", "--plugins", "auto,regex-deny"]),
+        1,
+    );
+    assert!(err.contains("unknown plugin `regex-deny`"), "{err}");
+}
+
+#[test]
+fn every_example_plugin_passes_its_shipped_conformance_cases() {
+    for name in [
+        "vibee_example_no_repeat_ngram",
+        "vibee_example_regex_deny",
+        "vibee_example_jsonl_monitor",
+    ] {
+        let lib = library(name);
+        let out = stdout(&vibee(&["conformance", "--plugin", lib.to_str().unwrap()]));
+        assert!(out.contains("1 passed, 0 failed"), "{name}: {out}");
+    }
+}
+
+#[test]
+fn a_panicking_plugin_fails_its_request_is_disabled_and_the_engine_goes_on() {
+    let external = vibee_cli::load_external(&[library("vibee_test_panicking")]).unwrap();
+    let (registry, catalog) = vibee_cli::catalog(external).unwrap();
+    let mut engine = Engine::load(
+        &repo().join("tests/fixtures/llama-gqa"),
+        &["auto".into(), "panicking".into()],
+        &registry,
+        &catalog,
+        &PluginConfigs([("panicking".to_string(), "3".to_string())].into()),
+    )
+    .unwrap();
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: 8,
+        ignore_eos: true,
+        ..SamplingParams::default()
+    };
+    let err = runner::generate(&mut engine.app, vec![1, 5, 9], params.clone())
+        .err()
+        .unwrap();
+    assert!(
+        format!("{err:#}").contains("plugin `panicking` panicked: deliberate panic after 3 tokens"),
+        "{err:#}"
+    );
+    assert!(!engine.app.is_enabled("panicking"));
+    let faults = &engine.app.world.resource::<PluginFaults>().0;
+    assert_eq!(faults.len(), 1, "{faults:?}");
+    let out = runner::generate(&mut engine.app, vec![1, 5, 9], params).unwrap();
+    assert_eq!(
+        out.tokens.len(),
+        8,
+        "the engine serves the next request without the plugin"
+    );
+}
+
+#[test]
+fn libraries_that_are_not_compatible_plugins_are_refused_with_a_reason() {
+    let err = vibee_cli::load_external(&[library("vibee_test_abi_mismatch")])
+        .err()
+        .unwrap();
+    let err = format!("{err:#}");
+    assert!(err.contains("vibee-sdk types do not match"), "{err}");
+    let err = vibee_cli::load_external(&[repo().join("Cargo.toml")])
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains("cannot load plugin"), "{err:#}");
+    let twice = library("vibee_example_jsonl_monitor");
+    let external = vibee_cli::load_external(&[twice.clone(), twice]).unwrap();
+    let err = vibee_cli::catalog(external).err().unwrap();
+    assert!(format!("{err:#}").contains("already taken"), "{err:#}");
+}
