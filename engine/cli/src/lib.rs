@@ -1,5 +1,7 @@
 //! What the `vibee` command is made of: the built-in plugin catalog and the built-in tiny model.
 
+pub mod scaffold;
+
 use std::path::PathBuf;
 
 use anyhow::Context;

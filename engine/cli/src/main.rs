@@ -39,6 +39,23 @@ enum Command {
     Conformance(ConformanceArgs),
     /// Size an architecture: parameters, FLOPs/token, KV cache, memory, compute-optimal data.
     Arch(ArchArgs),
+    /// Create a third-party plugin crate on vibee-sdk that builds and passes its conformance
+    /// case as generated.
+    NewPlugin(NewPluginArgs),
+}
+
+#[derive(Args)]
+struct NewPluginArgs {
+    /// The plugin's name (lowercase letters, digits, dashes); also the crate's directory.
+    name: String,
+    #[arg(long, value_enum)]
+    kind: vibee_cli::scaffold::Kind,
+    /// Where to create the crate.
+    #[arg(long, default_value = ".")]
+    dir: PathBuf,
+    /// The vibee-sdk crate to depend on (default: engine/sdk of this repository).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../sdk"))]
+    sdk: PathBuf,
 }
 
 #[derive(Args)]
@@ -255,6 +272,21 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench(args),
         Command::Conformance(args) => conformance(args),
         Command::Arch(args) => arch(args),
+        Command::NewPlugin(args) => {
+            let root =
+                vibee_cli::scaffold::new_plugin(&args.name, args.kind, &args.dir, &args.sdk)?;
+            println!(
+                "created {}: build it with `cargo build --release` there, then run \
+                 `vibee conformance --root {} --plugin {}/target/release/{}{}{}`",
+                root.display(),
+                root.display(),
+                root.display(),
+                std::env::consts::DLL_PREFIX,
+                args.name.replace('-', "_"),
+                std::env::consts::DLL_SUFFIX
+            );
+            Ok(())
+        }
     }
 }
 
@@ -525,7 +557,7 @@ fn conformance(args: ConformanceArgs) -> anyhow::Result<()> {
             args.device
         );
     }
-    if !args.root.join("specs").is_dir() {
+    if args.plugins.is_empty() && !args.root.join("specs").is_dir() {
         bail!(
             "{} has no specs/ directory: run from the vibee repository or pass --root",
             args.root.display()

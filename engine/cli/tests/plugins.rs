@@ -186,3 +186,48 @@ fn libraries_that_are_not_compatible_plugins_are_refused_with_a_reason() {
     let err = vibee_cli::catalog(external).err().unwrap();
     assert!(format!("{err:#}").contains("already taken"), "{err:#}");
 }
+
+#[test]
+fn new_plugin_scaffolds_crates_that_build_and_pass_their_conformance_case() {
+    let dir = std::env::temp_dir().join(format!("vibee-new-plugin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let target = libraries().parent().unwrap().to_path_buf();
+    for (kind, root) in [
+        ("logits", None),
+        ("filter", Some(".")),
+        ("monitor", Some(".")),
+    ] {
+        let name = format!("my-{kind}");
+        stdout(&vibee(&[
+            "new-plugin",
+            &name,
+            "--kind",
+            kind,
+            "--dir",
+            dir.to_str().unwrap(),
+        ]));
+        let crate_dir = dir.join(&name);
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet"])
+            .current_dir(&crate_dir)
+            .env("CARGO_TARGET_DIR", &target)
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "the scaffolded {kind} crate does not build"
+        );
+        let lib = library(&name.replace('-', "_"));
+        let root = root.map_or(crate_dir.clone(), |r| repo().join(r));
+        let out = stdout(&vibee(&[
+            "conformance",
+            "--root",
+            root.to_str().unwrap(),
+            "--plugin",
+            lib.to_str().unwrap(),
+        ]));
+        assert!(out.contains("1 passed, 0 failed"), "{kind}: {out}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
