@@ -398,10 +398,7 @@ fn sampling(
     registry: &Registry,
     catalog: &[Box<dyn Plugin>],
 ) -> anyhow::Result<Outcome> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let reference: SamplingReference =
-        serde_json::from_str(&text).with_context(|| format!("{} is malformed", path.display()))?;
+    let reference: SamplingReference = read_json(path)?;
     let mut app = App::new(Pipeline::Serving);
     for plugin in resolve(plugins, registry, catalog)? {
         app.add_plugin(plugin)?;

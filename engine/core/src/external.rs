@@ -306,6 +306,30 @@ impl<T> Attached<T> {
     fn get(&mut self) -> &mut T {
         self.inner.get_mut().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// What a fault does: a panic disables the plugin; the request fails or goes on, per
+    /// the plugin's policy (`state` is `None` where the plugin cannot fail a request).
+    fn on_fault(
+        &self,
+        fault: Fault,
+        state: Option<&mut SeqState>,
+        enabled: &mut EnabledPlugins,
+        faults: &mut PluginFaults,
+    ) {
+        let (plugin, on_panic) = (self.plugin, self.on_panic);
+        let what = fault_text(&fault);
+        if fault.panicked {
+            enabled.0.remove(plugin);
+            tracing::error!("plugin `{plugin}` {what}; it is disabled");
+            faults.0.push((plugin.to_string(), what.clone()));
+        }
+        match (on_panic, state) {
+            (PanicPolicy::FailRequest, Some(state)) => {
+                *state = SeqState::Failed(format!("plugin `{plugin}` {what}"));
+            }
+            _ => tracing::warn!("plugin `{plugin}` {what}; the request goes on without it"),
+        }
+    }
 }
 
 /// The live instances of every third-party extension, in the order they were enabled.
@@ -354,29 +378,6 @@ pub fn install(app: &mut App) {
     app.add_systems_at(Stage::Monitor, Order::Late, report_events);
 }
 
-/// What a fault does: a panic disables the plugin; the request fails or goes on, per policy.
-fn on_fault(
-    plugin: &'static str,
-    on_panic: PanicPolicy,
-    fault: Fault,
-    state: Option<&mut SeqState>,
-    enabled: &mut EnabledPlugins,
-    faults: &mut PluginFaults,
-) {
-    let what = fault_text(&fault);
-    if fault.panicked {
-        enabled.0.remove(plugin);
-        tracing::error!("plugin `{plugin}` {what}; it is disabled");
-        faults.0.push((plugin.to_string(), what.clone()));
-    }
-    match (on_panic, state) {
-        (PanicPolicy::FailRequest, Some(state)) => {
-            *state = SeqState::Failed(format!("plugin `{plugin}` {what}"));
-        }
-        _ => tracing::warn!("plugin `{plugin}` {what}; the request goes on without it"),
-    }
-}
-
 fn process_logits(
     mut extensions: ResMut<Extensions>,
     mut enabled: ResMut<EnabledPlugins>,
@@ -398,15 +399,7 @@ fn process_logits(
             };
             let logits = RSliceMut::from_mut_slice(&mut logits.0);
             if let RErr(fault) = attached.get().process(seq, logits) {
-                let (plugin, on_panic) = (attached.plugin, attached.on_panic);
-                on_fault(
-                    plugin,
-                    on_panic,
-                    fault,
-                    Some(&mut state),
-                    &mut enabled,
-                    &mut faults,
-                );
+                attached.on_fault(fault, Some(&mut state), &mut enabled, &mut faults);
             }
         }
     }
@@ -435,15 +428,7 @@ fn filter_text(
                 .on_text(entity.to_bits(), delta, text.finishing)
             {
                 RErr(fault) => {
-                    let (plugin, on_panic) = (attached.plugin, attached.on_panic);
-                    on_fault(
-                        plugin,
-                        on_panic,
-                        fault,
-                        Some(&mut state),
-                        &mut enabled,
-                        &mut faults,
-                    );
+                    attached.on_fault(fault, Some(&mut state), &mut enabled, &mut faults);
                 }
                 ROk(verdict) => {
                     text.delta = verdict.release.into_string();
@@ -549,18 +534,19 @@ fn report_events(
                     detail: RStr::from_str(detail),
                 };
                 if let RErr(fault) = attached.get().on_event(event) {
-                    let (plugin, on_panic) = (attached.plugin, attached.on_panic);
                     // A monitor only watches: its faults never fail the request.
-                    on_fault(plugin, on_panic, fault, None, &mut enabled, &mut faults);
+                    attached.on_fault(fault, None, &mut enabled, &mut faults);
                     break;
                 }
             }
         }
         if ended {
             for attached in &mut extensions.logits_processors {
+                if !enabled.0.contains(attached.plugin) {
+                    continue;
+                }
                 if let RErr(fault) = attached.get().finish(seq) {
-                    let (plugin, on_panic) = (attached.plugin, attached.on_panic);
-                    on_fault(plugin, on_panic, fault, None, &mut enabled, &mut faults);
+                    attached.on_fault(fault, None, &mut enabled, &mut faults);
                 }
             }
         }
