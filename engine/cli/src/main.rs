@@ -1,5 +1,6 @@
 //! `vibee`: run, benchmark and inspect models and the spec registry.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -13,7 +14,9 @@ use vibee_cli::{builtin_model_dir, catalog, load_external};
 use vibee_core::external::PluginConfigs;
 use vibee_core::pipeline::SamplingParams;
 use vibee_core::registry::FAMILIES;
+use vibee_core::reload::{PipelineFile, Reloader};
 use vibee_core::tokenizer::ChatMessage;
+use vibee_core::Plugin;
 use vibee_core::{runner, Engine};
 
 #[derive(Parser)]
@@ -83,6 +86,14 @@ struct ExternalArgs {
     /// Configuration for a third-party plugin, NAME=CONFIG (repeatable).
     #[arg(long = "plugin-config", value_parser = parse_plugin_config)]
     configs: Vec<(String, String)>,
+    /// Reload a third-party library when it is rebuilt in place, at the next engine step.
+    #[arg(long)]
+    watch: bool,
+    /// A RON file `(plugins: [...], configs: {"name": "..."})` of pipeline-level plugins to
+    /// run; editing it while vibee runs enables, disables and reconfigures them at the next
+    /// engine step.
+    #[arg(long)]
+    pipeline: Option<PathBuf>,
 }
 
 fn parse_plugin_config(text: &str) -> Result<(String, String), String> {
@@ -253,7 +264,10 @@ struct ArchArgs {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("VIBEE_LOG"))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VIBEE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
         .with_writer(std::io::stderr)
         .init();
     match dispatch(Cli::parse()) {
@@ -305,13 +319,29 @@ fn load(args: &ModelArgs) -> anyhow::Result<Engine> {
         None => builtin_model_dir()?,
     };
     let started = Instant::now();
-    let (registry, catalog) = catalog(load_external(&args.external.paths)?)?;
-    let configs = PluginConfigs(args.external.configs.iter().cloned().collect());
-    if let Some(unknown) = configs.0.keys().find(|name| !args.plugins.contains(name)) {
-        bail!("--plugin-config names `{unknown}`, which is not in --plugins");
+    let external = load_external(&args.external.paths)?;
+    let libraries: BTreeMap<PathBuf, &'static str> = external
+        .iter()
+        .filter(|_| args.external.watch)
+        .map(|p| (p.origin.clone(), p.spec().name))
+        .collect();
+    let mut plugins = args.plugins.clone();
+    let mut configs = PluginConfigs(args.external.configs.iter().cloned().collect());
+    if let Some(file) = &args.external.pipeline {
+        let file = PipelineFile::read(file)?;
+        plugins.extend(file.plugins);
+        configs.0.extend(file.configs);
     }
-    let engine = Engine::load(&dir, &args.plugins, &registry, &catalog, &configs)
+    if let Some(unknown) = configs.0.keys().find(|name| !plugins.contains(name)) {
+        bail!("a configuration names `{unknown}`, which is not among the plugins");
+    }
+    let (registry, catalog) = catalog(external)?;
+    let mut engine = Engine::load(&dir, &plugins, &registry, &catalog, &configs)
         .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+    if args.external.watch || args.external.pipeline.is_some() {
+        Reloader::new(registry, catalog, libraries, args.external.pipeline.clone())?
+            .install(&mut engine.app);
+    }
     tracing::info!(
         "loaded {} in {:.2}s with {:?}",
         dir.display(),

@@ -231,3 +231,138 @@ fn new_plugin_scaffolds_crates_that_build_and_pass_their_conformance_case() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Builds the reloadable test plugin forcing `token` and puts it at `dest` the way a build
+/// replaces a file: written beside it, then renamed over it.
+fn build_reloadable(token: u32, dest: &std::path::Path) {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "-p", "vibee-test-reloadable"])
+        .env("VIBEE_TEST_FORCED_TOKEN", token.to_string())
+        .current_dir(repo())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    replace(&library("vibee_test_reloadable"), dest);
+}
+
+fn replace(source: &std::path::Path, dest: &std::path::Path) {
+    let staging = dest.with_extension("staging");
+    std::fs::copy(source, &staging).unwrap();
+    std::fs::rename(&staging, dest).unwrap();
+}
+
+#[test]
+fn rebuilt_plugins_and_pipeline_edits_take_effect_mid_generation() {
+    use vibee_core::pipeline::{request_bundle, SeqState, Tokens};
+    use vibee_core::reload::{ReloadLog, Reloader};
+
+    let dir = std::env::temp_dir().join(format!("vibee-reload-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let lib = dir.join(format!(
+        "{}reloadable{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ));
+    let pipeline = dir.join("pipeline.ron");
+    build_reloadable(11, &lib);
+    std::fs::write(&pipeline, r#"(plugins: ["reloadable"])"#).unwrap();
+
+    let external = vibee_cli::load_external(std::slice::from_ref(&lib)).unwrap();
+    let (registry, catalog) = vibee_cli::catalog(external).unwrap();
+    let mut engine = Engine::load(
+        &repo().join("tests/fixtures/llama-gqa"),
+        &["auto".into(), "reloadable".into()],
+        &registry,
+        &catalog,
+        &PluginConfigs::default(),
+    )
+    .unwrap();
+    let libraries = [(lib.clone(), "reloadable")].into();
+    Reloader::new(registry, catalog, libraries, Some(pipeline.clone()))
+        .unwrap()
+        .install(&mut engine.app);
+
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: 100,
+        ignore_eos: true,
+        ..SamplingParams::default()
+    };
+    let app = &mut engine.app;
+    let first = app
+        .world
+        .spawn(request_bundle(vec![1, 5, 9], params.clone()))
+        .id();
+    let second = app.world.spawn(request_bundle(vec![1, 7], params)).id();
+    let last = |app: &vibee_core::App, e| {
+        *app.world
+            .get::<Tokens>(e)
+            .unwrap()
+            .generated
+            .last()
+            .unwrap()
+    };
+    for _ in 0..3 {
+        app.step();
+    }
+    assert_eq!((last(app, first), last(app, second)), (11, 11));
+
+    // Steps until the reload log says `what`, giving the watcher time between steps.
+    let step_until = |app: &mut vibee_core::App, what: &str| {
+        for _ in 0..40 {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            app.step();
+            let log = &app.world.resource::<ReloadLog>().0;
+            if log.last().is_some_and(|l| l.contains(what)) {
+                return;
+            }
+        }
+        panic!("no `{what}` in {:?}", app.world.resource::<ReloadLog>().0);
+    };
+    build_reloadable(22, &lib);
+    step_until(app, "reloaded `reloadable`");
+    app.step();
+    assert_eq!((last(app, first), last(app, second)), (22, 22));
+
+    replace(&library("vibee_test_abi_mismatch"), &lib);
+    step_until(app, "kept the running `reloadable`");
+    assert!(app
+        .world
+        .resource::<ReloadLog>()
+        .0
+        .last()
+        .unwrap()
+        .contains("do not match"));
+    app.step();
+    assert_eq!(
+        last(app, first),
+        22,
+        "a refused library leaves the running one in place"
+    );
+
+    std::fs::write(&pipeline, r#"(plugins: [])"#).unwrap();
+    step_until(app, "disabled `reloadable`");
+    app.step();
+    assert!(!app.is_enabled("reloadable"));
+    std::fs::write(&pipeline, r#"(plugins: ["flash-attention"])"#).unwrap();
+    step_until(app, "kept the running pipeline");
+
+    while app.world.get::<SeqState>(first) == Some(&SeqState::Running) {
+        app.step();
+    }
+    for request in [first, second] {
+        assert_eq!(
+            app.world.get::<SeqState>(request),
+            Some(&SeqState::Finished(
+                vibee_core::pipeline::FinishReason::Length
+            ))
+        );
+        assert_eq!(
+            app.world.get::<Tokens>(request).unwrap().generated.len(),
+            100,
+            "no token is dropped across reloads"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -76,7 +76,11 @@ pub struct App {
     built: BTreeSet<&'static str>,
     /// The plugin whose `build` is running, so its systems and operators are tagged with it.
     building: Option<&'static str>,
+    /// Run before every step, where changes to the pipeline are safe (hot reload).
+    boundary: Vec<BoundaryHook>,
 }
+
+pub type BoundaryHook = Box<dyn FnMut(&mut App) + Send>;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum AppError {
@@ -113,6 +117,7 @@ impl App {
             enabled: Vec::new(),
             built: BTreeSet::new(),
             building: None,
+            boundary: Vec::new(),
         }
     }
 
@@ -209,9 +214,21 @@ impl App {
         self
     }
 
-    /// Runs one engine step: every stage of the pipeline, in order. A plugin a system took
-    /// out of [`EnabledPlugins`] during the step (one that panicked) is disabled afterwards.
+    /// Runs `hook` before every step, where it may add, remove or replace plugins.
+    pub fn on_step_boundary(&mut self, hook: BoundaryHook) {
+        self.boundary.push(hook);
+    }
+
+    /// Runs one engine step: the boundary hooks, then every stage of the pipeline, in order.
+    /// A plugin a system took out of [`EnabledPlugins`] during the step (one that panicked) is
+    /// disabled afterwards.
     pub fn step(&mut self) {
+        let mut hooks = std::mem::take(&mut self.boundary);
+        for hook in &mut hooks {
+            hook(self);
+        }
+        hooks.append(&mut self.boundary);
+        self.boundary = hooks;
         for &stage in self.pipeline.stages() {
             self.world.run_schedule(stage);
         }

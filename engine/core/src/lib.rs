@@ -13,6 +13,7 @@ pub mod parallel;
 pub mod pipeline;
 pub mod plugin;
 pub mod registry;
+pub mod reload;
 pub mod runner;
 pub mod tensor;
 pub mod text;

@@ -303,6 +303,11 @@ impl Operators {
         self.entries.push((plugin, operator, true));
     }
 
+    /// Whether `plugin` registered operators: it is part of the model, which is built once.
+    pub fn has_plugin(&self, plugin: &str) -> bool {
+        self.entries.iter().any(|(p, ..)| *p == plugin)
+    }
+
     pub fn set_enabled(&mut self, plugin: &str, enabled: bool) {
         for entry in self.entries.iter_mut().filter(|(p, ..)| *p == plugin) {
             entry.2 = enabled;

@@ -1,0 +1,259 @@
+//! Hot reload, applied at step boundaries so no request sees half a change.
+//!
+//! - A third-party library that is rebuilt in place is loaded as a fresh copy and its
+//!   extension replaces the old one's instance; a copy that fails to load or fails the ABI
+//!   check leaves the running version in place.
+//! - A pipeline file lists the pipeline-level plugins to run (and their configurations);
+//!   editing it enables and disables plugins. Plugins that are part of the model (those that
+//!   registered operators) need a restart and are refused.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use bevy_ecs::prelude::Resource;
+use notify::{RecursiveMode, Watcher};
+use serde::Deserialize;
+
+use crate::app::App;
+use crate::external::{ExternalPlugin, PluginConfigs};
+use crate::ops::Operators;
+use crate::plugin::{resolve, Plugin};
+use crate::registry::Registry;
+
+/// What the pipeline file says.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineFile {
+    /// Pipeline-level plugins to run, by name, besides the model's own.
+    pub plugins: Vec<String>,
+    /// Configurations of third-party plugins, by name.
+    #[serde(default)]
+    pub configs: BTreeMap<String, String>,
+}
+
+impl PipelineFile {
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        ron::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}:{}:{}: {}",
+                path.display(),
+                e.position.line,
+                e.position.col,
+                e.code
+            )
+        })
+    }
+}
+
+/// Every reload the engine applied or refused, in order: what `vibee` logs, and what tests read.
+#[derive(Resource, Debug, Default, Clone)]
+pub struct ReloadLog(pub Vec<String>);
+
+/// Watches plugin libraries and a pipeline file; [`Reloader::install`] makes every engine
+/// step apply what changed first.
+pub struct Reloader {
+    _watcher: notify::RecommendedWatcher,
+    changes: Receiver<PathBuf>,
+    /// Changed files not applied yet: a file still being written is left for a later step.
+    pending: BTreeSet<PathBuf>,
+    /// The library each third-party plugin was loaded from, by plugin name.
+    libraries: BTreeMap<PathBuf, &'static str>,
+    pipeline: Option<PathBuf>,
+    registry: Registry,
+    catalog: Vec<Box<dyn Plugin>>,
+}
+
+/// How long a changed file must stay unchanged before it is read: the writer has finished.
+const SETTLE: Duration = Duration::from_millis(150);
+
+impl Reloader {
+    /// Watches the libraries of the `catalog`'s third-party plugins and the `pipeline` file.
+    pub fn new(
+        registry: Registry,
+        catalog: Vec<Box<dyn Plugin>>,
+        libraries: BTreeMap<PathBuf, &'static str>,
+        pipeline: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
+        let (tx, changes) = channel();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if let Ok(event) = event {
+                    for path in event.paths {
+                        let _ = tx.send(path);
+                    }
+                }
+            })
+            .context("cannot start watching files")?;
+        let libraries: BTreeMap<PathBuf, &'static str> = libraries
+            .into_iter()
+            .map(|(path, name)| (absolute(&path), name))
+            .collect();
+        let pipeline = pipeline.map(|p| absolute(&p));
+        // Directories are watched, not files: a rebuild replaces the file under its name.
+        let dirs: BTreeSet<PathBuf> = libraries
+            .keys()
+            .chain(&pipeline)
+            .filter_map(|p| p.parent().map(Path::to_path_buf))
+            .collect();
+        for dir in dirs {
+            watcher
+                .watch(&dir, RecursiveMode::NonRecursive)
+                .with_context(|| format!("cannot watch {}", dir.display()))?;
+        }
+        Ok(Self {
+            _watcher: watcher,
+            changes,
+            pending: BTreeSet::new(),
+            libraries,
+            pipeline,
+            registry,
+            catalog,
+        })
+    }
+
+    /// Makes `app` apply changes before each step.
+    pub fn install(mut self, app: &mut App) {
+        app.world.init_resource::<ReloadLog>();
+        app.on_step_boundary(Box::new(move |app| self.apply(app)));
+    }
+
+    fn apply(&mut self, app: &mut App) {
+        let changed: Vec<PathBuf> = self.changes.try_iter().map(|p| absolute(&p)).collect();
+        let watched =
+            |p: &PathBuf| self.libraries.contains_key(p) || self.pipeline.as_ref() == Some(p);
+        self.pending
+            .extend(changed.into_iter().filter(|p| watched(p)));
+        let settled: Vec<PathBuf> = self
+            .pending
+            .iter()
+            .filter(|p| settled(p))
+            .cloned()
+            .collect();
+        for path in settled {
+            self.pending.remove(&path);
+            let outcome = if let Some(&name) = self.libraries.get(&path) {
+                self.reload_library(app, &path, name)
+            } else if self.pipeline.as_ref() == Some(&path) {
+                self.apply_pipeline(app, &path)
+            } else {
+                continue;
+            };
+            let line = match outcome {
+                Ok(done) => {
+                    tracing::info!("{done}");
+                    done
+                }
+                Err(e) => {
+                    tracing::warn!("{e:#}");
+                    format!("{e:#}")
+                }
+            };
+            app.world.resource_mut::<ReloadLog>().0.push(line);
+        }
+    }
+
+    fn reload_library(
+        &mut self,
+        app: &mut App,
+        path: &Path,
+        name: &'static str,
+    ) -> anyhow::Result<String> {
+        let keep = || format!("kept the running `{name}`");
+        let fresh = ExternalPlugin::load(path).with_context(keep)?;
+        if fresh.spec().name != name {
+            anyhow::bail!(
+                "{}: the rebuilt library is plugin `{}`, not `{name}`",
+                keep(),
+                fresh.spec().name
+            );
+        }
+        if app.is_enabled(name) {
+            fresh.build(app).with_context(keep)?;
+        }
+        let slot = self
+            .catalog
+            .iter_mut()
+            .find(|p| p.spec().name == name)
+            .expect("a watched library's plugin is in the catalog");
+        *slot = Box::new(fresh);
+        Ok(format!("reloaded `{name}` from {}", path.display()))
+    }
+
+    fn apply_pipeline(&mut self, app: &mut App, path: &Path) -> anyhow::Result<String> {
+        let keep = "kept the running pipeline";
+        let file = PipelineFile::read(path).context(keep)?;
+        let operators = app.world.resource::<Operators>();
+        let model: Vec<String> = app
+            .enabled()
+            .iter()
+            .filter(|p| operators.has_plugin(p.name))
+            .map(|p| p.name.to_string())
+            .collect();
+        let mut names = model.clone();
+        names.extend(file.plugins.iter().cloned());
+        let wanted: Vec<&dyn Plugin> =
+            resolve(&names, &self.registry, &self.catalog).context(keep)?;
+        let wanted_names: BTreeSet<&str> = wanted.iter().map(|p| p.spec().name).collect();
+        let old_configs = app
+            .world
+            .get_resource::<PluginConfigs>()
+            .cloned()
+            .unwrap_or_default();
+        app.world
+            .insert_resource(PluginConfigs(file.configs.clone()));
+        let mut changes = Vec::new();
+        let enabled: Vec<&'static str> = app.enabled().iter().map(|p| p.name).collect();
+        for name in enabled {
+            if !wanted_names.contains(name) {
+                app.remove_plugin(name)?;
+                changes.push(format!("disabled `{name}`"));
+            }
+        }
+        for plugin in wanted {
+            let name = plugin.spec().name;
+            // Only third-party plugins take configurations; rebuilding one re-instantiates it.
+            let third_party = self.registry.get(name).is_some_and(|e| e.origin.is_some());
+            let reconfigure = third_party && old_configs.0.get(name) != file.configs.get(name);
+            if !app.is_enabled(name) {
+                app.add_plugin(plugin)?;
+                if app.world.resource::<Operators>().has_plugin(name) {
+                    app.remove_plugin(name)?;
+                    changes.push(format!(
+                        "refused `{name}`: it is part of the model; restart to change it"
+                    ));
+                    continue;
+                }
+                changes.push(format!("enabled `{name}`"));
+            } else if reconfigure {
+                changes.push(format!("reconfigured `{name}`"));
+            }
+            if reconfigure {
+                plugin.build(app)?;
+            }
+        }
+        if changes.is_empty() {
+            changes.push("no change".into());
+        }
+        Ok(format!("{}: {}", path.display(), changes.join(", ")))
+    }
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+fn settled(path: &Path) -> bool {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .map(|modified| {
+            SystemTime::now()
+                .duration_since(modified)
+                .is_ok_and(|age| age >= SETTLE)
+        })
+        .unwrap_or(false)
+}
