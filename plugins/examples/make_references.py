@@ -5,6 +5,9 @@
 
 - no-repeat-ngram: Hugging Face transformers' NoRepeatNGramLogitsProcessor on random token
   histories (with repeats) and random scores, for several n.
+- typical-sampler: transformers' TemperatureLogitsWarper then TypicalLogitsWarper on fixed
+  random logits: the next-token distribution each (temperature, mass) leaves.
+- chrf: sacreBLEU's sentence-level chrF.
 - regex-deny: Python's `re` module run over each whole text with the same rules, as one
   leftmost-first alternation: redact rules replaced by [REDACTED], flag rules kept and
   reported, the first stop rule ends the text before its match.
@@ -19,7 +22,11 @@ import re
 
 import torch
 import transformers
-from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+from transformers.generation.logits_process import (
+    NoRepeatNGramLogitsProcessor,
+    TemperatureLogitsWarper,
+    TypicalLogitsWarper,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -107,6 +114,54 @@ def regex_deny():
     write("regex-deny/reference.json", dict(python_re=re.__name__, cases=cases))
 
 
+def typical_sampler():
+    torch.manual_seed(11)
+    logits = (torch.randn(1, 24) * 2.0)
+    cases = []
+    for temperature, mass in [(1.0, 0.9), (1.0, 0.5), (0.7, 0.95), (1.3, 0.2), (1.0, 0.999)]:
+        scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        scores = TypicalLogitsWarper(mass)(None, scores)
+        probs = torch.softmax(scores, dim=-1)[0]
+        cases.append(
+            dict(
+                params=dict(temperature=temperature),
+                configs={"typical-sampler": str(mass)},
+                probs=probs.tolist(),
+            )
+        )
+    write(
+        "typical-sampler/reference.json",
+        dict(
+            transformers=transformers.__version__,
+            logits=logits[0].tolist(),
+            history=[],
+            cases=cases,
+        ),
+    )
+
+
+def chrf():
+    import sacrebleu
+
+    pairs = [
+        ("The cat sat on the mat.", "The cat sat on the mat."),
+        ("The cat sat on the mat.", "A cat was sitting on the mat."),
+        ("the quick brown fox", "The quick brown dog jumps"),
+        ("Ünïcödé 漢字 text", "Unicode 漢字 texts"),
+        ("", "nothing predicted"),
+        ("completely different", "xyz"),
+        ("a", "a"),
+        ("llamas graze in the high Andes", "Llamas graze high in the Andes mountains"),
+    ]
+    cases = [
+        dict(config="", prediction=h, reference=r, score=sacrebleu.sentence_chrf(h, [r]).score)
+        for h, r in pairs
+    ]
+    write("chrf/reference.json", dict(sacrebleu=sacrebleu.__version__, cases=cases))
+
+
 if __name__ == "__main__":
+    typical_sampler()
+    chrf()
     no_repeat_ngram()
     regex_deny()

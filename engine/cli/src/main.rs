@@ -42,9 +42,29 @@ enum Command {
     Conformance(ConformanceArgs),
     /// Size an architecture: parameters, FLOPs/token, KV cache, memory, compute-optimal data.
     Arch(ArchArgs),
+    /// Score predictions against references, line by line, with an eval-metric plugin.
+    Score(ScoreArgs),
     /// Create a third-party plugin crate on vibee-sdk that builds and passes its conformance
     /// case as generated.
     NewPlugin(NewPluginArgs),
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    /// The eval metric's name (a plugin loaded with --plugin-path).
+    #[arg(long)]
+    metric: String,
+    #[command(flatten)]
+    external: ExternalArgs,
+    /// One prediction per line.
+    #[arg(long)]
+    predictions: PathBuf,
+    /// One reference per line, paired with the predictions.
+    #[arg(long)]
+    references: PathBuf,
+    /// Print one JSON object with every line's score.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -286,6 +306,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench(args),
         Command::Conformance(args) => conformance(args),
         Command::Arch(args) => arch(args),
+        Command::Score(args) => score(args),
         Command::NewPlugin(args) => {
             let root =
                 vibee_cli::scaffold::new_plugin(&args.name, args.kind, &args.dir, &args.sdk)?;
@@ -664,6 +685,64 @@ fn conformance(args: ConformanceArgs) -> anyhow::Result<()> {
     }
     if failed > 0 {
         bail!("{failed} conformance case(s) failed");
+    }
+    Ok(())
+}
+
+fn score(args: ScoreArgs) -> anyhow::Result<()> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let (predictions, references) = (read(&args.predictions)?, read(&args.references)?);
+    let (predictions, references): (Vec<&str>, Vec<&str>) =
+        (predictions.lines().collect(), references.lines().collect());
+    if predictions.len() != references.len() {
+        bail!(
+            "{} has {} lines but {} has {}",
+            args.predictions.display(),
+            predictions.len(),
+            args.references.display(),
+            references.len()
+        );
+    }
+    if predictions.is_empty() {
+        bail!("there is nothing to score");
+    }
+    let (_, catalog) = catalog(load_external(&args.external.paths)?)?;
+    let external = catalog
+        .iter()
+        .find(|p| p.spec().name == args.metric)
+        .and_then(|p| p.external())
+        .with_context(|| {
+            format!(
+                "no eval metric `{}` is loaded (give its library with --plugin-path)",
+                args.metric
+            )
+        })?;
+    let config = args
+        .external
+        .configs
+        .iter()
+        .find(|(name, _)| *name == args.metric)
+        .map_or("", |(_, config)| config.as_str());
+    let mut metric = external.eval_metric(config)?;
+    let scores = predictions
+        .iter()
+        .zip(&references)
+        .map(|(p, r)| metric.score(p, r))
+        .collect::<anyhow::Result<Vec<f64>>>()?;
+    let mean = scores.iter().sum::<f64>() / scores.len() as f64;
+    if args.json {
+        println!(
+            "{}",
+            json!({"metric": args.metric, "mean": mean, "scores": scores})
+        );
+    } else {
+        println!(
+            "{}: {mean:.4} (mean of {} lines)",
+            args.metric,
+            scores.len()
+        );
     }
     Ok(())
 }

@@ -20,6 +20,9 @@ fn libraries() -> PathBuf {
         .args(["-p", "vibee-example-no-repeat-ngram"])
         .args(["-p", "vibee-example-regex-deny"])
         .args(["-p", "vibee-example-jsonl-monitor"])
+        .args(["-p", "vibee-example-typical-sampler"])
+        .args(["-p", "vibee-example-max-running"])
+        .args(["-p", "vibee-example-chrf"])
         .args(["-p", "vibee-test-panicking"])
         .args(["-p", "vibee-test-abi-mismatch"])
         .current_dir(repo())
@@ -127,11 +130,73 @@ fn every_example_plugin_passes_its_shipped_conformance_cases() {
         "vibee_example_no_repeat_ngram",
         "vibee_example_regex_deny",
         "vibee_example_jsonl_monitor",
+        "vibee_example_typical_sampler",
+        "vibee_example_max_running",
+        "vibee_example_chrf",
     ] {
         let lib = library(name);
         let out = stdout(&vibee(&["conformance", "--plugin", lib.to_str().unwrap()]));
-        assert!(out.contains("1 passed, 0 failed"), "{name}: {out}");
+        assert!(out.contains(" passed, 0 failed"), "{name}: {out}");
     }
+}
+
+#[test]
+fn an_eval_metric_plugin_scores_files_as_sacrebleu_does() {
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("plugins/examples/chrf/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let cases = reference["cases"].as_array().unwrap();
+    let dir = std::env::temp_dir().join(format!("vibee-score-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let column = |key: &str| -> String {
+        cases
+            .iter()
+            .map(|c| format!("{}\n", c[key].as_str().unwrap()))
+            .collect()
+    };
+    std::fs::write(dir.join("pred.txt"), column("prediction")).unwrap();
+    std::fs::write(dir.join("ref.txt"), column("reference")).unwrap();
+    let lib = library("vibee_example_chrf");
+    let out = stdout(&vibee(&[
+        "score",
+        "--plugin-path",
+        lib.to_str().unwrap(),
+        "--metric",
+        "chrf",
+        "--predictions",
+        dir.join("pred.txt").to_str().unwrap(),
+        "--references",
+        dir.join("ref.txt").to_str().unwrap(),
+        "--json",
+    ]));
+    let out: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let scores = out["scores"].as_array().unwrap();
+    assert_eq!(scores.len(), cases.len());
+    for (got, case) in scores.iter().zip(cases) {
+        let (got, want) = (got.as_f64().unwrap(), case["score"].as_f64().unwrap());
+        assert!(
+            (got - want).abs() < 1e-9,
+            "{got} vs sacreBLEU {want} for {case}"
+        );
+    }
+    std::fs::write(dir.join("short.txt"), "one line\n").unwrap();
+    let err = failure(
+        &vibee(&[
+            "score",
+            "--plugin-path",
+            lib.to_str().unwrap(),
+            "--metric",
+            "chrf",
+            "--predictions",
+            dir.join("short.txt").to_str().unwrap(),
+            "--references",
+            dir.join("ref.txt").to_str().unwrap(),
+        ]),
+        1,
+    );
+    assert!(err.contains("has 1 lines but"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

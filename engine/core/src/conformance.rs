@@ -4,6 +4,7 @@
 //! transformers (`tests/fixtures/make_fixtures.py`). Property cases compare two vibee
 //! configurations that must agree by construction of the technique.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context};
@@ -113,6 +114,24 @@ pub enum Check {
     /// on the fixture: one `admitted` event with the prompt length, a `token` event for each of
     /// transformers' greedy tokens in order, then `finished` with reason `length`.
     MonitorLog { fixture: String, plugin: String },
+    /// Requests with these prompt lengths, submitted together to an engine for the fixture
+    /// with an admission policy, start running at these steps (1 is the first; `None`:
+    /// rejected). Each running request makes one token per step, `max_tokens` in all.
+    AdmissionSchedule {
+        fixture: String,
+        plugin: String,
+        config: String,
+        prompts: Vec<usize>,
+        max_tokens: usize,
+        admitted_at: Vec<Option<u64>>,
+    },
+    /// An eval metric scores each reference case's prediction against its reference as the
+    /// reference implementation did.
+    ReferenceMetric {
+        plugin: String,
+        reference: String,
+        max_abs_err: f64,
+    },
 }
 
 /// Counts a `config.json`'s total and per-token (active) parameters: the service an
@@ -132,6 +151,9 @@ struct SamplingReference {
 struct SamplingCase {
     /// The sampler fields transformers was given; the rest keep their defaults.
     params: SamplingParams,
+    /// Configurations of third-party plugins (a sampler's own parameters).
+    #[serde(default)]
+    configs: BTreeMap<String, String>,
     probs: Vec<f32>,
 }
 
@@ -374,6 +396,52 @@ fn run_check(
         Check::MonitorLog { fixture, plugin } => {
             monitor_log(&root.join(fixture), plugin, registry, catalog)
         }
+        Check::AdmissionSchedule {
+            fixture,
+            plugin,
+            config,
+            prompts,
+            max_tokens,
+            admitted_at,
+        } => {
+            let mut engine = with_plugin(&root.join(fixture), plugin, config, registry, catalog)?;
+            let params = SamplingParams {
+                max_tokens: *max_tokens,
+                ignore_eos: true,
+                ..SamplingParams::default()
+            };
+            let world = &mut engine.app.world;
+            let requests: Vec<_> = prompts
+                .iter()
+                .map(|&n| {
+                    let prompt = (1..=n as u32).collect();
+                    world.spawn(request_bundle(prompt, params.clone())).id()
+                })
+                .collect();
+            let mut started = vec![None; requests.len()];
+            let limit = (prompts.len() * (max_tokens + 1) + 1) as u64;
+            for step in 1..=limit {
+                engine.app.step();
+                for (request, started) in requests.iter().zip(&mut started) {
+                    let state = engine.app.world.get::<SeqState>(*request);
+                    if started.is_none() && state != Some(&SeqState::Waiting) {
+                        *started = match state {
+                            Some(SeqState::Failed(_)) => Some(None),
+                            _ => Some(Some(step)),
+                        };
+                    }
+                }
+            }
+            let got: Vec<Option<u64>> = started.into_iter().map(Option::flatten).collect();
+            let why = (&got != admitted_at)
+                .then(|| format!("admitted at steps {got:?}, expected {admitted_at:?}"));
+            Ok((None, why))
+        }
+        Check::ReferenceMetric {
+            plugin,
+            reference,
+            max_abs_err,
+        } => metric(&root.join(reference), plugin, *max_abs_err, catalog),
         Check::Rejects {
             fixture,
             plugins,
@@ -399,16 +467,13 @@ fn sampling(
     catalog: &[Box<dyn Plugin>],
 ) -> anyhow::Result<Outcome> {
     let reference: SamplingReference = read_json(path)?;
-    let mut app = App::new(Pipeline::Serving);
-    for plugin in resolve(plugins, registry, catalog)? {
-        app.add_plugin(plugin)?;
-    }
     let tokens = Tokens {
         prompt: reference.history.clone(),
         generated: Vec::new(),
     };
     let mut worst = 0.0f32;
     for (index, case) in reference.cases.iter().enumerate() {
+        let mut app = stage_app(plugins, &case.configs, registry, catalog)?;
         let mut counts = vec![0usize; reference.logits.len()];
         for seed in 0..draws as u64 {
             let params = SamplingParams {
@@ -448,6 +513,22 @@ fn sampling(
     let why = (worst > max_sigma)
         .then(|| format!("a token frequency is {worst:.1} standard deviations from transformers'"));
     Ok((Some(worst), why))
+}
+
+/// A pipeline without a model, for cases that run single stages on hand-made requests.
+fn stage_app(
+    plugins: &[String],
+    configs: &BTreeMap<String, String>,
+    registry: &Registry,
+    catalog: &[Box<dyn Plugin>],
+) -> anyhow::Result<App> {
+    let mut app = App::new(Pipeline::Serving);
+    crate::external::install(&mut app);
+    app.world.insert_resource(PluginConfigs(configs.clone()));
+    for plugin in resolve(plugins, registry, catalog)? {
+        app.add_plugin(plugin)?;
+    }
+    Ok(app)
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
@@ -497,14 +578,8 @@ fn logits_processing(
     let file: File = read_json(path)?;
     let mut worst = 0.0f32;
     for (index, case) in file.cases.iter().enumerate() {
-        let mut app = App::new(Pipeline::Serving);
-        crate::external::install(&mut app);
-        app.world.insert_resource(PluginConfigs(
-            [(plugin.to_string(), case.config.clone())].into(),
-        ));
-        for p in resolve(&[plugin.to_string()], registry, catalog)? {
-            app.add_plugin(p)?;
-        }
+        let configs = [(plugin.to_string(), case.config.clone())].into();
+        let mut app = stage_app(&[plugin.to_string()], &configs, registry, catalog)?;
         let entity = app
             .world
             .spawn((
@@ -625,6 +700,47 @@ fn text_filter(
         }
     }
     Ok((None, None))
+}
+
+fn metric(
+    path: &Path,
+    plugin: &str,
+    tolerance: f64,
+    catalog: &[Box<dyn Plugin>],
+) -> anyhow::Result<Outcome> {
+    #[derive(Deserialize)]
+    struct MetricCase {
+        config: String,
+        prediction: String,
+        reference: String,
+        score: f64,
+    }
+    #[derive(Deserialize)]
+    struct File {
+        cases: Vec<MetricCase>,
+    }
+    let file: File = read_json(path)?;
+    let external = catalog
+        .iter()
+        .find(|p| p.spec().name == plugin)
+        .and_then(|p| p.external())
+        .with_context(|| format!("no third-party plugin `{plugin}` is loaded"))?;
+    let mut worst = 0.0f64;
+    for (index, case) in file.cases.iter().enumerate() {
+        let score = external
+            .eval_metric(&case.config)?
+            .score(&case.prediction, &case.reference)?;
+        let err = (score - case.score).abs();
+        if err.is_nan() || err > tolerance {
+            let why = format!(
+                "case {index} ({:?} vs {:?}): score {score}, the reference {}",
+                case.prediction, case.reference, case.score
+            );
+            return Ok((Some(err as f32), Some(why)));
+        }
+        worst = worst.max(err);
+    }
+    Ok((Some(worst as f32), None))
 }
 
 fn monitor_log(

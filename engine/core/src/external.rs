@@ -16,12 +16,13 @@ use bevy_ecs::prelude::*;
 use vibee_sdk::abi_stable::library::{lib_header_from_raw_library, LibraryError, RawLibrary};
 use vibee_sdk::abi_stable::std_types::{RErr, ROk, RResult, RSlice, RSliceMut, RStr};
 use vibee_sdk::{
-    Event, EventKind, Fault, FilterAction, LogitsProcessorBox, Manifest, MonitorBox, PanicPolicy,
-    PluginModuleRef, Sequence, TextFilterBox,
+    AdmissionPolicyBox, Candidate, Decision, EvalMetricBox, Event, EventKind, Fault, FilterAction,
+    Load, LogitsProcessorBox, Manifest, MonitorBox, PanicPolicy, PluginModuleRef, SamplerBox,
+    SamplingSettings, Sequence, TextFilterBox,
 };
 
 use crate::app::{App, EnabledPlugins, Order, Stage};
-use crate::pipeline::{Logits, Metrics, NextToken, SeqState, Tokens};
+use crate::pipeline::{Logits, Metrics, NextToken, SamplingParams, SeqState, Timing, Tokens};
 use crate::plugin::{Plugin, PluginSpec};
 use crate::registry::{SpecEntry, Status, FAMILIES};
 use crate::text::{TextStream, TokenizerResource};
@@ -44,16 +45,22 @@ pub struct ExternalPlugin {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     LogitsProcessor,
+    Sampler,
     TextFilter,
     Monitor,
+    AdmissionPolicy,
+    EvalMetric,
 }
 
 impl Kind {
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::LogitsProcessor => "logits processor",
+            Kind::Sampler => "sampler",
             Kind::TextFilter => "text filter",
             Kind::Monitor => "monitor",
+            Kind::AdmissionPolicy => "admission policy",
+            Kind::EvalMetric => "eval metric",
         }
     }
 }
@@ -136,8 +143,14 @@ impl ExternalPlugin {
                 m.new_logits_processor().flatten().is_some(),
                 Kind::LogitsProcessor,
             ),
+            (m.new_sampler().flatten().is_some(), Kind::Sampler),
             (m.new_text_filter().flatten().is_some(), Kind::TextFilter),
             (m.new_monitor().flatten().is_some(), Kind::Monitor),
+            (
+                m.new_admission_policy().flatten().is_some(),
+                Kind::AdmissionPolicy,
+            ),
+            (m.new_eval_metric().flatten().is_some(), Kind::EvalMetric),
         ]
         .into_iter()
         .filter_map(|(has, kind)| has.then_some(kind))
@@ -152,9 +165,11 @@ impl ExternalPlugin {
         }
     }
 
-    /// The registry entry the plugin adds: its spec, with where it came from.
+    /// The registry entry the plugin adds: its spec, with where it came from. A sampler fills
+    /// the exclusive `sampler` slot, in place of vibee's.
     pub fn registry_entry(&self) -> SpecEntry {
         let m = &self.manifest;
+        let kind = self.kind().ok();
         SpecEntry {
             id: self.id.into(),
             name: self.name.into(),
@@ -163,10 +178,15 @@ impl ExternalPlugin {
             status: Status::Implemented,
             requires: Vec::new(),
             conflicts: Vec::new(),
-            provides: None,
+            provides: (kind == Some(Kind::Sampler)).then(|| "sampler".to_string()),
             default: false,
             conformance: None,
-            origin: Some(format!("{} {}", self.origin.display(), m.version)),
+            origin: Some(format!(
+                "{} {}, {}",
+                self.origin.display(),
+                m.version,
+                kind.map_or("?", Kind::as_str)
+            )),
         }
     }
 
@@ -176,12 +196,50 @@ impl ExternalPlugin {
         let made = match self.kind()? {
             Kind::LogitsProcessor => constructed(m.new_logits_processor().flatten(), config)
                 .map(Extension::LogitsProcessor),
+            Kind::Sampler => constructed(m.new_sampler().flatten(), config).map(Extension::Sampler),
             Kind::TextFilter => {
                 constructed(m.new_text_filter().flatten(), config).map(Extension::TextFilter)
             }
             Kind::Monitor => constructed(m.new_monitor().flatten(), config).map(Extension::Monitor),
+            Kind::AdmissionPolicy => constructed(m.new_admission_policy().flatten(), config)
+                .map(Extension::AdmissionPolicy),
+            Kind::EvalMetric => bail!(
+                "`{}` is an eval metric: it scores outputs (`vibee score`), it does not run in \
+                 the serving pipeline",
+                self.name
+            ),
         };
         made.map_err(|fault| anyhow::anyhow!("{}", fault_text(&fault)))
+    }
+
+    /// An instance of an eval-metric plugin, configured with `config`.
+    pub fn eval_metric(&self, config: &str) -> anyhow::Result<EvalMetric> {
+        let constructor = self
+            .module
+            .new_eval_metric()
+            .flatten()
+            .with_context(|| format!("`{}` is not an eval metric", self.name))?;
+        let metric = constructed(Some(constructor), RStr::from_str(config))
+            .map_err(|fault| anyhow::anyhow!("{}", fault_text(&fault)))?;
+        Ok(EvalMetric {
+            plugin: self.name,
+            inner: metric,
+        })
+    }
+}
+
+/// A third-party eval metric, called directly rather than from a pipeline stage.
+pub struct EvalMetric {
+    plugin: &'static str,
+    inner: EvalMetricBox,
+}
+
+impl EvalMetric {
+    pub fn score(&mut self, prediction: &str, reference: &str) -> anyhow::Result<f64> {
+        self.inner
+            .score(RStr::from_str(prediction), RStr::from_str(reference))
+            .into_result()
+            .map_err(|fault| anyhow::anyhow!("metric `{}` {}", self.plugin, fault_text(&fault)))
     }
 }
 
@@ -267,6 +325,10 @@ impl Plugin for ExternalPlugin {
         }
     }
 
+    fn external(&self) -> Option<&ExternalPlugin> {
+        Some(self)
+    }
+
     fn build(&self, app: &mut App) -> anyhow::Result<()> {
         let config = app
             .world
@@ -290,8 +352,10 @@ impl Plugin for ExternalPlugin {
 
 enum Extension {
     LogitsProcessor(LogitsProcessorBox),
+    Sampler(SamplerBox),
     TextFilter(TextFilterBox),
     Monitor(MonitorBox),
+    AdmissionPolicy(AdmissionPolicyBox),
 }
 
 /// One instance of a plugin's extension. The `Mutex` only makes the instance `Sync` for the
@@ -336,16 +400,20 @@ impl<T> Attached<T> {
 #[derive(Resource, Default)]
 pub struct Extensions {
     logits_processors: Vec<Attached<LogitsProcessorBox>>,
+    samplers: Vec<Attached<SamplerBox>>,
     filters: Vec<Attached<TextFilterBox>>,
     monitors: Vec<Attached<MonitorBox>>,
+    admission_policies: Vec<Attached<AdmissionPolicyBox>>,
 }
 
 impl Extensions {
     /// Adds an instance, replacing the plugin's previous one (a reloaded library).
     fn attach(&mut self, plugin: &'static str, on_panic: PanicPolicy, extension: Extension) {
         self.logits_processors.retain(|a| a.plugin != plugin);
+        self.samplers.retain(|a| a.plugin != plugin);
         self.filters.retain(|a| a.plugin != plugin);
         self.monitors.retain(|a| a.plugin != plugin);
+        self.admission_policies.retain(|a| a.plugin != plugin);
         fn attached<T>(plugin: &'static str, on_panic: PanicPolicy, inner: T) -> Attached<T> {
             Attached {
                 plugin,
@@ -357,8 +425,12 @@ impl Extensions {
             Extension::LogitsProcessor(e) => {
                 self.logits_processors.push(attached(plugin, on_panic, e))
             }
+            Extension::Sampler(e) => self.samplers.push(attached(plugin, on_panic, e)),
             Extension::TextFilter(e) => self.filters.push(attached(plugin, on_panic, e)),
             Extension::Monitor(e) => self.monitors.push(attached(plugin, on_panic, e)),
+            Extension::AdmissionPolicy(e) => {
+                self.admission_policies.push(attached(plugin, on_panic, e))
+            }
         }
     }
 }
@@ -373,7 +445,9 @@ pub fn install(app: &mut App) {
     app.world.init_resource::<Extensions>();
     app.world.init_resource::<PluginFaults>();
     app.world.init_resource::<PluginConfigs>();
+    app.add_systems_at(Stage::Admit, Order::Early, admit_by_policy);
     app.add_systems_at(Stage::Sample, Order::Early, process_logits);
+    app.add_systems_at(Stage::Sample, Order::Main, sample_external);
     app.add_systems_at(Stage::Filter, Order::Main, filter_text);
     app.add_systems_at(Stage::Monitor, Order::Late, report_events);
 }
@@ -401,6 +475,150 @@ fn process_logits(
             if let RErr(fault) = attached.get().process(seq, logits) {
                 attached.on_fault(fault, Some(&mut state), &mut enabled, &mut faults);
             }
+        }
+    }
+}
+
+fn sample_external(
+    mut extensions: ResMut<Extensions>,
+    mut enabled: ResMut<EnabledPlugins>,
+    mut faults: ResMut<PluginFaults>,
+    mut running: Query<(
+        Entity,
+        &Tokens,
+        &SamplingParams,
+        &Logits,
+        &mut NextToken,
+        &mut SeqState,
+    )>,
+) {
+    for (entity, tokens, params, logits, mut next, mut state) in &mut running {
+        // The `sampler` slot is exclusive: at most one sampler is enabled.
+        let Some(attached) = extensions
+            .samplers
+            .iter_mut()
+            .find(|a| enabled.0.contains(a.plugin))
+        else {
+            return;
+        };
+        if *state != SeqState::Running || logits.0.is_empty() {
+            continue;
+        }
+        let seq = Sequence {
+            id: entity.to_bits(),
+            prompt: RSlice::from_slice(&tokens.prompt),
+            generated: RSlice::from_slice(&tokens.generated),
+        };
+        let settings = SamplingSettings {
+            temperature: params.temperature,
+            top_k: params.top_k as u64,
+            top_p: params.top_p,
+            min_p: params.min_p,
+            repetition_penalty: params.repetition_penalty,
+            seed: params.seed,
+        };
+        match attached
+            .get()
+            .sample(seq, RSlice::from_slice(&logits.0), settings)
+        {
+            ROk(token) if (token as usize) < logits.0.len() => next.0 = Some(token),
+            ROk(token) => {
+                *state = SeqState::Failed(format!(
+                    "sampler `{}` chose token {token}, outside the vocabulary ({})",
+                    attached.plugin,
+                    logits.0.len()
+                ))
+            }
+            RErr(fault) => attached.on_fault(fault, Some(&mut state), &mut enabled, &mut faults),
+        }
+    }
+}
+
+/// Requests a policy deferred this step: the engine's admission skips them.
+#[derive(Component)]
+pub struct Deferred;
+
+fn admit_by_policy(
+    mut commands: Commands,
+    mut extensions: ResMut<Extensions>,
+    mut enabled: ResMut<EnabledPlugins>,
+    mut faults: ResMut<PluginFaults>,
+    mut requests: Query<(Entity, &Tokens, &SamplingParams, &Timing, &mut SeqState)>,
+    deferred: Query<Entity, With<Deferred>>,
+) {
+    // Every deferral lasts one step; a policy that still wants to wait says so again.
+    for entity in &deferred {
+        commands.entity(entity).remove::<Deferred>();
+    }
+    if !extensions
+        .admission_policies
+        .iter()
+        .any(|a| enabled.0.contains(a.plugin))
+    {
+        return;
+    }
+    let mut load = Load {
+        running: 0,
+        running_tokens: 0,
+        waiting: 0,
+    };
+    let mut waiting = Vec::new();
+    for (entity, tokens, _, timing, state) in &requests {
+        match *state {
+            SeqState::Running => {
+                load.running += 1;
+                load.running_tokens += tokens.len() as u64;
+            }
+            SeqState::Waiting => waiting.push((timing.submitted, entity)),
+            _ => {}
+        }
+    }
+    load.waiting = waiting.len() as u64;
+    // First come, first considered.
+    waiting.sort();
+    for (_, entity) in waiting {
+        let Ok((_, tokens, params, timing, mut state)) = requests.get_mut(entity) else {
+            continue;
+        };
+        let candidate = Candidate {
+            seq: entity.to_bits(),
+            prompt_tokens: tokens.prompt.len() as u64,
+            max_tokens: params.max_tokens as u64,
+            waited_ms: timing.submitted.elapsed().as_millis() as u64,
+        };
+        let mut decision = Decision::Admit;
+        for attached in &mut extensions.admission_policies {
+            if decision != Decision::Admit || !enabled.0.contains(attached.plugin) {
+                continue;
+            }
+            match attached.get().admit(candidate, load) {
+                ROk(admission) => {
+                    decision = admission.decision;
+                    if decision == Decision::Reject {
+                        *state = SeqState::Failed(format!(
+                            "admission policy `{}` rejected the request: {}",
+                            attached.plugin, admission.reason
+                        ));
+                    }
+                }
+                RErr(fault) => {
+                    attached.on_fault(fault, Some(&mut state), &mut enabled, &mut faults);
+                    if *state != SeqState::Waiting {
+                        decision = Decision::Reject;
+                    }
+                }
+            }
+        }
+        load.waiting -= 1;
+        match decision {
+            Decision::Admit => {
+                load.running += 1;
+                load.running_tokens += tokens.len() as u64;
+            }
+            Decision::Defer => {
+                commands.entity(entity).insert(Deferred);
+            }
+            Decision::Reject => {}
         }
     }
 }

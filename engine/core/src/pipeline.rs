@@ -12,6 +12,7 @@ use bevy_ecs::prelude::*;
 
 use crate::app::{App, Stage};
 use crate::config::ModelConfig;
+use crate::external::Deferred;
 use crate::model::Model;
 use crate::ops::SequenceKv;
 use crate::text::TextStream;
@@ -184,11 +185,12 @@ pub fn install(app: &mut App, model: Arc<Model>) {
     app.add_systems(Stage::Monitor, monitor);
 }
 
-/// First-come, first-served admission: every waiting request gets a fresh cache.
+/// First-come, first-served admission: every waiting request gets a fresh cache, unless an
+/// admission-policy plugin deferred it this step.
 fn admit(
     mut commands: Commands,
     model: Res<ModelResource>,
-    mut waiting: Query<(Entity, &mut SeqState)>,
+    mut waiting: Query<(Entity, &mut SeqState), Without<Deferred>>,
 ) {
     for (entity, mut state) in &mut waiting {
         if *state == SeqState::Waiting {

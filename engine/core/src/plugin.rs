@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 
 use crate::app::App;
+use crate::external::ExternalPlugin;
 use crate::registry::{Registry, Status};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,6 +20,12 @@ pub trait Plugin: Send + Sync + 'static {
     /// Adds the plugin's resources, systems and operators to `app`; an error (a third-party
     /// plugin refusing its configuration) leaves the plugin disabled.
     fn build(&self, app: &mut App) -> anyhow::Result<()>;
+
+    /// The library behind a third-party plugin, for what it offers outside the pipeline (an
+    /// eval metric).
+    fn external(&self) -> Option<&ExternalPlugin> {
+        None
+    }
 }
 
 /// Implements [`Plugin`] for a unit struct whose whole contribution is one operator: the struct

@@ -138,6 +138,104 @@ pub trait Monitor: Send + 'static {
     fn on_event(&mut self, event: &Event<'_>) -> Result<(), String>;
 }
 
+/// The request's sampling settings, as the client gave them.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq)]
+pub struct SamplingSettings {
+    /// 0 asks for the most likely token.
+    pub temperature: f32,
+    /// 0: off.
+    pub top_k: u64,
+    /// 1: off.
+    pub top_p: f32,
+    /// 0: off.
+    pub min_p: f32,
+    /// 1: off.
+    pub repetition_penalty: f32,
+    pub seed: u64,
+}
+
+/// Chooses the next token from the logits, in place of vibee's sampler (it fills the
+/// exclusive `sampler` slot). Runs in the Sample stage after the logits processors.
+pub trait Sampler: Send + 'static {
+    fn sample(
+        &mut self,
+        seq: Sequence<'_>,
+        logits: &[f32],
+        settings: &SamplingSettings,
+    ) -> Result<u32, String>;
+}
+
+/// A request waiting to run.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct Candidate {
+    pub seq: u64,
+    pub prompt_tokens: u64,
+    pub max_tokens: u64,
+    /// Milliseconds since the request was submitted.
+    pub waited_ms: u64,
+}
+
+/// The engine's load when a candidate is considered (requests admitted earlier in the same
+/// step count as running).
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct Load {
+    pub running: u64,
+    /// Prompt plus generated tokens held by running requests.
+    pub running_tokens: u64,
+    pub waiting: u64,
+}
+
+#[repr(u8)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Admit,
+    /// Ask again at the next step.
+    Defer,
+    /// Fail the request with the admission's reason.
+    Reject,
+}
+
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct Admission {
+    pub decision: Decision,
+    pub reason: RString,
+}
+
+impl Admission {
+    pub fn admit() -> Self {
+        Self::with(Decision::Admit, "")
+    }
+
+    pub fn defer() -> Self {
+        Self::with(Decision::Defer, "")
+    }
+
+    pub fn reject(reason: impl Into<String>) -> Self {
+        Self::with(Decision::Reject, reason)
+    }
+
+    fn with(decision: Decision, reason: impl Into<String>) -> Self {
+        Self {
+            decision,
+            reason: RString::from(reason.into()),
+        }
+    }
+}
+
+/// Decides, in the Admit stage, which waiting requests start running, in submission order.
+pub trait AdmissionPolicy: Send + 'static {
+    fn admit(&mut self, candidate: &Candidate, load: &Load) -> Result<Admission, String>;
+}
+
+/// Scores a model's output against a reference (higher is better).
+pub trait EvalMetric: Send + 'static {
+    fn score(&mut self, prediction: &str, reference: &str) -> Result<f64, String>;
+}
+
 /// The ABI-stable form of [`LogitsProcessor`] that the host calls.
 #[sabi_trait]
 pub trait LogitsProcessorFfi: Send {
@@ -160,7 +258,36 @@ pub trait MonitorFfi: Send {
     fn on_event(&mut self, event: Event<'_>) -> RResult<(), Fault>;
 }
 
+/// The ABI-stable form of [`Sampler`] that the host calls.
+#[sabi_trait]
+pub trait SamplerFfi: Send {
+    #[sabi(last_prefix_field)]
+    fn sample(
+        &mut self,
+        seq: Sequence<'_>,
+        logits: RSlice<'_, f32>,
+        settings: SamplingSettings,
+    ) -> RResult<u32, Fault>;
+}
+
+/// The ABI-stable form of [`AdmissionPolicy`] that the host calls.
+#[sabi_trait]
+pub trait AdmissionPolicyFfi: Send {
+    #[sabi(last_prefix_field)]
+    fn admit(&mut self, candidate: Candidate, load: Load) -> RResult<Admission, Fault>;
+}
+
+/// The ABI-stable form of [`EvalMetric`] that the host calls.
+#[sabi_trait]
+pub trait EvalMetricFfi: Send {
+    #[sabi(last_prefix_field)]
+    fn score(&mut self, prediction: RStr<'_>, reference: RStr<'_>) -> RResult<f64, Fault>;
+}
+
 pub type LogitsProcessorBox = LogitsProcessorFfi_TO<'static, RBox<()>>;
+pub type SamplerBox = SamplerFfi_TO<'static, RBox<()>>;
+pub type AdmissionPolicyBox = AdmissionPolicyFfi_TO<'static, RBox<()>>;
+pub type EvalMetricBox = EvalMetricFfi_TO<'static, RBox<()>>;
 pub type TextFilterBox = TextFilterFfi_TO<'static, RBox<()>>;
 pub type MonitorBox = MonitorFfi_TO<'static, RBox<()>>;
 
@@ -187,6 +314,44 @@ impl<T: Monitor> MonitorFfi for Guarded<T> {
     fn on_event(&mut self, event: Event<'_>) -> RResult<(), Fault> {
         guard(|| self.0.on_event(&event))
     }
+}
+
+impl<T: Sampler> SamplerFfi for Guarded<T> {
+    fn sample(
+        &mut self,
+        seq: Sequence<'_>,
+        logits: RSlice<'_, f32>,
+        settings: SamplingSettings,
+    ) -> RResult<u32, Fault> {
+        guard(|| self.0.sample(seq, logits.as_slice(), &settings))
+    }
+}
+
+impl<T: AdmissionPolicy> AdmissionPolicyFfi for Guarded<T> {
+    fn admit(&mut self, candidate: Candidate, load: Load) -> RResult<Admission, Fault> {
+        guard(|| self.0.admit(&candidate, &load))
+    }
+}
+
+impl<T: EvalMetric> EvalMetricFfi for Guarded<T> {
+    fn score(&mut self, prediction: RStr<'_>, reference: RStr<'_>) -> RResult<f64, Fault> {
+        guard(|| self.0.score(prediction.as_str(), reference.as_str()))
+    }
+}
+
+#[doc(hidden)]
+pub fn sampler_box<T: Sampler>(inner: T) -> SamplerBox {
+    SamplerBox::from_value(Guarded(inner), TD_Opaque)
+}
+
+#[doc(hidden)]
+pub fn admission_policy_box<T: AdmissionPolicy>(inner: T) -> AdmissionPolicyBox {
+    AdmissionPolicyBox::from_value(Guarded(inner), TD_Opaque)
+}
+
+#[doc(hidden)]
+pub fn eval_metric_box<T: EvalMetric>(inner: T) -> EvalMetricBox {
+    EvalMetricBox::from_value(Guarded(inner), TD_Opaque)
 }
 
 #[doc(hidden)]

@@ -1,7 +1,8 @@
 //! `vibee-sdk`: the one crate a third-party vibee plugin depends on.
 //!
 //! A plugin is a `cdylib` that implements one extension point — a [`LogitsProcessor`], a
-//! [`TextFilter`] or a [`Monitor`] — and exports it with [`export_plugin!`]. Everything that
+//! [`Sampler`], a [`TextFilter`], a [`Monitor`], an [`AdmissionPolicy`] or an [`EvalMetric`]
+//! — and exports it with [`export_plugin!`]. Everything that
 //! crosses the library boundary is declared with abi_stable, so a plugin built with one rustc
 //! loads into a vibee built with another, and a plugin whose types do not match the host's
 //! layout is refused at load time with an error that names the mismatch.
@@ -77,6 +78,9 @@ pub struct PluginModule {
     pub new_logits_processor: Option<extern "C" fn(RStr<'_>) -> RResult<LogitsProcessorBox, Fault>>,
     pub new_text_filter: Option<extern "C" fn(RStr<'_>) -> RResult<TextFilterBox, Fault>>,
     pub new_monitor: Option<extern "C" fn(RStr<'_>) -> RResult<MonitorBox, Fault>>,
+    pub new_sampler: Option<extern "C" fn(RStr<'_>) -> RResult<SamplerBox, Fault>>,
+    pub new_admission_policy: Option<extern "C" fn(RStr<'_>) -> RResult<AdmissionPolicyBox, Fault>>,
+    pub new_eval_metric: Option<extern "C" fn(RStr<'_>) -> RResult<EvalMetricBox, Fault>>,
 }
 
 impl RootModule for PluginModuleRef {
@@ -132,52 +136,57 @@ macro_rules! export_plugin {
     };
 }
 
-/// Builds the root module for one extension kind (used by [`export_plugin!`]).
+/// Builds the root module for one extension kind (used by [`export_plugin!`]): the
+/// constructor of that kind is set, every other one is absent.
 #[doc(hidden)]
 #[macro_export]
 macro_rules! module_with {
-    (logits_processor, $manifest:expr, $constructor:expr) => {{
+    ($kind:ident, $manifest:expr, $constructor:expr) => {{
+        $crate::module_with!(@new $kind, $constructor);
+        let mut module = $crate::Constructors::default();
+        module.$kind = Some(new);
+        $crate::module($manifest, module)
+    }};
+    (@new logits_processor, $c:expr) => { $crate::module_with!(@fn LogitsProcessorBox, logits_processor_box, $c); };
+    (@new text_filter, $c:expr) => { $crate::module_with!(@fn TextFilterBox, text_filter_box, $c); };
+    (@new monitor, $c:expr) => { $crate::module_with!(@fn MonitorBox, monitor_box, $c); };
+    (@new sampler, $c:expr) => { $crate::module_with!(@fn SamplerBox, sampler_box, $c); };
+    (@new admission_policy, $c:expr) => { $crate::module_with!(@fn AdmissionPolicyBox, admission_policy_box, $c); };
+    (@new eval_metric, $c:expr) => { $crate::module_with!(@fn EvalMetricBox, eval_metric_box, $c); };
+    (@fn $boxed:ident, $wrap:ident, $constructor:expr) => {
         extern "C" fn new(
             config: $crate::abi_stable::std_types::RStr<'_>,
-        ) -> $crate::abi_stable::std_types::RResult<$crate::LogitsProcessorBox, $crate::Fault>
-        {
-            $crate::construct(config, $constructor, $crate::logits_processor_box)
+        ) -> $crate::abi_stable::std_types::RResult<$crate::$boxed, $crate::Fault> {
+            $crate::construct(config, $constructor, $crate::$wrap)
         }
-        $crate::module($manifest, Some(new), None, None)
-    }};
-    (text_filter, $manifest:expr, $constructor:expr) => {{
-        extern "C" fn new(
-            config: $crate::abi_stable::std_types::RStr<'_>,
-        ) -> $crate::abi_stable::std_types::RResult<$crate::TextFilterBox, $crate::Fault> {
-            $crate::construct(config, $constructor, $crate::text_filter_box)
-        }
-        $crate::module($manifest, None, Some(new), None)
-    }};
-    (monitor, $manifest:expr, $constructor:expr) => {{
-        extern "C" fn new(
-            config: $crate::abi_stable::std_types::RStr<'_>,
-        ) -> $crate::abi_stable::std_types::RResult<$crate::MonitorBox, $crate::Fault> {
-            $crate::construct(config, $constructor, $crate::monitor_box)
-        }
-        $crate::module($manifest, None, None, Some(new))
-    }};
+    };
 }
 
 type Constructor<T> = Option<extern "C" fn(RStr<'_>) -> RResult<T, Fault>>;
 
+/// One constructor per extension kind; a plugin sets one.
 #[doc(hidden)]
-pub fn module(
-    manifest: extern "C" fn() -> Manifest,
-    new_logits_processor: Constructor<LogitsProcessorBox>,
-    new_text_filter: Constructor<TextFilterBox>,
-    new_monitor: Constructor<MonitorBox>,
-) -> PluginModuleRef {
+#[derive(Default)]
+pub struct Constructors {
+    pub logits_processor: Constructor<LogitsProcessorBox>,
+    pub text_filter: Constructor<TextFilterBox>,
+    pub monitor: Constructor<MonitorBox>,
+    pub sampler: Constructor<SamplerBox>,
+    pub admission_policy: Constructor<AdmissionPolicyBox>,
+    pub eval_metric: Constructor<EvalMetricBox>,
+}
+
+#[doc(hidden)]
+pub fn module(manifest: extern "C" fn() -> Manifest, c: Constructors) -> PluginModuleRef {
     use abi_stable::prefix_type::PrefixTypeTrait;
     PluginModule {
         manifest,
-        new_logits_processor,
-        new_text_filter,
-        new_monitor,
+        new_logits_processor: c.logits_processor,
+        new_text_filter: c.text_filter,
+        new_monitor: c.monitor,
+        new_sampler: c.sampler,
+        new_admission_policy: c.admission_policy,
+        new_eval_metric: c.eval_metric,
     }
     .leak_into_prefix()
 }
