@@ -317,9 +317,9 @@ fn replace(source: &std::path::Path, dest: &std::path::Path) {
 }
 
 #[test]
-fn rebuilt_plugins_and_pipeline_edits_take_effect_mid_generation() {
+fn rebuilt_plugins_pipeline_edits_and_admin_commands_take_effect_mid_generation() {
     use vibee_core::pipeline::{request_bundle, SeqState, Tokens};
-    use vibee_core::reload::{ReloadLog, Reloader};
+    use vibee_core::reload::{Admin, ReloadLog, Reloader};
 
     let dir = std::env::temp_dir().join(format!("vibee-reload-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -344,9 +344,9 @@ fn rebuilt_plugins_and_pipeline_edits_take_effect_mid_generation() {
     )
     .unwrap();
     let libraries = [(lib.clone(), "reloadable")].into();
-    Reloader::new(registry, catalog, libraries, Some(pipeline.clone()))
-        .unwrap()
-        .install(&mut engine.app);
+    let reloader = Reloader::new(registry, catalog, libraries, Some(pipeline.clone())).unwrap();
+    let admin = reloader.admin();
+    reloader.install(&mut engine.app);
 
     let params = SamplingParams {
         temperature: 0.0,
@@ -412,6 +412,30 @@ fn rebuilt_plugins_and_pipeline_edits_take_effect_mid_generation() {
     assert!(!app.is_enabled("reloadable"));
     std::fs::write(&pipeline, r#"(plugins: ["flash-attention"])"#).unwrap();
     step_until(app, "kept the running pipeline");
+
+    let log_ends_with = |app: &vibee_core::App, what: &str| {
+        let log = &app.world.resource::<ReloadLog>().0;
+        assert!(log.last().unwrap().ends_with(what), "{log:?}");
+    };
+    let enable = Admin::Enable {
+        plugin: "reloadable".into(),
+        config: None,
+    };
+    admin.send(enable).unwrap();
+    app.step();
+    log_ends_with(app, "enabled `reloadable`");
+    assert_eq!(
+        last(app, first),
+        22,
+        "the admin command applies at the next step"
+    );
+    admin
+        .send(Admin::Disable {
+            plugin: "reloadable".into(),
+        })
+        .unwrap();
+    app.step();
+    log_ends_with(app, "disabled `reloadable`");
 
     while app.world.get::<SeqState>(first) == Some(&SeqState::Running) {
         app.step();

@@ -4,12 +4,13 @@
 //!   extension replaces the old one's instance; a copy that fails to load or fails the ABI
 //!   check leaves the running version in place.
 //! - A pipeline file lists the pipeline-level plugins to run (and their configurations);
-//!   editing it enables and disables plugins. Plugins that are part of the model (those that
-//!   registered operators) need a restart and are refused.
+//!   editing it enables and disables plugins, and so do admin commands sent through an
+//!   [`AdminHandle`] (what a server's admin endpoint calls). Plugins that are part of the
+//!   model (those that registered operators) need a restart and are refused.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
@@ -50,6 +51,31 @@ impl PipelineFile {
     }
 }
 
+/// An admin command, applied at the next step boundary.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Admin {
+    /// Enable a plugin (with a configuration, for a third-party one), or reconfigure it.
+    Enable {
+        plugin: String,
+        config: Option<String>,
+    },
+    Disable {
+        plugin: String,
+    },
+}
+
+/// Sends admin commands to a running engine from any thread.
+#[derive(Clone)]
+pub struct AdminHandle(Sender<Admin>);
+
+impl AdminHandle {
+    pub fn send(&self, command: Admin) -> anyhow::Result<()> {
+        self.0
+            .send(command)
+            .map_err(|_| anyhow::anyhow!("the engine has stopped"))
+    }
+}
+
 /// Every reload the engine applied or refused, in order: what `vibee` logs, and what tests read.
 #[derive(Resource, Debug, Default, Clone)]
 pub struct ReloadLog(pub Vec<String>);
@@ -59,6 +85,7 @@ pub struct ReloadLog(pub Vec<String>);
 pub struct Reloader {
     _watcher: notify::RecommendedWatcher,
     changes: Receiver<PathBuf>,
+    admin: (Sender<Admin>, Receiver<Admin>),
     /// Changed files not applied yet: a file still being written is left for a later step.
     pending: BTreeSet<PathBuf>,
     /// The library each third-party plugin was loaded from, by plugin name.
@@ -108,12 +135,18 @@ impl Reloader {
         Ok(Self {
             _watcher: watcher,
             changes,
+            admin: channel(),
             pending: BTreeSet::new(),
             libraries,
             pipeline,
             registry,
             catalog,
         })
+    }
+
+    /// A handle for admin commands; they apply at the step boundary after they arrive.
+    pub fn admin(&self) -> AdminHandle {
+        AdminHandle(self.admin.0.clone())
     }
 
     /// Makes `app` apply changes before each step.
@@ -134,15 +167,35 @@ impl Reloader {
             .filter(|p| settled(p))
             .cloned()
             .collect();
+        let mut outcomes = Vec::new();
         for path in settled {
             self.pending.remove(&path);
-            let outcome = if let Some(&name) = self.libraries.get(&path) {
-                self.reload_library(app, &path, name)
-            } else if self.pipeline.as_ref() == Some(&path) {
-                self.apply_pipeline(app, &path)
+            if let Some(&name) = self.libraries.get(&path) {
+                outcomes.push(self.reload_library(app, &path, name));
             } else {
-                continue;
-            };
+                let source = path.display().to_string();
+                let file = PipelineFile::read(&path).context("kept the running pipeline");
+                outcomes.push(file.and_then(|file| self.apply_pipeline(app, file, &source)));
+            }
+        }
+        let commands: Vec<Admin> = self.admin.1.try_iter().collect();
+        for command in commands {
+            let mut file = current_pipeline(app);
+            match &command {
+                Admin::Enable { plugin, config } => {
+                    file.plugins.push(plugin.clone());
+                    if let Some(config) = config {
+                        file.configs.insert(plugin.clone(), config.clone());
+                    }
+                }
+                Admin::Disable { plugin } => {
+                    file.plugins.retain(|p| p != plugin);
+                    file.configs.remove(plugin);
+                }
+            }
+            outcomes.push(self.apply_pipeline(app, file, &format!("admin {command:?}")));
+        }
+        for outcome in outcomes {
             let line = match outcome {
                 Ok(done) => {
                     tracing::info!("{done}");
@@ -184,17 +237,22 @@ impl Reloader {
         Ok(format!("reloaded `{name}` from {}", path.display()))
     }
 
-    fn apply_pipeline(&mut self, app: &mut App, path: &Path) -> anyhow::Result<String> {
+    /// Makes the pipeline-level plugins those `file` lists, with its configurations;
+    /// `source` names where the change came from.
+    fn apply_pipeline(
+        &mut self,
+        app: &mut App,
+        file: PipelineFile,
+        source: &str,
+    ) -> anyhow::Result<String> {
         let keep = "kept the running pipeline";
-        let file = PipelineFile::read(path).context(keep)?;
         let operators = app.world.resource::<Operators>();
-        let model: Vec<String> = app
+        let mut names: Vec<String> = app
             .enabled()
             .iter()
             .filter(|p| operators.has_plugin(p.name))
             .map(|p| p.name.to_string())
             .collect();
-        let mut names = model.clone();
         names.extend(file.plugins.iter().cloned());
         let wanted: Vec<&dyn Plugin> =
             resolve(&names, &self.registry, &self.catalog).context(keep)?;
@@ -239,7 +297,25 @@ impl Reloader {
         if changes.is_empty() {
             changes.push("no change".into());
         }
-        Ok(format!("{}: {}", path.display(), changes.join(", ")))
+        Ok(format!("{source}: {}", changes.join(", ")))
+    }
+}
+
+/// The running pipeline-level plugins and configurations, as a pipeline file would say them.
+fn current_pipeline(app: &App) -> PipelineFile {
+    let operators = app.world.resource::<Operators>();
+    PipelineFile {
+        plugins: app
+            .enabled()
+            .iter()
+            .filter(|p| !operators.has_plugin(p.name))
+            .map(|p| p.name.to_string())
+            .collect(),
+        configs: app
+            .world
+            .get_resource::<PluginConfigs>()
+            .map(|c| c.0.clone())
+            .unwrap_or_default(),
     }
 }
 
