@@ -1,6 +1,5 @@
 //! `vibee`: run, benchmark and inspect models and the spec registry.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -14,7 +13,7 @@ use vibee_cli::{builtin_model_dir, catalog, load_external};
 use vibee_core::external::PluginConfigs;
 use vibee_core::pipeline::SamplingParams;
 use vibee_core::registry::FAMILIES;
-use vibee_core::reload::{PipelineFile, Reloader};
+use vibee_core::reload::{PipelineFile, Reloader, Watch};
 use vibee_core::tokenizer::ChatMessage;
 use vibee_core::Plugin;
 use vibee_core::{runner, Engine};
@@ -106,7 +105,8 @@ struct ExternalArgs {
     /// Configuration for a third-party plugin, NAME=CONFIG (repeatable).
     #[arg(long = "plugin-config", value_parser = parse_plugin_config)]
     configs: Vec<(String, String)>,
-    /// Reload a third-party library when it is rebuilt in place, at the next engine step.
+    /// Reload a third-party library when it is rebuilt in place, and load new libraries that
+    /// appear in a --plugin-path directory, at the next engine step.
     #[arg(long)]
     watch: bool,
     /// A RON file `(plugins: [...], configs: {"name": "..."})` of pipeline-level plugins to
@@ -341,11 +341,18 @@ fn load(args: &ModelArgs) -> anyhow::Result<Engine> {
     };
     let started = Instant::now();
     let external = load_external(&args.external.paths)?;
-    let libraries: BTreeMap<PathBuf, &'static str> = external
-        .iter()
-        .filter(|_| args.external.watch)
-        .map(|p| (p.origin.clone(), p.spec().name))
-        .collect();
+    let watch = Watch {
+        libraries: external
+            .iter()
+            .filter(|_| args.external.watch)
+            .map(|p| (p.origin.clone(), p.spec().name))
+            .collect(),
+        directories: (args.external.paths.iter())
+            .filter(|p| args.external.watch && p.is_dir())
+            .cloned()
+            .collect(),
+        pipeline: args.external.pipeline.clone(),
+    };
     let mut plugins = args.plugins.clone();
     let mut configs = PluginConfigs(args.external.configs.iter().cloned().collect());
     if let Some(file) = &args.external.pipeline {
@@ -360,8 +367,7 @@ fn load(args: &ModelArgs) -> anyhow::Result<Engine> {
     let mut engine = Engine::load(&dir, &plugins, &registry, &catalog, &configs)
         .with_context(|| format!("cannot load the model in {}", dir.display()))?;
     if args.external.watch || args.external.pipeline.is_some() {
-        Reloader::new(registry, catalog, libraries, args.external.pipeline.clone())?
-            .install(&mut engine.app);
+        Reloader::new(registry, catalog, watch)?.install(&mut engine.app);
     }
     tracing::info!(
         "loaded {} in {:.2}s with {:?}",

@@ -319,7 +319,7 @@ fn replace(source: &std::path::Path, dest: &std::path::Path) {
 #[test]
 fn rebuilt_plugins_pipeline_edits_and_admin_commands_take_effect_mid_generation() {
     use vibee_core::pipeline::{request_bundle, SeqState, Tokens};
-    use vibee_core::reload::{Admin, ReloadLog, Reloader};
+    use vibee_core::reload::{Admin, ReloadLog, Reloader, Watch};
 
     let dir = std::env::temp_dir().join(format!("vibee-reload-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -343,8 +343,12 @@ fn rebuilt_plugins_pipeline_edits_and_admin_commands_take_effect_mid_generation(
         &PluginConfigs::default(),
     )
     .unwrap();
-    let libraries = [(lib.clone(), "reloadable")].into();
-    let reloader = Reloader::new(registry, catalog, libraries, Some(pipeline.clone())).unwrap();
+    let watch = Watch {
+        libraries: [(lib.clone(), "reloadable")].into(),
+        directories: vec![dir.clone()],
+        pipeline: Some(pipeline.clone()),
+    };
+    let reloader = Reloader::new(registry, catalog, watch).unwrap();
     let admin = reloader.admin();
     reloader.install(&mut engine.app);
 
@@ -375,11 +379,12 @@ fn rebuilt_plugins_pipeline_edits_and_admin_commands_take_effect_mid_generation(
 
     // Steps until the reload log says `what`, giving the watcher time between steps.
     let step_until = |app: &mut vibee_core::App, what: &str| {
+        let seen = app.world.resource::<ReloadLog>().0.len();
         for _ in 0..40 {
             std::thread::sleep(std::time::Duration::from_millis(100));
             app.step();
             let log = &app.world.resource::<ReloadLog>().0;
-            if log.last().is_some_and(|l| l.contains(what)) {
+            if log[seen..].iter().any(|l| l.contains(what)) {
                 return;
             }
         }
@@ -437,6 +442,31 @@ fn rebuilt_plugins_pipeline_edits_and_admin_commands_take_effect_mid_generation(
     app.step();
     log_ends_with(app, "disabled `reloadable`");
 
+    // A new library dropped into the watched directory is loaded and can then be enabled.
+    replace(
+        &library("vibee_example_no_repeat_ngram"),
+        &dir.join(format!(
+            "{}fresh{}",
+            std::env::consts::DLL_PREFIX,
+            std::env::consts::DLL_SUFFIX
+        )),
+    );
+    step_until(app, "loaded plugin `no-repeat-ngram`");
+    admin
+        .send(Admin::Enable {
+            plugin: "no-repeat-ngram".into(),
+            config: Some("1".into()),
+        })
+        .unwrap();
+    app.step();
+    log_ends_with(app, "enabled `no-repeat-ngram`");
+    let generated = &app.world.get::<Tokens>(first).unwrap().generated;
+    let before: BTreeSet<u32> = generated[..generated.len() - 1].iter().copied().collect();
+    assert!(
+        !before.contains(generated.last().unwrap())
+            && ![1, 5, 9].contains(generated.last().unwrap())
+    );
+
     while app.world.get::<SeqState>(first) == Some(&SeqState::Running) {
         app.step();
     }
@@ -452,6 +482,15 @@ fn rebuilt_plugins_pipeline_edits_and_admin_commands_take_effect_mid_generation(
             100,
             "no token is dropped across reloads"
         );
+    }
+    let log = &app.world.resource::<ReloadLog>().0;
+    for once in [
+        "reloaded `reloadable`",
+        "kept the running `reloadable`",
+        "loaded plugin",
+    ] {
+        let times = log.iter().filter(|l| l.contains(once)).count();
+        assert_eq!(times, 1, "one change is applied once: {once} in {log:?}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

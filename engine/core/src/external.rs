@@ -264,11 +264,20 @@ fn describe(e: LibraryError) -> anyhow::Error {
         LibraryError::GetSymbolError { .. } => {
             anyhow::anyhow!("it is not a vibee plugin (it exports no vibee-sdk root module)")
         }
-        LibraryError::AbiInstability(why) => anyhow::anyhow!(
-            "its vibee-sdk types do not match this vibee's (vibee-sdk {}); rebuild it against \
-             this vibee-sdk. The layout checker says:\n{why}",
-            env!("CARGO_PKG_VERSION")
-        ),
+        LibraryError::AbiInstability(report) => {
+            // The full report dumps both type layouts; its verdict is the last paragraph.
+            let report = report.to_string();
+            tracing::debug!("abi_stable's layout report:\n{report}");
+            let verdict = report
+                .rfind("\nError:")
+                .map_or(report.as_str(), |i| &report[i + 1..]);
+            anyhow::anyhow!(
+                "its vibee-sdk types do not match this vibee's (vibee-sdk {}); rebuild it \
+                 against this vibee-sdk ({})",
+                env!("CARGO_PKG_VERSION"),
+                verdict.split_whitespace().collect::<Vec<_>>().join(" ")
+            )
+        }
         other => anyhow::anyhow!("{other}"),
     }
 }

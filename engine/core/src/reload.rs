@@ -80,16 +80,31 @@ impl AdminHandle {
 #[derive(Resource, Debug, Default, Clone)]
 pub struct ReloadLog(pub Vec<String>);
 
-/// Watches plugin libraries and a pipeline file; [`Reloader::install`] makes every engine
-/// step apply what changed first.
+/// What a [`Reloader`] watches.
+#[derive(Debug, Default, Clone)]
+pub struct Watch {
+    /// Loaded third-party libraries, with their plugins' names: reloaded when rebuilt.
+    pub libraries: BTreeMap<PathBuf, &'static str>,
+    /// Plugin directories: a library that appears in one is loaded, ready to be enabled.
+    pub directories: Vec<PathBuf>,
+    /// The pipeline file.
+    pub pipeline: Option<PathBuf>,
+}
+
+/// Watches plugin libraries, plugin directories and a pipeline file; [`Reloader::install`]
+/// makes every engine step apply what changed first.
 pub struct Reloader {
     _watcher: notify::RecommendedWatcher,
     changes: Receiver<PathBuf>,
     admin: (Sender<Admin>, Receiver<Admin>),
     /// Changed files not applied yet: a file still being written is left for a later step.
     pending: BTreeSet<PathBuf>,
+    /// Each file's modification time and length when it was last read, so that a file whose
+    /// events outnumber its changes is read once per change.
+    seen: BTreeMap<PathBuf, (SystemTime, u64)>,
     /// The library each third-party plugin was loaded from, by plugin name.
     libraries: BTreeMap<PathBuf, &'static str>,
+    directories: BTreeSet<PathBuf>,
     pipeline: Option<PathBuf>,
     registry: Registry,
     catalog: Vec<Box<dyn Plugin>>,
@@ -99,33 +114,46 @@ pub struct Reloader {
 const SETTLE: Duration = Duration::from_millis(150);
 
 impl Reloader {
-    /// Watches the libraries of the `catalog`'s third-party plugins and the `pipeline` file.
+    /// Watches what `watch` names; `registry` and `catalog` are the engine's, with the
+    /// third-party plugins already loaded.
     pub fn new(
         registry: Registry,
         catalog: Vec<Box<dyn Plugin>>,
-        libraries: BTreeMap<PathBuf, &'static str>,
-        pipeline: Option<PathBuf>,
+        watch: Watch,
     ) -> anyhow::Result<Self> {
         let (tx, changes) = channel();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if let Ok(event) = event {
+                use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+                // Writes, renames and new files; not reads (loading a library opens it).
+                let Ok(event) = event else { return };
+                if matches!(
+                    event.kind,
+                    EventKind::Create(_)
+                        | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Name(_))
+                        | EventKind::Modify(ModifyKind::Any)
+                        | EventKind::Access(AccessKind::Close(AccessMode::Write))
+                ) {
                     for path in event.paths {
                         let _ = tx.send(path);
                     }
                 }
             })
             .context("cannot start watching files")?;
-        let libraries: BTreeMap<PathBuf, &'static str> = libraries
+        let libraries: BTreeMap<PathBuf, &'static str> = watch
+            .libraries
             .into_iter()
             .map(|(path, name)| (absolute(&path), name))
             .collect();
-        let pipeline = pipeline.map(|p| absolute(&p));
+        let directories: BTreeSet<PathBuf> =
+            watch.directories.iter().map(|d| absolute(d)).collect();
+        let pipeline = watch.pipeline.map(|p| absolute(&p));
         // Directories are watched, not files: a rebuild replaces the file under its name.
         let dirs: BTreeSet<PathBuf> = libraries
             .keys()
             .chain(&pipeline)
             .filter_map(|p| p.parent().map(Path::to_path_buf))
+            .chain(directories.iter().cloned())
             .collect();
         for dir in dirs {
             watcher
@@ -137,7 +165,9 @@ impl Reloader {
             changes,
             admin: channel(),
             pending: BTreeSet::new(),
+            seen: BTreeMap::new(),
             libraries,
+            directories,
             pipeline,
             registry,
             catalog,
@@ -156,11 +186,17 @@ impl Reloader {
     }
 
     fn apply(&mut self, app: &mut App) {
-        let changed: Vec<PathBuf> = self.changes.try_iter().map(|p| absolute(&p)).collect();
-        let watched =
-            |p: &PathBuf| self.libraries.contains_key(p) || self.pipeline.as_ref() == Some(p);
-        self.pending
-            .extend(changed.into_iter().filter(|p| watched(p)));
+        let changed: Vec<PathBuf> = self
+            .changes
+            .try_iter()
+            .map(|p| absolute(&p))
+            .filter(|p| {
+                self.libraries.contains_key(p)
+                    || self.pipeline.as_ref() == Some(p)
+                    || self.is_new_library(p)
+            })
+            .collect();
+        self.pending.extend(changed);
         let settled: Vec<PathBuf> = self
             .pending
             .iter()
@@ -170,8 +206,17 @@ impl Reloader {
         let mut outcomes = Vec::new();
         for path in settled {
             self.pending.remove(&path);
+            let stamp = std::fs::metadata(&path)
+                .and_then(|m| Ok((m.modified()?, m.len())))
+                .ok();
+            let Some(stamp) = stamp else { continue };
+            if self.seen.insert(path.clone(), stamp) == Some(stamp) {
+                continue;
+            }
             if let Some(&name) = self.libraries.get(&path) {
                 outcomes.push(self.reload_library(app, &path, name));
+            } else if self.is_new_library(&path) {
+                outcomes.push(self.add_library(&path));
             } else {
                 let source = path.display().to_string();
                 let file = PipelineFile::read(&path).context("kept the running pipeline");
@@ -208,6 +253,30 @@ impl Reloader {
             };
             app.world.resource_mut::<ReloadLog>().0.push(line);
         }
+    }
+
+    /// A library file in a plugin directory that no loaded plugin came from.
+    fn is_new_library(&self, path: &Path) -> bool {
+        let in_directory = path
+            .parent()
+            .is_some_and(|dir| self.directories.contains(dir));
+        let is_library = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.ends_with(std::env::consts::DLL_SUFFIX));
+        in_directory && is_library && !self.libraries.contains_key(path)
+    }
+
+    fn add_library(&mut self, path: &Path) -> anyhow::Result<String> {
+        let plugin = ExternalPlugin::load(path)?;
+        let name = plugin.spec().name;
+        self.registry.add_external(plugin.registry_entry())?;
+        self.catalog.push(Box::new(plugin));
+        self.libraries.insert(path.to_path_buf(), name);
+        Ok(format!(
+            "loaded plugin `{name}` from {}; enable it in the pipeline",
+            path.display()
+        ))
     }
 
     fn reload_library(
