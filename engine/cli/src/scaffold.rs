@@ -13,6 +13,12 @@ pub enum Kind {
     Filter,
     /// A monitor (receives request events).
     Monitor,
+    /// A sampler (chooses the next token, in place of vibee's).
+    Sampler,
+    /// An admission policy (admits, defers or rejects waiting requests).
+    Admission,
+    /// An eval metric (scores a prediction against a reference).
+    Metric,
 }
 
 /// Writes the crate `dir/name` and returns its path.
@@ -38,6 +44,9 @@ pub fn new_plugin(name: &str, kind: Kind, dir: &Path, sdk: &Path) -> anyhow::Res
         Kind::Logits => (LOGITS, LOGITS_CASES, Some(LOGITS_REFERENCE)),
         Kind::Filter => (FILTER, FILTER_CASES, Some(FILTER_REFERENCE)),
         Kind::Monitor => (MONITOR, MONITOR_CASES, None),
+        Kind::Sampler => (SAMPLER, SAMPLER_CASES, Some(SAMPLER_REFERENCE)),
+        Kind::Admission => (ADMISSION, ADMISSION_CASES, None),
+        Kind::Metric => (METRIC, METRIC_CASES, Some(METRIC_REFERENCE)),
     };
     let fill = |text: &str| {
         text.replace("{name}", name)
@@ -242,4 +251,165 @@ const MONITOR_CASES: &str = r#"// Run from the vibee repository (the case genera
          check: MonitorLog(fixture: "tests/fixtures/llama-gqa", plugin: "{name}")),
     ],
 )
+"#;
+
+const SAMPLER: &str = r#"//! {name}: a vibee sampler. It draws among the k most likely tokens (k from its
+//! configuration) in proportion to their probabilities, or takes the most likely one when the
+//! request asks for temperature 0.
+
+use vibee_sdk::{PanicPolicy, Sampler, SamplingSettings, Sequence};
+
+struct Plugin {
+    k: usize,
+}
+
+impl Sampler for Plugin {
+    fn sample(
+        &mut self,
+        seq: Sequence<'_>,
+        logits: &[f32],
+        settings: &SamplingSettings,
+    ) -> Result<u32, String> {
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        if settings.temperature <= 0.0 {
+            return Ok(order[0] as u32);
+        }
+        order.truncate(self.k.max(1));
+        let top = logits[order[0]];
+        let weights: Vec<f64> = order
+            .iter()
+            .map(|&t| (((logits[t] - top) / settings.temperature) as f64).exp())
+            .collect();
+        // A different, reproducible draw for every seed and step.
+        let mut x = settings.seed ^ (seq.generated.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        x = (x ^ (x >> 33)).wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+        x = (x ^ (x >> 33)).wrapping_mul(0xC4CE_B9FE_1A85_EC53);
+        x ^= x >> 33;
+        let mut draw = (x >> 11) as f64 / (1u64 << 53) as f64 * weights.iter().sum::<f64>();
+        for (token, weight) in order.iter().zip(&weights) {
+            if draw < *weight {
+                return Ok(*token as u32);
+            }
+            draw -= weight;
+        }
+        Ok(order[order.len() - 1] as u32)
+    }
+}
+
+vibee_sdk::export_plugin! {
+    name: "{name}",
+    spec: "v2391",
+    family: "serving",
+    summary: "Top-k sampling",
+    on_panic: PanicPolicy::FailRequest,
+    conformance: include_str!("../conformance.ron"),
+    sampler: |config: &str| {
+        let k = config.trim().parse().map_err(|_| format!("`{config}` is not a number of tokens"))?;
+        Ok(Plugin { k })
+    },
+}
+"#;
+
+const SAMPLER_CASES: &str = r#"// Run with: vibee conformance --root {dir} --plugin target/release/lib{crate}.so
+// Replace reference.json with distributions from an independent implementation.
+(
+    spec: "v2391",
+    cases: [
+        (name: "draws the two most likely tokens in proportion",
+         check: ReferenceSampling(reference: "reference.json", plugins: ["{name}"], draws: 2000, max_sigma: 5.0)),
+    ],
+)
+"#;
+
+// softmax([ln 3, ln 1]) = [0.75, 0.25]; the other tokens are outside the top 2.
+const SAMPLER_REFERENCE: &str = r#"{"logits": [1.0986123, 0.0, -1.0, -2.0], "history": [],
+ "cases": [{"params": {"temperature": 1.0}, "configs": {"{name}": "2"}, "probs": [0.75, 0.25, 0.0, 0.0]}]}
+"#;
+
+const ADMISSION: &str = r#"//! {name}: a vibee admission policy. At most as many requests as its configuration says
+//! run at once; the others wait, first come first served.
+
+use vibee_sdk::{Admission, AdmissionPolicy, Candidate, Load, PanicPolicy};
+
+struct Plugin {
+    max_running: u64,
+}
+
+impl AdmissionPolicy for Plugin {
+    fn admit(&mut self, _candidate: &Candidate, load: &Load) -> Result<Admission, String> {
+        Ok(if load.running < self.max_running {
+            Admission::admit()
+        } else {
+            Admission::defer()
+        })
+    }
+}
+
+vibee_sdk::export_plugin! {
+    name: "{name}",
+    spec: "v2321",
+    family: "batching",
+    summary: "At most N running requests",
+    on_panic: PanicPolicy::FailRequest,
+    conformance: include_str!("../conformance.ron"),
+    admission_policy: |config: &str| {
+        let max_running = config.trim().parse().map_err(|_| format!("`{config}` is not a number"))?;
+        Ok(Plugin { max_running })
+    },
+}
+"#;
+
+const ADMISSION_CASES: &str = r#"// Run from the vibee repository (the case runs a fixture model):
+// vibee conformance --plugin {dir}/target/release/lib{crate}.so --root .
+(
+    spec: "v2321",
+    cases: [
+        // One at a time, two tokens each: the second starts when the first has finished.
+        (name: "one at a time",
+         check: AdmissionSchedule(fixture: "tests/fixtures/llama-gqa", plugin: "{name}", config: "1",
+                                  prompts: [3, 3], max_tokens: 2, admitted_at: [Some(1), Some(3)])),
+    ],
+)
+"#;
+
+const METRIC: &str = r#"//! {name}: a vibee eval metric. 100 when the prediction equals the reference after
+//! trimming whitespace, 0 otherwise.
+
+use vibee_sdk::{EvalMetric, PanicPolicy};
+
+struct Plugin;
+
+impl EvalMetric for Plugin {
+    fn score(&mut self, prediction: &str, reference: &str) -> Result<f64, String> {
+        Ok(if prediction.trim() == reference.trim() { 100.0 } else { 0.0 })
+    }
+}
+
+vibee_sdk::export_plugin! {
+    name: "{name}",
+    spec: "v2501",
+    family: "language",
+    summary: "Exact match",
+    on_panic: PanicPolicy::FailRequest,
+    conformance: include_str!("../conformance.ron"),
+    eval_metric: |_config: &str| Ok(Plugin),
+}
+"#;
+
+const METRIC_CASES: &str = r#"// Run with: vibee conformance --root {dir} --plugin target/release/lib{crate}.so
+// Replace reference.json with scores from an independent implementation.
+(
+    spec: "v2501",
+    cases: [
+        (name: "scores exact matches",
+         check: ReferenceMetric(plugin: "{name}", reference: "reference.json", max_abs_err: 0.0)),
+    ],
+)
+"#;
+
+const METRIC_REFERENCE: &str = r#"{"cases": [
+ {"config": "", "prediction": " Paris ", "reference": "Paris", "score": 100.0},
+ {"config": "", "prediction": "Lyon", "reference": "Paris", "score": 0.0}
+]}
 "#;
