@@ -12,10 +12,11 @@ use vibee_architectures::arch_search::arch_calc::{self, Dtype};
 use vibee_cli::{builtin_model_dir, catalog, load_external};
 use vibee_core::external::PluginConfigs;
 use vibee_core::pipeline::SamplingParams;
-use vibee_core::registry::FAMILIES;
+use vibee_core::registry::{SpecEntry, FAMILIES};
 use vibee_core::reload::{PipelineFile, Reloader, Watch};
 use vibee_core::tokenizer::ChatMessage;
 use vibee_core::Plugin;
+use vibee_core::Registry;
 use vibee_core::{runner, Engine};
 
 #[derive(Parser)]
@@ -628,8 +629,33 @@ fn conformance(args: ConformanceArgs) -> anyhow::Result<()> {
             (origin, p.manifest.conformance.to_string())
         })
         .collect();
+    // A plugin that implements a built-in spec is held to that spec's cases too.
+    let claimed: Vec<(SpecEntry, String)> = external
+        .iter()
+        .filter_map(|p| {
+            Registry::builtin()
+                .specs
+                .into_iter()
+                .find(|s| s.id == p.manifest.spec.as_str() && s.status == Status::Implemented)
+                .map(|entry| (entry, p.manifest.name.to_string()))
+        })
+        .collect();
     let (registry, catalog) = catalog(external)?;
     let mut suites = Vec::new();
+    for (entry, plugin) in &claimed {
+        let file = entry
+            .conformance
+            .as_ref()
+            .with_context(|| format!("{} has no conformance file", entry.id))?;
+        let cases = load_cases(&args.root.join(file)).with_context(|| {
+            format!(
+                "`{plugin}` implements {} `{}`, whose cases live in the vibee repository: run \
+                 from it or pass --root",
+                entry.id, entry.name
+            )
+        })?;
+        suites.push(cases.for_plugin(&entry.name, plugin));
+    }
     if args.plugins.is_empty() {
         let selected: Vec<_> = registry
             .specs

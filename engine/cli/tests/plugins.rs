@@ -497,3 +497,43 @@ fn rebuilt_plugins_pipeline_edits_and_admin_commands_take_effect_mid_generation(
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_plugin_claiming_a_builtin_spec_is_held_to_that_specs_cases() {
+    let dir = std::env::temp_dir().join(format!("vibee-claim-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    stdout(&vibee(&[
+        "new-plugin",
+        "top-k-only",
+        "--kind",
+        "sampler",
+        "--dir",
+        dir.to_str().unwrap(),
+    ]));
+    let crate_dir = dir.join("top-k-only");
+    // A top-k sampler that claims to implement v2380, the full sampler spec.
+    for file in ["src/lib.rs", "conformance.ron"] {
+        let path = crate_dir.join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("v2391", "v2380")).unwrap();
+    }
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet"])
+        .current_dir(&crate_dir)
+        .env("CARGO_TARGET_DIR", libraries().parent().unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let lib = library("top_k_only");
+    let out = vibee(&["conformance", "--plugin", lib.to_str().unwrap()]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    failure(&out, 1);
+    let held: Vec<&str> = table
+        .lines()
+        .filter(|l| l.starts_with("v2380") && l.contains("transformers"))
+        .collect();
+    assert!(held.len() >= 2, "v2380's own cases ran: {table}");
+    assert!(held.iter().all(|l| l.contains("FAIL")), "{table}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -134,6 +134,36 @@ pub enum Check {
     },
 }
 
+impl SpecCases {
+    /// The same cases with plugin `from` replaced by `to`: how a third-party implementation
+    /// of a spec is held to the spec's own cases.
+    pub fn for_plugin(mut self, from: &str, to: &str) -> Self {
+        let swap = |name: &mut String| {
+            if name == from {
+                *name = to.to_string();
+            }
+        };
+        for case in &mut self.cases {
+            match &mut case.check {
+                Check::ReferenceLogits { plugins, .. }
+                | Check::ReferenceLongPrompt { plugins, .. }
+                | Check::ReferenceGreedy { plugins, .. }
+                | Check::IncrementalEqualsFull { plugins, .. }
+                | Check::Rejects { plugins, .. }
+                | Check::ParameterCount { plugins, .. }
+                | Check::ReferenceSampling { plugins, .. } => plugins.iter_mut().for_each(swap),
+                Check::SameLogits { a, b, .. } => a.iter_mut().chain(b).for_each(swap),
+                Check::ReferenceLogitsProcessing { plugin, .. }
+                | Check::ReferenceTextFilter { plugin, .. }
+                | Check::MonitorLog { plugin, .. }
+                | Check::AdmissionSchedule { plugin, .. }
+                | Check::ReferenceMetric { plugin, .. } => swap(plugin),
+            }
+        }
+        self
+    }
+}
+
 /// Counts a `config.json`'s total and per-token (active) parameters: the service an
 /// arch-search plugin puts in the world.
 #[derive(Resource, Clone, Copy)]
