@@ -158,18 +158,16 @@ fn an_eval_metric_plugin_scores_files_as_sacrebleu_does() {
     std::fs::write(dir.join("pred.txt"), column("prediction")).unwrap();
     std::fs::write(dir.join("ref.txt"), column("reference")).unwrap();
     let lib = library("vibee_example_chrf");
-    let out = stdout(&vibee(&[
-        "score",
-        "--plugin-path",
-        lib.to_str().unwrap(),
-        "--metric",
-        "chrf",
-        "--predictions",
-        dir.join("pred.txt").to_str().unwrap(),
-        "--references",
-        dir.join("ref.txt").to_str().unwrap(),
-        "--json",
-    ]));
+    let score = |predictions: &str, json: bool| {
+        let (lib, refs) = (lib.to_str().unwrap(), dir.join("ref.txt"));
+        let predictions = dir.join(predictions);
+        let mut args = vec!["score", "--plugin-path", lib, "--metric", "chrf"];
+        args.extend(["--predictions", predictions.to_str().unwrap()]);
+        args.extend(["--references", refs.to_str().unwrap()]);
+        args.extend(json.then_some("--json"));
+        vibee(&args)
+    };
+    let out = stdout(&score("pred.txt", true));
     let out: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     let scores = out["scores"].as_array().unwrap();
     assert_eq!(scores.len(), cases.len());
@@ -181,20 +179,7 @@ fn an_eval_metric_plugin_scores_files_as_sacrebleu_does() {
         );
     }
     std::fs::write(dir.join("short.txt"), "one line\n").unwrap();
-    let err = failure(
-        &vibee(&[
-            "score",
-            "--plugin-path",
-            lib.to_str().unwrap(),
-            "--metric",
-            "chrf",
-            "--predictions",
-            dir.join("short.txt").to_str().unwrap(),
-            "--references",
-            dir.join("ref.txt").to_str().unwrap(),
-        ]),
-        1,
-    );
+    let err = failure(&score("short.txt", false), 1);
     assert!(err.contains("has 1 lines but"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
