@@ -7,6 +7,7 @@ pub mod conformance;
 pub mod cpu;
 pub mod engine;
 pub mod external;
+pub mod gguf;
 pub mod model;
 pub mod ops;
 pub mod parallel;
