@@ -40,6 +40,11 @@ pub enum TensorType {
     Q5_0,
     Q5_1,
     Q8_0,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
     BF16,
 }
 
@@ -53,6 +58,11 @@ impl TensorType {
             6 => Self::Q5_0,
             7 => Self::Q5_1,
             8 => Self::Q8_0,
+            10 => Self::Q2K,
+            11 => Self::Q3K,
+            12 => Self::Q4K,
+            13 => Self::Q5K,
+            14 => Self::Q6K,
             30 => Self::BF16,
             other => bail!("GGML tensor type {other} is not supported"),
         })
@@ -68,6 +78,11 @@ impl TensorType {
             Self::Q5_0 => (32, 22),
             Self::Q5_1 => (32, 24),
             Self::Q8_0 => (32, 34),
+            Self::Q2K => (256, 84),
+            Self::Q3K => (256, 110),
+            Self::Q4K => (256, 144),
+            Self::Q5K => (256, 176),
+            Self::Q6K => (256, 210),
         }
     }
 }
@@ -220,6 +235,55 @@ pub fn dequantize(kind: TensorType, data: &[u8], out: &mut [f32]) {
             TensorType::Q4_0 | TensorType::Q4_1 | TensorType::Q5_0 | TensorType::Q5_1 => {
                 nibbles(kind, block, out, half)
             }
+            TensorType::Q2K => {
+                let (d, dmin) = (half(&block[80..]), half(&block[82..]));
+                let (scales, qs) = (&block[..16], &block[16..80]);
+                for (e, o) in out.iter_mut().enumerate() {
+                    let (scale, (g, s, i)) = (scales[e / 16], split(e));
+                    let q = ((qs[g * 32 + i] >> (2 * s)) & 3) as f32;
+                    *o = d * (scale & 0xF) as f32 * q - dmin * (scale >> 4) as f32;
+                }
+            }
+            TensorType::Q3K => {
+                let (hmask, qs, scales) = (&block[..32], &block[32..96], &block[96..108]);
+                let d = half(&block[108..]);
+                for (e, o) in out.iter_mut().enumerate() {
+                    let k = e / 16;
+                    let low = (scales[k % 8] >> (4 * (k / 8))) & 0xF;
+                    let high = (scales[8 + k % 4] >> (2 * (k / 4))) & 3;
+                    let scale = (low | high << 4) as i8 as f32 - 32.0;
+                    let (g, s, i) = split(e);
+                    let low_bits = ((qs[g * 32 + i] >> (2 * s)) & 3) as i8;
+                    let high_bit = ((hmask[i] >> (e / 32)) & 1) as i8;
+                    *o = d * scale * (low_bits - ((high_bit ^ 1) << 2)) as f32;
+                }
+            }
+            TensorType::Q4K | TensorType::Q5K => {
+                let (d, dmin) = (half(block), half(&block[2..]));
+                let (scale, min) = k_scales(&block[4..16]);
+                let (qh, qs) = match kind {
+                    TensorType::Q5K => (Some(&block[16..48]), &block[48..176]),
+                    _ => (None, &block[16..144]),
+                };
+                for (e, o) in out.iter_mut().enumerate() {
+                    let (j, i) = (e / 32, e % 32);
+                    let low = (qs[j / 2 * 32 + i] >> (4 * (j % 2))) & 0xF;
+                    let fifth = qh.map_or(0, |h| (h[i] >> j) & 1);
+                    let q = (low | fifth << 4) as f32;
+                    *o = d * scale[j] as f32 * q - dmin * min[j] as f32;
+                }
+            }
+            TensorType::Q6K => {
+                let (ql, qh, scales) = (&block[..128], &block[128..192], &block[192..208]);
+                let d = half(&block[208..]);
+                for (e, o) in out.iter_mut().enumerate() {
+                    let (h, r, i) = split(e);
+                    let low = (ql[h * 64 + (r % 2) * 32 + i] >> (4 * (r / 2))) & 0xF;
+                    let high = (qh[h * 32 + i] >> (2 * r)) & 3;
+                    let q = (low | high << 4) as i8 - 32;
+                    *o = d * scales[e / 16] as i8 as f32 * q as f32;
+                }
+            }
         }
     }
 }
@@ -251,6 +315,26 @@ fn nibbles(kind: TensorType, block: &[u8], out: &mut [f32], half: impl Fn(&[u8])
             };
         }
     }
+}
+
+/// Element `e` of a 256-element super-block as (half, row, column): the K-quants store two
+/// halves of 128, each as four rows of 32 that share bytes at different bit positions.
+fn split(e: usize) -> (usize, usize, usize) {
+    (e / 128, e % 128 / 32, e % 32)
+}
+
+/// The eight 6-bit scales and minimums of a Q4_K/Q5_K super-block, packed in 12 bytes: the
+/// first four of each in the low six bits of bytes 0–3 and 4–7, the last four split between
+/// the nibbles of bytes 8–11 and the top two bits of bytes 0–7.
+fn k_scales(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let (mut scale, mut min) = ([0; 8], [0; 8]);
+    for k in 0..4 {
+        scale[k] = packed[k] & 0x3F;
+        min[k] = packed[k + 4] & 0x3F;
+        scale[k + 4] = (packed[k + 8] & 0x0F) | ((packed[k] >> 2) & 0x30);
+        min[k + 4] = (packed[k + 8] >> 4) | ((packed[k + 4] >> 2) & 0x30);
+    }
+    (scale, min)
 }
 
 struct Reader<'a> {
