@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use vibee_architectures::arch_search::arch_calc::{self, Dtype};
 use vibee_cli::{builtin_model_dir, catalog, load_external};
-use vibee_core::external::PluginConfigs;
+use vibee_core::external::{find_external, PluginConfigs};
 use vibee_core::pipeline::SamplingParams;
 use vibee_core::registry::{SpecEntry, FAMILIES};
 use vibee_core::reload::{PipelineFile, Reloader, Watch};
@@ -741,16 +741,12 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
         bail!("there is nothing to score");
     }
     let (_, catalog) = catalog(load_external(&args.external.paths)?)?;
-    let external = catalog
-        .iter()
-        .find(|p| p.spec().name == args.metric)
-        .and_then(|p| p.external())
-        .with_context(|| {
-            format!(
-                "no eval metric `{}` is loaded (give its library with --plugin-path)",
-                args.metric
-            )
-        })?;
+    let external = find_external(&catalog, &args.metric).with_context(|| {
+        format!(
+            "no eval metric `{}` is loaded (give its library with --plugin-path)",
+            args.metric
+        )
+    })?;
     let config = args
         .external
         .configs

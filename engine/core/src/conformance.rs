@@ -8,12 +8,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use bevy_ecs::prelude::Resource;
+use bevy_ecs::prelude::{Entity, Resource};
 use serde::{Deserialize, Serialize};
 
 use crate::app::{App, Pipeline, Stage};
 use crate::engine::Engine;
-use crate::external::PluginConfigs;
+use crate::external::{find_external, PluginConfigs};
 use crate::pipeline::{
     request_bundle, FinishReason, Logits, NextToken, SamplingParams, SeqState, Tokens,
 };
@@ -510,17 +510,7 @@ fn sampling(
                 seed,
                 ..case.params.clone()
             };
-            let entity = app
-                .world
-                .spawn((
-                    tokens.clone(),
-                    params,
-                    SeqState::Running,
-                    Logits(reference.logits.clone()),
-                    NextToken(None),
-                ))
-                .id();
-            app.world.run_schedule(Stage::Sample);
+            let entity = run_sample(&mut app, tokens.clone(), params, &reference.logits);
             let chosen = app.world.get::<NextToken>(entity).and_then(|n| n.0);
             app.world.despawn(entity);
             let Some(token) = chosen.filter(|t| (*t as usize) < counts.len()) else {
@@ -559,6 +549,23 @@ fn stage_app(
         app.add_plugin(plugin)?;
     }
     Ok(app)
+}
+
+/// Spawns a running request with these tokens and next-token logits, runs the Sample stage
+/// over it and returns it (the caller reads its `Logits` and `NextToken`).
+fn run_sample(app: &mut App, tokens: Tokens, params: SamplingParams, logits: &[f32]) -> Entity {
+    let entity = app
+        .world
+        .spawn((
+            tokens,
+            params,
+            SeqState::Running,
+            Logits(logits.to_vec()),
+            NextToken(None),
+        ))
+        .id();
+    app.world.run_schedule(Stage::Sample);
+    entity
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
@@ -610,20 +617,11 @@ fn logits_processing(
     for (index, case) in file.cases.iter().enumerate() {
         let configs = [(plugin.to_string(), case.config.clone())].into();
         let mut app = stage_app(&[plugin.to_string()], &configs, registry, catalog)?;
-        let entity = app
-            .world
-            .spawn((
-                Tokens {
-                    prompt: case.input_ids.clone(),
-                    generated: Vec::new(),
-                },
-                SamplingParams::default(),
-                SeqState::Running,
-                Logits(case.scores.clone()),
-                NextToken(None),
-            ))
-            .id();
-        app.world.run_schedule(Stage::Sample);
+        let tokens = Tokens {
+            prompt: case.input_ids.clone(),
+            generated: Vec::new(),
+        };
+        let entity = run_sample(&mut app, tokens, SamplingParams::default(), &case.scores);
         if let Some(SeqState::Failed(why)) = app.world.get::<SeqState>(entity) {
             bail!("case {index}: {why}");
         }
@@ -633,18 +631,12 @@ fn logits_processing(
             .iter()
             .map(|v| v.unwrap_or(f32::NEG_INFINITY))
             .collect();
-        for (token, (g, e)) in got.iter().zip(&expected).enumerate() {
-            let err = if g == e { 0.0 } else { (g - e).abs() };
-            if err.is_nan() || err > tolerance {
-                return Ok((
-                    None,
-                    Some(format!(
-                        "case {index} (config {:?}): token {token} is {g}, the reference {e}",
-                        case.config
-                    )),
-                ));
+        match compare(got, &expected, tolerance) {
+            (err, Some(why)) => {
+                let why = format!("case {index} (config {:?}): {why}", case.config);
+                return Ok((err, Some(why)));
             }
-            worst = worst.max(err);
+            (err, None) => worst = worst.max(err.unwrap_or(0.0)),
         }
     }
     Ok((Some(worst), None))
@@ -750,10 +742,7 @@ fn metric(
         cases: Vec<MetricCase>,
     }
     let file: File = read_json(path)?;
-    let external = catalog
-        .iter()
-        .find(|p| p.spec().name == plugin)
-        .and_then(|p| p.external())
+    let external = find_external(catalog, plugin)
         .with_context(|| format!("no third-party plugin `{plugin}` is loaded"))?;
     let mut worst = 0.0f64;
     for (index, case) in file.cases.iter().enumerate() {
@@ -860,7 +849,10 @@ fn compare(got: &[f32], expected: &[f32], tolerance: f32) -> Outcome {
         .iter()
         .zip(expected)
         .map(|(a, b)| {
-            if a.is_nan() || b.is_nan() {
+            if a == b {
+                // Equal infinities (banned tokens) agree; their difference would be NaN.
+                0.0
+            } else if a.is_nan() || b.is_nan() {
                 f32::INFINITY
             } else {
                 (a - b).abs()

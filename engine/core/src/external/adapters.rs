@@ -127,6 +127,15 @@ pub fn install(app: &mut App) {
     app.add_systems_at(Stage::Monitor, Order::Late, report_events);
 }
 
+/// A request's tokens as a plugin sees them.
+fn sequence(entity: Entity, tokens: &Tokens) -> Sequence<'_> {
+    Sequence {
+        id: entity.to_bits(),
+        prompt: RSlice::from_slice(&tokens.prompt),
+        generated: RSlice::from_slice(&tokens.generated),
+    }
+}
+
 fn process_logits(
     mut extensions: ResMut<Extensions>,
     mut enabled: ResMut<EnabledPlugins>,
@@ -141,11 +150,7 @@ fn process_logits(
             {
                 continue;
             }
-            let seq = Sequence {
-                id: entity.to_bits(),
-                prompt: RSlice::from_slice(&tokens.prompt),
-                generated: RSlice::from_slice(&tokens.generated),
-            };
+            let seq = sequence(entity, tokens);
             let logits = RSliceMut::from_mut_slice(&mut logits.0);
             if let RErr(fault) = attached.get().process(seq, logits) {
                 attached.on_fault(fault, Some(&mut state), &mut enabled, &mut faults);
@@ -179,11 +184,7 @@ fn sample_external(
         if *state != SeqState::Running || logits.0.is_empty() {
             continue;
         }
-        let seq = Sequence {
-            id: entity.to_bits(),
-            prompt: RSlice::from_slice(&tokens.prompt),
-            generated: RSlice::from_slice(&tokens.generated),
-        };
+        let seq = sequence(entity, tokens);
         let settings = SamplingSettings {
             temperature: params.temperature,
             top_k: params.top_k as u64,

@@ -60,6 +60,14 @@ impl Kind {
     }
 }
 
+/// The third-party plugin called `name` in a catalog.
+pub fn find_external<'a>(catalog: &'a [Box<dyn Plugin>], name: &str) -> Option<&'a ExternalPlugin> {
+    catalog
+        .iter()
+        .find(|p| p.spec().name == name)
+        .and_then(|p| p.external())
+}
+
 /// Loads every plugin library in `path` (a library file, or a directory of them).
 pub fn load_path(path: &Path) -> anyhow::Result<Vec<ExternalPlugin>> {
     if !path.is_dir() {
