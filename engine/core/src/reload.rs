@@ -197,19 +197,14 @@ impl Reloader {
             })
             .collect();
         self.pending.extend(changed);
-        let settled: Vec<PathBuf> = self
+        let settled: Vec<(PathBuf, (SystemTime, u64))> = self
             .pending
             .iter()
-            .filter(|p| settled(p))
-            .cloned()
+            .filter_map(|p| stamp(p).filter(|s| settled(s.0)).map(|s| (p.clone(), s)))
             .collect();
         let mut outcomes = Vec::new();
-        for path in settled {
+        for (path, stamp) in settled {
             self.pending.remove(&path);
-            let stamp = std::fs::metadata(&path)
-                .and_then(|m| Ok((m.modified()?, m.len())))
-                .ok();
-            let Some(stamp) = stamp else { continue };
             if self.seen.insert(path.clone(), stamp) == Some(stamp) {
                 continue;
             }
@@ -392,13 +387,16 @@ fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
-fn settled(path: &Path) -> bool {
+/// A file's modification time and length; `None` while it does not exist.
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .map(|modified| {
-            SystemTime::now()
-                .duration_since(modified)
-                .is_ok_and(|age| age >= SETTLE)
-        })
-        .unwrap_or(false)
+        .and_then(|m| Ok((m.modified()?, m.len())))
+        .ok()
+}
+
+/// Whether a file modified at `modified` has been left alone long enough to read.
+fn settled(modified: SystemTime) -> bool {
+    SystemTime::now()
+        .duration_since(modified)
+        .is_ok_and(|age| age >= SETTLE)
 }
