@@ -1,9 +1,14 @@
 //! GGUF reading against llama.cpp's `gguf` Python package (`make_gguf_fixtures.py`): every
 //! tensor type dequantizes block by block to what `gguf.quants.dequantize` gives, the metadata
-//! reads back as written, and damaged files are refused with a reason.
+//! reads back as written, and damaged files are refused with a reason. GGUF models
+//! (`make_gguf_models.py`, converted by llama.cpp's tools): the embedded tokenizer encodes as
+//! transformers' GGUF tokenizer does, and bad model files are refused with a reason. Their
+//! logits are conformance cases of v2345 (specs/v2345-gguf.ron).
 
-use vibee_core::gguf::{Gguf, TensorType, Value};
-use vibee_tests::{fixture, scratch_copy};
+use vibee_core::gguf::{Gguf, Value};
+use vibee_core::tokenizer::Tokenizer;
+use vibee_core::weights::DType;
+use vibee_tests::{fixture, load, scratch_copy};
 
 #[test]
 fn every_tensor_type_dequantizes_as_the_gguf_package_does() {
@@ -15,7 +20,7 @@ fn every_tensor_type_dequantizes_as_the_gguf_package_does() {
             .tensor(name)
             .unwrap_or_else(|| panic!("no tensor {name}"));
         let expected = file.tensor(&format!("{name}.expected")).unwrap();
-        assert_eq!(expected.kind, TensorType::F32);
+        assert_eq!(expected.kind, DType::F32);
         assert_eq!(tensor.dims, expected.dims);
         let (got, want) = (file.dequantize(tensor), file.dequantize(expected));
         assert_eq!(got.len(), tensor.elements());
@@ -78,4 +83,81 @@ fn damaged_files_are_refused_with_a_reason() {
     let mut version = bytes.clone();
     version[4] = 9;
     assert!(error(&version).contains("version 9"));
+}
+
+#[test]
+fn the_embedded_tokenizer_encodes_as_transformers_gguf_tokenizer_does() {
+    let dir = fixture("gguf-llama-q4_0");
+    let file = Gguf::open(&dir.join("model.gguf")).unwrap();
+    let tokenizer = Tokenizer::from_gguf(&file)
+        .unwrap()
+        .expect("the file has a tokenizer");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let cases = reference["tokenized"].as_array().unwrap();
+    assert!(cases.len() >= 3);
+    for case in cases {
+        let text = case[0].as_str().unwrap();
+        let expected: Vec<u32> = serde_json::from_value(case[1].clone()).unwrap();
+        // The file says not to add BOS, so a plain prompt is its text's tokens.
+        assert_eq!(tokenizer.encode(text).unwrap(), expected, "{text:?}");
+        assert_eq!(tokenizer.decode(&expected).unwrap(), text);
+    }
+    let chat = tokenizer
+        .apply_chat_template(
+            &[vibee_core::tokenizer::ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+            }],
+            true,
+        )
+        .unwrap();
+    assert_eq!(chat, "<s>user: hi\nassistant:");
+}
+
+#[test]
+fn bad_gguf_models_are_refused_with_a_reason() {
+    let plugins = "auto";
+    let error =
+        |path: &std::path::Path| format!("{:#}", load(path, plugins).err().expect("refused"));
+    // Two files in one directory: which one is meant?
+    let dir = scratch_copy("gguf-llama-q4_0");
+    std::fs::copy(dir.path().join("model.gguf"), dir.path().join("other.gguf")).unwrap();
+    assert!(error(dir.path()).contains("several .gguf files"));
+    // Truncated weights.
+    let file = dir.path().join("other.gguf");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(error(&file).contains("truncated"), "{}", error(&file));
+    // An architecture vibee does not run.
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let at = text.find("llama").unwrap();
+    let mut renamed = bytes.clone();
+    renamed[at..at + 5].copy_from_slice(b"mamba");
+    std::fs::write(&file, &renamed).unwrap();
+    assert!(
+        error(&file).contains("architecture `mamba` is not supported"),
+        "{}",
+        error(&file)
+    );
+    // Quantized weights without the plugin that runs them.
+    let missing = format!(
+        "{:#}",
+        load(
+            &file.with_file_name("model.gguf"),
+            "gqa,rope,rmsnorm,swiglu"
+        )
+        .err()
+        .unwrap()
+    );
+    assert!(missing.contains("needs `gguf`"), "{missing}");
+    // The gguf plugin on full-precision weights.
+    let dense = format!(
+        "{:#}",
+        load(&fixture("llama-gqa"), "gqa,rope,rmsnorm,swiglu,gguf")
+            .err()
+            .unwrap()
+    );
+    assert!(dense.contains("no GGUF-quantized tensors"), "{dense}");
 }

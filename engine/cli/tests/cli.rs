@@ -162,7 +162,7 @@ fn bad_requests_fail_with_a_message_not_a_panic() {
         ),
         (
             vec!["run", "--model", "/nonexistent", "--prompt", "hi"],
-            "cannot read /nonexistent/config.json",
+            "there is no model at /nonexistent",
         ),
         (
             vec!["run", "--prompt", "hi", "--top-p", "0"],

@@ -177,6 +177,8 @@ pub struct ModelConfig {
     pub mla: Option<MlaConfig>,
     /// Rotary pairs are adjacent dimensions `(2i, 2i+1)` (DeepSeek) rather than the two halves.
     pub rope_interleaved: bool,
+    /// The quantization plugin the stored weights need (`gguf` for GGUF block types).
+    pub quantization: Option<&'static str>,
     /// Per layer: attend with no position encoding at all (NoPE; SmolLM3's `no_rope_layers`).
     pub nope_layers: Vec<bool>,
     /// Attention scores pass through `cap · tanh(score / cap)` (Gemma 2).
@@ -707,6 +709,7 @@ impl ModelConfig {
             moe,
             mla,
             rope_interleaved: family == "deepseek_v2",
+            quantization: None,
             nope_layers,
             attn_softcap,
             final_softcap,
@@ -787,6 +790,9 @@ impl ModelConfig {
         }
         if self.attn_softcap.is_some() || self.final_softcap.is_some() {
             plugins.push(("softcap", "softcap"));
+        }
+        if let Some(method) = self.quantization {
+            plugins.push(("quantization", method));
         }
         plugins
     }

@@ -56,6 +56,13 @@ pub enum Check {
         fixture: String,
         plugins: Vec<String>,
     },
+    /// Feeding the prompt one token at a time through the cache (the decode path) gives the
+    /// reference's `decode_logits` (else its logits) at every position.
+    ReferenceDecodeLogits {
+        fixture: String,
+        plugins: Vec<String>,
+        max_abs_err: f32,
+    },
     /// Feeding the prompt one token at a time through the cache gives the logits of one
     /// forward over the whole prompt.
     IncrementalEqualsFull {
@@ -149,6 +156,7 @@ impl SpecCases {
                 | Check::ReferenceLongPrompt { plugins, .. }
                 | Check::ReferenceGreedy { plugins, .. }
                 | Check::IncrementalEqualsFull { plugins, .. }
+                | Check::ReferenceDecodeLogits { plugins, .. }
                 | Check::Rejects { plugins, .. }
                 | Check::ParameterCount { plugins, .. }
                 | Check::ReferenceSampling { plugins, .. } => plugins.iter_mut().for_each(swap),
@@ -197,6 +205,9 @@ pub struct Reference {
     pub long_prompt_ids: Option<Vec<u32>>,
     #[serde(default)]
     pub long_last_logits: Option<Vec<f32>>,
+    /// Logits with int8 activations into quantized matmuls (GGUF fixtures), as decode runs.
+    #[serde(default)]
+    pub decode_logits: Option<Vec<Vec<f32>>>,
 }
 
 impl Reference {
@@ -339,12 +350,21 @@ fn run_check(
             let reference = Reference::load(&root.join(fixture))?;
             let engine = load(fixture, plugins)?;
             let full = full_logits(&engine, &reference.prompt_ids)?;
-            let mut kv = engine.model.new_sequence();
-            let mut stepped = Vec::new();
-            for &token in &reference.prompt_ids {
-                stepped.extend(engine.model.forward(&[token], kv.as_mut(), false)?.data);
-            }
+            let stepped = stepped_logits(&engine, &reference.prompt_ids)?;
             Ok(compare(&stepped, &full.data, *max_abs_err))
+        }
+        Check::ReferenceDecodeLogits {
+            fixture,
+            plugins,
+            max_abs_err,
+        } => {
+            let reference = Reference::load(&root.join(fixture))?;
+            let stepped = stepped_logits(&load(fixture, plugins)?, &reference.prompt_ids)?;
+            let expected = reference
+                .decode_logits
+                .as_ref()
+                .unwrap_or(&reference.logits);
+            Ok(compare(&stepped, &expected.concat(), *max_abs_err))
         }
         Check::SameLogits {
             fixture,
@@ -832,6 +852,16 @@ fn monitor_log(
 fn full_logits(engine: &Engine, prompt: &[u32]) -> anyhow::Result<Matrix> {
     let mut kv = engine.model.new_sequence();
     engine.model.forward(prompt, kv.as_mut(), true)
+}
+
+/// The logits of each prompt position, feeding one token at a time through the cache.
+fn stepped_logits(engine: &Engine, prompt: &[u32]) -> anyhow::Result<Vec<f32>> {
+    let mut kv = engine.model.new_sequence();
+    let mut stepped = Vec::new();
+    for &token in prompt {
+        stepped.extend(engine.model.forward(&[token], kv.as_mut(), false)?.data);
+    }
+    Ok(stepped)
 }
 
 fn compare(got: &[f32], expected: &[f32], tolerance: f32) -> Outcome {

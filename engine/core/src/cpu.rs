@@ -1,12 +1,15 @@
 //! CPU kernels: the reference backend, and a real target.
 //!
 //! `linear` multiplies activations by a weight stored as `[out, in]` (the Hugging Face layout)
-//! in f32, f16 or bf16, reading the weight in place. Decode (one or a few rows) runs a
-//! SIMD dot-product GEMV split over threads by output rows; prefill runs a tuned GEMM.
+//! in f32, f16, bf16 or a quantized block type, reading the weight in place. Decode (one or a
+//! few rows) runs a SIMD dot-product GEMV split over threads by output rows (integer dot
+//! products for quantized weights); prefill runs a tuned GEMM over weights widened to f32 a
+//! block of rows at a time.
 
 use rayon::prelude::*;
 
 use crate::parallel;
+use crate::quant::{self, QuantizedRow};
 use crate::tensor::Matrix;
 use crate::weights::{Weight, WeightData};
 
@@ -42,15 +45,36 @@ fn gemv(x: &Matrix, w: &Weight, out: &mut Matrix) {
     // One contiguous block of rows per thread: each streams its part of the weight in order.
     let rows_per_task = out_features.div_ceil(parallel::pool().threads());
     let data = w.data();
+    // Quantized weights meet activations quantized once per product, block by block.
+    let quantized: Vec<QuantizedRow> = if quant::has_integer_dot(w.dtype) {
+        x.rows_iter().map(QuantizedRow::new).collect()
+    } else {
+        Vec::new()
+    };
+    let row_bytes = w.dtype.bytes_for(k).expect("weight rows are whole blocks");
     parallel::pool().for_each_chunk(&mut transposed, rows_per_task * n, |task, chunk| {
         let first = task * rows_per_task;
         let mut buf = [0.0f32; CONVERT_CHUNK];
+        let mut dequantized = Vec::new();
         for (r, dst) in chunk.chunks_exact_mut(n).enumerate() {
-            let range = (first + r) * k..(first + r + 1) * k;
+            let row = first + r;
+            let range = row * k..(row + 1) * k;
             match data {
                 WeightData::F32(w) => dot_rows(&w[range], x, dst),
                 WeightData::BF16(w) => dot_rows(&w[range], x, dst),
                 WeightData::F16(w) => dot_converted(&w[range], x, dst, &mut buf),
+                WeightData::Blocks(blocks) => {
+                    let bytes = &blocks[row * row_bytes..(row + 1) * row_bytes];
+                    if quantized.is_empty() {
+                        dequantized.resize(k, 0.0);
+                        quant::dequantize(w.dtype, bytes, &mut dequantized);
+                        dot_rows(&dequantized, x, dst);
+                    } else {
+                        for (d, q) in dst.iter_mut().zip(&quantized) {
+                            *d = quant::dot(w.dtype, bytes, q);
+                        }
+                    }
+                }
             }
         }
     });

@@ -4,6 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::app::{App, Pipeline};
+use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::external::{self, PluginConfigs};
 use crate::model::Model;
@@ -13,12 +14,11 @@ use crate::plugin::{resolve, Plugin};
 use crate::registry::Registry;
 use crate::text;
 use crate::tokenizer::Tokenizer;
-use crate::weights::Weights;
 
 pub struct Engine {
     pub app: App,
     pub model: Arc<Model>,
-    /// Absent when the checkpoint ships no `tokenizer.json`; token ids still work.
+    /// Absent when the checkpoint ships no tokenizer; token ids still work.
     pub tokenizer: Option<Arc<Tokenizer>>,
 }
 
@@ -41,23 +41,21 @@ pub fn expand_auto(requested: &[String], config: &ModelConfig) -> Vec<String> {
 }
 
 impl Engine {
-    /// Builds a serving engine for the checkpoint in `dir` with the `requested` plugins;
-    /// `configs` configures third-party ones.
+    /// Builds a serving engine for the checkpoint at `path` (a model directory or a GGUF
+    /// file, see [`Checkpoint::open`]) with the `requested` plugins; `configs` configures
+    /// third-party ones.
     pub fn load(
-        dir: &Path,
+        path: &Path,
         requested: &[String],
         registry: &Registry,
         catalog: &[Box<dyn Plugin>],
         configs: &PluginConfigs,
     ) -> anyhow::Result<Self> {
-        let config = ModelConfig::from_dir(dir)?;
+        let checkpoint = Checkpoint::open(path)?;
+        let config = checkpoint.config()?;
         let names = expand_auto(requested, &config);
         let plugins = resolve(&names, registry, catalog)?;
-        let tokenizer = if dir.join("tokenizer.json").exists() {
-            Some(Arc::new(Tokenizer::from_dir(dir, config.bos_token_id)?))
-        } else {
-            None
-        };
+        let tokenizer = checkpoint.tokenizer(&config)?.map(Arc::new);
         let mut app = App::new(Pipeline::Serving);
         // Text and third-party extensions come first: plugins' builds may depend on them.
         if let Some(tokenizer) = &tokenizer {
@@ -68,7 +66,7 @@ impl Engine {
         for plugin in plugins {
             app.add_plugin(plugin)?;
         }
-        let weights = Weights::open(dir)?;
+        let weights = checkpoint.weights()?;
         let model = Arc::new(Model::build(
             config,
             &weights,

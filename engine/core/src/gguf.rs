@@ -7,10 +7,13 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use half::{bf16, f16};
 use memmap2::Mmap;
+
+use crate::quant;
+use crate::weights::DType;
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,72 +33,15 @@ pub enum Value {
     F64(f64),
 }
 
-/// The tensor types vibee reads, by their GGML numbers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TensorType {
-    F32,
-    F16,
-    Q4_0,
-    Q4_1,
-    Q5_0,
-    Q5_1,
-    Q8_0,
-    Q2K,
-    Q3K,
-    Q4K,
-    Q5K,
-    Q6K,
-    BF16,
-}
-
-impl TensorType {
-    fn from_ggml(id: u32) -> anyhow::Result<Self> {
-        Ok(match id {
-            0 => Self::F32,
-            1 => Self::F16,
-            2 => Self::Q4_0,
-            3 => Self::Q4_1,
-            6 => Self::Q5_0,
-            7 => Self::Q5_1,
-            8 => Self::Q8_0,
-            10 => Self::Q2K,
-            11 => Self::Q3K,
-            12 => Self::Q4K,
-            13 => Self::Q5K,
-            14 => Self::Q6K,
-            30 => Self::BF16,
-            other => bail!("GGML tensor type {other} is not supported"),
-        })
-    }
-
-    /// Elements per block and bytes per block.
-    pub fn block(self) -> (usize, usize) {
-        match self {
-            Self::F32 => (1, 4),
-            Self::F16 | Self::BF16 => (1, 2),
-            Self::Q4_0 => (32, 18),
-            Self::Q4_1 => (32, 20),
-            Self::Q5_0 => (32, 22),
-            Self::Q5_1 => (32, 24),
-            Self::Q8_0 => (32, 34),
-            Self::Q2K => (256, 84),
-            Self::Q3K => (256, 110),
-            Self::Q4K => (256, 144),
-            Self::Q5K => (256, 176),
-            Self::Q6K => (256, 210),
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
     pub name: String,
     /// GGML order: the first dimension is the contiguous one.
     pub dims: Vec<u64>,
-    pub kind: TensorType,
+    pub kind: DType,
     /// Byte offset of the data within the file.
-    start: usize,
-    len: usize,
+    pub(crate) start: usize,
+    pub(crate) len: usize,
 }
 
 impl TensorInfo {
@@ -108,7 +54,7 @@ pub struct Gguf {
     pub version: u32,
     pub metadata: BTreeMap<String, Value>,
     pub tensors: Vec<TensorInfo>,
-    map: Mmap,
+    pub(crate) map: Arc<Mmap>,
 }
 
 impl Gguf {
@@ -119,10 +65,11 @@ impl Gguf {
         // with every memory-mapped checkpoint.
         let map = unsafe { Mmap::map(&file) }
             .with_context(|| format!("cannot map {}", path.display()))?;
-        Self::parse(map).with_context(|| format!("{} is not a readable GGUF file", path.display()))
+        Self::parse(Arc::new(map))
+            .with_context(|| format!("{} is not a readable GGUF file", path.display()))
     }
 
-    fn parse(map: Mmap) -> anyhow::Result<Self> {
+    fn parse(map: Arc<Mmap>) -> anyhow::Result<Self> {
         let mut r = Reader { bytes: &map, at: 0 };
         if r.take(4)? != b"GGUF" {
             bail!("it does not start with the GGUF magic");
@@ -150,8 +97,12 @@ impl Gguf {
             let dims = (0..n_dims)
                 .map(|_| r.u64())
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let kind =
-                TensorType::from_ggml(r.u32()?).with_context(|| format!("tensor `{name}`"))?;
+            let kind = {
+                let id = r.u32()?;
+                DType::from_ggml(id).with_context(|| {
+                    format!("tensor `{name}`: GGML tensor type {id} is not supported")
+                })?
+            };
             let offset = r.u64()?;
             infos.push((name, dims, kind, offset));
         }
@@ -209,132 +160,9 @@ impl Gguf {
     /// A tensor's values as f32, block by block.
     pub fn dequantize(&self, tensor: &TensorInfo) -> Vec<f32> {
         let mut out = vec![0.0; tensor.elements()];
-        dequantize(tensor.kind, self.data(tensor), &mut out);
+        quant::dequantize(tensor.kind, self.data(tensor), &mut out);
         out
     }
-}
-
-/// Dequantizes `data` of type `kind` into `out`, which holds exactly its elements.
-pub fn dequantize(kind: TensorType, data: &[u8], out: &mut [f32]) {
-    let (per_block, block_bytes) = kind.block();
-    let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
-    for (block, out) in data
-        .chunks_exact(block_bytes)
-        .zip(out.chunks_mut(per_block))
-    {
-        match kind {
-            TensorType::F32 => out[0] = f32::from_le_bytes(block.try_into().expect("4 bytes")),
-            TensorType::F16 => out[0] = half(block),
-            TensorType::BF16 => out[0] = bf16::from_le_bytes([block[0], block[1]]).to_f32(),
-            TensorType::Q8_0 => {
-                let d = half(block);
-                for (o, q) in out.iter_mut().zip(&block[2..]) {
-                    *o = d * (*q as i8) as f32;
-                }
-            }
-            TensorType::Q4_0 | TensorType::Q4_1 | TensorType::Q5_0 | TensorType::Q5_1 => {
-                nibbles(kind, block, out, half)
-            }
-            TensorType::Q2K => {
-                let (d, dmin) = (half(&block[80..]), half(&block[82..]));
-                let (scales, qs) = (&block[..16], &block[16..80]);
-                for (e, o) in out.iter_mut().enumerate() {
-                    let (scale, (g, s, i)) = (scales[e / 16], split(e));
-                    let q = ((qs[g * 32 + i] >> (2 * s)) & 3) as f32;
-                    *o = d * (scale & 0xF) as f32 * q - dmin * (scale >> 4) as f32;
-                }
-            }
-            TensorType::Q3K => {
-                let (hmask, qs, scales) = (&block[..32], &block[32..96], &block[96..108]);
-                let d = half(&block[108..]);
-                for (e, o) in out.iter_mut().enumerate() {
-                    let k = e / 16;
-                    let low = (scales[k % 8] >> (4 * (k / 8))) & 0xF;
-                    let high = (scales[8 + k % 4] >> (2 * (k / 4))) & 3;
-                    let scale = (low | high << 4) as i8 as f32 - 32.0;
-                    let (g, s, i) = split(e);
-                    let low_bits = ((qs[g * 32 + i] >> (2 * s)) & 3) as i8;
-                    let high_bit = ((hmask[i] >> (e / 32)) & 1) as i8;
-                    *o = d * scale * (low_bits - ((high_bit ^ 1) << 2)) as f32;
-                }
-            }
-            TensorType::Q4K | TensorType::Q5K => {
-                let (d, dmin) = (half(block), half(&block[2..]));
-                let (scale, min) = k_scales(&block[4..16]);
-                let (qh, qs) = match kind {
-                    TensorType::Q5K => (Some(&block[16..48]), &block[48..176]),
-                    _ => (None, &block[16..144]),
-                };
-                for (e, o) in out.iter_mut().enumerate() {
-                    let (j, i) = (e / 32, e % 32);
-                    let low = (qs[j / 2 * 32 + i] >> (4 * (j % 2))) & 0xF;
-                    let fifth = qh.map_or(0, |h| (h[i] >> j) & 1);
-                    let q = (low | fifth << 4) as f32;
-                    *o = d * scale[j] as f32 * q - dmin * min[j] as f32;
-                }
-            }
-            TensorType::Q6K => {
-                let (ql, qh, scales) = (&block[..128], &block[128..192], &block[192..208]);
-                let d = half(&block[208..]);
-                for (e, o) in out.iter_mut().enumerate() {
-                    let (h, r, i) = split(e);
-                    let low = (ql[h * 64 + (r % 2) * 32 + i] >> (4 * (r / 2))) & 0xF;
-                    let high = (qh[h * 32 + i] >> (2 * r)) & 3;
-                    let q = (low | high << 4) as i8 - 32;
-                    *o = d * scales[e / 16] as i8 as f32 * q as f32;
-                }
-            }
-        }
-    }
-}
-
-/// The 4- and 5-bit types: element `j` of a block is the low nibble of byte `j`, element
-/// `j + 16` its high nibble; the 5-bit types add bit `j` of a 32-bit mask as the fifth bit.
-/// Symmetric types subtract the midpoint, the others add a per-block minimum.
-fn nibbles(kind: TensorType, block: &[u8], out: &mut [f32], half: impl Fn(&[u8]) -> f32) {
-    let d = half(block);
-    let (min, high, quants, offset) = match kind {
-        TensorType::Q4_0 => (None, None, &block[2..], 8.0),
-        TensorType::Q4_1 => (Some(half(&block[2..])), None, &block[4..], 0.0),
-        TensorType::Q5_0 => (None, Some(&block[2..6]), &block[6..], 16.0),
-        _ => (
-            Some(half(&block[2..])),
-            Some(&block[4..8]),
-            &block[8..],
-            0.0,
-        ),
-    };
-    let high = high.map_or(0, |h| u32::from_le_bytes(h.try_into().expect("4 bytes")));
-    for (j, q) in quants.iter().enumerate() {
-        for (k, nibble) in [(j, q & 0x0F), (j + 16, q >> 4)] {
-            let fifth = ((high >> k) & 1) as u8;
-            let value = (nibble | fifth << 4) as f32 - offset;
-            out[k] = match min {
-                Some(m) => d * value + m,
-                None => d * value,
-            };
-        }
-    }
-}
-
-/// Element `e` of a 256-element super-block as (half, row, column): the K-quants store two
-/// halves of 128, each as four rows of 32 that share bytes at different bit positions.
-fn split(e: usize) -> (usize, usize, usize) {
-    (e / 128, e % 128 / 32, e % 32)
-}
-
-/// The eight 6-bit scales and minimums of a Q4_K/Q5_K super-block, packed in 12 bytes: the
-/// first four of each in the low six bits of bytes 0–3 and 4–7, the last four split between
-/// the nibbles of bytes 8–11 and the top two bits of bytes 0–7.
-fn k_scales(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
-    let (mut scale, mut min) = ([0; 8], [0; 8]);
-    for k in 0..4 {
-        scale[k] = packed[k] & 0x3F;
-        min[k] = packed[k + 4] & 0x3F;
-        scale[k + 4] = (packed[k + 8] & 0x0F) | ((packed[k] >> 2) & 0x30);
-        min[k + 4] = (packed[k + 8] >> 4) | ((packed[k + 4] >> 2) & 0x30);
-    }
-    (scale, min)
 }
 
 struct Reader<'a> {
@@ -407,4 +235,150 @@ impl<'a> Reader<'a> {
             other => bail!("unknown metadata value type {other}"),
         })
     }
+}
+
+/// GGUF architectures vibee runs, with the Hugging Face `model_type` they become.
+const ARCHITECTURES: [(&str, &str); 1] = [("llama", "llama")];
+
+impl Gguf {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.get(key)
+    }
+
+    fn string(&self, key: &str) -> Option<&str> {
+        match self.get(key)? {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// A numeric metadata value as f64, whatever its stored width.
+    pub fn number(&self, key: &str) -> Option<f64> {
+        Some(match self.get(key)? {
+            Value::U8(v) => *v as f64,
+            Value::I8(v) => *v as f64,
+            Value::U16(v) => *v as f64,
+            Value::I16(v) => *v as f64,
+            Value::U32(v) => *v as f64,
+            Value::I32(v) => *v as f64,
+            Value::U64(v) => *v as f64,
+            Value::I64(v) => *v as f64,
+            Value::F32(v) => *v as f64,
+            Value::F64(v) => *v,
+            Value::Bool(_) | Value::String(_) | Value::Array(_) => return None,
+        })
+    }
+
+    /// `general.architecture`, when vibee runs it.
+    pub fn architecture(&self) -> anyhow::Result<&str> {
+        let arch = self
+            .string("general.architecture")
+            .context("the file has no general.architecture")?;
+        if !ARCHITECTURES.iter().any(|(a, _)| *a == arch) {
+            bail!(
+                "GGUF architecture `{arch}` is not supported yet (supported: {})",
+                ARCHITECTURES.map(|(a, _)| a).join(", ")
+            );
+        }
+        Ok(arch)
+    }
+
+    /// The Hugging Face `config.json` equivalent of the file's metadata, which vibee's config
+    /// parser then validates like any other.
+    pub fn hf_config(&self) -> anyhow::Result<serde_json::Value> {
+        let arch = self.architecture()?;
+        let model_type = ARCHITECTURES
+            .iter()
+            .find(|(a, _)| *a == arch)
+            .expect("checked")
+            .1;
+        let key = |name: &str| format!("{arch}.{name}");
+        let required = |name: &str| {
+            self.number(&key(name))
+                .with_context(|| format!("the file has no {}", key(name)))
+        };
+        let heads = required("attention.head_count")?;
+        let hidden = required("embedding_length")?;
+        let vocab = match self.number(&key("vocab_size")) {
+            Some(v) => v,
+            None => match self.get("tokenizer.ggml.tokens") {
+                Some(Value::Array(tokens)) => tokens.len() as f64,
+                _ => bail!("the file gives no vocabulary size"),
+            },
+        };
+        if self.tensor("rope_freqs.weight").is_some() {
+            bail!("per-dimension rope frequencies (rope_freqs.weight, Llama 3.1-style scaling) are not supported yet");
+        }
+        let mut config = serde_json::json!({
+            "model_type": model_type,
+            "hidden_size": hidden,
+            "intermediate_size": required("feed_forward_length")?,
+            "num_hidden_layers": required("block_count")?,
+            "num_attention_heads": heads,
+            "num_key_value_heads": self.number(&key("attention.head_count_kv")).unwrap_or(heads),
+            "head_dim": self.number(&key("attention.key_length")).unwrap_or(hidden / heads),
+            "rms_norm_eps": required("attention.layer_norm_rms_epsilon")?,
+            "rope_theta": self.number(&key("rope.freq_base")).unwrap_or(10000.0),
+            "max_position_embeddings": required("context_length")?,
+            "vocab_size": vocab,
+            "hidden_act": "silu",
+            "tie_word_embeddings": self.tensor("output.weight").is_none(),
+        });
+        for (name, field) in [
+            ("tokenizer.ggml.bos_token_id", "bos_token_id"),
+            ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+        ] {
+            if let Some(id) = self.number(name) {
+                config[field] = id.into();
+            }
+        }
+        match self.string(&key("rope.scaling.type")) {
+            None | Some("none") => {}
+            Some("linear") => {
+                config["rope_scaling"] = serde_json::json!({
+                    "rope_type": "linear",
+                    "factor": required("rope.scaling.factor")?,
+                })
+            }
+            Some(other) => bail!("rope scaling `{other}` in GGUF files is not supported yet"),
+        }
+        // Integral numbers must be JSON integers for the config parser.
+        for value in config.as_object_mut().expect("an object").values_mut() {
+            if let Some(n) = value.as_f64() {
+                if n.fract() == 0.0 && n.abs() < 1e15 && !value.is_i64() {
+                    *value = (n as i64).into();
+                }
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// The Hugging Face name of a tensor of a llama-architecture GGUF file (llama.cpp's
+/// converter renames them), or `None` for tensors vibee does not read.
+pub fn hf_name(name: &str) -> Option<String> {
+    let global = [
+        ("token_embd.weight", "model.embed_tokens.weight"),
+        ("output_norm.weight", "model.norm.weight"),
+        ("output.weight", "lm_head.weight"),
+    ];
+    if let Some((_, hf)) = global.iter().find(|(g, _)| *g == name) {
+        return Some(hf.to_string());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let hf = match part {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
 }

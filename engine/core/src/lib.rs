@@ -2,6 +2,7 @@
 //! backend, operator traits and the model builder, checkpoint loaders, and the serving pipeline.
 
 pub mod app;
+pub mod checkpoint;
 pub mod config;
 pub mod conformance;
 pub mod cpu;
@@ -13,6 +14,7 @@ pub mod ops;
 pub mod parallel;
 pub mod pipeline;
 pub mod plugin;
+pub mod quant;
 pub mod registry;
 pub mod reload;
 pub mod runner;

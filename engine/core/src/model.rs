@@ -4,9 +4,9 @@ use anyhow::{bail, Context};
 
 use crate::config::{ModelConfig, NormSite, QkNormScope, QkvLayout};
 use crate::ops::{
-    AttendOptions, Attention, AttentionBlock, AttentionWindow, Bias, BuildContext, DenseLinear,
-    Ffn, KvCache, Linear, NoPosition, Norm, Operator, Operators, PositionEncoding, Residual,
-    SequenceKv, Slot, Softcap,
+    AttendOptions, Attention, AttentionBlock, AttentionWindow, Bias, BuildContext, Ffn, KvCache,
+    Linear, NoPosition, Norm, Operator, Operators, PositionEncoding, Residual, SequenceKv, Slot,
+    Softcap,
 };
 use crate::tensor::Matrix;
 use crate::weights::{Weight, Weights};
@@ -140,10 +140,25 @@ impl Model {
         operators: &Operators,
     ) -> anyhow::Result<Self> {
         let chosen = choose(&config, operators)?;
+        let quantization = operator!(chosen, Quantization)
+            .map(|q| {
+                q.build(
+                    &BuildContext {
+                        config: &config,
+                        weights,
+                        layer: 0,
+                        quantization: None,
+                    },
+                    "",
+                    0,
+                )
+            })
+            .transpose()?;
         let cx = BuildContext {
             config: &config,
             weights,
             layer: 0,
+            quantization: quantization.as_deref(),
         };
         let required = "checked by choose";
         let kernel = operator!(chosen, Attention);
@@ -236,7 +251,7 @@ impl Model {
             &[config.vocab_size, hidden],
         )?;
         let lm_head: Box<dyn Linear> = if config.tie_word_embeddings {
-            Box::new(DenseLinear(embed.clone()))
+            cx.linear_over(&format!("{}.weight", layout.embed), embed.clone())?
         } else {
             cx.linear(
                 &format!("{}.weight", layout.lm_head),

@@ -25,10 +25,11 @@ pub enum Slot {
     AttentionWindow,
     Softcap,
     Nope,
+    Quantization,
 }
 
 impl Slot {
-    pub const ALL: [Slot; 11] = [
+    pub const ALL: [Slot; 12] = [
         Slot::Attention,
         Slot::Position,
         Slot::Norm,
@@ -40,6 +41,7 @@ impl Slot {
         Slot::AttentionWindow,
         Slot::Softcap,
         Slot::Nope,
+        Slot::Quantization,
     ];
 
     /// The registry's `provides` name of this slot.
@@ -56,8 +58,15 @@ impl Slot {
             Slot::AttentionWindow => "attention-window",
             Slot::Softcap => "softcap",
             Slot::Nope => "nope",
+            Slot::Quantization => "quantization",
         }
     }
+}
+
+/// How linear layers hold and multiply their weights: a quantization scheme.
+pub trait Quantization: Send + Sync {
+    /// The linear layer over the checkpoint's weight `name`, stored `[out, in]`.
+    fn linear(&self, name: &str, weight: Weight) -> anyhow::Result<Box<dyn Linear>>;
 }
 
 pub trait Linear: Send + Sync {
@@ -195,6 +204,8 @@ pub struct BuildContext<'a> {
     pub weights: &'a Weights,
     /// The layer being built (0 for model-wide operators).
     pub layer: usize,
+    /// The quantization plugin's scheme, when one is enabled.
+    pub quantization: Option<&'a dyn Quantization>,
 }
 
 impl BuildContext<'_> {
@@ -209,11 +220,23 @@ impl BuildContext<'_> {
 
     pub fn linear(&self, name: &str, out: usize, inp: usize) -> anyhow::Result<Box<dyn Linear>> {
         let weight = if self.config.layout.transposed {
-            self.weight(name, &[inp, out])?.transposed()
+            self.weight(name, &[inp, out])?.transposed()?
         } else {
             self.weight(name, &[out, inp])?
         };
-        Ok(Box::new(DenseLinear(weight)))
+        self.linear_over(name, weight)
+    }
+
+    /// The linear layer over a weight already read (`name` is its checkpoint name).
+    pub fn linear_over(&self, name: &str, weight: Weight) -> anyhow::Result<Box<dyn Linear>> {
+        match self.quantization {
+            Some(scheme) => scheme.linear(name, weight),
+            None if weight.dtype.is_quantized() => anyhow::bail!(
+                "tensor `{name}` is stored as {}, and no quantization plugin is enabled",
+                weight.dtype
+            ),
+            None => Ok(Box::new(DenseLinear(weight))),
+        }
     }
 }
 
@@ -254,6 +277,7 @@ pub enum Operator {
     AttentionWindow(Arc<dyn Factory<dyn AttentionWindow>>),
     Softcap(Arc<dyn Factory<dyn Softcap>>),
     Nope(Arc<dyn Factory<dyn NoPosition>>),
+    Quantization(Arc<dyn Factory<dyn Quantization>>),
 }
 
 impl Operator {
@@ -267,6 +291,7 @@ impl Operator {
             Operator::Residual(_) => Slot::Residual,
             Operator::Softcap(_) => Slot::Softcap,
             Operator::Nope(_) => Slot::Nope,
+            Operator::Quantization(_) => Slot::Quantization,
             Operator::QkvBias(_) => Slot::QkvBias,
             Operator::QkNorm(_) => Slot::QkNorm,
             Operator::AttentionWindow(_) => Slot::AttentionWindow,
@@ -284,6 +309,7 @@ impl Operator {
             Operator::Residual(f) => f.check(config),
             Operator::Softcap(f) => f.check(config),
             Operator::Nope(f) => f.check(config),
+            Operator::Quantization(f) => f.check(config),
             Operator::QkvBias(f) => f.check(config),
             Operator::QkNorm(f) => f.check(config),
             Operator::AttentionWindow(f) => f.check(config),

@@ -1,10 +1,21 @@
-//! `tokenizer.json` through the Hugging Face `tokenizers` crate, and the chat template of
-//! `tokenizer_config.json` rendered with minijinja the way transformers renders it.
+//! `tokenizer.json` (or a GGUF file's embedded vocabulary) through the Hugging Face
+//! `tokenizers` crate, and the chat template of `tokenizer_config.json` rendered with minijinja
+//! the way transformers renders it.
 
 use std::path::Path;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use serde::Serialize;
+
+use crate::gguf::{Gguf, Value};
+
+/// GPT-2's pre-tokenizer: its regex split, then bytes mapped to printable characters.
+const GPT2_PRE_TOKENIZER: &str =
+    r#"{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}"#;
+/// Llama 3's pre-tokenizer regex (digits in groups of up to three), then the byte mapping.
+const LLAMA3_PRE_TOKENIZER: &str = r#"{"type": "Sequence", "pretokenizers": [
+    {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"}, "behavior": "Isolated", "invert": false},
+    {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}"#;
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -54,6 +65,119 @@ impl Tokenizer {
             }
         };
         Ok(Self { inner, bos, chat })
+    }
+
+    /// The tokenizer embedded in a GGUF file (`tokenizer.ggml.*`): llama.cpp's byte-level BPE
+    /// vocabularies as the equivalent `tokenizers` BPE, with the file's chat template.
+    pub fn from_gguf(file: &Gguf) -> anyhow::Result<Option<Self>> {
+        let strings = |key: &str| -> anyhow::Result<Vec<&str>> {
+            match file.metadata.get(key) {
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .map(|v| match v {
+                        Value::String(s) => Ok(s.as_str()),
+                        _ => bail!("{key} holds a non-string"),
+                    })
+                    .collect(),
+                _ => bail!("the file has no {key}"),
+            }
+        };
+        let model = match file.metadata.get("tokenizer.ggml.model") {
+            None => return Ok(None),
+            Some(Value::String(model)) => model.as_str(),
+            Some(other) => bail!("tokenizer.ggml.model is {other:?}, not a string"),
+        };
+        if model != "gpt2" {
+            bail!(
+                "the file's tokenizer (`{model}`) is not supported yet (byte-level BPE, `gpt2`, is):                  put the model's tokenizer.json next to the file, or give token ids"
+            );
+        }
+        let pre_tokenizer = match file.metadata.get("tokenizer.ggml.pre") {
+            None => GPT2_PRE_TOKENIZER,
+            Some(Value::String(pre)) => match pre.as_str() {
+                "default" | "gpt-2" => GPT2_PRE_TOKENIZER,
+                "llama3" | "llama-bpe" => LLAMA3_PRE_TOKENIZER,
+                other => bail!(
+                    "the file's pre-tokenizer `{other}` is not supported yet: put the model's                      tokenizer.json next to the file, or give token ids"
+                ),
+            },
+            Some(other) => bail!("tokenizer.ggml.pre is {other:?}, not a string"),
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let types: Vec<i64> = match file.metadata.get("tokenizer.ggml.token_type") {
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    Value::I32(t) => *t as i64,
+                    _ => 1,
+                })
+                .collect(),
+            _ => vec![1; tokens.len()],
+        };
+        // llama.cpp's token types: 3 is a control token, 4 user-defined (added) text.
+        let added: Vec<serde_json::Value> = tokens
+            .iter()
+            .zip(&types)
+            .enumerate()
+            .filter(|(_, (_, t))| **t == 3 || **t == 4)
+            .map(|(id, (content, t))| {
+                serde_json::json!({
+                    "id": id, "content": content, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": *t == 4, "special": *t == 3,
+                })
+            })
+            .collect();
+        let vocab: serde_json::Map<String, serde_json::Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(id, t)| (t.to_string(), id.into()))
+            .collect();
+        let json = serde_json::json!({
+            "version": "1.0",
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": serde_json::from_str::<serde_json::Value>(pre_tokenizer)
+                .expect("a valid pre-tokenizer"),
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {
+                "type": "BPE", "dropout": null, "unk_token": null,
+                "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                "vocab": vocab,
+                "merges": strings("tokenizer.ggml.merges")?,
+            },
+        });
+        let inner: tokenizers::Tokenizer = json
+            .to_string()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("the file's tokenizer does not load: {e}"))?;
+        let token = |key: &str| {
+            file.number(key)
+                .and_then(|id| tokens.get(id as usize))
+                .map_or(String::new(), |t| t.to_string())
+        };
+        let chat = file
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| match v {
+                Value::String(source) => Some(ChatTemplate {
+                    source: source.clone(),
+                    bos_token: token("tokenizer.ggml.bos_token_id"),
+                    eos_token: token("tokenizer.ggml.eos_token_id"),
+                }),
+                _ => None,
+            });
+        // llama.cpp prepends BOS unless the file says not to.
+        let add_bos = !matches!(
+            file.metadata.get("tokenizer.ggml.add_bos_token"),
+            Some(Value::Bool(false))
+        );
+        let bos = file
+            .number("tokenizer.ggml.bos_token_id")
+            .filter(|_| add_bos)
+            .map(|id| id as u32);
+        Ok(Some(Self { inner, bos, chat }))
     }
 
     pub fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>> {

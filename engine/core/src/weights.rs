@@ -13,6 +13,9 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use crate::gguf::{self, Gguf};
+use crate::quant;
+
 #[derive(Debug, thiserror::Error)]
 pub enum WeightError {
     #[error("no weights found in {0}: expected model.safetensors or model.safetensors.index.json")]
@@ -35,23 +38,87 @@ pub enum WeightError {
         expected: Vec<usize>,
     },
     #[error(
-        "tensor `{name}` has dtype {dtype}, which vibee cannot use as a weight (f32, f16, bf16)"
+        "tensor `{name}` has dtype {dtype}, which vibee cannot use as a weight (f32, f16, bf16, or GGUF's quantized types)"
     )]
     Dtype { name: String, dtype: String },
 }
 
+/// A weight's element type: plain floats, or one of llama.cpp's block-quantized types (GGUF),
+/// whose rows are sequences of fixed-size blocks, each holding its own scale(s).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
     F32,
     F16,
     BF16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
 }
 
 impl DType {
-    pub fn size(self) -> usize {
+    /// The type with GGML number `id` (as GGUF files store it).
+    pub fn from_ggml(id: u32) -> Option<Self> {
+        Some(match id {
+            0 => Self::F32,
+            1 => Self::F16,
+            2 => Self::Q4_0,
+            3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            7 => Self::Q5_1,
+            8 => Self::Q8_0,
+            10 => Self::Q2K,
+            11 => Self::Q3K,
+            12 => Self::Q4K,
+            13 => Self::Q5K,
+            14 => Self::Q6K,
+            30 => Self::BF16,
+            _ => return None,
+        })
+    }
+
+    /// Elements per block and bytes per block (1 element for the float types).
+    pub fn block(self) -> (usize, usize) {
         match self {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
+            Self::F32 => (1, 4),
+            Self::F16 | Self::BF16 => (1, 2),
+            Self::Q4_0 => (32, 18),
+            Self::Q4_1 => (32, 20),
+            Self::Q5_0 => (32, 22),
+            Self::Q5_1 => (32, 24),
+            Self::Q8_0 => (32, 34),
+            Self::Q2K => (256, 84),
+            Self::Q3K => (256, 110),
+            Self::Q4K => (256, 144),
+            Self::Q5K => (256, 176),
+            Self::Q6K => (256, 210),
+        }
+    }
+
+    pub fn is_quantized(self) -> bool {
+        !matches!(self, Self::F32 | Self::F16 | Self::BF16)
+    }
+
+    /// Bytes of `elements` elements, or `None` when they do not fill whole blocks.
+    pub fn bytes_for(self, elements: usize) -> Option<usize> {
+        let (per_block, block_bytes) = self.block();
+        elements
+            .is_multiple_of(per_block)
+            .then(|| elements / per_block * block_bytes)
+    }
+
+    /// The alignment the kernels need: element size for floats; blocks are read bytewise.
+    fn alignment(self) -> usize {
+        if self.is_quantized() {
+            1
+        } else {
+            self.block().1
         }
     }
 }
@@ -62,6 +129,16 @@ impl fmt::Display for DType {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
+            DType::Q8_0 => "q8_0",
+            DType::Q4_0 => "q4_0",
+            DType::Q4_1 => "q4_1",
+            DType::Q5_0 => "q5_0",
+            DType::Q5_1 => "q5_1",
+            DType::Q2K => "q2_k",
+            DType::Q3K => "q3_k",
+            DType::Q4K => "q4_k",
+            DType::Q5K => "q5_k",
+            DType::Q6K => "q6_k",
         })
     }
 }
@@ -111,11 +188,14 @@ pub enum WeightData<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     BF16(&'a [bf16]),
+    /// Quantized blocks of the weight's dtype, row after row.
+    Blocks(&'a [u8]),
 }
 
 impl Weight {
     fn new(storage: Storage, start: usize, len: usize, dtype: DType, shape: Vec<usize>) -> Self {
-        let aligned = (storage.bytes()[start..].as_ptr() as usize).is_multiple_of(dtype.size());
+        let aligned =
+            (storage.bytes()[start..].as_ptr() as usize).is_multiple_of(dtype.alignment());
         let (storage, start) = if aligned {
             (storage, start)
         } else {
@@ -134,8 +214,8 @@ impl Weight {
     pub fn from_bytes(bytes: Vec<u8>, dtype: DType, shape: Vec<usize>) -> Self {
         let len = bytes.len();
         assert_eq!(
-            len,
-            shape.iter().product::<usize>() * dtype.size(),
+            Some(len),
+            dtype.bytes_for(shape.iter().product()),
             "weight bytes do not match shape"
         );
         Self::new(owned(&bytes), 0, len, dtype, shape)
@@ -163,15 +243,20 @@ impl Weight {
                     bytes.as_ptr().cast(),
                     self.len / 2,
                 )),
+                _ => WeightData::Blocks(bytes),
             }
         }
     }
 
     /// A 2-D weight with rows and columns swapped, as an owned copy in the same dtype (for
-    /// checkpoints that store `[in, out]`, like GPT-2's Conv1D; done once at load).
-    pub fn transposed(&self) -> Weight {
+    /// checkpoints that store `[in, out]`, like GPT-2's Conv1D; done once at load). Quantized
+    /// blocks run along rows and cannot be transposed.
+    pub fn transposed(&self) -> anyhow::Result<Weight> {
+        if self.dtype.is_quantized() {
+            anyhow::bail!("a {} weight cannot be transposed", self.dtype);
+        }
         let (rows, cols) = (self.shape[0], self.shape[1]);
-        let size = self.dtype.size();
+        let size = self.dtype.block().1;
         let bytes = &self.storage.bytes()[self.start..self.start + self.len];
         let mut out = vec![0u8; self.len];
         for r in 0..rows {
@@ -180,7 +265,7 @@ impl Weight {
                 out[to..to + size].copy_from_slice(&bytes[from..from + size]);
             }
         }
-        Weight::from_bytes(out, self.dtype, vec![cols, rows])
+        Ok(Weight::from_bytes(out, self.dtype, vec![cols, rows]))
     }
 
     pub fn numel(&self) -> usize {
@@ -191,11 +276,16 @@ impl Weight {
         self.len
     }
 
-    /// Row `i` of a 2-D weight, converted to f32 into `out`.
+    /// Row `i` of a 2-D weight (or `out.len()` elements from element `i * out.len()`),
+    /// converted to f32 into `out`.
     pub fn row_to_f32(&self, i: usize, out: &mut [f32]) {
         let cols = out.len();
         let range = i * cols..(i + 1) * cols;
         match self.data() {
+            WeightData::Blocks(blocks) => {
+                let row_bytes = self.dtype.bytes_for(cols).expect("rows are whole blocks");
+                quant::dequantize(self.dtype, &blocks[i * row_bytes..][..row_bytes], out)
+            }
             WeightData::F32(w) => out.copy_from_slice(&w[range]),
             WeightData::F16(w) => {
                 half::slice::HalfFloatSliceExt::convert_to_f32_slice(&w[range], out)
@@ -251,6 +341,30 @@ impl Weights {
             weights.add_file(path)?;
         }
         Ok(weights)
+    }
+
+    /// The tensors of a GGUF file, under their Hugging Face names, read in place.
+    pub fn from_gguf(path: &Path, file: &Gguf) -> Self {
+        let entries = file
+            .tensors
+            .iter()
+            .filter_map(|t| {
+                let name = gguf::hf_name(&t.name)?;
+                let entry = Entry {
+                    file: 0,
+                    start: t.start,
+                    len: t.len,
+                    dtype: Ok(t.kind),
+                    // GGML lists the contiguous dimension first.
+                    shape: t.dims.iter().rev().map(|d| *d as usize).collect(),
+                };
+                Some((name, entry))
+            })
+            .collect();
+        Self {
+            files: vec![(path.to_path_buf(), file.map.clone())],
+            entries,
+        }
     }
 
     fn add_file(&mut self, path: PathBuf) -> Result<(), WeightError> {

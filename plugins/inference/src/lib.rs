@@ -2,6 +2,7 @@
 //! spec.
 
 pub mod kv_cache;
+pub mod quantization;
 pub mod serving;
 
 use vibee_core::Plugin;
@@ -10,6 +11,7 @@ use vibee_core::Plugin;
 pub fn plugins() -> Vec<Box<dyn Plugin>> {
     vec![
         Box::new(kv_cache::contiguous::ContiguousKvCache),
+        Box::new(quantization::gguf::Gguf),
         Box::new(serving::sampler::Sampler),
     ]
 }

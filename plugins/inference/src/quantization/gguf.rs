@@ -1,0 +1,41 @@
+//! v2345 `gguf`: llama.cpp's block-quantized tensor types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the
+//! K-quants Q2_K–Q6_K), read in place from a GGUF file. Matrix-vector products quantize the
+//! activations to int8 per 32-element block and take integer dot products with the weight
+//! blocks (the K-quants are widened a row at a time); prefill widens blocks of rows for a GEMM.
+
+use vibee_core::config::ModelConfig;
+use vibee_core::ops::{BuildContext, DenseLinear, Factory, Linear, Quantization};
+use vibee_core::weights::Weight;
+
+pub struct Gguf;
+
+vibee_core::operator_plugin!(Gguf, "v2345", "gguf", Quantization);
+
+impl Factory<dyn Quantization> for Gguf {
+    fn check(&self, config: &ModelConfig) -> Result<(), String> {
+        match config.quantization {
+            Some("gguf") => Ok(()),
+            _ => Err(
+                "the checkpoint holds no GGUF-quantized tensors (load a quantized .gguf file)"
+                    .into(),
+            ),
+        }
+    }
+
+    fn build(
+        &self,
+        _cx: &BuildContext<'_>,
+        _prefix: &str,
+        _dim: usize,
+    ) -> anyhow::Result<Box<dyn Quantization>> {
+        Ok(Box::new(Gguf))
+    }
+}
+
+impl Quantization for Gguf {
+    /// The CPU kernels dispatch on the weight's block type; f32/f16 tensors of a mixed file
+    /// (norms aside, llama.cpp keeps some matrices unquantized) run as they are.
+    fn linear(&self, _name: &str, weight: Weight) -> anyhow::Result<Box<dyn Linear>> {
+        Ok(Box::new(DenseLinear(weight)))
+    }
+}
