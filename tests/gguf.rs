@@ -161,3 +161,20 @@ fn bad_gguf_models_are_refused_with_a_reason() {
     );
     assert!(dense.contains("no GGUF-quantized tensors"), "{dense}");
 }
+
+#[test]
+fn quantizing_reproduces_the_gguf_packages_blocks() {
+    let file = Gguf::open(&fixture("gguf/blocks.gguf")).unwrap();
+    for (name, quantize) in [
+        (
+            "Q8_0",
+            vibee_core::quant::quantize_q8_0 as fn(&[f32]) -> Vec<u8>,
+        ),
+        ("Q4_0", vibee_core::quant::quantize_q4_0),
+    ] {
+        let stored = file.data(file.tensor(name).unwrap());
+        // The gguf package's own dequantization of its blocks quantizes back to them.
+        let values = file.dequantize(file.tensor(&format!("{name}.expected")).unwrap());
+        assert_eq!(quantize(&values), stored, "{name}");
+    }
+}

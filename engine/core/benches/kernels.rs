@@ -11,6 +11,9 @@ use std::time::Instant;
 
 use half::bf16;
 use vibee_core::cpu::linear;
+use vibee_core::ops::Linear;
+use vibee_core::quant;
+use vibee_core::quant::packed::{PackedLinear, PackedMatrix};
 use vibee_core::weights::{DType, Weight};
 use vibee_core::Matrix;
 
@@ -20,6 +23,8 @@ fn weight(out: usize, inp: usize, dtype: DType) -> Weight {
         .collect();
     match dtype {
         DType::F32 => Weight::from_f32(&values, vec![out, inp]),
+        DType::Q8_0 => Weight::from_bytes(quant::quantize_q8_0(&values), dtype, vec![out, inp]),
+        DType::Q4_0 => Weight::from_bytes(quant::quantize_q4_0(&values), dtype, vec![out, inp]),
         _ => {
             let bytes = values
                 .iter()
@@ -151,16 +156,28 @@ fn main() {
         });
         println!("owned sweep: {:.1} GB/s", bytes as f64 / t / 1e9);
     }
-    for dtype in [DType::F32, DType::BF16] {
-        for (out, inp) in [(2048, 2048), (5632, 2048), (2048, 5632), (32000, 2048)] {
+    for dtype in [DType::F32, DType::BF16, DType::Q8_0, DType::Q4_0] {
+        for (out, inp) in [
+            (2048, 2048),
+            (5632, 2048),
+            (2048, 4096),
+            (2048, 5632),
+            (2048, 6144),
+            (32000, 2048),
+        ] {
             let w = weight(out, inp, dtype);
+            let packed = PackedMatrix::from_gguf(&w).map(PackedLinear);
+            let product = |x: &Matrix| match &packed {
+                Some(p) => p.forward(x),
+                None => linear(x, &w),
+            };
             let x1 = Matrix::from_vec(1, inp, vec![0.5; inp]);
             let x128 = Matrix::from_vec(128, inp, vec![0.5; 128 * inp]);
             let gemv = best_of(20, || {
-                std::hint::black_box(linear(&x1, &w));
+                std::hint::black_box(product(&x1));
             });
             let gemm = best_of(3, || {
-                std::hint::black_box(linear(&x128, &w));
+                std::hint::black_box(product(&x128));
             });
             println!(
                 "{dtype:>4} {out:>5}x{inp:<5} gemv {:>7.3} ms ({:>5.1} GB/s)  gemm128 {:>7.2} ms ({:>6.1} GFLOP/s)",

@@ -14,7 +14,7 @@ use crate::tensor::Matrix;
 use crate::weights::{Weight, WeightData};
 
 /// Up to this many activation rows, a row-parallel GEMV beats GEMM: it streams the weight once.
-const GEMV_MAX_ROWS: usize = 4;
+pub const GEMV_MAX_ROWS: usize = 4;
 /// Output rows converted to f32 per GEMM block for f16/bf16 weights.
 const GEMM_BLOCK_ROWS: usize = 128;
 /// Elements of a half-precision weight row converted per step in the GEMV.
@@ -37,13 +37,7 @@ pub fn linear(x: &Matrix, w: &Weight) -> Matrix {
 }
 
 fn gemv(x: &Matrix, w: &Weight, out: &mut Matrix) {
-    let (out_features, k) = (w.shape[0], w.shape[1]);
-    let n = x.rows;
-    // Results are computed transposed (one weight row serves every activation row) and
-    // scattered after, so each thread writes a disjoint slice.
-    let mut transposed = vec![0.0f32; out_features * n];
-    // One contiguous block of rows per thread: each streams its part of the weight in order.
-    let rows_per_task = out_features.div_ceil(parallel::pool().threads());
+    let k = w.shape[1];
     let data = w.data();
     // Quantized weights meet activations quantized once per product, block by block.
     let quantized: Vec<QuantizedRow> = if quant::has_integer_dot(w.dtype) {
@@ -52,30 +46,48 @@ fn gemv(x: &Matrix, w: &Weight, out: &mut Matrix) {
         Vec::new()
     };
     let row_bytes = w.dtype.bytes_for(k).expect("weight rows are whole blocks");
-    parallel::pool().for_each_chunk(&mut transposed, rows_per_task * n, |task, chunk| {
-        let first = task * rows_per_task;
-        let mut buf = [0.0f32; CONVERT_CHUNK];
-        let mut dequantized = Vec::new();
-        for (r, dst) in chunk.chunks_exact_mut(n).enumerate() {
-            let row = first + r;
-            let range = row * k..(row + 1) * k;
-            match data {
-                WeightData::F32(w) => dot_rows(&w[range], x, dst),
-                WeightData::BF16(w) => dot_rows(&w[range], x, dst),
-                WeightData::F16(w) => dot_converted(&w[range], x, dst, &mut buf),
-                WeightData::Blocks(blocks) => {
-                    let bytes = &blocks[row * row_bytes..(row + 1) * row_bytes];
-                    if quantized.is_empty() {
-                        dequantized.resize(k, 0.0);
-                        quant::dequantize(w.dtype, bytes, &mut dequantized);
-                        dot_rows(&dequantized, x, dst);
-                    } else {
-                        for (d, q) in dst.iter_mut().zip(&quantized) {
-                            *d = quant::dot(w.dtype, bytes, q);
-                        }
+    let scratch = || ([0.0f32; CONVERT_CHUNK], Vec::new());
+    gemv_rows(out, scratch, |(buf, dequantized), row, dst| {
+        let range = row * k..(row + 1) * k;
+        match data {
+            WeightData::F32(w) => dot_rows(&w[range], x, dst),
+            WeightData::BF16(w) => dot_rows(&w[range], x, dst),
+            WeightData::F16(w) => dot_converted(&w[range], x, dst, buf),
+            WeightData::Blocks(blocks) => {
+                let bytes = &blocks[row * row_bytes..(row + 1) * row_bytes];
+                if quantized.is_empty() {
+                    dequantized.resize(k, 0.0);
+                    quant::dequantize(w.dtype, bytes, dequantized);
+                    dot_rows(dequantized, x, dst);
+                } else {
+                    for (d, q) in dst.iter_mut().zip(&quantized) {
+                        *d = quant::dot(w.dtype, bytes, q);
                     }
                 }
             }
+        }
+    });
+}
+
+/// A matrix-vector product (or a few) split over threads by output rows: `row_dots(state,
+/// r, dst)` writes the products of weight row `r` with each activation row into `dst`; each
+/// thread has its own `state` from `scratch`.
+pub fn gemv_rows<S>(
+    out: &mut Matrix,
+    scratch: impl Fn() -> S + Sync,
+    row_dots: impl Fn(&mut S, usize, &mut [f32]) + Sync,
+) {
+    let (n, out_features) = (out.rows, out.cols);
+    // Results are computed transposed (one weight row serves every activation row) and
+    // scattered after, so each thread writes a disjoint slice.
+    let mut transposed = vec![0.0f32; out_features * n];
+    // One contiguous block of rows per thread: each streams its part of the weight in order.
+    let rows_per_task = out_features.div_ceil(parallel::pool().threads());
+    parallel::pool().for_each_chunk(&mut transposed, rows_per_task * n, |task, chunk| {
+        let first = task * rows_per_task;
+        let mut state = scratch();
+        for (r, dst) in chunk.chunks_exact_mut(n).enumerate() {
+            row_dots(&mut state, first + r, dst);
         }
     });
     for (row, values) in transposed.chunks_exact(n).enumerate() {
@@ -125,32 +137,35 @@ fn gemm_blocks(x: &Matrix, w: &Weight, out: &mut Matrix) {
                 )
             };
         }
-        _ => {
-            // Each block of output rows is converted to f32 and multiplied on its own thread;
-            // the results land in a block-major buffer and are scattered into `out`.
-            let blocks = out_features.div_ceil(GEMM_BLOCK_ROWS);
-            let mut scratch = vec![0.0f32; blocks * GEMM_BLOCK_ROWS * n];
-            scratch
-                .par_chunks_mut(GEMM_BLOCK_ROWS * n)
-                .enumerate()
-                .for_each(|(b, dst)| {
-                    let first = b * GEMM_BLOCK_ROWS;
-                    let rows = GEMM_BLOCK_ROWS.min(out_features - first);
-                    let mut block = vec![0.0f32; rows * k];
-                    for (r, row) in block.chunks_exact_mut(k).enumerate() {
-                        w.row_to_f32(first + r, row);
-                    }
-                    // SAFETY: `block` is rows×k, `dst` holds n×rows with row stride `rows`.
-                    unsafe { gemm_f32(n, rows, k, &x.data, &block, dst, rows, false) };
-                });
-            for (b, dst) in scratch.chunks_exact(GEMM_BLOCK_ROWS * n).enumerate() {
-                let first = b * GEMM_BLOCK_ROWS;
-                let rows = GEMM_BLOCK_ROWS.min(out_features - first);
-                for i in 0..n {
-                    out.row_mut(i)[first..first + rows]
-                        .copy_from_slice(&dst[i * rows..(i + 1) * rows]);
-                }
+        _ => gemm_widened(x, out, |r, row| w.row_to_f32(r, row)),
+    }
+}
+
+/// `out = x · Wᵀ` for a weight whose rows `widen(r, row)` converts to f32: each block of
+/// output rows is converted and multiplied on its own thread; the results land in a
+/// block-major buffer and are scattered into `out`.
+pub fn gemm_widened(x: &Matrix, out: &mut Matrix, widen: impl Fn(usize, &mut [f32]) + Sync) {
+    let (n, out_features, k) = (x.rows, out.cols, x.cols);
+    let blocks = out_features.div_ceil(GEMM_BLOCK_ROWS);
+    let mut scratch = vec![0.0f32; blocks * GEMM_BLOCK_ROWS * n];
+    scratch
+        .par_chunks_mut(GEMM_BLOCK_ROWS * n)
+        .enumerate()
+        .for_each(|(b, dst)| {
+            let first = b * GEMM_BLOCK_ROWS;
+            let rows = GEMM_BLOCK_ROWS.min(out_features - first);
+            let mut block = vec![0.0f32; rows * k];
+            for (r, row) in block.chunks_exact_mut(k).enumerate() {
+                widen(first + r, row);
             }
+            // SAFETY: `block` is rows×k, `dst` holds n×rows with row stride `rows`.
+            unsafe { gemm_f32(n, rows, k, &x.data, &block, dst, rows, false) };
+        });
+    for (b, dst) in scratch.chunks_exact(GEMM_BLOCK_ROWS * n).enumerate() {
+        let first = b * GEMM_BLOCK_ROWS;
+        let rows = GEMM_BLOCK_ROWS.min(out_features - first);
+        for i in 0..n {
+            out.row_mut(i)[first..first + rows].copy_from_slice(&dst[i * rows..(i + 1) * rows]);
         }
     }
 }

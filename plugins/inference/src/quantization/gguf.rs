@@ -1,10 +1,11 @@
 //! v2345 `gguf`: llama.cpp's block-quantized tensor types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the
-//! K-quants Q2_K–Q6_K), read in place from a GGUF file. Matrix-vector products quantize the
-//! activations to int8 per 32-element block and take integer dot products with the weight
-//! blocks (the K-quants are widened a row at a time); prefill widens blocks of rows for a GEMM.
+//! K-quants Q2_K–Q6_K) from a GGUF file. Matrix-vector products quantize the activations to
+//! int8 per 32-element block and take integer dot products with the weight blocks (the
+//! K-quants are widened a row at a time); prefill widens blocks of rows for a GEMM.
 
 use vibee_core::config::ModelConfig;
 use vibee_core::ops::{BuildContext, DenseLinear, Factory, Linear, Quantization};
+use vibee_core::quant::packed::{PackedLinear, PackedMatrix};
 use vibee_core::weights::Weight;
 
 pub struct Gguf;
@@ -33,9 +34,13 @@ impl Factory<dyn Quantization> for Gguf {
 }
 
 impl Quantization for Gguf {
-    /// The CPU kernels dispatch on the weight's block type; f32/f16 tensors of a mixed file
-    /// (norms aside, llama.cpp keeps some matrices unquantized) run as they are.
+    /// Q8_0, Q4_0 and Q4_1 matrices are repacked for the SIMD integer kernels (a copy: the
+    /// file's interleaved scales would cost the kernels a load per block); the other types
+    /// run in place from the file, as do f32/f16 matrices of a mixed file.
     fn linear(&self, _name: &str, weight: Weight) -> anyhow::Result<Box<dyn Linear>> {
-        Ok(Box::new(DenseLinear(weight)))
+        Ok(match PackedMatrix::from_gguf(&weight) {
+            Some(packed) => Box::new(PackedLinear(packed)),
+            None => Box::new(DenseLinear(weight)),
+        })
     }
 }

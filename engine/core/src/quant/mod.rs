@@ -4,7 +4,10 @@
 //! A matrix-vector product over quantized weights never widens the weights to f32: each
 //! 32-element block of the activation row is quantized to int8 with its own scale (as
 //! llama.cpp does), and each weight block contributes `d_w · d_x · Σ q_w·q_x` (plus a
-//! per-block offset term for the types with minimums), computed with 8-bit SIMD multiplies.
+//! per-block offset term for the types with minimums). [`packed`] holds the SIMD kernels over
+//! weights repacked at load; [`dot`] here reads GGUF blocks as stored, one element at a time.
+
+pub mod packed;
 
 use half::{bf16, f16};
 
@@ -13,12 +16,30 @@ use crate::weights::DType;
 /// Elements per block of the 32-element types and of quantized activations.
 pub const BLOCK: usize = 32;
 
-/// One activation row quantized to int8 in blocks of 32: `x ≈ scale[b] · quants[32b..32b+32]`.
+/// Blocks per group in the layout of [`QuantizedRow`] and of packed weights.
+pub const GROUP: usize = 4;
+
+/// One activation row quantized to int8 in blocks of 32: `x ≈ scale[b] · block b`.
+///
+/// The quants are stored a group of four blocks at a time, first halves then second halves:
+/// `b0[0..16] b1[0..16] b2[0..16] b3[0..16] b0[16..32] … b3[16..32]` (a shorter last group
+/// alike). A 4-bit weight block packs element `j` and `j + 16` in one byte, so the low and high
+/// nibbles of four consecutive blocks line up with the two halves of a group in two 64-byte
+/// vectors, and one scale covers four adjacent 32-bit lanes of the products.
 pub struct QuantizedRow {
     quants: Vec<i8>,
     scales: Vec<f32>,
     /// `scale[b] · Σ quants` of each block: what an offset or minimum multiplies.
     sums: Vec<f32>,
+}
+
+/// Where element `i` of block `b` lives in a row of `blocks` blocks in the grouped layout.
+#[inline(always)]
+pub fn grouped_index(blocks: usize, b: usize, i: usize) -> usize {
+    let (group, j) = (b / GROUP, b % GROUP);
+    let width = GROUP.min(blocks - group * GROUP);
+    let half = if i < 16 { 0 } else { 16 * width };
+    group * GROUP * BLOCK + half + 16 * j + i % 16
 }
 
 impl QuantizedRow {
@@ -31,23 +52,64 @@ impl QuantizedRow {
             scales: Vec::with_capacity(blocks),
             sums: Vec::with_capacity(blocks),
         };
-        for (values, quants) in x
-            .chunks_exact(BLOCK)
-            .zip(row.quants.chunks_exact_mut(BLOCK))
-        {
+        for (b, values) in x.chunks_exact(BLOCK).enumerate() {
             let max = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let scale = max / 127.0;
             let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
             let mut sum = 0i32;
-            for (q, v) in quants.iter_mut().zip(values) {
-                *q = (v * inverse).round() as i8;
-                sum += *q as i32;
+            for (i, v) in values.iter().enumerate() {
+                let q = (v * inverse).round() as i8;
+                row.quants[grouped_index(blocks, b, i)] = q;
+                sum += q as i32;
             }
             row.scales.push(scale);
             row.sums.push(scale * sum as f32);
         }
         row
     }
+
+    pub fn blocks(&self) -> usize {
+        self.scales.len()
+    }
+
+    /// Block `b`'s quants in element order.
+    fn block(&self, b: usize) -> [i8; BLOCK] {
+        std::array::from_fn(|i| self.quants[grouped_index(self.blocks(), b, i)])
+    }
+}
+
+/// The element of largest magnitude of a block, with its sign.
+fn extreme(block: &[f32]) -> f32 {
+    block
+        .iter()
+        .fold(0.0f32, |m, v| if v.abs() > m.abs() { *v } else { m })
+}
+
+/// `values` (a multiple of 32 long) as Q8_0 blocks, by llama.cpp's reference rounding: each
+/// block scaled by its largest magnitude / 127.
+pub fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() / BLOCK * 34);
+    for block in values.chunks_exact(BLOCK) {
+        let d = extreme(block).abs() / 127.0;
+        let inverse = if d > 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        out.extend(block.iter().map(|v| (v * inverse).round() as i8 as u8));
+    }
+    out
+}
+
+/// `values` (a multiple of 32 long) as Q4_0 blocks, by llama.cpp's reference rounding: each
+/// block scaled by its value of largest magnitude / −8, which thus maps exactly to −8.
+pub fn quantize_q4_0(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() / BLOCK * 18);
+    for block in values.chunks_exact(BLOCK) {
+        let d = extreme(block) / -8.0;
+        let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        let nibble = |v: f32| ((v * inverse + 8.5) as u8).min(15);
+        out.extend((0..16).map(|j| nibble(block[j]) | nibble(block[j + 16]) << 4));
+    }
+    out
 }
 
 /// Whether rows of `dtype` have an integer dot product with [`QuantizedRow`]; the K-quants
@@ -63,40 +125,15 @@ pub fn has_integer_dot(dtype: DType) -> bool {
 /// [`has_integer_dot`] holds) with a quantized activation row of the same length.
 pub fn dot(dtype: DType, row: &[u8], x: &QuantizedRow) -> f32 {
     debug_assert_eq!(dtype.bytes_for(x.quants.len()), Some(row.len()));
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-        {
-            // SAFETY: the features were just detected; `row` holds one block per 32 elements
-            // of `x`, checked above in debug builds and by construction of the weight.
-            unsafe {
-                match dtype {
-                    DType::Q8_0 => return x86::dot_q8_0(row, x),
-                    DType::Q4_0 => return x86::dot_q4::<false>(row, x),
-                    DType::Q4_1 => return x86::dot_q4::<true>(row, x),
-                    _ => {}
-                }
-            }
-        }
-    }
-    dot_portable(dtype, row, x)
-}
-
-/// Any 32-element type: each block unpacked to signed 8-bit values `v` with
-/// `weight = d · v + m`.
-fn dot_portable(dtype: DType, row: &[u8], x: &QuantizedRow) -> f32 {
     let (_, block_bytes) = dtype.block();
     let mut values = [0i8; BLOCK];
     let mut total = 0.0f32;
     for (b, block) in row.chunks_exact(block_bytes).enumerate() {
         let (d, m) = unpack(dtype, block, &mut values);
-        let quants = &x.quants[b * BLOCK..(b + 1) * BLOCK];
         let products: i32 = values
             .iter()
-            .zip(quants)
-            .map(|(v, q)| *v as i32 * *q as i32)
+            .zip(x.block(b))
+            .map(|(v, q)| *v as i32 * q as i32)
             .sum();
         total += d * x.scales[b] * products as f32 + m * x.sums[b];
     }
@@ -232,76 +269,6 @@ fn k_scales(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
     (scale, min)
 }
 
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use std::arch::x86_64::*;
-
-    use super::{QuantizedRow, BLOCK};
-
-    /// f16 bits at `p` as f32, by the F16C instruction.
-    #[inline(always)]
-    unsafe fn half_at(p: *const u8) -> f32 {
-        let bits = p.cast::<u16>().read_unaligned();
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-        _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)))
-    }
-
-    /// Sums of adjacent pairs of `u8 × i8` products, widened to eight i32 lanes.
-    #[inline(always)]
-    unsafe fn dot_u8_i8(w: __m256i, x: __m256i) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
-    }
-
-    /// Q8_0: signed × signed. `maddubs` takes one unsigned operand, so the weight's sign moves
-    /// onto the activations: `|w| · (x · sign w)`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q8_0(row: &[u8], x: &QuantizedRow) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for (b, block) in row.chunks_exact(34).enumerate() {
-            let w = _mm256_loadu_si256(block.as_ptr().add(2).cast());
-            let q = _mm256_loadu_si256(x.quants.as_ptr().add(b * BLOCK).cast());
-            let products = dot_u8_i8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w));
-            let scale = _mm256_set1_ps(half_at(block.as_ptr()) * x.scales[b]);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), scale, acc);
-        }
-        hsum(acc)
-    }
-
-    /// Q4_0 (`MIN` false: `d · (q − 8)`) and Q4_1 (`MIN`: `d · q + m`): the unsigned nibbles
-    /// multiply the activations directly, and the offset or minimum is added per block as a
-    /// multiple of the block's activation sum.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4<const MIN: bool>(row: &[u8], x: &QuantizedRow) -> f32 {
-        let (block_bytes, quants_at) = if MIN { (20, 4) } else { (18, 2) };
-        let low_nibbles = _mm_set1_epi8(0x0F);
-        let mut acc = _mm256_setzero_ps();
-        let mut offsets = 0.0f32;
-        for (b, block) in row.chunks_exact(block_bytes).enumerate() {
-            let d = half_at(block.as_ptr());
-            let packed = _mm_loadu_si128(block.as_ptr().add(quants_at).cast());
-            let low = _mm_and_si128(packed, low_nibbles);
-            let high = _mm_and_si128(_mm_srli_epi16(packed, 4), low_nibbles);
-            let w = _mm256_set_m128i(high, low);
-            let q = _mm256_loadu_si256(x.quants.as_ptr().add(b * BLOCK).cast());
-            let scale = _mm256_set1_ps(d * x.scales[b]);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8_i8(w, q)), scale, acc);
-            let offset = if MIN {
-                half_at(block.as_ptr().add(2))
-            } else {
-                -8.0 * d
-            };
-            offsets += offset * x.sums[b];
-        }
-        hsum(acc) + offsets
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,11 +332,6 @@ mod tests {
                 (got - exact).abs() <= bound * 1.001 + 1e-4,
                 "{dtype}: {got} vs {exact} (bound {bound})"
             );
-            let portable = dot_portable(dtype, &row, &quantized);
-            assert!(
-                (got - portable).abs() <= 1e-4 * portable.abs().max(1.0),
-                "{dtype}: SIMD {got} vs portable {portable}"
-            );
         }
     }
 
@@ -381,7 +343,7 @@ mod tests {
             let scale = values.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
             assert_eq!(row.scales[b], scale);
             for (i, v) in values.iter().enumerate() {
-                let q = row.quants[b * BLOCK + i] as f32;
+                let q = row.block(b)[i] as f32;
                 assert!((q * scale - v).abs() <= scale / 2.0 + 1e-6);
             }
         }
