@@ -31,6 +31,18 @@ pub struct QuantizedRow {
     scales: Vec<f32>,
     /// `scale[b] · Σ quants` of each block: what an offset or minimum multiplies.
     sums: Vec<f32>,
+    /// The same over each half block, in the order of [`half_index`].
+    half_sums: Vec<f32>,
+}
+
+/// Where the value of half `h` (0 or 1) of block `b` lives, in a row of `blocks` blocks, in an
+/// array with two values per block laid out like the grouped quants: a group's first halves,
+/// then its second halves.
+#[inline(always)]
+pub fn half_index(blocks: usize, b: usize, h: usize) -> usize {
+    let (group, j) = (b / GROUP, b % GROUP);
+    let width = GROUP.min(blocks - group * GROUP);
+    2 * group * GROUP + h * width + j
 }
 
 /// Where element `i` of block `b` lives in a row of `blocks` blocks in the grouped layout.
@@ -51,19 +63,23 @@ impl QuantizedRow {
             quants: vec![0; x.len()],
             scales: Vec::with_capacity(blocks),
             sums: Vec::with_capacity(blocks),
+            half_sums: vec![0.0; 2 * blocks],
         };
         for (b, values) in x.chunks_exact(BLOCK).enumerate() {
             let max = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let scale = max / 127.0;
             let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            let mut sum = 0i32;
+            let mut sums = [0i32; 2];
             for (i, v) in values.iter().enumerate() {
                 let q = (v * inverse).round() as i8;
                 row.quants[grouped_index(blocks, b, i)] = q;
-                sum += q as i32;
+                sums[i / 16] += q as i32;
             }
             row.scales.push(scale);
-            row.sums.push(scale * sum as f32);
+            row.sums.push(scale * (sums[0] + sums[1]) as f32);
+            for (h, sum) in sums.iter().enumerate() {
+                row.half_sums[half_index(blocks, b, h)] = scale * *sum as f32;
+            }
         }
         row
     }
@@ -219,33 +235,69 @@ pub fn dequantize(dtype: DType, data: &[u8], out: &mut [f32]) {
                     *o = d * scale * (low_bits - ((high_bit ^ 1) << 2)) as f32;
                 }
             }
-            DType::Q4K | DType::Q5K => {
+            DType::Q4K | DType::Q5K | DType::Q6K => {
+                let k = KBlock::new(dtype, block);
+                for (e, o) in out.iter_mut().enumerate() {
+                    *o = k.scales[e / k.run] * k.quants[e] as f32 + k.mins[e / k.run];
+                }
+            }
+        }
+    }
+}
+
+/// A Q4_K, Q5_K or Q6_K super-block of 256 elements as integers with a scale and a minimum
+/// per run of `run` elements: element `e` is `scales[e / run] · quants[e] + mins[e / run]`.
+pub(crate) struct KBlock {
+    pub quants: [i8; 256],
+    pub scales: [f32; 16],
+    pub mins: [f32; 16],
+    /// 32 for Q4_K and Q5_K (8 runs), 16 for Q6_K (16 runs).
+    pub run: usize,
+}
+
+impl KBlock {
+    pub fn new(dtype: DType, block: &[u8]) -> Self {
+        let mut k = Self {
+            quants: [0; 256],
+            scales: [0.0; 16],
+            mins: [0.0; 16],
+            run: 32,
+        };
+        match dtype {
+            DType::Q6K => {
+                let (ql, qh, scales) = (&block[..128], &block[128..192], &block[192..208]);
+                let d = half(&block[208..]);
+                k.run = 16;
+                for (e, q) in k.quants.iter_mut().enumerate() {
+                    let (h, r, i) = split(e);
+                    let low = (ql[h * 64 + (r % 2) * 32 + i] >> (4 * (r / 2))) & 0xF;
+                    let high = (qh[h * 32 + i] >> (2 * r)) & 3;
+                    *q = (low | high << 4) as i8 - 32;
+                }
+                for (s, sc) in k.scales.iter_mut().zip(scales) {
+                    *s = d * *sc as i8 as f32;
+                }
+            }
+            _ => {
                 let (d, dmin) = (half(block), half(&block[2..]));
                 let (scale, min) = k_scales(&block[4..16]);
                 let (qh, qs) = match dtype {
                     DType::Q5K => (Some(&block[16..48]), &block[48..176]),
                     _ => (None, &block[16..144]),
                 };
-                for (e, o) in out.iter_mut().enumerate() {
+                for (e, q) in k.quants.iter_mut().enumerate() {
                     let (j, i) = (e / 32, e % 32);
                     let low = (qs[j / 2 * 32 + i] >> (4 * (j % 2))) & 0xF;
                     let fifth = qh.map_or(0, |h| (h[i] >> j) & 1);
-                    let q = (low | fifth << 4) as f32;
-                    *o = d * scale[j] as f32 * q - dmin * min[j] as f32;
+                    *q = (low | fifth << 4) as i8;
                 }
-            }
-            DType::Q6K => {
-                let (ql, qh, scales) = (&block[..128], &block[128..192], &block[192..208]);
-                let d = half(&block[208..]);
-                for (e, o) in out.iter_mut().enumerate() {
-                    let (h, r, i) = split(e);
-                    let low = (ql[h * 64 + (r % 2) * 32 + i] >> (4 * (r / 2))) & 0xF;
-                    let high = (qh[h * 32 + i] >> (2 * r)) & 3;
-                    let q = (low | high << 4) as i8 - 32;
-                    *o = d * scales[e / 16] as i8 as f32 * q as f32;
+                for j in 0..8 {
+                    k.scales[j] = d * scale[j] as f32;
+                    k.mins[j] = -(dmin * min[j] as f32);
                 }
             }
         }
+        k
     }
 }
 

@@ -1,12 +1,12 @@
 //! Quantized weights repacked at load for the integer matrix-vector kernels: each row's quants
 //! contiguous, 8-bit ones in the grouped layout of [`QuantizedRow`], 4-bit ones as GGUF packs a
-//! block (whose nibbles line up with that layout by construction), and the block scales in an
-//! array of their own. A group of four blocks then takes two 64-byte multiply-accumulates
-//! (AVX-512 VNNI) or four 32-byte ones (AVX2), and one f16→f32 conversion for its four scales.
+//! Q4_0 block (whose nibbles line up with that layout by construction), and the scales (f32,
+//! per block or per half block) and minimums in arrays of their own. A group of four blocks
+//! then takes two 64-byte multiply-accumulates (AVX-512 VNNI) or four 32-byte ones (AVX2).
+//! GGUF's Q8_0, Q4_0, Q4_1 and the K-quants Q4_K, Q5_K (as 8-bit values) and Q6_K (8-bit with
+//! half-block scales) repack without changing a single weight.
 
-use half::f16;
-
-use super::{grouped_index, QuantizedRow, BLOCK, GROUP};
+use super::{grouped_index, half_index, KBlock, QuantizedRow, BLOCK, GROUP};
 use crate::cpu;
 use crate::ops::Linear;
 use crate::tensor::Matrix;
@@ -27,8 +27,10 @@ pub struct PackedMatrix {
     /// per block 16 bytes holding element `j` in the low and `j + 16` in the high nibble of
     /// byte `j`, blocks in order.
     quants: Vec<u8>,
-    /// One per block, row-major.
-    scales: Vec<f16>,
+    /// One per block, row-major; or, with `half_scales`, one per half block, each row's in the
+    /// order of [`half_index`].
+    scales: Vec<f32>,
+    half_scales: bool,
     /// One per block, for asymmetric formats.
     mins: Option<Vec<f32>>,
     /// Added to every quant: −8 for symmetric 4-bit blocks, else 0.
@@ -36,51 +38,98 @@ pub struct PackedMatrix {
 }
 
 impl PackedMatrix {
-    /// A GGUF Q8_0, Q4_0 or Q4_1 weight, repacked; `None` for other types.
+    /// A GGUF Q8_0, Q4_0, Q4_1, Q4_K, Q5_K or Q6_K weight, repacked; `None` for other types.
     pub fn from_gguf(weight: &Weight) -> Option<Self> {
         let WeightData::Blocks(data) = weight.data() else {
             return None;
         };
-        let (bits, offset, asymmetric) = match weight.dtype {
-            DType::Q8_0 => (Bits::Eight, 0.0, false),
-            DType::Q4_0 => (Bits::Four, -8.0, false),
-            DType::Q4_1 => (Bits::Four, 0.0, true),
+        let (bits, offset, asymmetric, half_scales) = match weight.dtype {
+            DType::Q8_0 => (Bits::Eight, 0.0, false, false),
+            DType::Q4_0 => (Bits::Four, -8.0, false, false),
+            DType::Q4_1 | DType::Q4K => (Bits::Four, 0.0, true, false),
+            DType::Q5K => (Bits::Eight, 0.0, true, false),
+            DType::Q6K => (Bits::Eight, 0.0, false, true),
             _ => return None,
         };
         let (rows, cols) = (weight.shape[0], weight.shape[1]);
         let blocks = cols / BLOCK;
-        let (_, block_bytes) = weight.dtype.block();
         let mut packed = Self {
             bits,
             rows,
             cols,
             quants: vec![0; rows * Self::row_bytes(bits, cols)],
-            scales: Vec::with_capacity(rows * blocks),
-            mins: asymmetric.then(|| Vec::with_capacity(rows * blocks)),
+            scales: vec![0.0; rows * blocks * if half_scales { 2 } else { 1 }],
+            half_scales,
+            mins: asymmetric.then(|| vec![0.0; rows * blocks]),
             offset,
         };
-        let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]);
+        let (per_block, block_bytes) = weight.dtype.block();
+        let mut values = [0i8; BLOCK];
         for (i, block) in data.chunks_exact(block_bytes).enumerate() {
-            let (r, b) = (i / blocks, i % blocks);
-            packed.scales.push(half(block));
-            let quants = match &mut packed.mins {
-                Some(mins) => {
-                    mins.push(half(&block[2..]).to_f32());
-                    &block[4..]
+            let first = i * per_block / BLOCK;
+            let (r, b) = (first / blocks, first % blocks);
+            if per_block == BLOCK {
+                let (d, min) = super::unpack(weight.dtype, block, &mut values);
+                if weight.dtype == DType::Q4_1 {
+                    packed.set_block(r, b, &values, [d, d], min);
+                } else {
+                    // Q8_0 as signed values; Q4_0 keeps its unsigned nibbles and the offset.
+                    values.iter_mut().for_each(|v| *v -= offset as i8);
+                    packed.set_block(r, b, &values, [d, d], 0.0);
                 }
-                None => &block[2..],
-            };
-            let row = &mut packed.quants[r * Self::row_bytes(bits, cols)..];
-            match bits {
-                Bits::Eight => {
-                    for (e, q) in quants.iter().enumerate() {
-                        row[grouped_index(blocks, b, e)] = *q;
-                    }
-                }
-                Bits::Four => row[b * 16..(b + 1) * 16].copy_from_slice(quants),
+                continue;
+            }
+            let k = KBlock::new(weight.dtype, block);
+            for j in 0..per_block / BLOCK {
+                let quants: [i8; BLOCK] = k.quants[j * BLOCK..(j + 1) * BLOCK].try_into().unwrap();
+                let scales = match k.run {
+                    16 => [k.scales[2 * j], k.scales[2 * j + 1]],
+                    _ => [k.scales[j]; 2],
+                };
+                packed.set_block(r, b + j, &quants, scales, k.mins[j]);
             }
         }
         Some(packed)
+    }
+
+    /// Stores block `b` of row `r`: its quants as the format keeps them (before the offset),
+    /// the scales of its two halves (equal unless `half_scales`), and its minimum.
+    fn set_block(&mut self, r: usize, b: usize, quants: &[i8; BLOCK], scales: [f32; 2], min: f32) {
+        let blocks = self.blocks();
+        let len = Self::row_bytes(self.bits, self.cols);
+        let row = &mut self.quants[r * len..(r + 1) * len];
+        match self.bits {
+            Bits::Eight => {
+                for (i, q) in quants.iter().enumerate() {
+                    row[grouped_index(blocks, b, i)] = *q as u8;
+                }
+            }
+            Bits::Four => {
+                for j in 0..16 {
+                    row[b * 16 + j] = quants[j] as u8 | (quants[j + 16] as u8) << 4;
+                }
+            }
+        }
+        if self.half_scales {
+            for (h, scale) in scales.iter().enumerate() {
+                self.scales[2 * r * blocks + half_index(blocks, b, h)] = *scale;
+            }
+        } else {
+            self.scales[r * blocks + b] = scales[0];
+        }
+        if let Some(mins) = &mut self.mins {
+            mins[r * blocks + b] = min;
+        }
+    }
+
+    /// The scale of element `i` of block `b` of row `r`.
+    fn scale(&self, r: usize, b: usize, i: usize) -> f32 {
+        let blocks = self.blocks();
+        if self.half_scales {
+            self.scales[2 * r * blocks + half_index(blocks, b, i / 16)]
+        } else {
+            self.scales[r * blocks + b]
+        }
     }
 
     fn row_bytes(bits: Bits, cols: usize) -> usize {
@@ -111,20 +160,17 @@ impl PackedMatrix {
         }
     }
 
-    /// What block `b` of row `r` adds per unit of its activation block's sum.
-    fn block_offset(&self, r: usize, b: usize, bias: f32) -> f32 {
-        let at = r * self.blocks() + b;
-        let min = self.mins.as_ref().map_or(0.0, |m| m[at]);
-        (self.offset + bias) * self.scales[at].to_f32() + min
+    fn min(&self, r: usize, b: usize) -> f32 {
+        self.mins.as_ref().map_or(0.0, |m| m[r * self.blocks() + b])
     }
 
     /// Row `r` widened to f32.
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
         for b in 0..self.blocks() {
-            let d = self.scales[r * self.blocks() + b].to_f32();
-            let min = self.block_offset(r, b, 0.0) - self.offset * d;
+            let min = self.min(r, b);
             for i in 0..BLOCK {
-                out[b * BLOCK + i] = d * (self.quant(r, b, i) as f32 + self.offset) + min;
+                let q = self.quant(r, b, i) as f32 + self.offset;
+                out[b * BLOCK + i] = self.scale(r, b, i) * q + min;
             }
         }
     }
@@ -151,11 +197,14 @@ impl PackedMatrix {
         let mut total = 0.0;
         for b in blocks {
             let quants = x.block(b);
-            let products: i32 = (0..BLOCK)
-                .map(|i| self.quant(r, b, i) * quants[i] as i32)
-                .sum();
-            let d = self.scales[r * self.blocks() + b].to_f32();
-            total += d * x.scales[b] * products as f32 + self.block_offset(r, b, 0.0) * x.sums[b];
+            for h in 0..2 {
+                let range = 16 * h..16 * (h + 1);
+                let products: i32 = range.map(|i| self.quant(r, b, i) * quants[i] as i32).sum();
+                let d = self.scale(r, b, 16 * h);
+                let half_sum = x.half_sums[half_index(x.blocks(), b, h)];
+                total += d * x.scales[b] * products as f32 + self.offset * d * half_sum;
+            }
+            total += self.min(r, b) * x.sums[b];
         }
         total
     }
@@ -188,7 +237,7 @@ impl Linear for PackedLinear {
 
     fn weight_bytes(&self) -> usize {
         let w = &self.0;
-        w.quants.len() + 2 * w.scales.len() + w.mins.as_ref().map_or(0, |m| 4 * m.len())
+        w.quants.len() + 4 * w.scales.len() + w.mins.as_ref().map_or(0, |m| 4 * m.len())
     }
 }
 
@@ -203,17 +252,16 @@ mod x86 {
             && std::is_x86_feature_detected!("avx512bw")
             && std::is_x86_feature_detected!("avx512vnni")
             && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
     }
 
     pub fn has_avx2() -> bool {
-        std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
     }
 
-    /// Per group of four blocks: the weight scales times the activation scales, and the
-    /// per-block offsets (with `bias` added to every quant) times the activation sums.
+    /// The weight scales of group `g` of row `r` times its activation scales, for the first
+    /// and the second halves of its four blocks (the same unless the format has half-block
+    /// scales); `bias` added to every quant is taken back out through the activation sums
+    /// into `offsets`, with the format's own offset and minimums.
     #[inline(always)]
     unsafe fn group_scales(
         w: &PackedMatrix,
@@ -222,15 +270,32 @@ mod x86 {
         x: &QuantizedRow,
         bias: f32,
         offsets: &mut __m128,
-    ) -> __m128 {
-        let at = r * w.blocks() + g * GROUP;
-        let d = _mm_cvtph_ps(_mm_loadl_epi64(w.scales.as_ptr().add(at).cast()));
-        let mut c = _mm_mul_ps(d, _mm_set1_ps(w.offset + bias));
+    ) -> (__m128, __m128) {
+        let blocks = w.blocks();
+        let dx = _mm_loadu_ps(x.scales.as_ptr().add(g * GROUP));
+        let shift = _mm_set1_ps(w.offset + bias);
+        let (da, db) = if w.half_scales {
+            let at = w.scales.as_ptr().add(2 * (r * blocks + g * GROUP));
+            let sums = x.half_sums.as_ptr().add(2 * g * GROUP);
+            let (da, db) = (_mm_loadu_ps(at), _mm_loadu_ps(at.add(GROUP)));
+            *offsets = _mm_fmadd_ps(_mm_mul_ps(da, shift), _mm_loadu_ps(sums), *offsets);
+            *offsets = _mm_fmadd_ps(
+                _mm_mul_ps(db, shift),
+                _mm_loadu_ps(sums.add(GROUP)),
+                *offsets,
+            );
+            (da, db)
+        } else {
+            let d = _mm_loadu_ps(w.scales.as_ptr().add(r * blocks + g * GROUP));
+            let sums = _mm_loadu_ps(x.sums.as_ptr().add(g * GROUP));
+            *offsets = _mm_fmadd_ps(_mm_mul_ps(d, shift), sums, *offsets);
+            (d, d)
+        };
         if let Some(mins) = &w.mins {
-            c = _mm_add_ps(c, _mm_loadu_ps(mins.as_ptr().add(at)));
+            let mins = _mm_loadu_ps(mins.as_ptr().add(r * blocks + g * GROUP));
+            *offsets = _mm_fmadd_ps(mins, _mm_loadu_ps(x.sums.as_ptr().add(g * GROUP)), *offsets);
         }
-        *offsets = _mm_fmadd_ps(c, _mm_loadu_ps(x.sums.as_ptr().add(g * GROUP)), *offsets);
-        _mm_mul_ps(d, _mm_loadu_ps(x.scales.as_ptr().add(g * GROUP)))
+        (_mm_mul_ps(da, dx), _mm_mul_ps(db, dx))
     }
 
     #[inline(always)]
@@ -241,7 +306,7 @@ mod x86 {
 
     /// `vpdpbusd` multiplies unsigned by signed bytes: 8-bit weights are shifted to unsigned
     /// by flipping their sign bit (+128), which the offsets take back out.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
     pub unsafe fn dot_avx512(w: &PackedMatrix, r: usize, x: &QuantizedRow) -> f32 {
         let groups = w.blocks() / GROUP;
         let quants = w.row_quants(r).as_ptr();
@@ -249,6 +314,7 @@ mod x86 {
         let bias = if w.bits == Bits::Eight { -128.0 } else { 0.0 };
         // Lane i of the products belongs to block i / 4 of the group.
         let spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+        let spread = |v: __m128| _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(v));
         let (low, flip) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(-128));
         let mut acc = _mm512_setzero_ps();
         let mut offsets = _mm_setzero_ps();
@@ -268,26 +334,41 @@ mod x86 {
             };
             let xa = _mm512_loadu_si512(xq.add(GROUP * BLOCK * g).cast());
             let xb = _mm512_loadu_si512(xq.add(GROUP * BLOCK * g + 64).cast());
-            let products =
-                _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), a, xa), b, xb);
-            let scales = group_scales(w, r, g, x, bias, &mut offsets);
-            let scales = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(scales));
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(products), scales, acc);
+            let (sa, sb) = group_scales(w, r, g, x, bias, &mut offsets);
+            let zero = _mm512_setzero_si512();
+            if w.half_scales {
+                let pa = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, a, xa));
+                let pb = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, b, xb));
+                acc = _mm512_fmadd_ps(pa, spread(sa), acc);
+                acc = _mm512_fmadd_ps(pb, spread(sb), acc);
+            } else {
+                let p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, a, xa), b, xb);
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), spread(sa), acc);
+            }
         }
         _mm512_reduce_add_ps(acc)
             + hsum128(offsets)
             + w.dot_blocks(r, x, groups * GROUP..w.blocks())
     }
 
-    /// `vpmaddubsw` saturates at 16 bits, so 8-bit weights keep their sign, moved onto the
-    /// activations (`|w| · (x · sign w)`); 4-bit ones multiply directly.
-    #[target_feature(enable = "avx2,fma,f16c")]
+    /// Products of 32 weight bytes with 32 activation bytes, summed in groups of four into
+    /// eight i32 lanes. `vpmaddubsw` saturates at 16 bits, so 8-bit weights keep their sign,
+    /// moved onto the activations (`|w| · (x · sign w)`); 4-bit ones multiply directly.
+    #[inline(always)]
+    unsafe fn products_avx2(bits: Bits, w: __m256i, x: __m256i) -> __m256i {
+        let pairs = match bits {
+            Bits::Four => _mm256_maddubs_epi16(w, x),
+            Bits::Eight => _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)),
+        };
+        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_avx2(w: &PackedMatrix, r: usize, x: &QuantizedRow) -> f32 {
         let groups = w.blocks() / GROUP;
         let quants = w.row_quants(r).as_ptr();
         let xq = x.quants.as_ptr();
         let low = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
         let pairs = [
             _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0),
             _mm256_set_epi32(3, 3, 3, 3, 2, 2, 2, 2),
@@ -295,39 +376,32 @@ mod x86 {
         let mut acc = _mm256_setzero_ps();
         let mut offsets = _mm_setzero_ps();
         for g in 0..groups {
-            let scales = _mm256_castps128_ps256(group_scales(w, r, g, x, 0.0, &mut offsets));
+            let (sa, sb) = group_scales(w, r, g, x, 0.0, &mut offsets);
+            let (sa, sb) = (_mm256_castps128_ps256(sa), _mm256_castps128_ps256(sb));
             // Two blocks at a time: their first halves, then their second halves.
-            for (half, spread) in pairs.iter().enumerate() {
-                let xa = _mm256_loadu_si256(xq.add(GROUP * BLOCK * g + 32 * half).cast());
-                let xb = _mm256_loadu_si256(xq.add(GROUP * BLOCK * g + 64 + 32 * half).cast());
-                let sums = match w.bits {
+            for (pair, spread) in pairs.iter().enumerate() {
+                let xa = _mm256_loadu_si256(xq.add(GROUP * BLOCK * g + 32 * pair).cast());
+                let xb = _mm256_loadu_si256(xq.add(GROUP * BLOCK * g + 64 + 32 * pair).cast());
+                let (a, b) = match w.bits {
                     Bits::Four => {
-                        let packed = _mm256_loadu_si256(quants.add(64 * g + 32 * half).cast());
-                        let a = _mm256_and_si256(packed, low);
-                        let b = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
-                        _mm256_add_epi16(_mm256_maddubs_epi16(a, xa), _mm256_maddubs_epi16(b, xb))
+                        let packed = _mm256_loadu_si256(quants.add(64 * g + 32 * pair).cast());
+                        (
+                            _mm256_and_si256(packed, low),
+                            _mm256_and_si256(_mm256_srli_epi16(packed, 4), low),
+                        )
                     }
-                    Bits::Eight => {
-                        let a = _mm256_loadu_si256(quants.add(128 * g + 32 * half).cast());
-                        let b = _mm256_loadu_si256(quants.add(128 * g + 64 + 32 * half).cast());
-                        let signed = |w, x| {
-                            _mm256_madd_epi16(
-                                _mm256_maddubs_epi16(
-                                    _mm256_sign_epi8(w, w),
-                                    _mm256_sign_epi8(x, w),
-                                ),
-                                ones,
-                            )
-                        };
-                        let products = _mm256_add_epi32(signed(a, xa), signed(b, xb));
-                        let scale = _mm256_permutevar8x32_ps(scales, *spread);
-                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), scale, acc);
-                        continue;
-                    }
+                    Bits::Eight => (
+                        _mm256_loadu_si256(quants.add(128 * g + 32 * pair).cast()),
+                        _mm256_loadu_si256(quants.add(128 * g + 64 + 32 * pair).cast()),
+                    ),
                 };
-                let products = _mm256_madd_epi16(sums, ones);
-                let scale = _mm256_permutevar8x32_ps(scales, *spread);
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), scale, acc);
+                let pa = _mm256_cvtepi32_ps(products_avx2(w.bits, a, xa));
+                let pb = _mm256_cvtepi32_ps(products_avx2(w.bits, b, xb));
+                let (sa, sb) = (
+                    _mm256_permutevar8x32_ps(sa, *spread),
+                    _mm256_permutevar8x32_ps(sb, *spread),
+                );
+                acc = _mm256_fmadd_ps(pa, sa, _mm256_fmadd_ps(pb, sb, acc));
             }
         }
         let quad = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
@@ -337,6 +411,8 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    use half::f16;
+
     use super::*;
     use crate::quant::{dequantize, quantize_q4_0, quantize_q8_0};
 
@@ -388,6 +464,60 @@ mod tests {
                 let reference = packed.dot_blocks(r, &quantized, 0..cols / BLOCK);
                 let direct = crate::quant::dot(dtype, &weight_row(&weight, r), &quantized);
                 assert!((reference - direct).abs() <= 1e-5 * direct.abs().max(1.0));
+                let simd = packed.dot(r, &quantized);
+                assert!(
+                    (simd - reference).abs() <= 1e-5 * reference.abs().max(1.0),
+                    "{dtype} row {r}: {simd} vs {reference}"
+                );
+                #[cfg(target_arch = "x86_64")]
+                if x86::has_avx2() {
+                    // SAFETY: detected just above.
+                    let avx2 = unsafe { x86::dot_avx2(&packed, r, &quantized) };
+                    assert!((avx2 - reference).abs() <= 1e-5 * reference.abs().max(1.0));
+                }
+            }
+        }
+    }
+
+    /// Random K-quant super-blocks with moderate finite f16 scales.
+    fn random_k_blocks(dtype: DType, count: usize, seed: u32) -> Vec<u8> {
+        let (_, block_bytes) = dtype.block();
+        let noise = values(count * block_bytes, seed);
+        let mut bytes: Vec<u8> = noise.iter().map(|v| ((v + 1.0) * 127.9) as u8).collect();
+        for (i, block) in bytes.chunks_exact_mut(block_bytes).enumerate() {
+            let scale = f16::from_f32(0.01 + 0.001 * i as f32).to_le_bytes();
+            let at: &[usize] = if dtype == DType::Q6K { &[208] } else { &[0, 2] };
+            for a in at {
+                block[*a..*a + 2].copy_from_slice(&scale);
+            }
+        }
+        bytes
+    }
+
+    #[test]
+    fn k_quants_repack_exactly_and_multiply_as_widened() {
+        let (rows, cols) = (3, 512);
+        let x = values(cols, 5);
+        let quantized = QuantizedRow::new(&x);
+        for dtype in [DType::Q4K, DType::Q5K, DType::Q6K] {
+            let bytes = random_k_blocks(dtype, rows * cols / 256, 21);
+            let mut expected = vec![0.0; rows * cols];
+            dequantize(dtype, &bytes, &mut expected);
+            let packed =
+                PackedMatrix::from_gguf(&Weight::from_bytes(bytes, dtype, vec![rows, cols]))
+                    .unwrap();
+            let mut row = vec![0.0; cols];
+            for r in 0..rows {
+                packed.row_to_f32(r, &mut row);
+                assert_eq!(row, expected[r * cols..(r + 1) * cols], "{dtype} row {r}");
+                let exact: f32 = row.iter().zip(&x).map(|(w, x)| w * x).sum();
+                let bound: f32 = row
+                    .chunks_exact(BLOCK)
+                    .zip(&quantized.scales)
+                    .map(|(w, s)| s / 2.0 * w.iter().map(|v| v.abs()).sum::<f32>())
+                    .sum();
+                let reference = packed.dot_blocks(r, &quantized, 0..cols / BLOCK);
+                assert!((reference - exact).abs() <= bound * 1.001 + 1e-4, "{dtype}");
                 let simd = packed.dot(r, &quantized);
                 assert!(
                     (simd - reference).abs() <= 1e-5 * reference.abs().max(1.0),
