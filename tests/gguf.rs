@@ -3,7 +3,8 @@
 //! reads back as written, and damaged files are refused with a reason. GGUF models
 //! (`make_gguf_models.py`, converted by llama.cpp's tools): the embedded tokenizer encodes as
 //! transformers' GGUF tokenizer does, and bad model files are refused with a reason. Their
-//! logits are conformance cases of v2345 (specs/v2345-gguf.ron).
+//! logits are conformance cases of v2345 (specs/v2345-gguf.ron), as those of the int8 and q4
+//! quantizers are of v2340 and v2341; here, their configurations are checked.
 
 use vibee_core::gguf::{Gguf, Value};
 use vibee_core::tokenizer::Tokenizer;
@@ -177,4 +178,31 @@ fn quantizing_reproduces_the_gguf_packages_blocks() {
         let values = file.dequantize(file.tensor(&format!("{name}.expected")).unwrap());
         assert_eq!(quantize(&values), stored, "{name}");
     }
+}
+
+#[test]
+fn quantizer_configurations_are_checked() {
+    let configs = |config: &str| {
+        vibee_core::external::PluginConfigs([("q4".to_string(), config.to_string())].into())
+    };
+    let error = |config: &str| {
+        let result = vibee_core::Engine::load(
+            &fixture("llama-gqa"),
+            &vibee_tests::plugins("gqa,rope,rmsnorm,swiglu,q4"),
+            &vibee_core::Registry::builtin(),
+            &vibee_cli::builtin_plugins(),
+            &configs(config),
+        );
+        format!("{:#}", result.err().expect("refused"))
+    };
+    assert!(error("group=48").contains("must be 32, 64 or 128"));
+    assert!(error("groups=64").contains("is `group=N`"));
+    // Two quantizers at once: one slot.
+    let both = format!(
+        "{:#}",
+        load(&fixture("llama-gqa"), "gqa,rope,rmsnorm,swiglu,int8,q4")
+            .err()
+            .unwrap()
+    );
+    assert!(both.contains("int8") && both.contains("q4"), "{both}");
 }

@@ -44,6 +44,9 @@ pub enum Check {
         fixture: String,
         plugins: Vec<String>,
         max_abs_err: f32,
+        /// Plugin configurations, as `--plugin-config NAME=CONFIG` gives them.
+        #[serde(default)]
+        configs: BTreeMap<String, String>,
     },
     /// The last-position logits after the fixture's long prompt (2,048 tokens) match.
     ReferenceLongPrompt {
@@ -62,6 +65,8 @@ pub enum Check {
         fixture: String,
         plugins: Vec<String>,
         max_abs_err: f32,
+        #[serde(default)]
+        configs: BTreeMap<String, String>,
     },
     /// Feeding the prompt one token at a time through the cache gives the logits of one
     /// forward over the whole prompt.
@@ -288,23 +293,27 @@ fn run_check(
     registry: &Registry,
     catalog: &[Box<dyn Plugin>],
 ) -> anyhow::Result<Outcome> {
-    let load = |fixture: &str, plugins: &[String]| {
+    let load_configured = |fixture: &str, plugins: &[String], configs: &BTreeMap<_, _>| {
         Engine::load(
             &root.join(fixture),
             plugins,
             registry,
             catalog,
-            &PluginConfigs::default(),
+            &PluginConfigs(configs.clone()),
         )
     };
+    let load =
+        |fixture: &str, plugins: &[String]| load_configured(fixture, plugins, &BTreeMap::new());
     match check {
         Check::ReferenceLogits {
             fixture,
             plugins,
             max_abs_err,
+            configs,
         } => {
             let reference = Reference::load(&root.join(fixture))?;
-            let logits = full_logits(&load(fixture, plugins)?, &reference.prompt_ids)?;
+            let engine = load_configured(fixture, plugins, configs)?;
+            let logits = full_logits(&engine, &reference.prompt_ids)?;
             let expected: Vec<f32> = reference.logits.concat();
             Ok(compare(&logits.data, &expected, *max_abs_err))
         }
@@ -357,9 +366,11 @@ fn run_check(
             fixture,
             plugins,
             max_abs_err,
+            configs,
         } => {
             let reference = Reference::load(&root.join(fixture))?;
-            let stepped = stepped_logits(&load(fixture, plugins)?, &reference.prompt_ids)?;
+            let engine = load_configured(fixture, plugins, configs)?;
+            let stepped = stepped_logits(&engine, &reference.prompt_ids)?;
             let expected = reference
                 .decode_logits
                 .as_ref()

@@ -12,6 +12,8 @@ pub fn plugins() -> Vec<Box<dyn Plugin>> {
     vec![
         Box::new(kv_cache::contiguous::ContiguousKvCache),
         Box::new(quantization::gguf::Gguf),
+        Box::new(quantization::int8::Int8),
+        Box::new(quantization::q4::Q4),
         Box::new(serving::sampler::Sampler),
     ]
 }

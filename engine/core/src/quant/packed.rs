@@ -92,6 +92,50 @@ impl PackedMatrix {
         Some(packed)
     }
 
+    /// `weight` quantized a row at a time (rows in parallel): `quantize_row(values, blocks)`
+    /// turns one row of f32 values into its blocks. `asymmetric` formats keep a minimum per
+    /// block; 4-bit quants are unsigned (0–15), 8-bit ones signed.
+    pub fn quantize(
+        weight: &Weight,
+        bits: Bits,
+        asymmetric: bool,
+        quantize_row: impl Fn(&[f32], &mut [QuantBlock]) + Sync,
+    ) -> Self {
+        use rayon::prelude::*;
+        let (rows, cols) = (weight.shape[0], weight.shape[1]);
+        let blocks = cols / BLOCK;
+        let mut packed = Self {
+            bits,
+            rows,
+            cols,
+            quants: vec![0; rows * Self::row_bytes(bits, cols)],
+            scales: vec![0.0; rows * blocks],
+            half_scales: false,
+            mins: asymmetric.then(|| vec![0.0; rows * blocks]),
+            offset: 0.0,
+        };
+        // A few hundred rows at a time bound the memory of the intermediate blocks.
+        for first in (0..rows).step_by(256) {
+            let chunk: Vec<Vec<QuantBlock>> = (first..rows.min(first + 256))
+                .into_par_iter()
+                .map(|r| {
+                    let mut values = vec![0.0; cols];
+                    weight.row_to_f32(r, &mut values);
+                    let mut row = vec![QuantBlock::default(); blocks];
+                    quantize_row(&values, &mut row);
+                    row
+                })
+                .collect();
+            for (i, row) in chunk.iter().enumerate() {
+                for (b, block) in row.iter().enumerate() {
+                    let scales = [block.scale; 2];
+                    packed.set_block(first + i, b, &block.quants, scales, block.min);
+                }
+            }
+        }
+        packed
+    }
+
     /// Stores block `b` of row `r`: its quants as the format keeps them (before the offset),
     /// the scales of its two halves (equal unless `half_scales`), and its minimum.
     fn set_block(&mut self, r: usize, b: usize, quants: &[i8; BLOCK], scales: [f32; 2], min: f32) {
@@ -208,6 +252,14 @@ impl PackedMatrix {
         }
         total
     }
+}
+
+/// One quantized block of 32 weights: `weight = scale · quant + min`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct QuantBlock {
+    pub quants: [i8; BLOCK],
+    pub scale: f32,
+    pub min: f32,
 }
 
 /// A linear layer over a packed weight.

@@ -1,0 +1,97 @@
+//! v2341 `q4`: group-wise asymmetric int4 with zero points, as AutoAWQ and GPTQ store it:
+//! each group of `group` weights along a row (32, 64 or 128; `--plugin-config q4=group=64`,
+//! 128 by default) gets `scale = (max − min) / 15` and the integer zero point
+//! `z = clamp(−round(min / scale), 0, 15)`, and each weight `q = clamp(round(w / scale) + z,
+//! 0, 15)`, so `w ≈ scale · (q − z)`. Decode runs the packed 4-bit SIMD kernels.
+
+use anyhow::{bail, Context};
+use vibee_core::config::ModelConfig;
+use vibee_core::external::PluginConfigs;
+use vibee_core::ops::{BuildContext, Factory, Linear, Operator, Quantization};
+use vibee_core::quant::packed::{Bits, PackedLinear, PackedMatrix};
+use vibee_core::weights::Weight;
+use vibee_core::{App, Plugin, PluginSpec};
+
+use super::{full_precision, whole_blocks};
+
+pub struct Q4;
+
+/// The quantizer with its group size.
+struct GroupWise {
+    group: usize,
+}
+
+impl Plugin for Q4 {
+    fn spec(&self) -> PluginSpec {
+        PluginSpec {
+            id: "v2341",
+            name: "q4",
+        }
+    }
+
+    fn build(&self, app: &mut App) -> anyhow::Result<()> {
+        let config = app
+            .world
+            .get_resource::<PluginConfigs>()
+            .and_then(|c| c.0.get("q4").cloned());
+        let group = match config.as_deref() {
+            None => 128,
+            Some(text) => parse_group(text)?,
+        };
+        app.register_operator(Operator::Quantization(std::sync::Arc::new(GroupWise {
+            group,
+        })));
+        Ok(())
+    }
+}
+
+fn parse_group(text: &str) -> anyhow::Result<usize> {
+    let value = text
+        .strip_prefix("group=")
+        .with_context(|| format!("q4's configuration is `group=N`, not `{text}`"))?;
+    match value.parse() {
+        Ok(group @ (32 | 64 | 128)) => Ok(group),
+        _ => bail!("q4's group must be 32, 64 or 128, not `{value}`"),
+    }
+}
+
+impl Factory<dyn Quantization> for GroupWise {
+    fn check(&self, config: &ModelConfig) -> Result<(), String> {
+        full_precision(config, "q4")
+    }
+
+    fn build(
+        &self,
+        _cx: &BuildContext<'_>,
+        _prefix: &str,
+        _dim: usize,
+    ) -> anyhow::Result<Box<dyn Quantization>> {
+        Ok(Box::new(GroupWise { group: self.group }))
+    }
+}
+
+impl Quantization for GroupWise {
+    fn linear(&self, name: &str, weight: Weight) -> anyhow::Result<Box<dyn Linear>> {
+        whole_blocks(name, &weight, self.group)?;
+        let blocks_per_group = self.group / 32;
+        let packed = PackedMatrix::quantize(&weight, Bits::Four, true, |row, blocks| {
+            for (values, blocks) in row
+                .chunks_exact(self.group)
+                .zip(blocks.chunks_exact_mut(blocks_per_group))
+            {
+                let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let min = values.iter().copied().fold(f32::INFINITY, f32::min);
+                let scale = (max - min).max(1e-5) / 15.0;
+                let zero = (-(min / scale).round_ties_even()).clamp(0.0, 15.0);
+                for (block, values) in blocks.iter_mut().zip(values.chunks_exact(32)) {
+                    block.scale = scale;
+                    block.min = -scale * zero;
+                    for (q, v) in block.quants.iter_mut().zip(values) {
+                        *q = ((v / scale).round_ties_even() + zero).clamp(0.0, 15.0) as i8;
+                    }
+                }
+            }
+        });
+        Ok(Box::new(PackedLinear(packed)))
+    }
+}
