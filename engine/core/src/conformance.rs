@@ -39,7 +39,8 @@ pub struct Case {
 
 #[derive(Debug, Deserialize)]
 pub enum Check {
-    /// Logits of every prompt position match the transformers reference.
+    /// Logits of every prompt position match the transformers reference (its `decode_logits`
+    /// where the fixture has them: quantized weights take int8 activations in every path).
     ReferenceLogits {
         fixture: String,
         plugins: Vec<String>,
@@ -314,7 +315,11 @@ fn run_check(
             let reference = Reference::load(&root.join(fixture))?;
             let engine = load_configured(fixture, plugins, configs)?;
             let logits = full_logits(&engine, &reference.prompt_ids)?;
-            let expected: Vec<f32> = reference.logits.concat();
+            let expected = reference
+                .decode_logits
+                .as_ref()
+                .unwrap_or(&reference.logits);
+            let expected: Vec<f32> = expected.concat();
             Ok(compare(&logits.data, &expected, *max_abs_err))
         }
         Check::ReferenceLongPrompt {

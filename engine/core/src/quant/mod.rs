@@ -11,6 +11,7 @@ pub mod packed;
 
 use half::{bf16, f16};
 
+use crate::tensor::Matrix;
 use crate::weights::DType;
 
 /// Elements per block of the 32-element types and of quantized activations.
@@ -88,10 +89,30 @@ impl QuantizedRow {
         self.scales.len()
     }
 
+    /// The rounded activations, `scale · quant`, in element order.
+    pub fn dequantize(&self, out: &mut [f32]) {
+        for (b, (out, scale)) in out.chunks_exact_mut(BLOCK).zip(&self.scales).enumerate() {
+            for (o, q) in out.iter_mut().zip(self.block(b)) {
+                *o = scale * q as f32;
+            }
+        }
+    }
+
     /// Block `b`'s quants in element order.
     fn block(&self, b: usize) -> [i8; BLOCK] {
         std::array::from_fn(|i| self.quants[grouped_index(self.blocks(), b, i)])
     }
+}
+
+/// The rows of `x` quantized, and the values they round to: what a product with quantized
+/// weights sees in every path.
+pub fn quantize_rows(x: &Matrix) -> (Vec<QuantizedRow>, Matrix) {
+    let quantized: Vec<QuantizedRow> = x.rows_iter().map(QuantizedRow::new).collect();
+    let mut rounded = Matrix::zeros(x.rows, x.cols);
+    for (row, q) in rounded.rows_iter_mut().zip(&quantized) {
+        q.dequantize(row);
+    }
+    (quantized, rounded)
 }
 
 /// The element of largest magnitude of a block, with its sign.

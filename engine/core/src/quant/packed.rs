@@ -254,6 +254,10 @@ impl PackedMatrix {
     }
 }
 
+/// Products of up to this many rows run on the integer kernels: widening a whole matrix for
+/// the GEMM costs about as much as 30 rows of integer dot products (TinyLlama shapes, 2 threads).
+pub const INTEGER_MAX_ROWS: usize = 24;
+
 /// One quantized block of 32 weights: `weight = scale · quant + min`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct QuantBlock {
@@ -266,12 +270,16 @@ pub struct QuantBlock {
 pub struct PackedLinear(pub PackedMatrix);
 
 impl Linear for PackedLinear {
+    /// Activations are rounded to int8 per block of 32 for any number of rows, as llama.cpp
+    /// does, so a token's result does not depend on how many rows share its product. Up to
+    /// [`INTEGER_MAX_ROWS`] rows take the integer kernels; more widen blocks of weight rows to
+    /// f32 for the GEMM (with the rounded activations), which the widening then pays for.
     fn forward(&self, x: &Matrix) -> Matrix {
         let w = &self.0;
         assert_eq!(x.cols, w.cols, "linear: input width does not match weight");
         let mut out = Matrix::zeros(x.rows, w.rows);
-        if x.rows <= cpu::GEMV_MAX_ROWS {
-            let quantized: Vec<QuantizedRow> = x.rows_iter().map(QuantizedRow::new).collect();
+        let (quantized, rounded) = super::quantize_rows(x);
+        if x.rows <= INTEGER_MAX_ROWS {
             cpu::gemv_rows(
                 &mut out,
                 || (),
@@ -282,7 +290,7 @@ impl Linear for PackedLinear {
                 },
             );
         } else {
-            cpu::gemm_widened(x, &mut out, |r, row| w.row_to_f32(r, row));
+            cpu::gemm_widened(&rounded, &mut out, |r, row| w.row_to_f32(r, row));
         }
         out
     }
@@ -581,6 +589,29 @@ mod tests {
                     let avx2 = unsafe { x86::dot_avx2(&packed, r, &quantized) };
                     assert!((avx2 - reference).abs() <= 1e-5 * reference.abs().max(1.0));
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn many_rows_give_each_row_its_own_result() {
+        let (rows, cols, n) = (40, 8 * BLOCK, INTEGER_MAX_ROWS + 6);
+        let weight = Weight::from_bytes(
+            quantize_q4_0(&values(rows * cols, 4)),
+            DType::Q4_0,
+            vec![rows, cols],
+        );
+        let linear = PackedLinear(PackedMatrix::from_gguf(&weight).unwrap());
+        let x = Matrix::from_vec(n, cols, values(n * cols, 8));
+        // The GEMM path (widened weights) against the integer path, row by row.
+        let all = linear.forward(&x);
+        for (j, row) in x.rows_iter().enumerate() {
+            let one = linear.forward(&Matrix::from_vec(1, cols, row.to_vec()));
+            for (a, b) in all.row(j).iter().zip(&one.data) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                    "row {j}: {a} vs {b}"
+                );
             }
         }
     }
