@@ -38,6 +38,9 @@ enum Command {
     Specs(SpecsArgs),
     /// Measure prefill and decode speed.
     Bench(BenchArgs),
+    /// How far a model's next-token distributions are from a reference model's (KL
+    /// divergence, relative logit error, top-1 agreement): quantization quality.
+    Divergence(DivergenceArgs),
     /// Run specs' conformance cases and report pass/fail.
     Conformance(ConformanceArgs),
     /// Size an architecture: parameters, FLOPs/token, KV cache, memory, compute-optimal data.
@@ -97,7 +100,7 @@ struct ModelArgs {
     external: ExternalArgs,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct ExternalArgs {
     /// A third-party plugin library, or a directory of them, to load (repeatable); its
     /// plugins can then be named in --plugins.
@@ -192,6 +195,24 @@ struct BenchArgs {
     /// Runs to take the best of.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DivergenceArgs {
+    /// The model measured (e.g. with `--plugins auto,int8`, or a quantized GGUF file).
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The reference checkpoint (e.g. the f32 weights).
+    #[arg(long)]
+    reference: PathBuf,
+    /// The reference's plugins.
+    #[arg(long, default_value = "auto", value_delimiter = ',')]
+    reference_plugins: Vec<String>,
+    /// Tokens fed to both (the same deterministic ids `vibee bench` uses).
+    #[arg(long, default_value_t = 128)]
+    tokens: usize,
     #[arg(long)]
     json: bool,
 }
@@ -305,6 +326,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run(args),
         Command::Specs(args) => specs(args),
         Command::Bench(args) => bench(args),
+        Command::Divergence(args) => divergence(args),
         Command::Conformance(args) => conformance(args),
         Command::Arch(args) => arch(args),
         Command::Score(args) => score(args),
@@ -532,15 +554,62 @@ fn specs(args: SpecsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn divergence(args: DivergenceArgs) -> anyhow::Result<()> {
+    if args.tokens == 0 {
+        bail!("--tokens must be at least 1");
+    }
+    let engine = load(&args.model)?;
+    let reference = load(&ModelArgs {
+        model: Some(args.reference.clone()),
+        plugins: args.reference_plugins.clone(),
+        threads: None,
+        external: ExternalArgs {
+            configs: Vec::new(),
+            ..args.model.external.clone()
+        },
+    })?;
+    let vocab = engine.model.config.vocab_size;
+    if reference.model.config.vocab_size != vocab {
+        bail!(
+            "the reference's vocabulary ({}) differs from the model's ({vocab})",
+            reference.model.config.vocab_size
+        );
+    }
+    let tokens = bench_tokens(args.tokens, vocab);
+    let logits = |engine: &Engine| {
+        let mut kv = engine.model.new_sequence();
+        engine.model.forward(&tokens, kv.as_mut(), true)
+    };
+    let d = vibee_core::divergence::divergence(&logits(&reference)?, &logits(&engine)?);
+    if args.json {
+        println!("{}", serde_json::to_string(&d)?);
+    } else {
+        println!(
+            "{} positions · mean KL {:.3e} nats (max {:.3e}) · relative logit error {:.3e} · top-1 agreement {:.1}%",
+            d.positions,
+            d.mean_kl,
+            d.max_kl,
+            d.relative_error,
+            100.0 * d.top1_agreement
+        );
+    }
+    Ok(())
+}
+
+/// Deterministic token ids spread over the vocabulary.
+fn bench_tokens(count: usize, vocab: usize) -> Vec<u32> {
+    (0..count)
+        .map(|i| ((i * 7919 + 13) % vocab) as u32)
+        .collect()
+}
+
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if args.prompt_tokens == 0 || args.gen_tokens < 2 || args.repeat == 0 {
         bail!("--prompt-tokens must be ≥ 1, --gen-tokens ≥ 2 and --repeat ≥ 1");
     }
     let mut engine = load(&args.model)?;
     let config = engine.model.config.clone();
-    let prompt: Vec<u32> = (0..args.prompt_tokens)
-        .map(|i| ((i * 7919 + 13) % config.vocab_size) as u32)
-        .collect();
+    let prompt = bench_tokens(args.prompt_tokens, config.vocab_size);
     let params = SamplingParams {
         temperature: 0.0,
         max_tokens: args.gen_tokens,

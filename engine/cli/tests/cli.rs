@@ -143,6 +143,36 @@ fn bench_reports_speeds_as_json() {
 }
 
 #[test]
+fn divergence_measures_quantization_against_the_full_precision_model() {
+    let measure = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec![
+            "divergence",
+            "--reference",
+            "tests/fixtures/llama-gqa",
+            "--tokens",
+            "48",
+            "--json",
+        ];
+        all.extend_from_slice(args);
+        serde_json::from_str(&stdout(&vibee(&all))).unwrap()
+    };
+    // The same weights in a GGUF file: the same distributions.
+    let same = measure(&["--model", "tests/fixtures/gguf-llama-f32"]);
+    assert!(same["mean_kl"].as_f64().unwrap() < 1e-9, "{same}");
+    assert_eq!(same["top1_agreement"].as_f64(), Some(1.0));
+    // Eight bits per weight stay closer than four.
+    let int8 = measure(&[
+        "--model",
+        "tests/fixtures/llama-gqa",
+        "--plugins",
+        "auto,int8",
+    ]);
+    let q4 = measure(&["--model", "tests/fixtures/gguf-llama-q4_0"]);
+    let kl = |v: &serde_json::Value| v["mean_kl"].as_f64().unwrap();
+    assert!(0.0 < kl(&int8) && kl(&int8) < kl(&q4), "{int8} {q4}");
+}
+
+#[test]
 fn bad_requests_fail_with_a_message_not_a_panic() {
     for (args, message) in [
         (

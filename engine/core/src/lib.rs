@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod conformance;
 pub mod cpu;
+pub mod divergence;
 pub mod engine;
 pub mod external;
 pub mod gguf;
