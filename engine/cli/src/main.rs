@@ -86,8 +86,8 @@ struct NewPluginArgs {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// Checkpoint directory (config.json + safetensors + tokenizer.json); the built-in tiny
-    /// random-weight model when omitted.
+    /// Checkpoint directory (config.json + safetensors + tokenizer.json) or llama.cpp GGUF
+    /// file; the built-in tiny random-weight model when omitted.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Comma-separated plugins, or `auto` for what the checkpoint needs.

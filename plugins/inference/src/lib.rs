@@ -14,6 +14,7 @@ pub fn plugins() -> Vec<Box<dyn Plugin>> {
         Box::new(quantization::gguf::Gguf),
         Box::new(quantization::int8::Int8),
         Box::new(quantization::q4::Q4),
+        Box::new(quantization::hqq::Hqq),
         Box::new(serving::sampler::Sampler),
     ]
 }

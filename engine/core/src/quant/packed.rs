@@ -92,14 +92,14 @@ impl PackedMatrix {
         Some(packed)
     }
 
-    /// `weight` quantized a row at a time (rows in parallel): `quantize_row(values, blocks)`
-    /// turns one row of f32 values into its blocks. `asymmetric` formats keep a minimum per
+    /// `weight` quantized a row at a time (rows in parallel): `quantize_row(r, values,
+    /// blocks)` turns row `r`'s f32 values into its blocks. `asymmetric` formats keep a minimum per
     /// block; 4-bit quants are unsigned (0–15), 8-bit ones signed.
     pub fn quantize(
         weight: &Weight,
         bits: Bits,
         asymmetric: bool,
-        quantize_row: impl Fn(&[f32], &mut [QuantBlock]) + Sync,
+        quantize_row: impl Fn(usize, &[f32], &mut [QuantBlock]) + Sync,
     ) -> Self {
         use rayon::prelude::*;
         let (rows, cols) = (weight.shape[0], weight.shape[1]);
@@ -122,7 +122,7 @@ impl PackedMatrix {
                     let mut values = vec![0.0; cols];
                     weight.row_to_f32(r, &mut values);
                     let mut row = vec![QuantBlock::default(); blocks];
-                    quantize_row(&values, &mut row);
+                    quantize_row(r, &values, &mut row);
                     row
                 })
                 .collect();

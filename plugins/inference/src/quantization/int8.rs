@@ -32,7 +32,7 @@ impl Factory<dyn Quantization> for Int8 {
 impl Quantization for Int8 {
     fn linear(&self, name: &str, weight: Weight) -> anyhow::Result<Box<dyn Linear>> {
         whole_blocks(name, &weight, 32)?;
-        let packed = PackedMatrix::quantize(&weight, Bits::Eight, false, |row, blocks| {
+        let packed = PackedMatrix::quantize(&weight, Bits::Eight, false, |_, row, blocks| {
             let scale = row.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
             for (block, values) in blocks.iter_mut().zip(row.chunks_exact(32)) {
                 block.scale = scale;

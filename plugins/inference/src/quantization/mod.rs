@@ -1,11 +1,15 @@
 //! Quantization (v2340–v2359): how linear layers store and multiply their weights.
 
 pub mod gguf;
+pub mod hqq;
 pub mod int8;
 pub mod q4;
 
+use anyhow::{bail, Context};
 use vibee_core::config::ModelConfig;
+use vibee_core::external::PluginConfigs;
 use vibee_core::weights::Weight;
+use vibee_core::App;
 
 /// Quantizers that start from full-precision weights refuse checkpoints stored quantized.
 fn full_precision(config: &ModelConfig, plugin: &str) -> Result<(), String> {
@@ -24,4 +28,22 @@ fn whole_blocks(name: &str, weight: &Weight, group: usize) -> anyhow::Result<()>
         anyhow::bail!("`{name}` has {cols} columns, not a multiple of the group size {group}");
     }
     Ok(())
+}
+
+/// The group size `--plugin-config PLUGIN=group=N` gives (32, 64 or 128), else `default`.
+fn configured_group(app: &App, plugin: &str, default: usize) -> anyhow::Result<usize> {
+    let Some(text) = app
+        .world
+        .get_resource::<PluginConfigs>()
+        .and_then(|c| c.0.get(plugin).cloned())
+    else {
+        return Ok(default);
+    };
+    let value = text
+        .strip_prefix("group=")
+        .with_context(|| format!("{plugin}'s configuration is `group=N`, not `{text}`"))?;
+    match value.parse() {
+        Ok(group @ (32 | 64 | 128)) => Ok(group),
+        _ => bail!("{plugin}'s group must be 32, 64 or 128, not `{value}`"),
+    }
 }

@@ -4,15 +4,13 @@
 //! `z = clamp(−round(min / scale), 0, 15)`, and each weight `q = clamp(round(w / scale) + z,
 //! 0, 15)`, so `w ≈ scale · (q − z)`. Decode runs the packed 4-bit SIMD kernels.
 
-use anyhow::{bail, Context};
 use vibee_core::config::ModelConfig;
-use vibee_core::external::PluginConfigs;
 use vibee_core::ops::{BuildContext, Factory, Linear, Operator, Quantization};
 use vibee_core::quant::packed::{Bits, PackedLinear, PackedMatrix};
 use vibee_core::weights::Weight;
 use vibee_core::{App, Plugin, PluginSpec};
 
-use super::{full_precision, whole_blocks};
+use super::{configured_group, full_precision, whole_blocks};
 
 pub struct Q4;
 
@@ -30,28 +28,11 @@ impl Plugin for Q4 {
     }
 
     fn build(&self, app: &mut App) -> anyhow::Result<()> {
-        let config = app
-            .world
-            .get_resource::<PluginConfigs>()
-            .and_then(|c| c.0.get("q4").cloned());
-        let group = match config.as_deref() {
-            None => 128,
-            Some(text) => parse_group(text)?,
-        };
+        let group = configured_group(app, "q4", 128)?;
         app.register_operator(Operator::Quantization(std::sync::Arc::new(GroupWise {
             group,
         })));
         Ok(())
-    }
-}
-
-fn parse_group(text: &str) -> anyhow::Result<usize> {
-    let value = text
-        .strip_prefix("group=")
-        .with_context(|| format!("q4's configuration is `group=N`, not `{text}`"))?;
-    match value.parse() {
-        Ok(group @ (32 | 64 | 128)) => Ok(group),
-        _ => bail!("q4's group must be 32, 64 or 128, not `{value}`"),
     }
 }
 
@@ -74,7 +55,7 @@ impl Quantization for GroupWise {
     fn linear(&self, name: &str, weight: Weight) -> anyhow::Result<Box<dyn Linear>> {
         whole_blocks(name, &weight, self.group)?;
         let blocks_per_group = self.group / 32;
-        let packed = PackedMatrix::quantize(&weight, Bits::Four, true, |row, blocks| {
+        let packed = PackedMatrix::quantize(&weight, Bits::Four, true, |_, row, blocks| {
             for (values, blocks) in row
                 .chunks_exact(self.group)
                 .zip(blocks.chunks_exact_mut(blocks_per_group))
