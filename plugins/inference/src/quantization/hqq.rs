@@ -7,13 +7,12 @@
 //! default. The weights then run on the packed 4-bit kernels as `w = q / s − z / s`.
 
 use rayon::prelude::*;
-use vibee_core::config::ModelConfig;
-use vibee_core::ops::{BuildContext, Factory, Linear, Operator, Quantization};
+use vibee_core::ops::{Linear, Quantization};
 use vibee_core::quant::packed::{Bits, PackedLinear, PackedMatrix};
 use vibee_core::weights::Weight;
 use vibee_core::{App, Plugin, PluginSpec};
 
-use super::{configured_group, full_precision, whole_blocks};
+use super::{configured_group, register, whole_blocks};
 
 /// The p of the ℓp norm the solver minimises, its shrinkage strength and its rounds.
 const LP_NORM: f32 = 0.7;
@@ -22,6 +21,7 @@ const ROUNDS: usize = 20;
 
 pub struct Hqq;
 
+#[derive(Clone)]
 struct HalfQuadratic {
     group: usize,
 }
@@ -36,25 +36,8 @@ impl Plugin for Hqq {
 
     fn build(&self, app: &mut App) -> anyhow::Result<()> {
         let group = configured_group(app, "hqq", 64)?;
-        app.register_operator(Operator::Quantization(std::sync::Arc::new(HalfQuadratic {
-            group,
-        })));
+        register(app, "hqq", HalfQuadratic { group });
         Ok(())
-    }
-}
-
-impl Factory<dyn Quantization> for HalfQuadratic {
-    fn check(&self, config: &ModelConfig) -> Result<(), String> {
-        full_precision(config, "hqq")
-    }
-
-    fn build(
-        &self,
-        _cx: &BuildContext<'_>,
-        _prefix: &str,
-        _dim: usize,
-    ) -> anyhow::Result<Box<dyn Quantization>> {
-        Ok(Box::new(HalfQuadratic { group: self.group }))
     }
 }
 

@@ -3,33 +3,34 @@
 //! model loads; decode multiplies the int8 weights by int8 activations (one scale per 32
 //! activations) with the packed SIMD kernels, prefill widens them for the GEMM.
 
-use vibee_core::config::ModelConfig;
-use vibee_core::ops::{BuildContext, Factory, Linear, Quantization};
+use vibee_core::ops::{Linear, Quantization};
 use vibee_core::quant::packed::{Bits, PackedLinear, PackedMatrix};
 use vibee_core::weights::Weight;
+use vibee_core::{App, Plugin, PluginSpec};
 
-use super::{full_precision, whole_blocks};
+use super::{register, whole_blocks};
 
 pub struct Int8;
 
-vibee_core::operator_plugin!(Int8, "v2340", "int8", Quantization);
+/// The scheme itself.
+#[derive(Clone)]
+struct PerChannel;
 
-impl Factory<dyn Quantization> for Int8 {
-    fn check(&self, config: &ModelConfig) -> Result<(), String> {
-        full_precision(config, "int8")
+impl Plugin for Int8 {
+    fn spec(&self) -> PluginSpec {
+        PluginSpec {
+            id: "v2340",
+            name: "int8",
+        }
     }
 
-    fn build(
-        &self,
-        _cx: &BuildContext<'_>,
-        _prefix: &str,
-        _dim: usize,
-    ) -> anyhow::Result<Box<dyn Quantization>> {
-        Ok(Box::new(Int8))
+    fn build(&self, app: &mut App) -> anyhow::Result<()> {
+        register(app, "int8", PerChannel);
+        Ok(())
     }
 }
 
-impl Quantization for Int8 {
+impl Quantization for PerChannel {
     fn linear(&self, name: &str, weight: Weight) -> anyhow::Result<Box<dyn Linear>> {
         whole_blocks(name, &weight, 32)?;
         let packed = PackedMatrix::quantize(&weight, Bits::Eight, false, |_, row, blocks| {

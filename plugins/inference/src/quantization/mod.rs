@@ -5,11 +5,43 @@ pub mod hqq;
 pub mod int8;
 pub mod q4;
 
+use std::sync::Arc;
+
 use anyhow::{bail, Context};
 use vibee_core::config::ModelConfig;
 use vibee_core::external::PluginConfigs;
+use vibee_core::ops::{BuildContext, Factory, Operator, Quantization};
 use vibee_core::weights::Weight;
 use vibee_core::App;
+
+/// The factory of a quantizer that starts from full-precision weights.
+struct FromFullPrecision<Q> {
+    plugin: &'static str,
+    scheme: Q,
+}
+
+impl<Q: Quantization + Clone + 'static> Factory<dyn Quantization> for FromFullPrecision<Q> {
+    fn check(&self, config: &ModelConfig) -> Result<(), String> {
+        full_precision(config, self.plugin)
+    }
+
+    fn build(
+        &self,
+        _cx: &BuildContext<'_>,
+        _prefix: &str,
+        _dim: usize,
+    ) -> anyhow::Result<Box<dyn Quantization>> {
+        Ok(Box::new(self.scheme.clone()))
+    }
+}
+
+/// Registers `plugin`'s quantization `scheme` as the operator of the quantization slot.
+fn register<Q: Quantization + Clone + 'static>(app: &mut App, plugin: &'static str, scheme: Q) {
+    app.register_operator(Operator::Quantization(Arc::new(FromFullPrecision {
+        plugin,
+        scheme,
+    })));
+}
 
 /// Quantizers that start from full-precision weights refuse checkpoints stored quantized.
 fn full_precision(config: &ModelConfig, plugin: &str) -> Result<(), String> {

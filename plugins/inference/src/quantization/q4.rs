@@ -4,17 +4,17 @@
 //! `z = clamp(−round(min / scale), 0, 15)`, and each weight `q = clamp(round(w / scale) + z,
 //! 0, 15)`, so `w ≈ scale · (q − z)`. Decode runs the packed 4-bit SIMD kernels.
 
-use vibee_core::config::ModelConfig;
-use vibee_core::ops::{BuildContext, Factory, Linear, Operator, Quantization};
+use vibee_core::ops::{Linear, Quantization};
 use vibee_core::quant::packed::{Bits, PackedLinear, PackedMatrix};
 use vibee_core::weights::Weight;
 use vibee_core::{App, Plugin, PluginSpec};
 
-use super::{configured_group, full_precision, whole_blocks};
+use super::{configured_group, register, whole_blocks};
 
 pub struct Q4;
 
 /// The quantizer with its group size.
+#[derive(Clone)]
 struct GroupWise {
     group: usize,
 }
@@ -29,25 +29,8 @@ impl Plugin for Q4 {
 
     fn build(&self, app: &mut App) -> anyhow::Result<()> {
         let group = configured_group(app, "q4", 128)?;
-        app.register_operator(Operator::Quantization(std::sync::Arc::new(GroupWise {
-            group,
-        })));
+        register(app, "q4", GroupWise { group });
         Ok(())
-    }
-}
-
-impl Factory<dyn Quantization> for GroupWise {
-    fn check(&self, config: &ModelConfig) -> Result<(), String> {
-        full_precision(config, "q4")
-    }
-
-    fn build(
-        &self,
-        _cx: &BuildContext<'_>,
-        _prefix: &str,
-        _dim: usize,
-    ) -> anyhow::Result<Box<dyn Quantization>> {
-        Ok(Box::new(GroupWise { group: self.group }))
     }
 }
 
