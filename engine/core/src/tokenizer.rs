@@ -13,6 +13,139 @@ use crate::gguf::{Gguf, Value};
 const GPT2_PRE_TOKENIZER: &str =
     r#"{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}"#;
 /// Llama 3's pre-tokenizer regex (digits in groups of up to three), then the byte mapping.
+/// A GGUF array of strings.
+fn gguf_strings<'a>(file: &'a Gguf, key: &str) -> anyhow::Result<Vec<&'a str>> {
+    match file.metadata.get(key) {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s.as_str()),
+                _ => bail!("{key} holds a non-string"),
+            })
+            .collect(),
+        _ => bail!("the file has no {key}"),
+    }
+}
+
+fn gguf_false(file: &Gguf, key: &str) -> bool {
+    matches!(file.metadata.get(key), Some(Value::Bool(false)))
+}
+
+/// A byte-level BPE (GPT-2, Llama 3): the pre-tokenizer regex the file names, its merges.
+fn byte_level(file: &Gguf, merges: Vec<&str>) -> anyhow::Result<serde_json::Value> {
+    let pre_tokenizer = match file.metadata.get("tokenizer.ggml.pre") {
+        None => GPT2_PRE_TOKENIZER,
+        Some(Value::String(pre)) => match pre.as_str() {
+            "default" | "gpt-2" => GPT2_PRE_TOKENIZER,
+            "llama3" | "llama-bpe" => LLAMA3_PRE_TOKENIZER,
+            other => bail!(
+                "the file's pre-tokenizer `{other}` is not supported yet: put the model's \
+                 tokenizer.json next to the file, or give token ids"
+            ),
+        },
+        Some(other) => bail!("tokenizer.ggml.pre is {other:?}, not a string"),
+    };
+    Ok(serde_json::json!({
+        "normalizer": null,
+        "pre_tokenizer": serde_json::from_str::<serde_json::Value>(pre_tokenizer)
+            .expect("a valid pre-tokenizer"),
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "merges": merges,
+        },
+    }))
+}
+
+/// A SentencePiece BPE vocabulary as llama.cpp runs it: spaces become `▁`, one is prepended
+/// (unless the file says not to), the whole text is merged best score first, and characters
+/// outside the vocabulary fall back to `<0xNN>` byte tokens.
+fn sentencepiece(
+    file: &Gguf,
+    tokens: &[&str],
+    unknown: Option<String>,
+) -> anyhow::Result<serde_json::Value> {
+    let scores: Vec<f64> = match file.metadata.get("tokenizer.ggml.scores") {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| match v {
+                Value::F32(s) => Ok(*s as f64),
+                _ => bail!("tokenizer.ggml.scores holds a non-f32"),
+            })
+            .collect::<anyhow::Result<_>>()?,
+        _ => bail!("the file's SentencePiece vocabulary has no tokenizer.ggml.scores"),
+    };
+    if scores.len() != tokens.len() {
+        bail!(
+            "the file has {} token scores for {} tokens",
+            scores.len(),
+            tokens.len()
+        );
+    }
+    let prefix = !gguf_false(file, "tokenizer.ggml.add_space_prefix");
+    let mut normalizers = vec![
+        serde_json::json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}),
+    ];
+    let mut decoders = vec![
+        serde_json::json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        serde_json::json!({"type": "ByteFallback"}),
+        serde_json::json!({"type": "Fuse"}),
+    ];
+    if prefix {
+        normalizers.insert(
+            0,
+            serde_json::json!({"type": "Prepend", "prepend": "\u{2581}"}),
+        );
+        decoders.push(serde_json::json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    Ok(serde_json::json!({
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": null,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": unknown,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "merges": merges_from_scores(tokens, &scores),
+        },
+    }))
+}
+
+/// BPE merges equivalent to merging the best-scoring pair first: every split of a token into
+/// two tokens is a merge ranked by the whole token's score (ties: longer left, then longer
+/// right part first; then vocabulary order), as transformers recovers them.
+fn merges_from_scores(tokens: &[&str], scores: &[f64]) -> Vec<[String; 2]> {
+    let ids: std::collections::HashMap<&str, usize> =
+        tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+    let mut merges: Vec<(f64, usize, usize, &str, &str)> = Vec::new();
+    for (token, score) in tokens.iter().zip(scores) {
+        let mut local: Vec<(&str, &str)> = token
+            .char_indices()
+            .skip(1)
+            .map(|(at, _)| token.split_at(at))
+            .filter(|(l, r)| ids.contains_key(l) && ids.contains_key(r))
+            .collect();
+        local.sort_by_key(|(l, r)| (ids[l], ids[r]));
+        merges.extend(
+            local
+                .into_iter()
+                .map(|(l, r)| (*score, l.chars().count(), r.chars().count(), l, r)),
+        );
+    }
+    // Stable, descending on (score, left length, right length), as Python's reverse sort.
+    merges.sort_by(|a, b| {
+        (b.0, b.1, b.2)
+            .partial_cmp(&(a.0, a.1, a.2))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    merges
+        .into_iter()
+        .map(|(_, _, _, l, r)| [l.to_string(), r.to_string()])
+        .collect()
+}
+
 const LLAMA3_PRE_TOKENIZER: &str = r#"{"type": "Sequence", "pretokenizers": [
     {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"}, "behavior": "Isolated", "invert": false},
     {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}"#;
@@ -67,43 +200,16 @@ impl Tokenizer {
         Ok(Self { inner, bos, chat })
     }
 
-    /// The tokenizer embedded in a GGUF file (`tokenizer.ggml.*`): llama.cpp's byte-level BPE
-    /// vocabularies as the equivalent `tokenizers` BPE, with the file's chat template.
+    /// The tokenizer embedded in a GGUF file (`tokenizer.ggml.*`) as the equivalent `tokenizers`
+    /// BPE: llama.cpp's byte-level vocabularies (`gpt2`) with their merges, and SentencePiece
+    /// ones (`llama`) with merges recovered from the scores; with the file's chat template.
     pub fn from_gguf(file: &Gguf) -> anyhow::Result<Option<Self>> {
-        let strings = |key: &str| -> anyhow::Result<Vec<&str>> {
-            match file.metadata.get(key) {
-                Some(Value::Array(items)) => items
-                    .iter()
-                    .map(|v| match v {
-                        Value::String(s) => Ok(s.as_str()),
-                        _ => bail!("{key} holds a non-string"),
-                    })
-                    .collect(),
-                _ => bail!("the file has no {key}"),
-            }
-        };
         let model = match file.metadata.get("tokenizer.ggml.model") {
             None => return Ok(None),
             Some(Value::String(model)) => model.as_str(),
             Some(other) => bail!("tokenizer.ggml.model is {other:?}, not a string"),
         };
-        if model != "gpt2" {
-            bail!(
-                "the file's tokenizer (`{model}`) is not supported yet (byte-level BPE, `gpt2`, is):                  put the model's tokenizer.json next to the file, or give token ids"
-            );
-        }
-        let pre_tokenizer = match file.metadata.get("tokenizer.ggml.pre") {
-            None => GPT2_PRE_TOKENIZER,
-            Some(Value::String(pre)) => match pre.as_str() {
-                "default" | "gpt-2" => GPT2_PRE_TOKENIZER,
-                "llama3" | "llama-bpe" => LLAMA3_PRE_TOKENIZER,
-                other => bail!(
-                    "the file's pre-tokenizer `{other}` is not supported yet: put the model's                      tokenizer.json next to the file, or give token ids"
-                ),
-            },
-            Some(other) => bail!("tokenizer.ggml.pre is {other:?}, not a string"),
-        };
-        let tokens = strings("tokenizer.ggml.tokens")?;
+        let tokens = gguf_strings(file, "tokenizer.ggml.tokens")?;
         let types: Vec<i64> = match file.metadata.get("tokenizer.ggml.token_type") {
             Some(Value::Array(items)) => items
                 .iter()
@@ -132,50 +238,43 @@ impl Tokenizer {
             .enumerate()
             .map(|(id, t)| (t.to_string(), id.into()))
             .collect();
-        let json = serde_json::json!({
-            "version": "1.0",
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": serde_json::from_str::<serde_json::Value>(pre_tokenizer)
-                .expect("a valid pre-tokenizer"),
-            "post_processor": null,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {
-                "type": "BPE", "dropout": null, "unk_token": null,
-                "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                "vocab": vocab,
-                "merges": strings("tokenizer.ggml.merges")?,
-            },
-        });
+        let token = |key: &str| {
+            file.number(key)
+                .and_then(|id| tokens.get(id as usize))
+                .map(|t| t.to_string())
+        };
+        let mut json = match model {
+            "gpt2" => byte_level(file, gguf_strings(file, "tokenizer.ggml.merges")?)?,
+            "llama" => sentencepiece(file, &tokens, token("tokenizer.ggml.unknown_token_id"))?,
+            other => bail!(
+                "the file's tokenizer (`{other}`) is not supported yet (byte-level BPE `gpt2` and \
+                 SentencePiece `llama` are): put the model's tokenizer.json next to the file, or \
+                 give token ids"
+            ),
+        };
+        json["version"] = "1.0".into();
+        json["added_tokens"] = added.into();
+        json["post_processor"] = serde_json::Value::Null;
+        json["model"]["vocab"] = vocab.into();
         let inner: tokenizers::Tokenizer = json
             .to_string()
             .parse()
             .map_err(|e| anyhow::anyhow!("the file's tokenizer does not load: {e}"))?;
-        let token = |key: &str| {
-            file.number(key)
-                .and_then(|id| tokens.get(id as usize))
-                .map_or(String::new(), |t| t.to_string())
-        };
         let chat = file
             .metadata
             .get("tokenizer.chat_template")
             .and_then(|v| match v {
                 Value::String(source) => Some(ChatTemplate {
                     source: source.clone(),
-                    bos_token: token("tokenizer.ggml.bos_token_id"),
-                    eos_token: token("tokenizer.ggml.eos_token_id"),
+                    bos_token: token("tokenizer.ggml.bos_token_id").unwrap_or_default(),
+                    eos_token: token("tokenizer.ggml.eos_token_id").unwrap_or_default(),
                 }),
                 _ => None,
             });
         // llama.cpp prepends BOS unless the file says not to.
-        let add_bos = !matches!(
-            file.metadata.get("tokenizer.ggml.add_bos_token"),
-            Some(Value::Bool(false))
-        );
         let bos = file
             .number("tokenizer.ggml.bos_token_id")
-            .filter(|_| add_bos)
+            .filter(|_| !gguf_false(file, "tokenizer.ggml.add_bos_token"))
             .map(|id| id as u32);
         Ok(Some(Self { inner, bos, chat }))
     }
