@@ -25,6 +25,21 @@ fn weight(out: usize, inp: usize, dtype: DType) -> Weight {
         DType::F32 => Weight::from_f32(&values, vec![out, inp]),
         DType::Q8_0 => Weight::from_bytes(quant::quantize_q8_0(&values), dtype, vec![out, inp]),
         DType::Q4_0 => Weight::from_bytes(quant::quantize_q4_0(&values), dtype, vec![out, inp]),
+        DType::Q4K | DType::Q6K => {
+            // Random super-blocks with a small finite f16 scale (every bit pattern is valid).
+            let (per_block, block_bytes) = dtype.block();
+            let mut bytes: Vec<u8> = (0..out * inp / per_block * block_bytes)
+                .map(|i| (i * 7919 % 251) as u8)
+                .collect();
+            let scale = half::f16::from_f32(0.01).to_le_bytes();
+            for block in bytes.chunks_exact_mut(block_bytes) {
+                let at: &[usize] = if dtype == DType::Q6K { &[208] } else { &[0, 2] };
+                for a in at {
+                    block[*a..*a + 2].copy_from_slice(&scale);
+                }
+            }
+            Weight::from_bytes(bytes, dtype, vec![out, inp])
+        }
         _ => {
             let bytes = values
                 .iter()
@@ -156,7 +171,14 @@ fn main() {
         });
         println!("owned sweep: {:.1} GB/s", bytes as f64 / t / 1e9);
     }
-    for dtype in [DType::F32, DType::BF16, DType::Q8_0, DType::Q4_0] {
+    for dtype in [
+        DType::F32,
+        DType::BF16,
+        DType::Q8_0,
+        DType::Q4_0,
+        DType::Q4K,
+        DType::Q6K,
+    ] {
         for (out, inp) in [
             (2048, 2048),
             (5632, 2048),
@@ -182,7 +204,7 @@ fn main() {
             println!(
                 "{dtype:>4} {out:>5}x{inp:<5} gemv {:>7.3} ms ({:>5.1} GB/s)  gemm128 {:>7.2} ms ({:>6.1} GFLOP/s)",
                 gemv * 1e3,
-                w.bytes() as f64 / gemv / 1e9,
+                packed.as_ref().map_or(w.bytes(), |p| p.weight_bytes()) as f64 / gemv / 1e9,
                 gemm * 1e3,
                 2.0 * 128.0 * (out * inp) as f64 / gemm / 1e9
             );

@@ -259,7 +259,7 @@ pub fn dequantize(dtype: DType, data: &[u8], out: &mut [f32]) {
             DType::Q4K | DType::Q5K | DType::Q6K => {
                 let k = KBlock::new(dtype, block);
                 for (e, o) in out.iter_mut().enumerate() {
-                    *o = k.scales[e / k.run] * k.quants[e] as f32 + k.mins[e / k.run];
+                    *o = k.scale(e / k.run) * k.quants[e] as f32 + k.min(e / k.run);
                 }
             }
         }
@@ -267,11 +267,14 @@ pub fn dequantize(dtype: DType, data: &[u8], out: &mut [f32]) {
 }
 
 /// A Q4_K, Q5_K or Q6_K super-block of 256 elements as integers with a scale and a minimum
-/// per run of `run` elements: element `e` is `scales[e / run] · quants[e] + mins[e / run]`.
+/// per run of `run` elements: element `e` is `d · factors[e / run] · quants[e] − dmin ·
+/// min_factors[e / run]`, computed in that order as llama.cpp does.
 pub(crate) struct KBlock {
     pub quants: [i8; 256],
-    pub scales: [f32; 16],
-    pub mins: [f32; 16],
+    pub d: f32,
+    pub dmin: f32,
+    pub factors: [i8; 16],
+    pub min_factors: [i8; 16],
     /// 32 for Q4_K and Q5_K (8 runs), 16 for Q6_K (16 runs).
     pub run: usize,
 }
@@ -280,14 +283,16 @@ impl KBlock {
     pub fn new(dtype: DType, block: &[u8]) -> Self {
         let mut k = Self {
             quants: [0; 256],
-            scales: [0.0; 16],
-            mins: [0.0; 16],
+            d: 0.0,
+            dmin: 0.0,
+            factors: [0; 16],
+            min_factors: [0; 16],
             run: 32,
         };
         match dtype {
             DType::Q6K => {
                 let (ql, qh, scales) = (&block[..128], &block[128..192], &block[192..208]);
-                let d = half(&block[208..]);
+                k.d = half(&block[208..]);
                 k.run = 16;
                 for (e, q) in k.quants.iter_mut().enumerate() {
                     let (h, r, i) = split(e);
@@ -295,12 +300,12 @@ impl KBlock {
                     let high = (qh[h * 32 + i] >> (2 * r)) & 3;
                     *q = (low | high << 4) as i8 - 32;
                 }
-                for (s, sc) in k.scales.iter_mut().zip(scales) {
-                    *s = d * *sc as i8 as f32;
+                for (f, sc) in k.factors.iter_mut().zip(scales) {
+                    *f = *sc as i8;
                 }
             }
             _ => {
-                let (d, dmin) = (half(block), half(&block[2..]));
+                (k.d, k.dmin) = (half(block), half(&block[2..]));
                 let (scale, min) = k_scales(&block[4..16]);
                 let (qh, qs) = match dtype {
                     DType::Q5K => (Some(&block[16..48]), &block[48..176]),
@@ -313,12 +318,22 @@ impl KBlock {
                     *q = (low | fifth << 4) as i8;
                 }
                 for j in 0..8 {
-                    k.scales[j] = d * scale[j] as f32;
-                    k.mins[j] = -(dmin * min[j] as f32);
+                    k.factors[j] = scale[j] as i8;
+                    k.min_factors[j] = min[j] as i8;
                 }
             }
         }
         k
+    }
+
+    /// The scale of run `j`.
+    pub fn scale(&self, j: usize) -> f32 {
+        self.d * self.factors[j] as f32
+    }
+
+    /// The minimum of run `j` (added to every scaled element).
+    pub fn min(&self, j: usize) -> f32 {
+        -(self.dmin * self.min_factors[j] as f32)
     }
 }
 

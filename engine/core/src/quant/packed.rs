@@ -6,6 +6,8 @@
 //! GGUF's Q8_0, Q4_0, Q4_1 and the K-quants Q4_K, Q5_K (as 8-bit values) and Q6_K (8-bit with
 //! half-block scales) repack without changing a single weight.
 
+use half::f16;
+
 use super::{grouped_index, half_index, KBlock, QuantizedRow, BLOCK, GROUP};
 use crate::cpu;
 use crate::ops::Linear;
@@ -16,6 +18,42 @@ use crate::weights::{DType, Weight, WeightData};
 pub enum Bits {
     Eight,
     Four,
+}
+
+/// Per-block (or half-block) scales or minimums, kept as compactly as their source allows and
+/// read back exactly: f16 (GGUF's 32-element types), f32 (vibee's quantizers), or an integer
+/// factor times one f32 per super-block (the K-quants' `d · sc`, computed as llama.cpp does).
+enum Numbers {
+    Half(Vec<f16>),
+    Full(Vec<f32>),
+    Factored {
+        units: Vec<f32>,
+        factors: Vec<i8>,
+        /// Entries per unit: a multiple of [`GROUP`], so a group never straddles two units.
+        per_unit: usize,
+    },
+}
+
+impl Numbers {
+    fn get(&self, i: usize) -> f32 {
+        match self {
+            Numbers::Half(v) => v[i].to_f32(),
+            Numbers::Full(v) => v[i],
+            Numbers::Factored {
+                units,
+                factors,
+                per_unit,
+            } => units[i / per_unit] * factors[i] as f32,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Numbers::Half(v) => 2 * v.len(),
+            Numbers::Full(v) => 4 * v.len(),
+            Numbers::Factored { units, factors, .. } => 4 * units.len() + factors.len(),
+        }
+    }
 }
 
 /// A `[rows, cols]` weight of 32-element blocks: `weight = scale · (q + offset) + min`.
@@ -29,10 +67,10 @@ pub struct PackedMatrix {
     quants: Vec<u8>,
     /// One per block, row-major; or, with `half_scales`, one per half block, each row's in the
     /// order of [`half_index`].
-    scales: Vec<f32>,
+    scales: Numbers,
     half_scales: bool,
     /// One per block, for asymmetric formats.
-    mins: Option<Vec<f32>>,
+    mins: Option<Numbers>,
     /// Added to every quant: −8 for symmetric 4-bit blocks, else 0.
     offset: f32,
 }
@@ -43,51 +81,85 @@ impl PackedMatrix {
         let WeightData::Blocks(data) = weight.data() else {
             return None;
         };
-        let (bits, offset, asymmetric, half_scales) = match weight.dtype {
-            DType::Q8_0 => (Bits::Eight, 0.0, false, false),
-            DType::Q4_0 => (Bits::Four, -8.0, false, false),
-            DType::Q4_1 | DType::Q4K => (Bits::Four, 0.0, true, false),
-            DType::Q5K => (Bits::Eight, 0.0, true, false),
-            DType::Q6K => (Bits::Eight, 0.0, false, true),
+        let (bits, offset) = match weight.dtype {
+            DType::Q8_0 | DType::Q5K | DType::Q6K => (Bits::Eight, 0.0),
+            DType::Q4_0 => (Bits::Four, -8.0),
+            DType::Q4_1 | DType::Q4K => (Bits::Four, 0.0),
             _ => return None,
         };
         let (rows, cols) = (weight.shape[0], weight.shape[1]);
         let blocks = cols / BLOCK;
+        let half_scales = weight.dtype == DType::Q6K;
         let mut packed = Self {
             bits,
             rows,
             cols,
             quants: vec![0; rows * Self::row_bytes(bits, cols)],
-            scales: vec![0.0; rows * blocks * if half_scales { 2 } else { 1 }],
+            scales: Numbers::Full(Vec::new()),
             half_scales,
-            mins: asymmetric.then(|| vec![0.0; rows * blocks]),
+            mins: None,
             offset,
         };
         let (per_block, block_bytes) = weight.dtype.block();
-        let mut values = [0i8; BLOCK];
+        let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]);
+        if per_block == BLOCK {
+            let mut scales = Vec::with_capacity(rows * blocks);
+            let mut mins = Vec::new();
+            let mut values = [0i8; BLOCK];
+            for (i, block) in data.chunks_exact(block_bytes).enumerate() {
+                super::unpack(weight.dtype, block, &mut values);
+                scales.push(half(block));
+                if weight.dtype == DType::Q4_1 {
+                    mins.push(half(&block[2..]));
+                }
+                // Q8_0 as signed values; Q4_0 keeps its unsigned nibbles and the offset.
+                values.iter_mut().for_each(|v| *v -= offset as i8);
+                packed.set_quants(i / blocks, i % blocks, &values);
+            }
+            packed.scales = Numbers::Half(scales);
+            packed.mins = (!mins.is_empty()).then_some(Numbers::Half(mins));
+            return Some(packed);
+        }
+        // K-quants: one unit per 256-element super-block, a factor per run of 32 (or 16).
+        let supers = data.len() / block_bytes;
+        let per_unit = if half_scales { 16 } else { 8 };
+        let (mut d, mut dmin) = (Vec::with_capacity(supers), Vec::with_capacity(supers));
+        let mut factors = vec![0i8; supers * per_unit];
+        let mut min_factors = vec![0i8; supers * 8];
         for (i, block) in data.chunks_exact(block_bytes).enumerate() {
+            let k = KBlock::new(weight.dtype, block);
+            d.push(k.d);
+            // −(dmin · m) = (−dmin) · m exactly.
+            dmin.push(-k.dmin);
             let first = i * per_block / BLOCK;
             let (r, b) = (first / blocks, first % blocks);
-            if per_block == BLOCK {
-                let (d, min) = super::unpack(weight.dtype, block, &mut values);
-                if weight.dtype == DType::Q4_1 {
-                    packed.set_block(r, b, &values, [d, d], min);
-                } else {
-                    // Q8_0 as signed values; Q4_0 keeps its unsigned nibbles and the offset.
-                    values.iter_mut().for_each(|v| *v -= offset as i8);
-                    packed.set_block(r, b, &values, [d, d], 0.0);
-                }
-                continue;
-            }
-            let k = KBlock::new(weight.dtype, block);
             for j in 0..per_block / BLOCK {
-                let quants: [i8; BLOCK] = k.quants[j * BLOCK..(j + 1) * BLOCK].try_into().unwrap();
-                let scales = match k.run {
-                    16 => [k.scales[2 * j], k.scales[2 * j + 1]],
-                    _ => [k.scales[j]; 2],
-                };
-                packed.set_block(r, b + j, &quants, scales, k.mins[j]);
+                let quants: [i8; BLOCK] = k.quants[j * BLOCK..(j + 1) * BLOCK]
+                    .try_into()
+                    .expect("a block");
+                packed.set_quants(r, b + j, &quants);
+                min_factors[i * 8 + j] = k.min_factors[j];
+                if half_scales {
+                    for h in 0..2 {
+                        let at = 2 * r * blocks + half_index(blocks, b + j, h);
+                        factors[at] = k.factors[2 * j + h];
+                    }
+                } else {
+                    factors[i * 8 + j] = k.factors[j];
+                }
             }
+        }
+        packed.scales = Numbers::Factored {
+            units: d,
+            factors,
+            per_unit,
+        };
+        if weight.dtype != DType::Q6K {
+            packed.mins = Some(Numbers::Factored {
+                units: dmin,
+                factors: min_factors,
+                per_unit: 8,
+            });
         }
         Some(packed)
     }
@@ -109,11 +181,12 @@ impl PackedMatrix {
             rows,
             cols,
             quants: vec![0; rows * Self::row_bytes(bits, cols)],
-            scales: vec![0.0; rows * blocks],
+            scales: Numbers::Full(Vec::new()),
             half_scales: false,
-            mins: asymmetric.then(|| vec![0.0; rows * blocks]),
+            mins: None,
             offset: 0.0,
         };
+        let (mut scales, mut mins) = (Vec::with_capacity(rows * blocks), Vec::new());
         // A few hundred rows at a time bound the memory of the intermediate blocks.
         for first in (0..rows).step_by(256) {
             let chunk: Vec<Vec<QuantBlock>> = (first..rows.min(first + 256))
@@ -128,17 +201,21 @@ impl PackedMatrix {
                 .collect();
             for (i, row) in chunk.iter().enumerate() {
                 for (b, block) in row.iter().enumerate() {
-                    let scales = [block.scale; 2];
-                    packed.set_block(first + i, b, &block.quants, scales, block.min);
+                    packed.set_quants(first + i, b, &block.quants);
+                    scales.push(block.scale);
+                    if asymmetric {
+                        mins.push(block.min);
+                    }
                 }
             }
         }
+        packed.scales = Numbers::Full(scales);
+        packed.mins = asymmetric.then_some(Numbers::Full(mins));
         packed
     }
 
-    /// Stores block `b` of row `r`: its quants as the format keeps them (before the offset),
-    /// the scales of its two halves (equal unless `half_scales`), and its minimum.
-    fn set_block(&mut self, r: usize, b: usize, quants: &[i8; BLOCK], scales: [f32; 2], min: f32) {
+    /// Stores block `b` of row `r`'s quants as the format keeps them (before the offset).
+    fn set_quants(&mut self, r: usize, b: usize, quants: &[i8; BLOCK]) {
         let blocks = self.blocks();
         let len = Self::row_bytes(self.bits, self.cols);
         let row = &mut self.quants[r * len..(r + 1) * len];
@@ -154,25 +231,16 @@ impl PackedMatrix {
                 }
             }
         }
-        if self.half_scales {
-            for (h, scale) in scales.iter().enumerate() {
-                self.scales[2 * r * blocks + half_index(blocks, b, h)] = *scale;
-            }
-        } else {
-            self.scales[r * blocks + b] = scales[0];
-        }
-        if let Some(mins) = &mut self.mins {
-            mins[r * blocks + b] = min;
-        }
     }
 
     /// The scale of element `i` of block `b` of row `r`.
     fn scale(&self, r: usize, b: usize, i: usize) -> f32 {
         let blocks = self.blocks();
         if self.half_scales {
-            self.scales[2 * r * blocks + half_index(blocks, b, i / 16)]
+            self.scales
+                .get(2 * r * blocks + half_index(blocks, b, i / 16))
         } else {
-            self.scales[r * blocks + b]
+            self.scales.get(r * blocks + b)
         }
     }
 
@@ -205,7 +273,9 @@ impl PackedMatrix {
     }
 
     fn min(&self, r: usize, b: usize) -> f32 {
-        self.mins.as_ref().map_or(0.0, |m| m[r * self.blocks() + b])
+        self.mins
+            .as_ref()
+            .map_or(0.0, |m| m.get(r * self.blocks() + b))
     }
 
     /// Row `r` widened to f32.
@@ -297,7 +367,7 @@ impl Linear for PackedLinear {
 
     fn weight_bytes(&self) -> usize {
         let w = &self.0;
-        w.quants.len() + 4 * w.scales.len() + w.mins.as_ref().map_or(0, |m| 4 * m.len())
+        w.quants.len() + w.scales.bytes() + w.mins.as_ref().map_or(0, Numbers::bytes)
     }
 }
 
@@ -305,17 +375,20 @@ impl Linear for PackedLinear {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Bits, PackedMatrix, QuantizedRow, BLOCK, GROUP};
+    use super::{Bits, Numbers, PackedMatrix, QuantizedRow, BLOCK, GROUP};
 
     pub fn has_avx512() -> bool {
         std::is_x86_feature_detected!("avx512f")
             && std::is_x86_feature_detected!("avx512bw")
             && std::is_x86_feature_detected!("avx512vnni")
             && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
     }
 
     pub fn has_avx2() -> bool {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
     }
 
     /// The weight scales of group `g` of row `r` times its activation scales, for the first
@@ -335,9 +408,9 @@ mod x86 {
         let dx = _mm_loadu_ps(x.scales.as_ptr().add(g * GROUP));
         let shift = _mm_set1_ps(w.offset + bias);
         let (da, db) = if w.half_scales {
-            let at = w.scales.as_ptr().add(2 * (r * blocks + g * GROUP));
+            let at = 2 * (r * blocks + g * GROUP);
             let sums = x.half_sums.as_ptr().add(2 * g * GROUP);
-            let (da, db) = (_mm_loadu_ps(at), _mm_loadu_ps(at.add(GROUP)));
+            let (da, db) = (load4(&w.scales, at), load4(&w.scales, at + GROUP));
             *offsets = _mm_fmadd_ps(_mm_mul_ps(da, shift), _mm_loadu_ps(sums), *offsets);
             *offsets = _mm_fmadd_ps(
                 _mm_mul_ps(db, shift),
@@ -346,16 +419,35 @@ mod x86 {
             );
             (da, db)
         } else {
-            let d = _mm_loadu_ps(w.scales.as_ptr().add(r * blocks + g * GROUP));
+            let d = load4(&w.scales, r * blocks + g * GROUP);
             let sums = _mm_loadu_ps(x.sums.as_ptr().add(g * GROUP));
             *offsets = _mm_fmadd_ps(_mm_mul_ps(d, shift), sums, *offsets);
             (d, d)
         };
         if let Some(mins) = &w.mins {
-            let mins = _mm_loadu_ps(mins.as_ptr().add(r * blocks + g * GROUP));
+            let mins = load4(mins, r * blocks + g * GROUP);
             *offsets = _mm_fmadd_ps(mins, _mm_loadu_ps(x.sums.as_ptr().add(g * GROUP)), *offsets);
         }
         (_mm_mul_ps(da, dx), _mm_mul_ps(db, dx))
+    }
+
+    /// Entries `i..i + 4` (`i` a multiple of 4) as f32.
+    #[inline(always)]
+    unsafe fn load4(numbers: &Numbers, i: usize) -> __m128 {
+        match numbers {
+            Numbers::Half(v) => _mm_cvtph_ps(_mm_loadl_epi64(v.as_ptr().add(i).cast())),
+            Numbers::Full(v) => _mm_loadu_ps(v.as_ptr().add(i)),
+            Numbers::Factored {
+                units,
+                factors,
+                per_unit,
+            } => {
+                let bytes =
+                    _mm_cvtsi32_si128(factors.as_ptr().add(i).cast::<i32>().read_unaligned());
+                let factors = _mm_cvtepi32_ps(_mm_cvtepi8_epi32(bytes));
+                _mm_mul_ps(_mm_set1_ps(units[i / per_unit]), factors)
+            }
+        }
     }
 
     #[inline(always)]
@@ -366,7 +458,7 @@ mod x86 {
 
     /// `vpdpbusd` multiplies unsigned by signed bytes: 8-bit weights are shifted to unsigned
     /// by flipping their sign bit (+128), which the offsets take back out.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
     pub unsafe fn dot_avx512(w: &PackedMatrix, r: usize, x: &QuantizedRow) -> f32 {
         let groups = w.blocks() / GROUP;
         let quants = w.row_quants(r).as_ptr();
@@ -423,7 +515,7 @@ mod x86 {
         _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_avx2(w: &PackedMatrix, r: usize, x: &QuantizedRow) -> f32 {
         let groups = w.blocks() / GROUP;
         let quants = w.row_quants(r).as_ptr();
