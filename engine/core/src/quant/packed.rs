@@ -20,18 +20,13 @@ pub enum Bits {
     Four,
 }
 
-/// Per-block (or half-block) scales or minimums, kept as compactly as their source allows and
-/// read back exactly: f16 (GGUF's 32-element types), f32 (vibee's quantizers), or an integer
-/// factor times one f32 per super-block (the K-quants' `d · sc`, computed as llama.cpp does).
+/// Per-block (or half-block) scales or minimums: f16 where the source stores them so (GGUF's
+/// 32-element types), else f32 (vibee's quantizers, and the K-quants' `d · sc`, computed once
+/// at load as llama.cpp computes it: decoding super-block factors in the kernel costs more
+/// than the bytes it saves, measured on Q4_K_M).
 enum Numbers {
     Half(Vec<f16>),
     Full(Vec<f32>),
-    Factored {
-        units: Vec<f32>,
-        factors: Vec<i8>,
-        /// Entries per unit: a multiple of [`GROUP`], so a group never straddles two units.
-        per_unit: usize,
-    },
 }
 
 impl Numbers {
@@ -39,11 +34,6 @@ impl Numbers {
         match self {
             Numbers::Half(v) => v[i].to_f32(),
             Numbers::Full(v) => v[i],
-            Numbers::Factored {
-                units,
-                factors,
-                per_unit,
-            } => units[i / per_unit] * factors[i] as f32,
         }
     }
 
@@ -51,7 +41,6 @@ impl Numbers {
         match self {
             Numbers::Half(v) => 2 * v.len(),
             Numbers::Full(v) => 4 * v.len(),
-            Numbers::Factored { units, factors, .. } => 4 * units.len() + factors.len(),
         }
     }
 }
@@ -120,17 +109,11 @@ impl PackedMatrix {
             packed.mins = (!mins.is_empty()).then_some(Numbers::Half(mins));
             return Some(packed);
         }
-        // K-quants: one unit per 256-element super-block, a factor per run of 32 (or 16).
-        let supers = data.len() / block_bytes;
-        let per_unit = if half_scales { 16 } else { 8 };
-        let (mut d, mut dmin) = (Vec::with_capacity(supers), Vec::with_capacity(supers));
-        let mut factors = vec![0i8; supers * per_unit];
-        let mut min_factors = vec![0i8; supers * 8];
+        // K-quants: a scale per run of 32 (or 16 for Q6_K) elements and a minimum per 32.
+        let mut scales = vec![0.0; rows * blocks * if half_scales { 2 } else { 1 }];
+        let mut mins = vec![0.0; rows * blocks];
         for (i, block) in data.chunks_exact(block_bytes).enumerate() {
             let k = KBlock::new(weight.dtype, block);
-            d.push(k.d);
-            // −(dmin · m) = (−dmin) · m exactly.
-            dmin.push(-k.dmin);
             let first = i * per_block / BLOCK;
             let (r, b) = (first / blocks, first % blocks);
             for j in 0..per_block / BLOCK {
@@ -138,28 +121,19 @@ impl PackedMatrix {
                     .try_into()
                     .expect("a block");
                 packed.set_quants(r, b + j, &quants);
-                min_factors[i * 8 + j] = k.min_factors[j];
+                mins[r * blocks + b + j] = k.min(j);
                 if half_scales {
                     for h in 0..2 {
-                        let at = 2 * r * blocks + half_index(blocks, b + j, h);
-                        factors[at] = k.factors[2 * j + h];
+                        scales[2 * r * blocks + half_index(blocks, b + j, h)] = k.scale(2 * j + h);
                     }
                 } else {
-                    factors[i * 8 + j] = k.factors[j];
+                    scales[r * blocks + b + j] = k.scale(j);
                 }
             }
         }
-        packed.scales = Numbers::Factored {
-            units: d,
-            factors,
-            per_unit,
-        };
+        packed.scales = Numbers::Full(scales);
         if weight.dtype != DType::Q6K {
-            packed.mins = Some(Numbers::Factored {
-                units: dmin,
-                factors: min_factors,
-                per_unit: 8,
-            });
+            packed.mins = Some(Numbers::Full(mins));
         }
         Some(packed)
     }
@@ -280,11 +254,12 @@ impl PackedMatrix {
 
     /// Row `r` widened to f32.
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
-        for b in 0..self.blocks() {
+        for (b, out) in out.chunks_exact_mut(BLOCK).enumerate() {
             let min = self.min(r, b);
-            for i in 0..BLOCK {
+            let scales = [self.scale(r, b, 0), self.scale(r, b, 16)];
+            for (i, o) in out.iter_mut().enumerate() {
                 let q = self.quant(r, b, i) as f32 + self.offset;
-                out[b * BLOCK + i] = self.scale(r, b, i) * q + min;
+                *o = scales[i / 16] * q + min;
             }
         }
     }
@@ -437,16 +412,6 @@ mod x86 {
         match numbers {
             Numbers::Half(v) => _mm_cvtph_ps(_mm_loadl_epi64(v.as_ptr().add(i).cast())),
             Numbers::Full(v) => _mm_loadu_ps(v.as_ptr().add(i)),
-            Numbers::Factored {
-                units,
-                factors,
-                per_unit,
-            } => {
-                let bytes =
-                    _mm_cvtsi32_si128(factors.as_ptr().add(i).cast::<i32>().read_unaligned());
-                let factors = _mm_cvtepi32_ps(_mm_cvtepi8_epi32(bytes));
-                _mm_mul_ps(_mm_set1_ps(units[i / per_unit]), factors)
-            }
         }
     }
 
