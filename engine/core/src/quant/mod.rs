@@ -242,21 +242,7 @@ pub fn dequantize(dtype: DType, data: &[u8], out: &mut [f32]) {
                     *o = d * (scale & 0xF) as f32 * q - dmin * (scale >> 4) as f32;
                 }
             }
-            DType::Q3K => {
-                let (hmask, qs, scales) = (&block[..32], &block[32..96], &block[96..108]);
-                let d = half(&block[108..]);
-                for (e, o) in out.iter_mut().enumerate() {
-                    let k = e / 16;
-                    let low = (scales[k % 8] >> (4 * (k / 8))) & 0xF;
-                    let high = (scales[8 + k % 4] >> (2 * (k / 4))) & 3;
-                    let scale = (low | high << 4) as i8 as f32 - 32.0;
-                    let (g, s, i) = split(e);
-                    let low_bits = ((qs[g * 32 + i] >> (2 * s)) & 3) as i8;
-                    let high_bit = ((hmask[i] >> (e / 32)) & 1) as i8;
-                    *o = d * scale * (low_bits - ((high_bit ^ 1) << 2)) as f32;
-                }
-            }
-            DType::Q4K | DType::Q5K | DType::Q6K => {
+            DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => {
                 let k = KBlock::new(dtype, block);
                 for (e, o) in out.iter_mut().enumerate() {
                     *o = k.scale(e / k.run) * k.quants[e] as f32 + k.min(e / k.run);
@@ -266,7 +252,7 @@ pub fn dequantize(dtype: DType, data: &[u8], out: &mut [f32]) {
     }
 }
 
-/// A Q4_K, Q5_K or Q6_K super-block of 256 elements as integers with a scale and a minimum
+/// A Q3_K, Q4_K, Q5_K or Q6_K super-block of 256 elements as integers with a scale and a minimum
 /// per run of `run` elements: element `e` is `d · factors[e / run] · quants[e] − dmin ·
 /// min_factors[e / run]`, computed in that order as llama.cpp does.
 pub(crate) struct KBlock {
@@ -275,7 +261,7 @@ pub(crate) struct KBlock {
     pub dmin: f32,
     pub factors: [i8; 16],
     pub min_factors: [i8; 16],
-    /// 32 for Q4_K and Q5_K (8 runs), 16 for Q6_K (16 runs).
+    /// 32 for Q4_K and Q5_K (8 runs), 16 for Q3_K and Q6_K (16 runs).
     pub run: usize,
 }
 
@@ -290,6 +276,22 @@ impl KBlock {
             run: 32,
         };
         match dtype {
+            DType::Q3K => {
+                let (hmask, qs, scales) = (&block[..32], &block[32..96], &block[96..108]);
+                k.d = half(&block[108..]);
+                k.run = 16;
+                for (j, f) in k.factors.iter_mut().enumerate() {
+                    let low = (scales[j % 8] >> (4 * (j / 8))) & 0xF;
+                    let high = (scales[8 + j % 4] >> (2 * (j / 4))) & 3;
+                    *f = (low | high << 4) as i8 - 32;
+                }
+                for (e, q) in k.quants.iter_mut().enumerate() {
+                    let (g, s, i) = split(e);
+                    let low_bits = ((qs[g * 32 + i] >> (2 * s)) & 3) as i8;
+                    let high_bit = ((hmask[i] >> (e / 32)) & 1) as i8;
+                    *q = low_bits - ((high_bit ^ 1) << 2);
+                }
+            }
             DType::Q6K => {
                 let (ql, qh, scales) = (&block[..128], &block[128..192], &block[192..208]);
                 k.d = half(&block[208..]);

@@ -3,8 +3,9 @@
 //! Q4_0 block (whose nibbles line up with that layout by construction), and the scales (f32,
 //! per block or per half block) and minimums in arrays of their own. A group of four blocks
 //! then takes two 64-byte multiply-accumulates (AVX-512 VNNI) or four 32-byte ones (AVX2).
-//! GGUF's Q8_0, Q4_0, Q4_1 and the K-quants Q4_K, Q5_K (as 8-bit values) and Q6_K (8-bit with
-//! half-block scales) repack without changing a single weight.
+//! GGUF's Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 (as 8-bit values) and the K-quants Q4_K, Q5_K (as
+//! 8-bit values), Q3_K and Q6_K (8-bit with half-block scales) repack without changing a single
+//! weight.
 
 use half::f16;
 
@@ -65,20 +66,23 @@ pub struct PackedMatrix {
 }
 
 impl PackedMatrix {
-    /// A GGUF Q8_0, Q4_0, Q4_1, Q4_K, Q5_K or Q6_K weight, repacked; `None` for other types.
+    /// A GGUF Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K or Q6_K weight, repacked;
+    /// `None` for other types (Q2_K, whose minimums change every 16 elements).
     pub fn from_gguf(weight: &Weight) -> Option<Self> {
         let WeightData::Blocks(data) = weight.data() else {
             return None;
         };
         let (bits, offset) = match weight.dtype {
-            DType::Q8_0 | DType::Q5K | DType::Q6K => (Bits::Eight, 0.0),
+            DType::Q8_0 | DType::Q5_0 | DType::Q5_1 | DType::Q3K | DType::Q5K | DType::Q6K => {
+                (Bits::Eight, 0.0)
+            }
             DType::Q4_0 => (Bits::Four, -8.0),
             DType::Q4_1 | DType::Q4K => (Bits::Four, 0.0),
             _ => return None,
         };
         let (rows, cols) = (weight.shape[0], weight.shape[1]);
         let blocks = cols / BLOCK;
-        let half_scales = weight.dtype == DType::Q6K;
+        let half_scales = matches!(weight.dtype, DType::Q3K | DType::Q6K);
         let mut packed = Self {
             bits,
             rows,
@@ -98,10 +102,11 @@ impl PackedMatrix {
             for (i, block) in data.chunks_exact(block_bytes).enumerate() {
                 super::unpack(weight.dtype, block, &mut values);
                 scales.push(half(block));
-                if weight.dtype == DType::Q4_1 {
+                if matches!(weight.dtype, DType::Q4_1 | DType::Q5_1) {
                     mins.push(half(&block[2..]));
                 }
-                // Q8_0 as signed values; Q4_0 keeps its unsigned nibbles and the offset.
+                // 8-bit storage keeps the signed values (Q5_0's already centred); Q4_0 keeps
+                // its unsigned nibbles and the offset.
                 values.iter_mut().for_each(|v| *v -= offset as i8);
                 packed.set_quants(i / blocks, i % blocks, &values);
             }
@@ -132,7 +137,7 @@ impl PackedMatrix {
             }
         }
         packed.scales = Numbers::Full(scales);
-        if weight.dtype != DType::Q6K {
+        if !half_scales {
             packed.mins = Some(Numbers::Full(mins));
         }
         Some(packed)
@@ -368,20 +373,19 @@ mod x86 {
 
     /// The weight scales of group `g` of row `r` times its activation scales, for the first
     /// and the second halves of its four blocks (the same unless the format has half-block
-    /// scales); `bias` added to every quant is taken back out through the activation sums
-    /// into `offsets`, with the format's own offset and minimums.
+    /// scales); the format's offset and minimums go through the activation sums into
+    /// `offsets`.
     #[inline(always)]
     unsafe fn group_scales(
         w: &PackedMatrix,
         r: usize,
         g: usize,
         x: &QuantizedRow,
-        bias: f32,
         offsets: &mut __m128,
     ) -> (__m128, __m128) {
         let blocks = w.blocks();
         let dx = _mm_loadu_ps(x.scales.as_ptr().add(g * GROUP));
-        let shift = _mm_set1_ps(w.offset + bias);
+        let shift = _mm_set1_ps(w.offset);
         let (da, db) = if w.half_scales {
             let at = 2 * (r * blocks + g * GROUP);
             let sums = x.half_sums.as_ptr().add(2 * g * GROUP);
@@ -421,37 +425,45 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)))
     }
 
-    /// `vpdpbusd` multiplies unsigned by signed bytes: 8-bit weights are shifted to unsigned
-    /// by flipping their sign bit (+128), which the offsets take back out.
+    /// `vpdpbusd` multiplies unsigned by signed bytes: 8-bit weights keep their sign, moved
+    /// onto the activations (`|w| · (x · sign w)`), which loses nothing; shifting them to
+    /// unsigned instead and subtracting 128 · Σx after cancels away the precision of small
+    /// weights (Q3_K's −4…3).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
     pub unsafe fn dot_avx512(w: &PackedMatrix, r: usize, x: &QuantizedRow) -> f32 {
         let groups = w.blocks() / GROUP;
         let quants = w.row_quants(r).as_ptr();
         let xq = x.quants.as_ptr();
-        let bias = if w.bits == Bits::Eight { -128.0 } else { 0.0 };
         // Lane i of the products belongs to block i / 4 of the group.
         let spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
         let spread = |v: __m128| _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(v));
-        let (low, flip) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(-128));
+        let signed = |w: __m512i, x: __m512i| {
+            let negative = _mm512_movepi8_mask(w);
+            (
+                _mm512_abs_epi8(w),
+                _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x),
+            )
+        };
+        let low = _mm512_set1_epi8(0x0F);
         let mut acc = _mm512_setzero_ps();
         let mut offsets = _mm_setzero_ps();
         for g in 0..groups {
-            let (a, b) = match w.bits {
+            let xa = _mm512_loadu_si512(xq.add(GROUP * BLOCK * g).cast());
+            let xb = _mm512_loadu_si512(xq.add(GROUP * BLOCK * g + 64).cast());
+            let ((a, xa), (b, xb)) = match w.bits {
                 Bits::Four => {
                     let packed = _mm512_loadu_si512(quants.add(64 * g).cast());
                     (
-                        _mm512_and_si512(packed, low),
-                        _mm512_and_si512(_mm512_srli_epi16(packed, 4), low),
+                        (_mm512_and_si512(packed, low), xa),
+                        (_mm512_and_si512(_mm512_srli_epi16(packed, 4), low), xb),
                     )
                 }
                 Bits::Eight => (
-                    _mm512_xor_si512(_mm512_loadu_si512(quants.add(128 * g).cast()), flip),
-                    _mm512_xor_si512(_mm512_loadu_si512(quants.add(128 * g + 64).cast()), flip),
+                    signed(_mm512_loadu_si512(quants.add(128 * g).cast()), xa),
+                    signed(_mm512_loadu_si512(quants.add(128 * g + 64).cast()), xb),
                 ),
             };
-            let xa = _mm512_loadu_si512(xq.add(GROUP * BLOCK * g).cast());
-            let xb = _mm512_loadu_si512(xq.add(GROUP * BLOCK * g + 64).cast());
-            let (sa, sb) = group_scales(w, r, g, x, bias, &mut offsets);
+            let (sa, sb) = group_scales(w, r, g, x, &mut offsets);
             let zero = _mm512_setzero_si512();
             if w.half_scales {
                 let pa = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, a, xa));
@@ -493,7 +505,7 @@ mod x86 {
         let mut acc = _mm256_setzero_ps();
         let mut offsets = _mm_setzero_ps();
         for g in 0..groups {
-            let (sa, sb) = group_scales(w, r, g, x, 0.0, &mut offsets);
+            let (sa, sb) = group_scales(w, r, g, x, &mut offsets);
             let (sa, sb) = (_mm256_castps128_ps256(sa), _mm256_castps128_ps256(sb));
             // Two blocks at a time: their first halves, then their second halves.
             for (pair, spread) in pairs.iter().enumerate() {
@@ -569,6 +581,14 @@ mod tests {
             (DType::Q8_0, quantize_q8_0(&w)),
             (DType::Q4_0, quantize_q4_0(&w)),
             (DType::Q4_1, quantize_q4_1(&w)),
+            (
+                DType::Q5_0,
+                random_blocks(DType::Q5_0, rows * cols / BLOCK, 13),
+            ),
+            (
+                DType::Q5_1,
+                random_blocks(DType::Q5_1, rows * cols / BLOCK, 17),
+            ),
         ] {
             let mut expected = vec![0.0; rows * cols];
             dequantize(dtype, &bytes, &mut expected);
@@ -596,14 +616,19 @@ mod tests {
         }
     }
 
-    /// Random K-quant super-blocks with moderate finite f16 scales.
-    fn random_k_blocks(dtype: DType, count: usize, seed: u32) -> Vec<u8> {
+    /// Random blocks with moderate finite f16 scales (and minimums).
+    fn random_blocks(dtype: DType, count: usize, seed: u32) -> Vec<u8> {
         let (_, block_bytes) = dtype.block();
         let noise = values(count * block_bytes, seed);
         let mut bytes: Vec<u8> = noise.iter().map(|v| ((v + 1.0) * 127.9) as u8).collect();
         for (i, block) in bytes.chunks_exact_mut(block_bytes).enumerate() {
             let scale = f16::from_f32(0.01 + 0.001 * i as f32).to_le_bytes();
-            let at: &[usize] = if dtype == DType::Q6K { &[208] } else { &[0, 2] };
+            let at: &[usize] = match dtype {
+                DType::Q6K => &[208],
+                DType::Q3K => &[108],
+                DType::Q5_0 => &[0],
+                _ => &[0, 2],
+            };
             for a in at {
                 block[*a..*a + 2].copy_from_slice(&scale);
             }
@@ -616,8 +641,8 @@ mod tests {
         let (rows, cols) = (3, 512);
         let x = values(cols, 5);
         let quantized = QuantizedRow::new(&x);
-        for dtype in [DType::Q4K, DType::Q5K, DType::Q6K] {
-            let bytes = random_k_blocks(dtype, rows * cols / 256, 21);
+        for dtype in [DType::Q3K, DType::Q4K, DType::Q5K, DType::Q6K] {
+            let bytes = random_blocks(dtype, rows * cols / 256, 21);
             let mut expected = vec![0.0; rows * cols];
             dequantize(dtype, &bytes, &mut expected);
             let packed =
