@@ -9,8 +9,7 @@
 use rayon::prelude::*;
 
 use crate::parallel;
-use crate::quant::packed::INTEGER_MAX_ROWS;
-use crate::quant::{self, QuantizedRow};
+use crate::quant;
 use crate::tensor::Matrix;
 use crate::weights::{Weight, WeightData};
 
@@ -29,24 +28,23 @@ pub fn linear(x: &Matrix, w: &Weight) -> Matrix {
         "linear: input width does not match weight"
     );
     let mut out = Matrix::zeros(x.rows, out_features);
-    if w.dtype.is_quantized() {
-        // As in the packed kernels, every path sees activations rounded to int8 per block.
-        let (quantized, rounded) = quant::quantize_rows(x);
-        if x.rows <= INTEGER_MAX_ROWS {
-            gemv(&rounded, w, &quantized, &mut out);
-        } else {
-            gemm_blocks(&rounded, w, &mut out);
-        }
-    } else if x.rows <= GEMV_MAX_ROWS {
-        gemv(x, w, &[], &mut out);
+    // As in the packed kernels, quantized weights see activations rounded to int8 per block.
+    let rounded;
+    let x = if w.dtype.is_quantized() {
+        rounded = quant::quantize_rows(x).1;
+        &rounded
+    } else {
+        x
+    };
+    if x.rows <= GEMV_MAX_ROWS {
+        gemv(x, w, &mut out);
     } else {
         gemm_blocks(x, w, &mut out);
     }
     out
 }
 
-/// `quantized` holds `x`'s rows quantized for weights with an integer dot product.
-fn gemv(x: &Matrix, w: &Weight, quantized: &[QuantizedRow], out: &mut Matrix) {
+fn gemv(x: &Matrix, w: &Weight, out: &mut Matrix) {
     let k = w.shape[1];
     let data = w.data();
     let row_bytes = w.dtype.bytes_for(k).expect("weight rows are whole blocks");
@@ -59,15 +57,9 @@ fn gemv(x: &Matrix, w: &Weight, quantized: &[QuantizedRow], out: &mut Matrix) {
             WeightData::F16(w) => dot_converted(&w[range], x, dst, buf),
             WeightData::Blocks(blocks) => {
                 let bytes = &blocks[row * row_bytes..(row + 1) * row_bytes];
-                if !quant::has_integer_dot(w.dtype) {
-                    dequantized.resize(k, 0.0);
-                    quant::dequantize(w.dtype, bytes, dequantized);
-                    dot_rows(dequantized, x, dst);
-                } else {
-                    for (d, q) in dst.iter_mut().zip(quantized) {
-                        *d = quant::dot(w.dtype, bytes, q);
-                    }
-                }
+                dequantized.resize(k, 0.0);
+                quant::dequantize(w.dtype, bytes, dequantized);
+                dot_rows(dequantized, x, dst);
             }
         }
     });

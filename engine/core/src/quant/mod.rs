@@ -149,34 +149,6 @@ pub fn quantize_q4_0(values: &[f32]) -> Vec<u8> {
     out
 }
 
-/// Whether rows of `dtype` have an integer dot product with [`QuantizedRow`]; the K-quants
-/// are dequantized a row at a time instead.
-pub fn has_integer_dot(dtype: DType) -> bool {
-    matches!(
-        dtype,
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1
-    )
-}
-
-/// The dot product of one weight row (`row`: its blocks of `dtype`, for which
-/// [`has_integer_dot`] holds) with a quantized activation row of the same length.
-pub fn dot(dtype: DType, row: &[u8], x: &QuantizedRow) -> f32 {
-    debug_assert_eq!(dtype.bytes_for(x.quants.len()), Some(row.len()));
-    let (_, block_bytes) = dtype.block();
-    let mut values = [0i8; BLOCK];
-    let mut total = 0.0f32;
-    for (b, block) in row.chunks_exact(block_bytes).enumerate() {
-        let (d, m) = unpack(dtype, block, &mut values);
-        let products: i32 = values
-            .iter()
-            .zip(x.block(b))
-            .map(|(v, q)| *v as i32 * q as i32)
-            .sum();
-        total += d * x.scales[b] * products as f32 + m * x.sums[b];
-    }
-    total
-}
-
 /// One block of a 32-element type as signed values and `(d, m)`: `weight = d · value + m`.
 fn unpack(dtype: DType, block: &[u8], values: &mut [i8; BLOCK]) -> (f32, f32) {
     let d = half(block);
@@ -362,68 +334,6 @@ fn k_scales(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pseudo_random(n: usize, seed: u32) -> Vec<u32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-                s >> 8
-            })
-            .collect()
-    }
-
-    /// A row of random blocks whose f16 scale and minimum are moderate finite numbers.
-    fn random_row(dtype: DType, blocks: usize, seed: u32) -> Vec<u8> {
-        let (_, block_bytes) = dtype.block();
-        let mut bytes: Vec<u8> = pseudo_random(blocks * block_bytes, seed)
-            .into_iter()
-            .map(|v| v as u8)
-            .collect();
-        let numbers = pseudo_random(2 * blocks, seed + 1);
-        for (b, block) in bytes.chunks_exact_mut(block_bytes).enumerate() {
-            let scale = (numbers[2 * b] % 1000) as f32 / 1000.0 * 0.1;
-            block[..2].copy_from_slice(&f16::from_f32(scale).to_le_bytes());
-            if matches!(dtype, DType::Q4_1 | DType::Q5_1) {
-                let min = (numbers[2 * b + 1] % 1000) as f32 / 1000.0 - 0.5;
-                block[2..4].copy_from_slice(&f16::from_f32(min).to_le_bytes());
-            }
-        }
-        bytes
-    }
-
-    #[test]
-    fn integer_dot_products_equal_the_dequantized_ones_within_activation_rounding() {
-        let blocks = 40;
-        let x: Vec<f32> = pseudo_random(blocks * BLOCK, 7)
-            .into_iter()
-            .map(|v| v as f32 / (1u32 << 24) as f32 * 8.0 - 4.0)
-            .collect();
-        let quantized = QuantizedRow::new(&x);
-        for dtype in [
-            DType::Q8_0,
-            DType::Q4_0,
-            DType::Q4_1,
-            DType::Q5_0,
-            DType::Q5_1,
-        ] {
-            let row = random_row(dtype, blocks, 11);
-            let mut weights = vec![0.0; blocks * BLOCK];
-            dequantize(dtype, &row, &mut weights);
-            let exact: f32 = weights.iter().zip(&x).map(|(w, x)| w * x).sum();
-            // Each activation moves by at most half its block's step.
-            let bound: f32 = weights
-                .chunks_exact(BLOCK)
-                .zip(&quantized.scales)
-                .map(|(w, s)| s / 2.0 * w.iter().map(|v| v.abs()).sum::<f32>())
-                .sum();
-            let got = dot(dtype, &row, &quantized);
-            assert!(
-                (got - exact).abs() <= bound * 1.001 + 1e-4,
-                "{dtype}: {got} vs {exact} (bound {bound})"
-            );
-        }
-    }
 
     #[test]
     fn activations_quantize_to_the_nearest_step_of_their_block() {
