@@ -86,9 +86,9 @@ fn damaged_files_are_refused_with_a_reason() {
     assert!(error(&version).contains("version 9"));
 }
 
-#[test]
-fn the_embedded_tokenizer_encodes_as_transformers_gguf_tokenizer_does() {
-    let dir = fixture("gguf-llama-q4_0");
+/// A GGUF fixture's embedded tokenizer, and its reference's texts with their token ids.
+fn tokenizer_and_cases(name: &str) -> (Tokenizer, Vec<(String, Vec<u32>)>) {
+    let dir = fixture(name);
     let file = Gguf::open(&dir.join("model.gguf")).unwrap();
     let tokenizer = Tokenizer::from_gguf(&file)
         .unwrap()
@@ -96,14 +96,19 @@ fn the_embedded_tokenizer_encodes_as_transformers_gguf_tokenizer_does() {
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();
-    let cases = reference["tokenized"].as_array().unwrap();
+    let cases: Vec<(String, Vec<u32>)> =
+        serde_json::from_value(reference["tokenized"].clone()).unwrap();
     assert!(cases.len() >= 3);
-    for case in cases {
-        let text = case[0].as_str().unwrap();
-        let expected: Vec<u32> = serde_json::from_value(case[1].clone()).unwrap();
+    (tokenizer, cases)
+}
+
+#[test]
+fn the_embedded_tokenizer_encodes_as_transformers_gguf_tokenizer_does() {
+    let (tokenizer, cases) = tokenizer_and_cases("gguf-llama-q4_0");
+    for (text, expected) in &cases {
         // The file says not to add BOS, so a plain prompt is its text's tokens.
-        assert_eq!(tokenizer.encode(text).unwrap(), expected, "{text:?}");
-        assert_eq!(tokenizer.decode(&expected).unwrap(), text);
+        assert_eq!(&tokenizer.encode(text).unwrap(), expected, "{text:?}");
+        assert_eq!(&tokenizer.decode(expected).unwrap(), text);
     }
     let chat = tokenizer
         .apply_chat_template(

@@ -575,7 +575,6 @@ mod tests {
         let (rows, cols) = (5, 11 * BLOCK);
         let w = values(rows * cols, 3);
         let x = values(cols, 9);
-        let quantized = QuantizedRow::new(&x);
         for (dtype, bytes) in [
             (DType::Q8_0, quantize_q8_0(&w)),
             (DType::Q4_0, quantize_q4_0(&w)),
@@ -589,27 +588,36 @@ mod tests {
                 random_blocks(DType::Q5_1, rows * cols / BLOCK, 17),
             ),
         ] {
-            let mut expected = vec![0.0; rows * cols];
-            dequantize(dtype, &bytes, &mut expected);
-            let weight = Weight::from_bytes(bytes, dtype, vec![rows, cols]);
-            let packed = PackedMatrix::from_gguf(&weight).unwrap();
-            let mut row = vec![0.0; cols];
-            for r in 0..rows {
-                packed.row_to_f32(r, &mut row);
-                assert_eq!(row, expected[r * cols..(r + 1) * cols], "{dtype} row {r}");
-                let reference = packed.dot_blocks(r, &quantized, 0..cols / BLOCK);
-                assert_within_rounding(&row, &x, &quantized, reference, dtype);
-                let simd = packed.dot(r, &quantized);
-                assert!(
-                    (simd - reference).abs() <= 1e-5 * reference.abs().max(1.0),
-                    "{dtype} row {r}: {simd} vs {reference}"
-                );
-                #[cfg(target_arch = "x86_64")]
-                if x86::has_avx2() {
-                    // SAFETY: detected just above.
-                    let avx2 = unsafe { x86::dot_avx2(&packed, r, &quantized) };
-                    assert!((avx2 - reference).abs() <= 1e-5 * reference.abs().max(1.0));
-                }
+            check_packed(dtype, bytes, rows, &x);
+        }
+    }
+
+    /// A packed weight widens to exactly GGUF's dequantization of `bytes`, and its dot products
+    /// with `x` agree between the portable, the detected SIMD and the AVX2 paths, within the
+    /// activations' rounding of the exact product.
+    fn check_packed(dtype: DType, bytes: Vec<u8>, rows: usize, x: &[f32]) {
+        let cols = x.len();
+        let quantized = QuantizedRow::new(x);
+        let mut expected = vec![0.0; rows * cols];
+        dequantize(dtype, &bytes, &mut expected);
+        let packed =
+            PackedMatrix::from_gguf(&Weight::from_bytes(bytes, dtype, vec![rows, cols])).unwrap();
+        let mut row = vec![0.0; cols];
+        for r in 0..rows {
+            packed.row_to_f32(r, &mut row);
+            assert_eq!(row, expected[r * cols..(r + 1) * cols], "{dtype} row {r}");
+            let reference = packed.dot_blocks(r, &quantized, 0..cols / BLOCK);
+            assert_within_rounding(&row, x, &quantized, reference, dtype);
+            let simd = packed.dot(r, &quantized);
+            assert!(
+                (simd - reference).abs() <= 1e-5 * reference.abs().max(1.0),
+                "{dtype} row {r}: {simd} vs {reference}"
+            );
+            #[cfg(target_arch = "x86_64")]
+            if x86::has_avx2() {
+                // SAFETY: detected just above.
+                let avx2 = unsafe { x86::dot_avx2(&packed, r, &quantized) };
+                assert!((avx2 - reference).abs() <= 1e-5 * reference.abs().max(1.0));
             }
         }
     }
@@ -638,32 +646,8 @@ mod tests {
     fn k_quants_repack_exactly_and_multiply_as_widened() {
         let (rows, cols) = (3, 512);
         let x = values(cols, 5);
-        let quantized = QuantizedRow::new(&x);
         for dtype in [DType::Q3K, DType::Q4K, DType::Q5K, DType::Q6K] {
-            let bytes = random_blocks(dtype, rows * cols / 256, 21);
-            let mut expected = vec![0.0; rows * cols];
-            dequantize(dtype, &bytes, &mut expected);
-            let packed =
-                PackedMatrix::from_gguf(&Weight::from_bytes(bytes, dtype, vec![rows, cols]))
-                    .unwrap();
-            let mut row = vec![0.0; cols];
-            for r in 0..rows {
-                packed.row_to_f32(r, &mut row);
-                assert_eq!(row, expected[r * cols..(r + 1) * cols], "{dtype} row {r}");
-                let reference = packed.dot_blocks(r, &quantized, 0..cols / BLOCK);
-                assert_within_rounding(&row, &x, &quantized, reference, dtype);
-                let simd = packed.dot(r, &quantized);
-                assert!(
-                    (simd - reference).abs() <= 1e-5 * reference.abs().max(1.0),
-                    "{dtype} row {r}: {simd} vs {reference}"
-                );
-                #[cfg(target_arch = "x86_64")]
-                if x86::has_avx2() {
-                    // SAFETY: detected just above.
-                    let avx2 = unsafe { x86::dot_avx2(&packed, r, &quantized) };
-                    assert!((avx2 - reference).abs() <= 1e-5 * reference.abs().max(1.0));
-                }
-            }
+            check_packed(dtype, random_blocks(dtype, rows * cols / 256, 21), rows, &x);
         }
     }
 
