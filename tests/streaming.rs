@@ -1,5 +1,6 @@
 //! Streamed text: what the pipeline decodes token by token (waiting out characters split
-//! across byte-level tokens), joined, is the tokenizer's decoding of the whole continuation.
+//! across byte-level tokens, and runs of SentencePiece byte-fallback tokens, which decode
+//! together), joined, is the tokenizer's decoding of the whole continuation.
 
 use vibee_core::pipeline::SamplingParams;
 use vibee_core::runner;
@@ -7,7 +8,7 @@ use vibee_tests::{fixture, load};
 
 #[test]
 fn streamed_text_joins_to_the_decoded_continuation() {
-    for name in ["llama-gqa", "gemma", "gpt2", "qwen2"] {
+    for name in ["llama-gqa", "gemma", "gpt2", "qwen2", "gguf-llama-spm"] {
         let dir = fixture(name);
         let mut engine = load(&dir, "auto").unwrap();
         let tokenizer = engine.tokenizer.clone().unwrap();

@@ -66,9 +66,10 @@ fn detokenize(
         ) else {
             continue;
         };
-        // A token can end inside a multi-byte character: wait for the rest of it, unless
-        // nothing more will come.
-        let complete = !after.ends_with('\u{FFFD}') || text.finishing;
+        // A token can end inside a multi-byte character, and a run of byte-fallback tokens
+        // decodes as a whole: wait for the rest, unless nothing more will come.
+        let complete =
+            !(after.ends_with('\u{FFFD}') || tokenizer.0.is_byte(token)) || text.finishing;
         match after.get(before.len()..) {
             Some(delta) if complete && after.len() > before.len() => {
                 text.delta = delta.to_string();

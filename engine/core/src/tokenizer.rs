@@ -154,6 +154,8 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     bos: Option<u32>,
     chat: Option<ChatTemplate>,
+    /// By id: the token is a SentencePiece byte-fallback token (`<0x0A>`).
+    byte_tokens: Vec<bool>,
 }
 
 struct ChatTemplate {
@@ -197,7 +199,35 @@ impl Tokenizer {
                 })
             }
         };
-        Ok(Self { inner, bos, chat })
+        Ok(Self::new(inner, bos, chat))
+    }
+
+    fn new(inner: tokenizers::Tokenizer, bos: Option<u32>, chat: Option<ChatTemplate>) -> Self {
+        let byte_fallback = matches!(
+            inner.get_model(),
+            tokenizers::ModelWrapper::BPE(bpe) if bpe.byte_fallback
+        );
+        let vocab = inner.get_vocab(true);
+        let mut byte_tokens = vec![false; vocab.values().max().map_or(0, |m| *m as usize + 1)];
+        if byte_fallback {
+            for (token, id) in vocab {
+                let hex = token.strip_prefix("<0x").and_then(|t| t.strip_suffix('>'));
+                byte_tokens[id as usize] = hex.is_some_and(|h| h.len() == 2);
+            }
+        }
+        Self {
+            inner,
+            bos,
+            chat,
+            byte_tokens,
+        }
+    }
+
+    /// Whether `id` stands for one raw byte. A run of them decodes together (into characters,
+    /// or replacement characters where the bytes are not UTF-8), so text ending in one may
+    /// still change.
+    pub fn is_byte(&self, id: u32) -> bool {
+        self.byte_tokens.get(id as usize).copied().unwrap_or(false)
     }
 
     /// The tokenizer embedded in a GGUF file (`tokenizer.ggml.*`) as the equivalent `tokenizers`
@@ -276,7 +306,7 @@ impl Tokenizer {
             .number("tokenizer.ggml.bos_token_id")
             .filter(|_| !gguf_false(file, "tokenizer.ggml.add_bos_token"))
             .map(|id| id as u32);
-        Ok(Some(Self { inner, bos, chat }))
+        Ok(Some(Self::new(inner, bos, chat)))
     }
 
     pub fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>> {
