@@ -205,16 +205,7 @@ pub fn dequantize(dtype: DType, data: &[u8], out: &mut [f32]) {
                     *o = d * v as f32 + m;
                 }
             }
-            DType::Q2K => {
-                let (d, dmin) = (half(&block[80..]), half(&block[82..]));
-                let (scales, qs) = (&block[..16], &block[16..80]);
-                for (e, o) in out.iter_mut().enumerate() {
-                    let (scale, (g, s, i)) = (scales[e / 16], split(e));
-                    let q = ((qs[g * 32 + i] >> (2 * s)) & 3) as f32;
-                    *o = d * (scale & 0xF) as f32 * q - dmin * (scale >> 4) as f32;
-                }
-            }
-            DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => {
+            DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => {
                 let k = KBlock::new(dtype, block);
                 for (e, o) in out.iter_mut().enumerate() {
                     *o = k.scale(e / k.run) * k.quants[e] as f32 + k.min(e / k.run);
@@ -224,7 +215,7 @@ pub fn dequantize(dtype: DType, data: &[u8], out: &mut [f32]) {
     }
 }
 
-/// A Q3_K, Q4_K, Q5_K or Q6_K super-block of 256 elements as integers with a scale and a minimum
+/// A K-quant super-block of 256 elements as integers with a scale and a minimum
 /// per run of `run` elements: element `e` is `d · factors[e / run] · quants[e] − dmin ·
 /// min_factors[e / run]`, computed in that order as llama.cpp does.
 pub(crate) struct KBlock {
@@ -233,7 +224,7 @@ pub(crate) struct KBlock {
     pub dmin: f32,
     pub factors: [i8; 16],
     pub min_factors: [i8; 16],
-    /// 32 for Q4_K and Q5_K (8 runs), 16 for Q3_K and Q6_K (16 runs).
+    /// 32 for Q4_K and Q5_K (8 runs), 16 for Q2_K, Q3_K and Q6_K (16 runs).
     pub run: usize,
 }
 
@@ -248,6 +239,18 @@ impl KBlock {
             run: 32,
         };
         match dtype {
+            DType::Q2K => {
+                let (scales, qs) = (&block[..16], &block[16..80]);
+                (k.d, k.dmin) = (half(&block[80..]), half(&block[82..]));
+                k.run = 16;
+                for (j, sc) in scales.iter().enumerate() {
+                    (k.factors[j], k.min_factors[j]) = ((sc & 0xF) as i8, (sc >> 4) as i8);
+                }
+                for (e, q) in k.quants.iter_mut().enumerate() {
+                    let (g, s, i) = split(e);
+                    *q = ((qs[g * 32 + i] >> (2 * s)) & 3) as i8;
+                }
+            }
             DType::Q3K => {
                 let (hmask, qs, scales) = (&block[..32], &block[32..96], &block[96..108]);
                 k.d = half(&block[108..]);

@@ -3,8 +3,8 @@
 //! Q4_0 block (whose nibbles line up with that layout by construction), and the scales (per
 //! block or per half block) and minimums in arrays of their own. A group of four blocks then
 //! takes two 64-byte multiply-accumulates (AVX-512 VNNI) or four 32-byte ones (AVX2).
-//! GGUF's Q4_0, Q4_1 and Q4_K (4-bit), Q8_0, Q5_0, Q5_1 and Q5_K (8-bit), Q3_K and Q6_K (8-bit
-//! with half-block scales) repack without changing a single weight.
+//! GGUF's Q4_0, Q4_1 and Q4_K (4-bit), Q8_0, Q5_0, Q5_1 and Q5_K (8-bit), Q2_K, Q3_K and Q6_K
+//! (8-bit with half-block scales and minimums) repack without changing a single weight.
 
 use half::f16;
 
@@ -54,41 +54,44 @@ pub struct PackedMatrix {
     /// per block 16 bytes holding element `j` in the low and `j + 16` in the high nibble of
     /// byte `j`, blocks in order.
     quants: Vec<u8>,
-    /// One per block, row-major; or, with `half_scales`, one per half block, each row's in the
+    /// One per block, row-major; or, with `halves`, one per half block, each row's in the
     /// order of [`half_index`].
     scales: Numbers,
-    half_scales: bool,
-    /// One per block, for asymmetric formats.
+    halves: bool,
+    /// For asymmetric formats, laid out as `scales`.
     mins: Option<Numbers>,
     /// Added to every quant: −8 for symmetric 4-bit blocks, else 0.
     offset: f32,
 }
 
 impl PackedMatrix {
-    /// A GGUF Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K or Q6_K weight, repacked;
-    /// `None` for other types (Q2_K, whose minimums change every 16 elements).
+    /// A GGUF weight of a block-quantized type, repacked; `None` for float types.
     pub fn from_gguf(weight: &Weight) -> Option<Self> {
         let WeightData::Blocks(data) = weight.data() else {
             return None;
         };
         let (bits, offset) = match weight.dtype {
-            DType::Q8_0 | DType::Q5_0 | DType::Q5_1 | DType::Q3K | DType::Q5K | DType::Q6K => {
-                (Bits::Eight, 0.0)
-            }
+            DType::Q8_0
+            | DType::Q5_0
+            | DType::Q5_1
+            | DType::Q2K
+            | DType::Q3K
+            | DType::Q5K
+            | DType::Q6K => (Bits::Eight, 0.0),
             DType::Q4_0 => (Bits::Four, -8.0),
             DType::Q4_1 | DType::Q4K => (Bits::Four, 0.0),
             _ => return None,
         };
         let (rows, cols) = (weight.shape[0], weight.shape[1]);
         let blocks = cols / BLOCK;
-        let half_scales = matches!(weight.dtype, DType::Q3K | DType::Q6K);
+        let halves = matches!(weight.dtype, DType::Q2K | DType::Q3K | DType::Q6K);
         let mut packed = Self {
             bits,
             rows,
             cols,
             quants: vec![0; rows * Self::row_bytes(bits, cols)],
             scales: Numbers::Full(Vec::new()),
-            half_scales,
+            halves,
             mins: None,
             offset,
         };
@@ -113,9 +116,9 @@ impl PackedMatrix {
             packed.mins = (!mins.is_empty()).then_some(Numbers::Half(mins));
             return Some(packed);
         }
-        // K-quants: a scale per run of 32 (or 16 for Q6_K) elements and a minimum per 32.
-        let mut scales = vec![0.0; rows * blocks * if half_scales { 2 } else { 1 }];
-        let mut mins = vec![0.0; rows * blocks];
+        // K-quants: a scale and a minimum per run of 32 elements (of 16 for Q2_K, Q3_K, Q6_K).
+        let entries = rows * blocks * if halves { 2 } else { 1 };
+        let (mut scales, mut mins) = (vec![0.0; entries], vec![0.0; entries]);
         for (i, block) in data.chunks_exact(block_bytes).enumerate() {
             let k = KBlock::new(weight.dtype, block);
             let first = i * per_block / BLOCK;
@@ -125,18 +128,19 @@ impl PackedMatrix {
                     .try_into()
                     .expect("a block");
                 packed.set_quants(r, b + j, &quants);
-                mins[r * blocks + b + j] = k.min(j);
-                if half_scales {
+                if halves {
                     for h in 0..2 {
-                        scales[2 * r * blocks + half_index(blocks, b + j, h)] = k.scale(2 * j + h);
+                        let at = 2 * r * blocks + half_index(blocks, b + j, h);
+                        (scales[at], mins[at]) = (k.scale(2 * j + h), k.min(2 * j + h));
                     }
                 } else {
-                    scales[r * blocks + b + j] = k.scale(j);
+                    let at = r * blocks + b + j;
+                    (scales[at], mins[at]) = (k.scale(j), k.min(j));
                 }
             }
         }
         packed.scales = Numbers::Full(scales);
-        if !half_scales {
+        if matches!(weight.dtype, DType::Q2K | DType::Q4K | DType::Q5K) {
             packed.mins = Some(Numbers::Full(mins));
         }
         Some(packed)
@@ -160,7 +164,7 @@ impl PackedMatrix {
             cols,
             quants: vec![0; rows * Self::row_bytes(bits, cols)],
             scales: Numbers::Full(Vec::new()),
-            half_scales: false,
+            halves: false,
             mins: None,
             offset: 0.0,
         };
@@ -211,15 +215,24 @@ impl PackedMatrix {
         }
     }
 
-    /// The scale of element `i` of block `b` of row `r`.
-    fn scale(&self, r: usize, b: usize, i: usize) -> f32 {
+    /// Where the scale and minimum of half `h` of block `b` of row `r` are.
+    fn entry(&self, r: usize, b: usize, h: usize) -> usize {
         let blocks = self.blocks();
-        if self.half_scales {
-            self.scales
-                .get(2 * r * blocks + half_index(blocks, b, i / 16))
+        if self.halves {
+            2 * r * blocks + half_index(blocks, b, h)
         } else {
-            self.scales.get(r * blocks + b)
+            r * blocks + b
         }
+    }
+
+    fn scale(&self, r: usize, b: usize, h: usize) -> f32 {
+        self.scales.get(self.entry(r, b, h))
+    }
+
+    fn min(&self, r: usize, b: usize, h: usize) -> f32 {
+        self.mins
+            .as_ref()
+            .map_or(0.0, |m| m.get(self.entry(r, b, h)))
     }
 
     fn row_bytes(bits: Bits, cols: usize) -> usize {
@@ -250,20 +263,14 @@ impl PackedMatrix {
         }
     }
 
-    fn min(&self, r: usize, b: usize) -> f32 {
-        self.mins
-            .as_ref()
-            .map_or(0.0, |m| m.get(r * self.blocks() + b))
-    }
-
     /// Row `r` widened to f32.
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
         for (b, out) in out.chunks_exact_mut(BLOCK).enumerate() {
-            let min = self.min(r, b);
-            let scales = [self.scale(r, b, 0), self.scale(r, b, 16)];
+            let scales = [self.scale(r, b, 0), self.scale(r, b, 1)];
+            let mins = [self.min(r, b, 0), self.min(r, b, 1)];
             for (i, o) in out.iter_mut().enumerate() {
                 let q = self.quant(r, b, i) as f32 + self.offset;
-                *o = scales[i / 16] * q + min;
+                *o = scales[i / 16] * q + mins[i / 16];
             }
         }
     }
@@ -293,11 +300,10 @@ impl PackedMatrix {
             for h in 0..2 {
                 let range = 16 * h..16 * (h + 1);
                 let products: i32 = range.map(|i| self.quant(r, b, i) * quants[i] as i32).sum();
-                let d = self.scale(r, b, 16 * h);
+                let (d, min) = (self.scale(r, b, h), self.min(r, b, h));
                 let half_sum = x.half_sums[half_index(x.blocks(), b, h)];
-                total += d * x.scales[b] * products as f32 + self.offset * d * half_sum;
+                total += d * x.scales[b] * products as f32 + (self.offset * d + min) * half_sum;
             }
-            total += self.min(r, b) * x.sums[b];
         }
         total
     }
@@ -385,7 +391,7 @@ mod x86 {
         let blocks = w.blocks();
         let dx = _mm_loadu_ps(x.scales.as_ptr().add(g * GROUP));
         let shift = _mm_set1_ps(w.offset);
-        let (da, db) = if w.half_scales {
+        let (da, db) = if w.halves {
             let at = 2 * (r * blocks + g * GROUP);
             let sums = x.half_sums.as_ptr().add(2 * g * GROUP);
             let (da, db) = (load4(&w.scales, at), load4(&w.scales, at + GROUP));
@@ -402,9 +408,20 @@ mod x86 {
             *offsets = _mm_fmadd_ps(_mm_mul_ps(d, shift), sums, *offsets);
             (d, d)
         };
-        if let Some(mins) = &w.mins {
-            let mins = load4(mins, r * blocks + g * GROUP);
-            *offsets = _mm_fmadd_ps(mins, _mm_loadu_ps(x.sums.as_ptr().add(g * GROUP)), *offsets);
+        match (&w.mins, w.halves) {
+            (None, _) => {}
+            (Some(mins), false) => {
+                let mins = load4(mins, r * blocks + g * GROUP);
+                let sums = _mm_loadu_ps(x.sums.as_ptr().add(g * GROUP));
+                *offsets = _mm_fmadd_ps(mins, sums, *offsets);
+            }
+            (Some(mins), true) => {
+                let at = 2 * (r * blocks + g * GROUP);
+                let sums = x.half_sums.as_ptr().add(2 * g * GROUP);
+                *offsets = _mm_fmadd_ps(load4(mins, at), _mm_loadu_ps(sums), *offsets);
+                let second = load4(mins, at + GROUP);
+                *offsets = _mm_fmadd_ps(second, _mm_loadu_ps(sums.add(GROUP)), *offsets);
+            }
         }
         (_mm_mul_ps(da, dx), _mm_mul_ps(db, dx))
     }
@@ -464,7 +481,7 @@ mod x86 {
             };
             let (sa, sb) = group_scales(w, r, g, x, &mut offsets);
             let zero = _mm512_setzero_si512();
-            if w.half_scales {
+            if w.halves {
                 let pa = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, a, xa));
                 let pb = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, b, xb));
                 acc = _mm512_fmadd_ps(pa, spread(sa), acc);
@@ -630,6 +647,7 @@ mod tests {
         for (i, block) in bytes.chunks_exact_mut(block_bytes).enumerate() {
             let scale = f16::from_f32(0.01 + 0.001 * i as f32).to_le_bytes();
             let at: &[usize] = match dtype {
+                DType::Q2K => &[80, 82],
                 DType::Q6K => &[208],
                 DType::Q3K => &[108],
                 DType::Q5_0 => &[0],
@@ -646,7 +664,7 @@ mod tests {
     fn k_quants_repack_exactly_and_multiply_as_widened() {
         let (rows, cols) = (3, 512);
         let x = values(cols, 5);
-        for dtype in [DType::Q3K, DType::Q4K, DType::Q5K, DType::Q6K] {
+        for dtype in [DType::Q2K, DType::Q3K, DType::Q4K, DType::Q5K, DType::Q6K] {
             check_packed(dtype, random_blocks(dtype, rows * cols / 256, 21), rows, &x);
         }
     }

@@ -1,7 +1,7 @@
 //! v2345 `gguf`: llama.cpp's block-quantized tensor types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the
 //! K-quants Q2_K–Q6_K) from a GGUF file. Matrix-vector products quantize the activations to
-//! int8 per 32-element block and take integer dot products with the weight blocks (Q2_K is
-//! widened a row at a time); long prompts widen blocks of rows for a GEMM.
+//! int8 per 32-element block and take integer dot products with the weight blocks; long
+//! prompts widen blocks of rows for a GEMM.
 
 use vibee_core::config::ModelConfig;
 use vibee_core::ops::{BuildContext, DenseLinear, Factory, Linear, Quantization};
@@ -34,10 +34,9 @@ impl Factory<dyn Quantization> for Gguf {
 }
 
 impl Quantization for Gguf {
-    /// Every quantized type but Q2_K is repacked, weight for weight, for the SIMD integer
-    /// kernels (a copy: the file's interleaved scales would cost the kernels a load per
-    /// block); Q2_K runs in place from the file, one element at a time, and f32/f16 matrices
-    /// of a mixed file through the float kernels.
+    /// Quantized matrices are repacked, weight for weight, for the SIMD integer kernels (a
+    /// copy: the file's interleaved scales would cost the kernels a load per block); f32/f16
+    /// matrices of a mixed file run in place through the float kernels.
     fn linear(&self, _name: &str, weight: Weight) -> anyhow::Result<Box<dyn Linear>> {
         Ok(match PackedMatrix::from_gguf(&weight) {
             Some(packed) => Box::new(PackedLinear(packed)),
