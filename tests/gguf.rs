@@ -124,22 +124,13 @@ fn the_embedded_tokenizer_encodes_as_transformers_gguf_tokenizer_does() {
 
 #[test]
 fn a_sentencepiece_vocabulary_encodes_as_llama_cpp_does() {
-    let dir = fixture("gguf-llama-spm");
-    let file = Gguf::open(&dir.join("model.gguf")).unwrap();
-    let tokenizer = Tokenizer::from_gguf(&file)
-        .unwrap()
-        .expect("the file has a tokenizer");
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
-    for case in reference["tokenized"].as_array().unwrap() {
-        let text = case[0].as_str().unwrap();
-        let expected: Vec<u32> = serde_json::from_value(case[1].clone()).unwrap();
+    let (tokenizer, cases) = tokenizer_and_cases("gguf-llama-spm");
+    for (text, expected) in &cases {
         // The file does not say otherwise, so llama.cpp prepends BOS (id 1).
         let mut with_bos = vec![1];
-        with_bos.extend(&expected);
+        with_bos.extend(expected);
         assert_eq!(tokenizer.encode(text).unwrap(), with_bos, "{text:?}");
-        assert_eq!(tokenizer.decode(&expected).unwrap(), text);
+        assert_eq!(&tokenizer.decode(expected).unwrap(), text);
     }
 }
 

@@ -223,6 +223,12 @@ impl Reference {
             .with_context(|| format!("cannot read {}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("{} is malformed", path.display()))
     }
+
+    /// The logits vibee must reproduce, every position's in a row: with int8 activations
+    /// into quantized products where the fixture has them (`decode_logits`), else `logits`.
+    fn expected_logits(&self) -> Vec<f32> {
+        self.decode_logits.as_ref().unwrap_or(&self.logits).concat()
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -315,12 +321,11 @@ fn run_check(
             let reference = Reference::load(&root.join(fixture))?;
             let engine = load_configured(fixture, plugins, configs)?;
             let logits = full_logits(&engine, &reference.prompt_ids)?;
-            let expected = reference
-                .decode_logits
-                .as_ref()
-                .unwrap_or(&reference.logits);
-            let expected: Vec<f32> = expected.concat();
-            Ok(compare(&logits.data, &expected, *max_abs_err))
+            Ok(compare(
+                &logits.data,
+                &reference.expected_logits(),
+                *max_abs_err,
+            ))
         }
         Check::ReferenceLongPrompt {
             fixture,
@@ -376,11 +381,11 @@ fn run_check(
             let reference = Reference::load(&root.join(fixture))?;
             let engine = load_configured(fixture, plugins, configs)?;
             let stepped = stepped_logits(&engine, &reference.prompt_ids)?;
-            let expected = reference
-                .decode_logits
-                .as_ref()
-                .unwrap_or(&reference.logits);
-            Ok(compare(&stepped, &expected.concat(), *max_abs_err))
+            Ok(compare(
+                &stepped,
+                &reference.expected_logits(),
+                *max_abs_err,
+            ))
         }
         Check::SameLogits {
             fixture,

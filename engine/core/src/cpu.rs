@@ -31,7 +31,7 @@ pub fn linear(x: &Matrix, w: &Weight) -> Matrix {
     // As in the packed kernels, quantized weights see activations rounded to int8 per block.
     let rounded;
     let x = if w.dtype.is_quantized() {
-        rounded = quant::quantize_rows(x).1;
+        rounded = quant::round_activations(x);
         &rounded
     } else {
         x

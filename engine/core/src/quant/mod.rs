@@ -104,15 +104,14 @@ impl QuantizedRow {
     }
 }
 
-/// The rows of `x` quantized, and the values they round to: what a product with quantized
-/// weights sees in every path.
-pub fn quantize_rows(x: &Matrix) -> (Vec<QuantizedRow>, Matrix) {
-    let quantized: Vec<QuantizedRow> = x.rows_iter().map(QuantizedRow::new).collect();
+/// The values the rows of `x` round to when quantized: what a product with quantized weights
+/// sees where it multiplies in f32.
+pub fn round_activations(x: &Matrix) -> Matrix {
     let mut rounded = Matrix::zeros(x.rows, x.cols);
-    for (row, q) in rounded.rows_iter_mut().zip(&quantized) {
-        q.dequantize(row);
+    for (out, row) in rounded.rows_iter_mut().zip(x.rows_iter()) {
+        QuantizedRow::new(row).dequantize(out);
     }
-    (quantized, rounded)
+    rounded
 }
 
 /// The element of largest magnitude of a block, with its sign.

@@ -85,16 +85,7 @@ impl PackedMatrix {
         let (rows, cols) = (weight.shape[0], weight.shape[1]);
         let blocks = cols / BLOCK;
         let halves = matches!(weight.dtype, DType::Q2K | DType::Q3K | DType::Q6K);
-        let mut packed = Self {
-            bits,
-            rows,
-            cols,
-            quants: vec![0; rows * Self::row_bytes(bits, cols)],
-            scales: Numbers::Full(Vec::new()),
-            halves,
-            mins: None,
-            offset,
-        };
+        let mut packed = Self::empty(bits, rows, cols, halves, offset);
         let (per_block, block_bytes) = weight.dtype.block();
         let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]);
         if per_block == BLOCK {
@@ -158,16 +149,7 @@ impl PackedMatrix {
         use rayon::prelude::*;
         let (rows, cols) = (weight.shape[0], weight.shape[1]);
         let blocks = cols / BLOCK;
-        let mut packed = Self {
-            bits,
-            rows,
-            cols,
-            quants: vec![0; rows * Self::row_bytes(bits, cols)],
-            scales: Numbers::Full(Vec::new()),
-            halves: false,
-            mins: None,
-            offset: 0.0,
-        };
+        let mut packed = Self::empty(bits, rows, cols, false, 0.0);
         let (mut scales, mut mins) = (Vec::with_capacity(rows * blocks), Vec::new());
         // A few hundred rows at a time bound the memory of the intermediate blocks.
         for first in (0..rows).step_by(256) {
@@ -194,6 +176,20 @@ impl PackedMatrix {
         packed.scales = Numbers::Full(scales);
         packed.mins = asymmetric.then_some(Numbers::Full(mins));
         packed
+    }
+
+    /// A matrix with zeroed quants, whose scales and minimums the constructor fills in.
+    fn empty(bits: Bits, rows: usize, cols: usize, halves: bool, offset: f32) -> Self {
+        Self {
+            bits,
+            rows,
+            cols,
+            quants: vec![0; rows * Self::row_bytes(bits, cols)],
+            scales: Numbers::Full(Vec::new()),
+            halves,
+            mins: None,
+            offset,
+        }
     }
 
     /// Stores block `b` of row `r`'s quants as the format keeps them (before the offset).
@@ -333,8 +329,8 @@ impl Linear for PackedLinear {
         let w = &self.0;
         assert_eq!(x.cols, w.cols, "linear: input width does not match weight");
         let mut out = Matrix::zeros(x.rows, w.rows);
-        let (quantized, rounded) = super::quantize_rows(x);
         if x.rows <= INTEGER_MAX_ROWS {
+            let quantized: Vec<QuantizedRow> = x.rows_iter().map(QuantizedRow::new).collect();
             cpu::gemv_rows(
                 &mut out,
                 || (),
@@ -345,6 +341,7 @@ impl Linear for PackedLinear {
                 },
             );
         } else {
+            let rounded = super::round_activations(x);
             cpu::gemm_widened(&rounded, &mut out, |r, row| w.row_to_f32(r, row));
         }
         out
