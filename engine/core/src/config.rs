@@ -606,6 +606,7 @@ impl ModelConfig {
         let num_layers = f.required_usize("num_hidden_layers")?;
         let sliding_layers = sliding_window(&mut f, family, num_layers)?;
         let (rope_theta, rope_scaling, rotary_factor) = rope(&mut f, max_position_embeddings)?;
+        let quantization = quantization_config(&mut f)?;
         let rotary_dim = (head_dim as f64 * rotary_factor) as usize;
         let rotary_fits = rotary_dim > 0 && rotary_dim.is_multiple_of(2) && rotary_dim <= head_dim;
         if position == PositionKind::Rope && !rotary_fits {
@@ -709,7 +710,7 @@ impl ModelConfig {
             moe,
             mla,
             rope_interleaved: family == "deepseek_v2",
-            quantization: None,
+            quantization,
             nope_layers,
             attn_softcap,
             final_softcap,
@@ -1164,6 +1165,116 @@ fn token_ids(value: Option<&Value>) -> Result<Vec<u32>, ConfigError> {
             .collect(),
         Some(v) => v.as_u64().map(|n| vec![n as u32]).ok_or_else(bad),
     }
+}
+
+/// Settings of a GPTQ `quantization_config` that record how the checkpoint was made and do not
+/// change what its tensors mean.
+const GPTQ_PROVENANCE_KEYS: &[&str] = &[
+    "damp_percent",
+    "damp_auto_increment",
+    "static_groups",
+    "true_sequential",
+    "model_name_or_path",
+    "model_file_base_name",
+    "meta",
+    "dataset",
+    "tokenizer",
+    "use_exllama",
+    "exllama_config",
+    "cache_block_outputs",
+    "batch_size",
+    "pad_token_id",
+    "use_cuda_fp16",
+    "max_input_length",
+    "module_name_preceding_first_block",
+    "modules_in_block_to_quantize",
+    "backend",
+    "quantizer",
+    "mse",
+    "v2",
+    "v2_alpha",
+];
+
+/// Reads `quantization_config`: the plugin the stored tensors need (`awq` for AutoAWQ's GEMM
+/// layout, `gptq` for GPTQ's), after refusing every variant whose tensors mean something else.
+/// Group sizes and bit widths are read again from the tensors' shapes by the loaders.
+fn quantization_config<'a>(f: &mut Fields<'a>) -> Result<Option<&'static str>, ConfigError> {
+    let Some(value) = f.get("quantization_config") else {
+        return Ok(None);
+    };
+    let map = value
+        .as_object()
+        .ok_or_else(|| invalid("`quantization_config` must be an object".into()))?;
+    let mut q = Fields::new(map);
+    let method = q
+        .string("quant_method")?
+        .ok_or_else(|| invalid("`quantization_config` needs `quant_method`".into()))?;
+    let bits = q.usize("bits")?.unwrap_or(0);
+    let group = q.get("group_size").and_then(Value::as_i64);
+    if !(group == Some(-1) || group.is_some_and(|g| g > 0 && g % 32 == 0)) {
+        return Err(invalid(format!(
+            "quantization_config.group_size must be a multiple of 32 or -1, got {}",
+            map.get("group_size").unwrap_or(&Value::Null)
+        )));
+    }
+    let plugin = match method.as_str() {
+        "awq" => {
+            if bits != 4 {
+                return Err(invalid(format!("AWQ with {bits} bits is not supported (4)")));
+            }
+            let version = q.string("version")?.unwrap_or_else(|| "gemm".into());
+            if !version.eq_ignore_ascii_case("gemm") {
+                return Err(invalid(format!(
+                    "AWQ version `{version}` is not supported: vibee reads AutoAWQ's GEMM layout"
+                )));
+            }
+            if q.bool("zero_point")? == Some(false) {
+                return Err(invalid("AWQ without zero points is not supported".into()));
+            }
+            q.get("modules_to_not_convert");
+            "awq"
+        }
+        "gptq" => {
+            if !matches!(bits, 4 | 8) {
+                return Err(invalid(format!("GPTQ with {bits} bits is not supported (4 or 8)")));
+            }
+            if let Some(format) = q.string("checkpoint_format")? {
+                if format != "gptq" {
+                    return Err(invalid(format!(
+                        "GPTQ checkpoint_format `{format}` is not supported: vibee reads `gptq` (zero points stored minus one)"
+                    )));
+                }
+            }
+            if q.bool("lm_head")? == Some(true) {
+                return Err(invalid("GPTQ checkpoints with a quantized lm_head are not supported".into()));
+            }
+            if let Some(pack) = q.string("pack_dtype")? {
+                if pack != "int32" {
+                    return Err(invalid(format!("GPTQ pack_dtype `{pack}` is not supported (int32)")));
+                }
+            }
+            // Both are visible in the tensors: zero points and `g_idx`.
+            q.bool("sym")?;
+            q.bool("desc_act")?;
+            "gptq"
+        }
+        other => {
+            return Err(invalid(format!(
+                "quantization method `{other}` is not supported (supported: awq, gptq; GGUF files load directly)"
+            )))
+        }
+    };
+    let provenance = if plugin == "gptq" {
+        GPTQ_PROVENANCE_KEYS
+    } else {
+        &[]
+    };
+    if let Some(key) = q.unread(provenance) {
+        return Err(invalid(format!(
+            "quantization_config.{key} is not understood by vibee; refusing to guess its meaning"
+        )));
+    }
+    Ok(Some(plugin))
 }
 
 /// Reads `rope_theta` + `rope_scaling` (4.x) or `rope_parameters` (5.x).

@@ -67,6 +67,19 @@ impl Slot {
 pub trait Quantization: Send + Sync {
     /// The linear layer over the checkpoint's weight `name`, stored `[out, in]`.
     fn linear(&self, name: &str, weight: Weight) -> anyhow::Result<Box<dyn Linear>>;
+
+    /// The linear layer `name` (its `.weight` name) of shape `[out, in]`, for checkpoints that
+    /// store it in tensors of their own (AutoAWQ's and GPTQ's `qweight`, `qzeros`, `scales`);
+    /// `None` where the checkpoint holds a plain weight under `name`.
+    fn stored_linear(
+        &self,
+        _weights: &Weights,
+        _name: &str,
+        _out: usize,
+        _inp: usize,
+    ) -> anyhow::Result<Option<Box<dyn Linear>>> {
+        Ok(None)
+    }
 }
 
 pub trait Linear: Send + Sync {
@@ -219,6 +232,11 @@ impl BuildContext<'_> {
     }
 
     pub fn linear(&self, name: &str, out: usize, inp: usize) -> anyhow::Result<Box<dyn Linear>> {
+        if let Some(scheme) = self.quantization {
+            if let Some(linear) = scheme.stored_linear(self.weights, name, out, inp)? {
+                return Ok(linear);
+            }
+        }
         let weight = if self.config.layout.transposed {
             self.weight(name, &[inp, out])?.transposed()?
         } else {

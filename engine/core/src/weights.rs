@@ -401,6 +401,43 @@ impl Weights {
         Ok(())
     }
 
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// The stored shape of tensor `name`.
+    pub fn shape(&self, name: &str) -> Result<&[usize], WeightError> {
+        self.entries
+            .get(name)
+            .map(|e| e.shape.as_slice())
+            .ok_or_else(|| WeightError::Missing(name.to_string()))
+    }
+
+    /// The I32 tensor `name` (packed quantized weights of AutoAWQ/GPTQ checkpoints), copied,
+    /// with its shape.
+    pub fn int32(&self, name: &str) -> Result<(Vec<i32>, Vec<usize>), WeightError> {
+        let entry = self
+            .entries
+            .get(name)
+            .ok_or_else(|| WeightError::Missing(name.to_string()))?;
+        let found = match &entry.dtype {
+            Ok(dtype) => dtype.to_string(),
+            Err(dtype) => dtype.clone(),
+        };
+        if found != "I32" {
+            return Err(WeightError::Dtype {
+                name: name.to_string(),
+                dtype: format!("{found} (packed quantized weights are I32)"),
+            });
+        }
+        let bytes = &self.files[entry.file].1[entry.start..entry.start + entry.len];
+        let values = bytes
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        Ok((values, entry.shape.clone()))
+    }
+
     /// The tensor `name`, checked against the shape the config implies.
     pub fn get(&self, name: &str, expected: &[usize]) -> Result<Weight, WeightError> {
         let entry = self

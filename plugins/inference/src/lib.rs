@@ -15,6 +15,8 @@ pub fn plugins() -> Vec<Box<dyn Plugin>> {
         Box::new(quantization::int8::Int8),
         Box::new(quantization::q4::Q4),
         Box::new(quantization::hqq::Hqq),
+        Box::new(quantization::awq::Awq),
+        Box::new(quantization::gptq::Gptq),
         Box::new(serving::sampler::Sampler),
     ]
 }

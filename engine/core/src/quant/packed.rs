@@ -146,8 +146,24 @@ impl PackedMatrix {
         asymmetric: bool,
         quantize_row: impl Fn(usize, &[f32], &mut [QuantBlock]) + Sync,
     ) -> Self {
-        use rayon::prelude::*;
         let (rows, cols) = (weight.shape[0], weight.shape[1]);
+        Self::from_blocks(bits, rows, cols, asymmetric, |r, blocks| {
+            let mut values = vec![0.0; cols];
+            weight.row_to_f32(r, &mut values);
+            quantize_row(r, &values, blocks);
+        })
+    }
+
+    /// A `[rows, cols]` matrix whose row `r` `row_blocks(r, blocks)` writes (rows in
+    /// parallel), block by block; quants as for [`PackedMatrix::quantize`].
+    pub fn from_blocks(
+        bits: Bits,
+        rows: usize,
+        cols: usize,
+        asymmetric: bool,
+        row_blocks: impl Fn(usize, &mut [QuantBlock]) + Sync,
+    ) -> Self {
+        use rayon::prelude::*;
         let blocks = cols / BLOCK;
         let mut packed = Self::empty(bits, rows, cols, false, 0.0);
         let (mut scales, mut mins) = (Vec::with_capacity(rows * blocks), Vec::new());
@@ -156,10 +172,8 @@ impl PackedMatrix {
             let chunk: Vec<Vec<QuantBlock>> = (first..rows.min(first + 256))
                 .into_par_iter()
                 .map(|r| {
-                    let mut values = vec![0.0; cols];
-                    weight.row_to_f32(r, &mut values);
                     let mut row = vec![QuantBlock::default(); blocks];
-                    quantize_row(r, &values, &mut row);
+                    row_blocks(r, &mut row);
                     row
                 })
                 .collect();

@@ -1,8 +1,11 @@
 //! Quantization (v2340–v2359): how linear layers store and multiply their weights.
 
+pub mod awq;
 pub mod gguf;
+pub mod gptq;
 pub mod hqq;
 pub mod int8;
+pub mod integer;
 pub mod q4;
 
 use std::sync::Arc;
@@ -49,6 +52,17 @@ fn full_precision(config: &ModelConfig, plugin: &str) -> Result<(), String> {
         None => Ok(()),
         Some(stored) => Err(format!(
             "the checkpoint is stored quantized (needs `{stored}`); {plugin} quantizes full-precision weights"
+        )),
+    }
+}
+
+/// Loaders of checkpoints stored quantized fit only checkpoints whose config names `method`.
+fn stored_checkpoint(config: &ModelConfig, method: &str) -> Result<(), String> {
+    match config.quantization {
+        Some(stored) if stored == method => Ok(()),
+        Some(stored) => Err(format!("the checkpoint is stored for `{stored}`, not `{method}`")),
+        None => Err(format!(
+            "the checkpoint is not quantized with {method} (no quantization_config with quant_method `{method}`; make one with `vibee quantize --method {method}`)"
         )),
     }
 }

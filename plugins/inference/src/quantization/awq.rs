@@ -1,0 +1,150 @@
+//! v2342 `awq`: activation-aware weight quantization (Lin et al., 2023) in AutoAWQ's GEMM
+//! checkpoint layout. Loading: `qweight` `[in, out/8]` int32 packs eight output columns per
+//! word, column `ORDER[k]` of the eight in nibble `k`; `qzeros` `[in/g, out/8]` packs the zero
+//! points the same way; `scales` `[in/g, out]` f16; `weight = scale · (q − zero)`. The
+//! activation-aware scales are already folded into the preceding norms and projections.
+
+use anyhow::{bail, ensure, Context};
+use vibee_core::config::ModelConfig;
+use vibee_core::ops::{BuildContext, DenseLinear, Factory, Linear, Quantization};
+use vibee_core::weights::{Weight, Weights};
+
+use super::integer::{IntegerWeights, StoredTensor};
+use super::stored_checkpoint;
+
+pub struct Awq;
+
+vibee_core::operator_plugin!(Awq, "v2342", "awq", Quantization);
+
+/// The output column held by nibble `k` of a packed word.
+const ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
+
+impl Factory<dyn Quantization> for Awq {
+    fn check(&self, config: &ModelConfig) -> Result<(), String> {
+        stored_checkpoint(config, "awq")
+    }
+
+    fn build(
+        &self,
+        _cx: &BuildContext<'_>,
+        _prefix: &str,
+        _dim: usize,
+    ) -> anyhow::Result<Box<dyn Quantization>> {
+        Ok(Box::new(Awq))
+    }
+}
+
+impl Quantization for Awq {
+    /// Modules AutoAWQ leaves unquantized (`lm_head`, `modules_to_not_convert`) stay float.
+    fn linear(&self, _name: &str, weight: Weight) -> anyhow::Result<Box<dyn Linear>> {
+        Ok(Box::new(DenseLinear(weight)))
+    }
+
+    fn stored_linear(
+        &self,
+        weights: &Weights,
+        name: &str,
+        out: usize,
+        inp: usize,
+    ) -> anyhow::Result<Option<Box<dyn Linear>>> {
+        let prefix = name.strip_suffix(".weight").unwrap_or(name);
+        if !weights.contains(&format!("{prefix}.qweight")) {
+            return Ok(None);
+        }
+        let layer = read(weights, prefix, out, inp)
+            .with_context(|| format!("cannot read the AWQ layer `{prefix}`"))?;
+        layer.into_linear(prefix).map(Some)
+    }
+}
+
+/// Unpacks rows of words holding eight columns each, in AWQ's nibble order.
+fn unpack(words: &[i32]) -> Vec<u8> {
+    let mut values = vec![0u8; words.len() * 8];
+    for (w, word) in words.iter().enumerate() {
+        for (k, column) in ORDER.iter().enumerate() {
+            values[w * 8 + column] = ((*word as u32 >> (4 * k)) & 0xF) as u8;
+        }
+    }
+    values
+}
+
+/// Packs rows of values eight columns to a word, in AWQ's nibble order.
+fn pack(values: impl Iterator<Item = u8>) -> Vec<u32> {
+    let values: Vec<u8> = values.collect();
+    values
+        .chunks_exact(8)
+        .map(|eight| {
+            ORDER.iter().enumerate().fold(0u32, |word, (k, column)| {
+                word | (eight[*column] as u32) << (4 * k)
+            })
+        })
+        .collect()
+}
+
+/// The layer `prefix` (`[out, in]`) from its AutoAWQ tensors.
+pub fn read(
+    weights: &Weights,
+    prefix: &str,
+    out: usize,
+    inp: usize,
+) -> anyhow::Result<IntegerWeights> {
+    let (qweight, shape) = weights.int32(&format!("{prefix}.qweight"))?;
+    ensure!(
+        shape == [inp, out / 8] && out.is_multiple_of(8),
+        "qweight has shape {shape:?}, but the config implies [{inp}, {}]",
+        out / 8
+    );
+    let scales_name = format!("{prefix}.scales");
+    let groups = weights.shape(&scales_name)?[0];
+    if groups == 0 || !inp.is_multiple_of(groups) {
+        bail!("{groups} scale groups do not divide {inp} input features");
+    }
+    let scales = weights.get(&scales_name, &[groups, out])?.to_f32_vec();
+    let (qzeros, zero_shape) = weights.int32(&format!("{prefix}.qzeros"))?;
+    ensure!(
+        zero_shape == [groups, out / 8],
+        "qzeros has shape {zero_shape:?}, expected [{groups}, {}]",
+        out / 8
+    );
+    // qweight is [in, out]: transpose to the [out, in] rows the kernels read.
+    let by_input = unpack(&qweight);
+    let mut quants = vec![0u8; out * inp];
+    for i in 0..inp {
+        for o in 0..out {
+            quants[o * inp + i] = by_input[i * out + o];
+        }
+    }
+    Ok(IntegerWeights {
+        bits: 4,
+        out,
+        inp,
+        quants,
+        group_of: IntegerWeights::sequential_groups(inp, inp / groups),
+        scales,
+        zeros: unpack(&qzeros).into_iter().map(i32::from).collect(),
+    })
+}
+
+/// The AutoAWQ tensors of a layer quantized with groups in order.
+pub fn write(layer: &IntegerWeights, prefix: &str) -> anyhow::Result<Vec<StoredTensor>> {
+    let (out, inp, groups) = (layer.out, layer.inp, layer.groups());
+    ensure!(
+        layer.bits == 4 && layer.group_of.is_sorted() && out.is_multiple_of(8),
+        "the AWQ layout holds 4-bit weights with groups in order and output features in eights"
+    );
+    let by_input = (0..inp).flat_map(|i| (0..out).map(move |o| layer.quants[o * inp + i]));
+    let zeros = layer.zeros.iter().map(|z| *z as u8);
+    Ok(vec![
+        StoredTensor::int32(
+            format!("{prefix}.qweight"),
+            vec![inp, out / 8],
+            &pack(by_input),
+        ),
+        StoredTensor::int32(
+            format!("{prefix}.qzeros"),
+            vec![groups, out / 8],
+            &pack(zeros),
+        ),
+        StoredTensor::f16(format!("{prefix}.scales"), vec![groups, out], &layer.scales),
+    ])
+}

@@ -1,0 +1,170 @@
+//! v2343 `gptq`: GPTQ (Frantar et al., 2022) in its checkpoint layout (AutoGPTQ's `gptq`
+//! format, which exllama and transformers read). Loading: `qweight` `[in·bits/32, out]` int32
+//! packs consecutive input rows into a word, row `k` at bits `k·bits`; `qzeros`
+//! `[groups, out·bits/32]` packs consecutive output columns the same way, each stored minus
+//! one; `scales` `[groups, out]` f16; `g_idx` `[in]` the group of each input feature (in any
+//! order under act-order); `weight = scale · (q − zero)`. 4 and 8 bits.
+
+use anyhow::{bail, ensure, Context};
+use vibee_core::config::ModelConfig;
+use vibee_core::ops::{BuildContext, DenseLinear, Factory, Linear, Quantization};
+use vibee_core::weights::{Weight, Weights};
+
+use super::integer::{IntegerWeights, StoredTensor};
+use super::stored_checkpoint;
+
+pub struct Gptq;
+
+vibee_core::operator_plugin!(Gptq, "v2343", "gptq", Quantization);
+
+impl Factory<dyn Quantization> for Gptq {
+    fn check(&self, config: &ModelConfig) -> Result<(), String> {
+        stored_checkpoint(config, "gptq")
+    }
+
+    fn build(
+        &self,
+        _cx: &BuildContext<'_>,
+        _prefix: &str,
+        _dim: usize,
+    ) -> anyhow::Result<Box<dyn Quantization>> {
+        Ok(Box::new(Gptq))
+    }
+}
+
+impl Quantization for Gptq {
+    /// Layers the checkpoint leaves unquantized (`lm_head`) stay float.
+    fn linear(&self, _name: &str, weight: Weight) -> anyhow::Result<Box<dyn Linear>> {
+        Ok(Box::new(DenseLinear(weight)))
+    }
+
+    fn stored_linear(
+        &self,
+        weights: &Weights,
+        name: &str,
+        out: usize,
+        inp: usize,
+    ) -> anyhow::Result<Option<Box<dyn Linear>>> {
+        let prefix = name.strip_suffix(".weight").unwrap_or(name);
+        if !weights.contains(&format!("{prefix}.qweight")) {
+            return Ok(None);
+        }
+        let layer = read(weights, prefix, out, inp)
+            .with_context(|| format!("cannot read the GPTQ layer `{prefix}`"))?;
+        layer.into_linear(prefix).map(Some)
+    }
+}
+
+/// The layer `prefix` (`[out, in]`) from its GPTQ tensors.
+pub fn read(
+    weights: &Weights,
+    prefix: &str,
+    out: usize,
+    inp: usize,
+) -> anyhow::Result<IntegerWeights> {
+    let (qweight, shape) = weights.int32(&format!("{prefix}.qweight"))?;
+    let bits = match shape.as_slice() {
+        [rows, cols] if *cols == out && rows * 32 == inp * 4 => 4,
+        [rows, cols] if *cols == out && rows * 32 == inp * 8 => 8,
+        _ => bail!("qweight has shape {shape:?}, which packs neither 4 nor 8 bits of a [{out}, {inp}] layer"),
+    };
+    let per_word = 32 / bits as usize;
+    let mask = (1u32 << bits) - 1;
+    let scales_name = format!("{prefix}.scales");
+    let groups = weights.shape(&scales_name)?[0];
+    ensure!(groups > 0, "no scale groups");
+    let scales = weights.get(&scales_name, &[groups, out])?.to_f32_vec();
+    let (qzeros, zero_shape) = weights.int32(&format!("{prefix}.qzeros"))?;
+    ensure!(
+        zero_shape == [groups, out / per_word] && out.is_multiple_of(per_word),
+        "qzeros has shape {zero_shape:?}, expected [{groups}, {}]",
+        out / per_word
+    );
+    let g_idx = format!("{prefix}.g_idx");
+    let group_of = if weights.contains(&g_idx) {
+        let (g, g_shape) = weights.int32(&g_idx)?;
+        ensure!(
+            g_shape == [inp],
+            "g_idx has shape {g_shape:?}, expected [{inp}]"
+        );
+        ensure!(g.iter().all(|g| *g >= 0), "g_idx holds a negative group");
+        g.into_iter().map(|g| g as u32).collect()
+    } else {
+        ensure!(
+            inp.is_multiple_of(groups),
+            "{groups} groups do not divide {inp} inputs"
+        );
+        IntegerWeights::sequential_groups(inp, inp / groups)
+    };
+    let mut quants = vec![0u8; out * inp];
+    for (r, row) in qweight.chunks_exact(out).enumerate() {
+        for (o, word) in row.iter().enumerate() {
+            for k in 0..per_word {
+                quants[o * inp + r * per_word + k] =
+                    ((*word as u32 >> (bits * k as u32)) & mask) as u8;
+            }
+        }
+    }
+    let zeros = qzeros
+        .iter()
+        .flat_map(|word| {
+            (0..per_word).map(move |k| ((*word as u32 >> (bits * k as u32)) & mask) as i32 + 1)
+        })
+        .collect();
+    Ok(IntegerWeights {
+        bits,
+        out,
+        inp,
+        quants,
+        group_of,
+        scales,
+        zeros,
+    })
+}
+
+/// The GPTQ tensors of a layer.
+pub fn write(layer: &IntegerWeights, prefix: &str) -> anyhow::Result<Vec<StoredTensor>> {
+    let (out, inp, groups, bits) = (layer.out, layer.inp, layer.groups(), layer.bits);
+    let per_word = 32 / bits as usize;
+    ensure!(
+        out.is_multiple_of(per_word) && inp.is_multiple_of(per_word),
+        "the GPTQ layout packs {per_word} values to a word"
+    );
+    let mask = (1u32 << bits) - 1;
+    let pack = |values: &mut dyn Iterator<Item = u32>| -> Vec<u32> {
+        let values: Vec<u32> = values.collect();
+        values
+            .chunks_exact(per_word)
+            .map(|v| {
+                v.iter()
+                    .enumerate()
+                    .fold(0, |w, (k, q)| w | (q & mask) << (bits * k as u32))
+            })
+            .collect()
+    };
+    // Words pack input rows, so the values go row-group by row-group, each across outputs.
+    let mut qweight = vec![0u32; inp / per_word * out];
+    for (r, chunk) in qweight.chunks_exact_mut(out).enumerate() {
+        for (o, word) in chunk.iter_mut().enumerate() {
+            *word = (0..per_word).fold(0, |w, k| {
+                w | (layer.quants[o * inp + r * per_word + k] as u32) << (bits * k as u32)
+            });
+        }
+    }
+    let qzeros = pack(&mut layer.zeros.iter().map(|z| (*z - 1) as u32));
+    let g_idx: Vec<u32> = layer.group_of.clone();
+    Ok(vec![
+        StoredTensor::int32(
+            format!("{prefix}.qweight"),
+            vec![inp / per_word, out],
+            &qweight,
+        ),
+        StoredTensor::int32(
+            format!("{prefix}.qzeros"),
+            vec![groups, out / per_word],
+            &qzeros,
+        ),
+        StoredTensor::f16(format!("{prefix}.scales"), vec![groups, out], &layer.scales),
+        StoredTensor::int32(format!("{prefix}.g_idx"), vec![inp], &g_idx),
+    ])
+}

@@ -1,0 +1,187 @@
+//! Group-wise integer weights with integer zero points, the form AutoAWQ and GPTQ checkpoints
+//! store (each in its own packing): `weight[o][i] = scale[g][o] · (quant[o][i] − zero[g][o])`
+//! with `g = group_of[i]`. Loaders unpack into it, `vibee quantize` produces it, and it becomes
+//! a packed matrix for the SIMD kernels.
+
+use anyhow::{bail, ensure};
+use half::f16;
+use vibee_core::ops::Linear;
+use vibee_core::quant::packed::{Bits, PackedLinear, PackedMatrix, QuantBlock};
+use vibee_core::tensor::Matrix;
+
+const BLOCK: usize = 32;
+
+pub struct IntegerWeights {
+    /// 4 or 8.
+    pub bits: u32,
+    pub out: usize,
+    pub inp: usize,
+    /// `[out, in]`, unsigned (below `2^bits`).
+    pub quants: Vec<u8>,
+    /// The group of each input column (GPTQ's `g_idx`; `i / group_size` without act-order).
+    pub group_of: Vec<u32>,
+    /// `[groups, out]`, exactly representable in f16 (both layouts store f16).
+    pub scales: Vec<f32>,
+    /// `[groups, out]`; GPTQ's v1 layout can hold `2^bits` (a stored −1), hence not `u8`.
+    pub zeros: Vec<i32>,
+}
+
+/// The scale and zero point of one group under asymmetric min–max quantization to `bits`:
+/// `scale = (max − min) / maxq` rounded to f16 (as stored), `zero = clamp(−round(min / scale),
+/// 0, maxq)`. GPTQ widens the range to include 0 (`with_zero`), AutoAWQ does not.
+pub fn min_max_group(values: &[f32], bits: u32, with_zero: bool) -> (f32, i32) {
+    let maxq = ((1 << bits) - 1) as f32;
+    let start = if with_zero { 0.0 } else { values[0] };
+    let max = values.iter().copied().fold(start, f32::max);
+    let min = values.iter().copied().fold(start, f32::min);
+    let scale = f16::from_f32((max - min).max(1e-5) / maxq).to_f32();
+    let zero = (-(min / scale).round_ties_even()).clamp(0.0, maxq);
+    (scale, zero as i32)
+}
+
+/// `value` quantized with `scale` and `zero` to `bits`.
+pub fn quantize_value(value: f32, scale: f32, zero: i32, bits: u32) -> u8 {
+    let maxq = ((1 << bits) - 1) as f32;
+    ((value / scale).round_ties_even() + zero as f32).clamp(0.0, maxq) as u8
+}
+
+impl IntegerWeights {
+    pub fn groups(&self) -> usize {
+        self.scales.len() / self.out
+    }
+
+    /// The groups of `group` consecutive input columns (no act-order).
+    pub fn sequential_groups(inp: usize, group: usize) -> Vec<u32> {
+        (0..inp).map(|i| (i / group) as u32).collect()
+    }
+
+    /// Element `[o][i]` as a float.
+    pub fn value(&self, o: usize, i: usize) -> f32 {
+        let g = self.group_of[i] as usize * self.out + o;
+        self.scales[g] * (self.quants[o * self.inp + i] as i32 - self.zeros[g]) as f32
+    }
+
+    /// Checks the shapes and value ranges (a loader's last line of defence).
+    pub fn validate(&self, name: &str) -> anyhow::Result<()> {
+        let groups = self.groups();
+        ensure!(
+            self.quants.len() == self.out * self.inp
+                && self.group_of.len() == self.inp
+                && self.zeros.len() == self.scales.len()
+                && groups * self.out == self.scales.len(),
+            "`{name}`: packed tensors disagree on the layer's shape"
+        );
+        if let Some(g) = self.group_of.iter().find(|g| **g as usize >= groups) {
+            bail!("`{name}`: g_idx names group {g}, but there are {groups}");
+        }
+        ensure!(
+            self.inp.is_multiple_of(BLOCK),
+            "`{name}` has {} input features, not a multiple of {BLOCK}",
+            self.inp
+        );
+        Ok(())
+    }
+
+    /// The input columns sorted by group (stable), or `None` when groups already run in
+    /// order: act-order checkpoints quantize columns in a permuted order.
+    fn column_order(&self) -> Option<Vec<u32>> {
+        if self.group_of.is_sorted() {
+            return None;
+        }
+        let mut order: Vec<u32> = (0..self.inp as u32).collect();
+        order.sort_by_key(|i| self.group_of[*i as usize]);
+        Some(order)
+    }
+
+    /// The layer for the SIMD kernels: blocks of 32 columns (in group order) with the group's
+    /// scale and `min = −scale · zero`; 8-bit quants move to signed storage.
+    pub fn into_linear(self, name: &str) -> anyhow::Result<Box<dyn Linear>> {
+        self.validate(name)?;
+        let order = self.column_order();
+        let column = |j: usize| order.as_ref().map_or(j, |o| o[j] as usize);
+        for b in 0..self.inp / BLOCK {
+            let group = self.group_of[column(b * BLOCK)];
+            if (1..BLOCK).any(|k| self.group_of[column(b * BLOCK + k)] != group) {
+                bail!("`{name}`: a run of 32 input columns spans two quantization groups");
+            }
+        }
+        let (bits, centre) = match self.bits {
+            4 => (Bits::Four, 0),
+            8 => (Bits::Eight, 128),
+            other => bail!("`{name}`: {other}-bit weights are not supported (4 or 8)"),
+        };
+        let packed = PackedMatrix::from_blocks(bits, self.out, self.inp, true, |o, blocks| {
+            for (b, block) in blocks.iter_mut().enumerate() {
+                let g = self.group_of[column(b * BLOCK)] as usize * self.out + o;
+                let (scale, zero) = (self.scales[g], self.zeros[g]);
+                *block = QuantBlock {
+                    quants: std::array::from_fn(|k| {
+                        (self.quants[o * self.inp + column(b * BLOCK + k)] as i32 - centre) as i8
+                    }),
+                    scale,
+                    min: scale * (centre - zero) as f32,
+                };
+            }
+        });
+        let linear = PackedLinear(packed);
+        Ok(match order {
+            None => Box::new(linear),
+            Some(order) => Box::new(PermutedInput { order, linear }),
+        })
+    }
+}
+
+/// A packed layer whose columns were sorted by group: inputs are permuted the same way.
+struct PermutedInput {
+    order: Vec<u32>,
+    linear: PackedLinear,
+}
+
+impl Linear for PermutedInput {
+    fn forward(&self, x: &Matrix) -> Matrix {
+        let mut permuted = Matrix::zeros(x.rows, x.cols);
+        for (to, from) in permuted.rows_iter_mut().zip(x.rows_iter()) {
+            for (t, i) in to.iter_mut().zip(&self.order) {
+                *t = from[*i as usize];
+            }
+        }
+        self.linear.forward(&permuted)
+    }
+
+    fn weight_bytes(&self) -> usize {
+        self.linear.weight_bytes()
+    }
+}
+
+/// A tensor of a quantized checkpoint being written.
+pub struct StoredTensor {
+    pub name: String,
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl StoredTensor {
+    pub fn int32(name: String, shape: Vec<usize>, words: &[u32]) -> Self {
+        let bytes = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        Self {
+            name,
+            dtype: safetensors::Dtype::I32,
+            shape,
+            bytes,
+        }
+    }
+
+    pub fn f16(name: String, shape: Vec<usize>, values: &[f32]) -> Self {
+        let bytes = values
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect();
+        Self {
+            name,
+            dtype: safetensors::Dtype::F16,
+            shape,
+            bytes,
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! AutoAWQ and GPTQ checkpoints: damaged or unsupported ones are refused with a reason.
+
+use safetensors::tensor::TensorView;
+use safetensors::SafeTensors;
+use vibee_tests::{load, scratch_copy};
+
+fn error(dir: &std::path::Path) -> String {
+    format!("{:#}", load(dir, "auto").err().expect("refused"))
+}
+
+/// Rewrites `config.json` of `dir` with `edit` applied to its quantization_config.
+fn edit_quantization_config(dir: &std::path::Path, edit: impl Fn(&mut serde_json::Value)) {
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut config["quantization_config"]);
+    std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
+}
+
+#[test]
+fn unsupported_quantization_configs_are_named() {
+    for (fixture, key, value, expected) in [
+        ("llama-gqa-awq-g32", "version", "\"gemv\"", "GEMM layout"),
+        ("llama-gqa-awq-g32", "bits", "3", "3 bits is not supported"),
+        (
+            "llama-gqa-awq-g32",
+            "quant_method",
+            "\"bitsandbytes\"",
+            "`bitsandbytes` is not supported",
+        ),
+        ("llama-gqa-awq-g32", "group_size", "48", "multiple of 32"),
+        (
+            "llama-gqa-awq-g32",
+            "exotic",
+            "1",
+            "quantization_config.exotic",
+        ),
+        (
+            "llama-gqa-gptq-8bit",
+            "checkpoint_format",
+            "\"gptq_v2\"",
+            "`gptq_v2` is not supported",
+        ),
+        (
+            "llama-gqa-gptq-8bit",
+            "bits",
+            "2",
+            "2 bits is not supported",
+        ),
+    ] {
+        let dir = scratch_copy(fixture);
+        edit_quantization_config(dir.path(), |q| {
+            q[key] = serde_json::from_str(value).unwrap()
+        });
+        let message = error(dir.path());
+        assert!(message.contains(expected), "{key}={value}: {message}");
+    }
+}
+
+#[test]
+fn damaged_packed_tensors_are_refused() {
+    // A truncated weight file.
+    let dir = scratch_copy("llama-gqa-gptq-8bit");
+    let file = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() - 1000]).unwrap();
+    assert!(
+        error(dir.path()).contains("truncated or corrupt"),
+        "{}",
+        error(dir.path())
+    );
+    // Packed tensors that do not fit the config's shapes.
+    let dir = scratch_copy("llama-gqa-awq-g32");
+    let path = dir.path().join("config.json");
+    let config = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        config.replace("\"intermediate_size\": 128", "\"intermediate_size\": 96"),
+    )
+    .unwrap();
+    assert!(
+        error(dir.path()).contains("qweight has shape"),
+        "{}",
+        error(dir.path())
+    );
+    // A g_idx naming a group that has no scales.
+    let dir = scratch_copy("llama-gqa-gptq-g32-actorder");
+    let file = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let tensors = SafeTensors::deserialize(&bytes).unwrap();
+    let bad_group = 99i32.to_le_bytes();
+    let mut g_idx = tensors
+        .tensor("model.layers.0.self_attn.q_proj.g_idx")
+        .unwrap()
+        .data()
+        .to_vec();
+    g_idx[..4].copy_from_slice(&bad_group);
+    let views: Vec<(String, TensorView)> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            if name.ends_with("layers.0.self_attn.q_proj.g_idx") {
+                let view = TensorView::new(view.dtype(), view.shape().to_vec(), &g_idx).unwrap();
+                (name, view)
+            } else {
+                (name, view)
+            }
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &file).unwrap();
+    assert!(
+        error(dir.path()).contains("g_idx names group 99"),
+        "{}",
+        error(dir.path())
+    );
+    // Quantized layers without the plugin that reads them.
+    let message = format!(
+        "{:#}",
+        load(
+            &vibee_tests::fixture("llama-gqa-gptq-8bit"),
+            "gqa,rope,rmsnorm,swiglu"
+        )
+        .err()
+        .unwrap()
+    );
+    assert!(message.contains("needs `gptq`"), "{message}");
+}
