@@ -41,6 +41,9 @@ enum Command {
     /// How far a model's next-token distributions are from a reference model's (KL
     /// divergence, relative logit error, top-1 agreement): quantization quality.
     Divergence(DivergenceArgs),
+    /// Quantize a checkpoint directory into a new one that loads back (AutoAWQ's layout for
+    /// q4/awq, GPTQ's for int8/gptq).
+    Quantize(QuantizeArgs),
     /// Run specs' conformance cases and report pass/fail.
     Conformance(ConformanceArgs),
     /// Size an architecture: parameters, FLOPs/token, KV cache, memory, compute-optimal data.
@@ -218,6 +221,37 @@ struct DivergenceArgs {
 }
 
 #[derive(Args)]
+struct QuantizeArgs {
+    /// int8, q4, awq or gptq.
+    #[arg(long)]
+    method: String,
+    /// The full-precision checkpoint directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// The new directory to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Calibration text file (awq, gptq).
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    /// Calibration tokens used at most.
+    #[arg(long, default_value_t = 2048)]
+    calib_tokens: usize,
+    /// Weights per quantization group (q4, awq, gptq): 32, 64 or 128.
+    #[arg(long, default_value_t = 128)]
+    group: usize,
+    /// GPTQ's bit width: 4 or 8.
+    #[arg(long, default_value_t = 4)]
+    bits: u32,
+    /// GPTQ: quantize input features in decreasing order of activation energy (desc_act).
+    #[arg(long)]
+    act_order: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
 struct ConformanceArgs {
     /// One spec, by id (v2202) or name (gqa).
     #[arg(long)]
@@ -327,6 +361,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Specs(args) => specs(args),
         Command::Bench(args) => bench(args),
         Command::Divergence(args) => divergence(args),
+        Command::Quantize(args) => quantize(args),
         Command::Conformance(args) => conformance(args),
         Command::Arch(args) => arch(args),
         Command::Score(args) => score(args),
@@ -348,8 +383,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn load(args: &ModelArgs) -> anyhow::Result<Engine> {
-    if let Some(threads) = args.threads {
+/// Starts the global thread pool with `threads` workers (default: all cores).
+fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    if let Some(threads) = threads {
         if threads == 0 {
             bail!("--threads must be at least 1");
         }
@@ -358,6 +394,11 @@ fn load(args: &ModelArgs) -> anyhow::Result<Engine> {
             .build_global()
             .context("cannot start the thread pool")?;
     }
+    Ok(())
+}
+
+fn load(args: &ModelArgs) -> anyhow::Result<Engine> {
+    set_threads(args.threads)?;
     let dir = match &args.model {
         Some(dir) => dir.clone(),
         None => builtin_model_dir()?,
@@ -592,6 +633,63 @@ fn divergence(args: DivergenceArgs) -> anyhow::Result<()> {
             d.relative_error,
             100.0 * d.top1_agreement
         );
+    }
+    Ok(())
+}
+
+fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
+    use vibee_inference::quantization::offline::{quantize_checkpoint, Method, Options};
+    set_threads(args.threads)?;
+    let method = Method::parse(&args.method)?;
+    let calibration = args
+        .calib
+        .as_ref()
+        .map(|path| {
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the calibration text {}", path.display()))
+        })
+        .transpose()?;
+    let options = Options {
+        method,
+        group: args.group,
+        bits: args.bits,
+        act_order: args.act_order,
+        calibration,
+        calibration_tokens: args.calib_tokens,
+    };
+    let (registry, catalog) = catalog(Vec::new())?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>22} [{bar:40}] {pos}/{len} ({elapsed})")
+            .context("progress bar template")?
+            .progress_chars("=> "),
+    );
+    let started = Instant::now();
+    let summary = quantize_checkpoint(
+        &args.model,
+        &args.out,
+        &options,
+        &registry,
+        &catalog,
+        &mut |stage, done, total| {
+            bar.set_message(stage.to_string());
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+    println!(
+        "quantized {} linear layers with {} in {:.1}s ({} calibration tokens): {:.1} MB → {:.1} MB, written to {}",
+        summary.quantized,
+        args.method,
+        started.elapsed().as_secs_f64(),
+        summary.calibration_tokens,
+        summary.bytes_before as f64 / 1e6,
+        summary.bytes_after as f64 / 1e6,
+        args.out.display()
+    );
+    if !summary.kept.is_empty() {
+        println!("kept in full precision: {}", summary.kept.join(", "));
     }
     Ok(())
 }

@@ -5,10 +5,13 @@
 //! activation-aware scales are already folded into the preceding norms and projections.
 
 use anyhow::{bail, ensure, Context};
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, Par};
 use vibee_core::config::ModelConfig;
 use vibee_core::ops::{BuildContext, DenseLinear, Factory, Linear, Quantization};
 use vibee_core::weights::{Weight, Weights};
 
+use super::calibration::InputStats;
 use super::integer::{IntegerWeights, StoredTensor};
 use super::stored_checkpoint;
 
@@ -147,4 +150,74 @@ pub fn write(layer: &IntegerWeights, prefix: &str) -> anyhow::Result<Vec<StoredT
         ),
         StoredTensor::f16(format!("{prefix}.scales"), vec![groups, out], &layer.scales),
     ])
+}
+
+/// The exponents AWQ tries: α = 0, 1/20, …, 19/20 (α = 0 is plain round-to-nearest).
+const GRID: usize = 20;
+
+/// Output rows per projection on which the search measures its loss (evenly spaced).
+const LOSS_ROWS: usize = 256;
+
+/// AWQ's search (Lin et al., §3.2) for projections sharing one input: per input feature,
+/// `s = m^α / √(max(m^α)·min(m^α))` with `m` the mean |x| the feature had on calibration text,
+/// and the α of the grid whose round-to-nearest quantization of `W·diag(s)` (4 bits, groups
+/// of `group`, AutoAWQ's min–max rule), scaled back by `1/s`, changes the projections' outputs
+/// least: `Σ ΔW H ΔWᵀ` with `H = Σ xᵀx`, estimated on up to 256 rows of each projection.
+/// `projections` are `[out, in]` row-major weights.
+pub fn search_scales(projections: &[&[f32]], stats: &InputStats, group: usize) -> Vec<f32> {
+    let inp = stats.hessian.nrows();
+    let magnitude = stats.mean_magnitude();
+    let loss = |scales: &[f32]| -> f64 {
+        projections
+            .iter()
+            .map(|weight| {
+                let out = weight.len() / inp;
+                let step = out.div_ceil(LOSS_ROWS);
+                let rows: Vec<usize> = (0..out).step_by(step).collect();
+                let mut delta = Mat::<f32>::zeros(rows.len(), inp);
+                let mut scaled = vec![0.0f32; inp];
+                for (k, r) in rows.iter().enumerate() {
+                    let row = &weight[r * inp..(r + 1) * inp];
+                    for ((s, w), f) in scaled.iter_mut().zip(row).zip(scales) {
+                        *s = w * f;
+                    }
+                    let q = IntegerWeights::round_to_nearest(&scaled, 1, inp, 4, group, false);
+                    for i in 0..inp {
+                        delta[(k, i)] = row[i] - q.value(0, i) / scales[i];
+                    }
+                }
+                let mut product = Mat::<f32>::zeros(rows.len(), inp);
+                matmul(
+                    product.as_mut(),
+                    Accum::Replace,
+                    delta.as_ref(),
+                    stats.hessian.as_ref(),
+                    1.0,
+                    Par::rayon(0),
+                );
+                let mut total = 0.0f64;
+                for i in 0..inp {
+                    for k in 0..rows.len() {
+                        total += (product[(k, i)] * delta[(k, i)]) as f64;
+                    }
+                }
+                total
+            })
+            .sum()
+    };
+    let mut best = (f64::INFINITY, vec![1.0; inp]);
+    for step in 0..GRID {
+        let alpha = step as f32 / GRID as f32;
+        let raw: Vec<f32> = magnitude.iter().map(|m| m.powf(alpha).max(1e-4)).collect();
+        let (max, min) = raw
+            .iter()
+            .fold((0.0f32, f32::INFINITY), |(hi, lo), s| (hi.max(*s), lo.min(*s)));
+        let norm = (max * min).sqrt();
+        let scales: Vec<f32> = raw.iter().map(|s| s / norm).collect();
+        let candidate = loss(&scales);
+        if candidate < best.0 {
+            best = (candidate, scales);
+        }
+    }
+    best.1
 }

@@ -6,11 +6,14 @@
 //! order under act-order); `weight = scale · (q − zero)`. 4 and 8 bits.
 
 use anyhow::{bail, ensure, Context};
+use faer::linalg::matmul::matmul;
+use faer::linalg::solvers::DenseSolveCore;
+use faer::{Accum, Mat, Par, Side};
 use vibee_core::config::ModelConfig;
 use vibee_core::ops::{BuildContext, DenseLinear, Factory, Linear, Quantization};
 use vibee_core::weights::{Weight, Weights};
 
-use super::integer::{IntegerWeights, StoredTensor};
+use super::integer::{min_max_group, quantize_value, IntegerWeights, StoredTensor};
 use super::stored_checkpoint;
 
 pub struct Gptq;
@@ -167,4 +170,115 @@ pub fn write(layer: &IntegerWeights, prefix: &str) -> anyhow::Result<Vec<StoredT
         StoredTensor::f16(format!("{prefix}.scales"), vec![groups, out], &layer.scales),
         StoredTensor::int32(format!("{prefix}.g_idx"), vec![inp], &g_idx),
     ])
+}
+
+/// Columns GPTQ quantizes before it applies their error feedback to the rest at once.
+const LAZY_BLOCK: usize = 128;
+
+/// GPTQ of one layer (Frantar et al., Algorithm 1, as AutoGPTQ runs it): columns are quantized
+/// one at a time (in decreasing order of `H`'s diagonal with `act_order`), each column's
+/// error, scaled by the inverse Hessian's Cholesky factor, is pushed onto the columns not yet
+/// quantized — within a block of 128 at once, onto later blocks lazily as one product.
+/// `weight` is `[out, in]` row-major, `hessian` `Σ xᵀx`; the Hessian is damped by `damp` times
+/// its mean diagonal. Groups of `group` columns (in quantization order; the whole row for 0)
+/// take min–max scales and zero points from the weights as updated when the group starts.
+pub fn quantize(
+    weight: &[f32],
+    out: usize,
+    hessian: &Mat<f32>,
+    bits: u32,
+    group: usize,
+    act_order: bool,
+    damp: f64,
+) -> anyhow::Result<IntegerWeights> {
+    let inp = hessian.nrows();
+    let group = if group == 0 { inp } else { group };
+    ensure!(inp.is_multiple_of(group), "{group} does not divide {inp} input features");
+    let mut h = Mat::<f64>::from_fn(inp, inp, |i, j| hessian[(i, j)] as f64);
+    let mut w = Mat::<f64>::from_fn(out, inp, |r, c| weight[r * inp + c] as f64);
+    // Features never seen carry no information: their weights are zeroed, their curvature set.
+    for i in 0..inp {
+        if h[(i, i)] == 0.0 {
+            h[(i, i)] = 1.0;
+            w.col_mut(i).fill(0.0);
+        }
+    }
+    let mut order: Vec<usize> = (0..inp).collect();
+    if act_order {
+        order.sort_by(|a, b| h[(*b, *b)].total_cmp(&h[(*a, *a)]));
+    }
+    let mut h = Mat::<f64>::from_fn(inp, inp, |i, j| h[(order[i], order[j])]);
+    let mut w = Mat::<f64>::from_fn(out, inp, |r, c| w[(r, order[c])]);
+    let mean_diagonal = (0..inp).map(|i| h[(i, i)]).sum::<f64>() / inp as f64;
+    for i in 0..inp {
+        h[(i, i)] += damp * mean_diagonal;
+    }
+    let singular = |_| anyhow::anyhow!("the damped Hessian is not positive definite");
+    let inverse = h.llt(Side::Lower).map_err(singular)?.inverse();
+    // H⁻¹ = L Lᵀ, so U = Lᵀ is its upper Cholesky factor (H⁻¹ = UᵀU).
+    let lower = inverse.llt(Side::Lower).map_err(singular)?;
+    let u = lower.L().transpose().to_owned();
+    let groups = inp / group;
+    let (mut scales, mut zeros) = (vec![0.0f32; groups * out], vec![0i32; groups * out]);
+    let mut quants = vec![0u8; out * inp];
+    let mut values = vec![0.0f32; group];
+    for start in (0..inp).step_by(LAZY_BLOCK) {
+        let end = (start + LAZY_BLOCK).min(inp);
+        let mut block = w.subcols(start, end - start).to_owned();
+        let mut errors = Mat::<f64>::zeros(out, end - start);
+        for i in 0..end - start {
+            let column = start + i;
+            let g = column / group;
+            if column % group == 0 {
+                for r in 0..out {
+                    for (k, v) in values.iter_mut().enumerate() {
+                        *v = w[(r, column + k)] as f32;
+                    }
+                    let (scale, zero) = min_max_group(&values, bits, true);
+                    (scales[g * out + r], zeros[g * out + r]) = (scale, zero);
+                }
+            }
+            let d = u[(column, column)];
+            for r in 0..out {
+                let (scale, zero) = (scales[g * out + r], zeros[g * out + r]);
+                let value = block[(r, i)];
+                let q = quantize_value(value as f32, scale, zero, bits);
+                quants[r * inp + column] = q;
+                errors[(r, i)] = (value - (scale * (q as i32 - zero) as f32) as f64) / d;
+            }
+            for j in i + 1..end - start {
+                let factor = u[(column, start + j)];
+                for r in 0..out {
+                    block[(r, j)] -= errors[(r, i)] * factor;
+                }
+            }
+        }
+        if end < inp {
+            matmul(
+                w.subcols_mut(end, inp - end),
+                Accum::Add,
+                errors.as_ref(),
+                u.submatrix(start, end, end - start, inp - end),
+                -1.0,
+                Par::rayon(0),
+            );
+        }
+    }
+    // Back to the checkpoint's column order; `g_idx` records each column's group.
+    let mut layer = IntegerWeights {
+        bits,
+        out,
+        inp,
+        quants: vec![0; out * inp],
+        group_of: vec![0; inp],
+        scales,
+        zeros,
+    };
+    for (position, column) in order.iter().enumerate() {
+        layer.group_of[*column] = (position / group) as u32;
+        for r in 0..out {
+            layer.quants[r * inp + column] = quants[r * inp + position];
+        }
+    }
+    Ok(layer)
 }

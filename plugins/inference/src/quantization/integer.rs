@@ -4,10 +4,11 @@
 //! a packed matrix for the SIMD kernels.
 
 use anyhow::{bail, ensure};
-use half::f16;
+use half::{bf16, f16};
 use vibee_core::ops::Linear;
 use vibee_core::quant::packed::{Bits, PackedLinear, PackedMatrix, QuantBlock};
 use vibee_core::tensor::Matrix;
+use vibee_core::weights::DType;
 
 const BLOCK: usize = 32;
 
@@ -53,6 +54,39 @@ impl IntegerWeights {
     /// The groups of `group` consecutive input columns (no act-order).
     pub fn sequential_groups(inp: usize, group: usize) -> Vec<u32> {
         (0..inp).map(|i| (i / group) as u32).collect()
+    }
+
+    /// `weight` (`[out, in]` row-major) rounded to nearest, group by group along each row,
+    /// with [`min_max_group`]'s scales and zero points (`group` 0: the whole row).
+    pub fn round_to_nearest(
+        weight: &[f32],
+        out: usize,
+        inp: usize,
+        bits: u32,
+        group: usize,
+        with_zero: bool,
+    ) -> Self {
+        let group = if group == 0 { inp } else { group };
+        let groups = inp / group;
+        let mut layer = Self {
+            bits,
+            out,
+            inp,
+            quants: vec![0; out * inp],
+            group_of: Self::sequential_groups(inp, group),
+            scales: vec![0.0; groups * out],
+            zeros: vec![0; groups * out],
+        };
+        for (r, row) in weight.chunks_exact(inp).enumerate() {
+            for (g, values) in row.chunks_exact(group).enumerate() {
+                let (scale, zero) = min_max_group(values, bits, with_zero);
+                (layer.scales[g * out + r], layer.zeros[g * out + r]) = (scale, zero);
+                for (k, v) in values.iter().enumerate() {
+                    layer.quants[r * inp + g * group + k] = quantize_value(*v, scale, zero, bits);
+                }
+            }
+        }
+        layer
     }
 
     /// Element `[o][i]` as a float.
@@ -173,13 +207,28 @@ impl StoredTensor {
     }
 
     pub fn f16(name: String, shape: Vec<usize>, values: &[f32]) -> Self {
-        let bytes = values
-            .iter()
-            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-            .collect();
+        Self::float(name, DType::F16, shape, values)
+    }
+
+    /// `values` stored as the float type `dtype`.
+    pub fn float(name: String, dtype: DType, shape: Vec<usize>, values: &[f32]) -> Self {
+        let (dtype, bytes) = match dtype {
+            DType::F16 => (
+                safetensors::Dtype::F16,
+                values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
+            ),
+            DType::BF16 => (
+                safetensors::Dtype::BF16,
+                values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
+            ),
+            _ => (
+                safetensors::Dtype::F32,
+                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+        };
         Self {
             name,
-            dtype: safetensors::Dtype::F16,
+            dtype,
             shape,
             bytes,
         }

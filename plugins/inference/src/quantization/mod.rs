@@ -1,11 +1,13 @@
 //! Quantization (v2340–v2359): how linear layers store and multiply their weights.
 
 pub mod awq;
+pub mod calibration;
 pub mod gguf;
 pub mod gptq;
 pub mod hqq;
 pub mod int8;
 pub mod integer;
+pub mod offline;
 pub mod q4;
 
 use std::sync::Arc;

@@ -1,0 +1,449 @@
+//! `vibee quantize`: a full-precision checkpoint directory in, a quantized one out, in the
+//! layouts the loaders read — AutoAWQ's GEMM layout for `q4` and `awq`, GPTQ's for `int8`
+//! and `gptq` — with the original config (plus its `quantization_config`), tokenizer files
+//! and unquantized tensors (embeddings, norms, LM head).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use anyhow::{bail, ensure, Context};
+use safetensors::tensor::TensorView;
+use vibee_core::app::{App, Pipeline};
+use vibee_core::checkpoint::Checkpoint;
+use vibee_core::config::{FfnKind, ModelConfig, NormKind, NormSite, QkvLayout, Residual};
+use vibee_core::engine::expand_auto;
+use vibee_core::ops::{BuildContext, Factory, Operator, Operators, Quantization};
+use vibee_core::plugin::resolve;
+use vibee_core::weights::Weights;
+use vibee_core::{Model, Plugin, Registry};
+
+use super::calibration::{InputStats, Recorder};
+use super::integer::{IntegerWeights, StoredTensor};
+use super::{awq, gptq};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Int8,
+    Q4,
+    Awq,
+    Gptq,
+}
+
+impl Method {
+    pub fn parse(name: &str) -> anyhow::Result<Self> {
+        Ok(match name {
+            "int8" => Self::Int8,
+            "q4" => Self::Q4,
+            "awq" => Self::Awq,
+            "gptq" => Self::Gptq,
+            "hqq" => bail!(
+                "hqq is calibration-free and quantizes while loading (`--plugins hqq`): its float zero points fit neither AutoAWQ's nor GPTQ's integer layout"
+            ),
+            other => bail!("unknown method `{other}` (int8, q4, awq, gptq)"),
+        })
+    }
+
+    fn calibrated(self) -> bool {
+        matches!(self, Self::Awq | Self::Gptq)
+    }
+}
+
+pub struct Options {
+    pub method: Method,
+    /// Weights per group along a row (int4 methods).
+    pub group: usize,
+    /// GPTQ's bit width: 4 or 8.
+    pub bits: u32,
+    /// GPTQ: quantize columns in decreasing order of activation energy.
+    pub act_order: bool,
+    /// Calibration text (AWQ, GPTQ).
+    pub calibration: Option<String>,
+    /// At most this many calibration tokens are used.
+    pub calibration_tokens: usize,
+}
+
+/// What `vibee quantize` did.
+#[derive(Debug)]
+pub struct Summary {
+    pub quantized: usize,
+    /// Linear layers left in full precision (the LM head, shapes that do not fit).
+    pub kept: Vec<String>,
+    pub calibration_tokens: usize,
+    pub bytes_before: usize,
+    pub bytes_after: usize,
+}
+
+/// Tokens per calibration sequence (bounded by the model's context).
+const CALIBRATION_SEQUENCE: usize = 512;
+
+/// GPTQ's damping: 1% of the Hessian's mean diagonal (the paper's and AutoGPTQ's default).
+const GPTQ_DAMPING: f64 = 0.01;
+
+/// Quantizes the checkpoint in `model` into the new directory `out`. `progress(stage, done,
+/// total)` reports calibration tokens, then layers.
+pub fn quantize_checkpoint(
+    model: &Path,
+    out: &Path,
+    options: &Options,
+    registry: &Registry,
+    catalog: &[Box<dyn Plugin>],
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> anyhow::Result<Summary> {
+    ensure!(
+        model.join("config.json").is_file(),
+        "{} is not a Hugging Face checkpoint directory (vibee quantize reads config.json and safetensors)",
+        model.display()
+    );
+    if out.exists() && std::fs::read_dir(out)?.next().is_some() {
+        bail!("{} exists and is not empty; choose a new directory", out.display());
+    }
+    let method = options.method;
+    if matches!(method, Method::Q4 | Method::Awq | Method::Gptq)
+        && !(options.group == 0 || matches!(options.group, 32 | 64 | 128))
+    {
+        bail!("--group must be 32, 64 or 128, not {}", options.group);
+    }
+    ensure!(matches!(options.bits, 4 | 8), "--bits must be 4 or 8");
+    let checkpoint = Checkpoint::open(model)?;
+    let config = checkpoint.config()?;
+    if let Some(stored) = config.quantization {
+        bail!("the checkpoint is already quantized (`{stored}`)");
+    }
+    ensure!(
+        !config.layout.transposed,
+        "checkpoints storing linear weights [in, out] (GPT-2's Conv1D) cannot be written in the AutoAWQ/GPTQ layouts"
+    );
+    if method == Method::Awq {
+        awq_fits(&config)?;
+    }
+    let weights = checkpoint.weights()?;
+    let recorder = Recorder::default();
+    let recording = build_recording(&config, &weights, &recorder, registry, catalog)?;
+    let mut calibration_tokens = 0;
+    if method.calibrated() {
+        let text = options
+            .calibration
+            .as_deref()
+            .context("AWQ and GPTQ need calibration text: --calib FILE")?;
+        let tokenizer = checkpoint
+            .tokenizer(&config)?
+            .context("calibration needs the checkpoint's tokenizer")?;
+        let mut ids = tokenizer.encode(text)?;
+        ids.truncate(options.calibration_tokens);
+        ensure!(ids.len() >= 16, "the calibration text is only {} tokens; give at least 16", ids.len());
+        calibration_tokens = ids.len();
+        let sequence = CALIBRATION_SEQUENCE.min(config.max_position_embeddings);
+        for (i, chunk) in ids.chunks(sequence).enumerate() {
+            let mut kv = recording.new_sequence();
+            recording.forward(chunk, kv.as_mut(), false)?;
+            progress("calibrating", (i * sequence + chunk.len()).min(ids.len()), ids.len());
+        }
+    }
+    let stats = recorder.stats();
+    let group = if options.group == 0 { 128 } else { options.group };
+    let head = [
+        format!("{}.weight", config.layout.lm_head),
+        format!("{}.weight", config.layout.embed),
+    ];
+    let (mut selected, mut kept) = (Vec::new(), Vec::new());
+    for (name, shape) in recorder.layers() {
+        let (o, i) = (shape[0], shape[1]);
+        let fits = match method {
+            Method::Int8 => o % 4 == 0 && i % 32 == 0,
+            Method::Gptq => o % (32 / options.bits as usize) == 0 && i % group == 0,
+            Method::Q4 | Method::Awq => o % 8 == 0 && i % group == 0,
+        };
+        if head.contains(&name) || !fits {
+            kept.push(name);
+        } else {
+            selected.push((name, o, i));
+        }
+    }
+    let mut floats = Floats {
+        weights: &weights,
+        changed: HashMap::new(),
+    };
+    if method == Method::Awq {
+        for layer in 0..config.num_layers {
+            awq_scale_layer(&config, layer, group, &mut floats, &stats)?;
+            progress("searching AWQ scales", layer + 1, config.num_layers);
+        }
+    }
+    let mut tensors = Vec::new();
+    for (done, (name, o, i)) in selected.iter().enumerate() {
+        let weight = floats.take(name)?;
+        let prefix = name.strip_suffix(".weight").unwrap_or(name);
+        let layer = match method {
+            Method::Int8 => int8(&weight, *o, *i),
+            Method::Q4 | Method::Awq => IntegerWeights::round_to_nearest(&weight, *o, *i, 4, group, false),
+            Method::Gptq => gptq::quantize(
+                &weight,
+                *o,
+                &input_stats(&stats, name)?.hessian,
+                options.bits,
+                group,
+                options.act_order,
+                GPTQ_DAMPING,
+            )
+            .with_context(|| format!("GPTQ of `{name}`"))?,
+        };
+        tensors.extend(match method {
+            Method::Q4 | Method::Awq => awq::write(&layer, prefix)?,
+            Method::Int8 | Method::Gptq => gptq::write(&layer, prefix)?,
+        });
+        progress("quantizing", done + 1, selected.len());
+    }
+    let replaced: Vec<&str> = selected.iter().map(|(n, ..)| n.as_str()).collect();
+    let mut bytes_before = 0;
+    for name in weights.names() {
+        let weight = weights.get(name, weights.shape(name)?)?;
+        bytes_before += weight.bytes();
+        if replaced.contains(&name) {
+            continue;
+        }
+        let values = floats.take(name)?;
+        tensors.push(StoredTensor::float(name.to_string(), weight.dtype, weight.shape.clone(), &values));
+    }
+    let bytes_after = tensors.iter().map(|t| t.bytes.len()).sum();
+    write_checkpoint(model, out, &tensors, quantization_config(options, group))?;
+    Ok(Summary {
+        quantized: selected.len(),
+        kept,
+        calibration_tokens,
+        bytes_before,
+        bytes_after,
+    })
+}
+
+/// Float tensors as the method leaves them: the checkpoint's, or AWQ's rescaled copies.
+struct Floats<'a> {
+    weights: &'a Weights,
+    changed: HashMap<String, Vec<f32>>,
+}
+
+impl Floats<'_> {
+    fn take(&mut self, name: &str) -> anyhow::Result<Vec<f32>> {
+        Ok(match self.changed.remove(name) {
+            Some(values) => values,
+            None => self.weights.get(name, self.weights.shape(name)?)?.to_f32_vec(),
+        })
+    }
+}
+
+fn input_stats<'a>(
+    stats: &'a HashMap<String, Arc<Mutex<InputStats>>>,
+    name: &str,
+) -> anyhow::Result<MutexGuard<'a, InputStats>> {
+    let shared = stats
+        .get(name)
+        .with_context(|| format!("`{name}` saw no calibration input"))?;
+    Ok(shared.lock().expect("calibration has finished"))
+}
+
+/// AWQ folds its input scales into the operation before each projection, which it knows for
+/// Llama-style layers only.
+fn awq_fits(config: &ModelConfig) -> anyhow::Result<()> {
+    let llama_like = config.residual == Residual::PreNorm
+        && config.norm == NormKind::Rms
+        && config.ffn == FfnKind::Gated
+        && config.layout.qkv == QkvLayout::Separate
+        && config.layout.gate_up.is_none()
+        && config.moe.is_none()
+        && config.mla.is_none();
+    ensure!(
+        llama_like,
+        "AWQ folds its scales into Llama-style layers (pre-norm RMSNorm, separate q/k/v, gated MLP); model_type {} is not one (gptq and q4 fit any layout)",
+        config.model_type
+    );
+    Ok(())
+}
+
+/// What a set of projections' input scales fold into: a norm's weight, or the rows of the
+/// projection that produces the input.
+enum Fold {
+    Norm(String),
+    Rows(String),
+}
+
+/// Searches and applies AWQ's scales in one decoder layer, as AutoAWQ orders it: q/k/v (into
+/// the attention norm), o (into v's rows, where their shapes agree), gate/up (into the FFN
+/// norm), down (into up's rows). The projections keep `W·diag(s)` for quantization.
+fn awq_scale_layer(
+    config: &ModelConfig,
+    layer: usize,
+    group: usize,
+    floats: &mut Floats<'_>,
+    stats: &HashMap<String, Arc<Mutex<InputStats>>>,
+) -> anyhow::Result<()> {
+    let p = format!("{}.{layer}", config.layout.layers);
+    let a = format!("{p}.{}", config.layout.attention);
+    let norm = |site| {
+        let name = config.norm_tensor(site).expect("a pre-norm layer has both norms");
+        format!("{p}.{name}.weight")
+    };
+    let projection = |name: &str| format!("{a}.{name}.weight");
+    let ffn = |name: &str| format!("{p}.mlp.{name}.weight");
+    let mut sets = vec![(
+        vec![projection("q_proj"), projection("k_proj"), projection("v_proj")],
+        Fold::Norm(norm(NormSite::AttnIn)),
+    )];
+    if config.q_dim() == config.kv_dim() {
+        sets.push((vec![projection("o_proj")], Fold::Rows(projection("v_proj"))));
+    }
+    sets.push((
+        vec![ffn("gate_proj"), ffn("up_proj")],
+        Fold::Norm(norm(NormSite::FfnIn)),
+    ));
+    sets.push((vec![ffn("down_proj")], Fold::Rows(ffn("up_proj"))));
+    for (names, fold) in sets {
+        let mut projections = names
+            .iter()
+            .map(|n| floats.take(n))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let views: Vec<&[f32]> = projections.iter().map(Vec::as_slice).collect();
+        let scales = awq::search_scales(&views, &*input_stats(stats, &names[0])?, group);
+        for (name, weight) in names.iter().zip(&mut projections) {
+            for row in weight.chunks_exact_mut(scales.len()) {
+                row.iter_mut().zip(&scales).for_each(|(w, s)| *w *= s);
+            }
+            floats.changed.insert(name.clone(), std::mem::take(weight));
+        }
+        let (target, mut values) = match fold {
+            Fold::Norm(name) | Fold::Rows(name) => {
+                let values = floats.take(&name)?;
+                (name, values)
+            }
+        };
+        // A norm's weight and a producer's rows are both indexed by the input feature.
+        let per_feature = values.len() / scales.len();
+        for (chunk, s) in values.chunks_exact_mut(per_feature).zip(&scales) {
+            chunk.iter_mut().for_each(|v| *v /= s);
+        }
+        floats.changed.insert(target, values);
+    }
+    Ok(())
+}
+
+/// Per-output-channel symmetric int8 (v2340's rule, scale stored as f16) in GPTQ's 8-bit
+/// layout: `q + 128` with zero point 128.
+fn int8(weight: &[f32], out: usize, inp: usize) -> IntegerWeights {
+    let mut layer = IntegerWeights {
+        bits: 8,
+        out,
+        inp,
+        quants: vec![0; out * inp],
+        group_of: vec![0; inp],
+        scales: vec![0.0; out],
+        zeros: vec![128; out],
+    };
+    for (r, row) in weight.chunks_exact(inp).enumerate() {
+        let max = row.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+        let scale = half::f16::from_f32(max.max(1e-8) / 127.0).to_f32();
+        layer.scales[r] = scale;
+        for (q, w) in layer.quants[r * inp..(r + 1) * inp].iter_mut().zip(row) {
+            *q = ((w / scale).round_ties_even().clamp(-127.0, 127.0) + 128.0) as u8;
+        }
+    }
+    layer
+}
+
+fn quantization_config(options: &Options, group: usize) -> serde_json::Value {
+    match options.method {
+        Method::Q4 | Method::Awq => serde_json::json!({
+            "quant_method": "awq", "bits": 4, "group_size": group, "zero_point": true,
+            "version": "gemm", "modules_to_not_convert": null,
+        }),
+        Method::Int8 => serde_json::json!({
+            "quant_method": "gptq", "bits": 8, "group_size": -1, "desc_act": false,
+            "sym": true, "checkpoint_format": "gptq",
+        }),
+        Method::Gptq => serde_json::json!({
+            "quant_method": "gptq", "bits": options.bits, "group_size": group,
+            "desc_act": options.act_order, "sym": false, "checkpoint_format": "gptq",
+            "damp_percent": GPTQ_DAMPING, "true_sequential": false,
+        }),
+    }
+}
+
+/// The model with every linear layer recording its inputs.
+fn build_recording(
+    config: &ModelConfig,
+    weights: &Weights,
+    recorder: &Recorder,
+    registry: &Registry,
+    catalog: &[Box<dyn Plugin>],
+) -> anyhow::Result<Model> {
+    let names = expand_auto(&["auto".to_string()], config);
+    let mut app = App::new(Pipeline::Serving);
+    for plugin in resolve(&names, registry, catalog)? {
+        app.add_plugin(plugin)?;
+    }
+    app.world.resource_mut::<Operators>().register(
+        "calibration",
+        Operator::Quantization(Arc::new(Recording(recorder.clone()))),
+    );
+    Model::build(config.clone(), weights, app.world.resource::<Operators>())
+}
+
+struct Recording(Recorder);
+
+impl Factory<dyn Quantization> for Recording {
+    fn check(&self, _config: &ModelConfig) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn build(
+        &self,
+        _cx: &BuildContext<'_>,
+        _prefix: &str,
+        _dim: usize,
+    ) -> anyhow::Result<Box<dyn Quantization>> {
+        Ok(Box::new(self.0.clone()))
+    }
+}
+
+/// Writes the quantized checkpoint into a staging directory beside `out`, then renames it,
+/// so a failure leaves no half-written model.
+fn write_checkpoint(
+    model: &Path,
+    out: &Path,
+    tensors: &[StoredTensor],
+    quantization_config: serde_json::Value,
+) -> anyhow::Result<()> {
+    let name = out
+        .file_name()
+        .with_context(|| format!("{} names no directory", out.display()))?;
+    let staging = out.with_file_name(format!(".{}-{}", name.to_string_lossy(), std::process::id()));
+    std::fs::create_dir_all(&staging)
+        .with_context(|| format!("cannot create {}", staging.display()))?;
+    let written = (|| -> anyhow::Result<()> {
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(model.join("config.json"))?)?;
+        config["quantization_config"] = quantization_config;
+        std::fs::write(staging.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+        for entry in std::fs::read_dir(model)? {
+            let path = entry?.path();
+            let file = path.file_name().unwrap_or_default().to_string_lossy();
+            let weights = file.ends_with(".safetensors") || file.ends_with(".safetensors.index.json");
+            if path.is_file() && !weights && file != "config.json" {
+                std::fs::copy(&path, staging.join(path.file_name().unwrap_or_default()))?;
+            }
+        }
+        let views = tensors
+            .iter()
+            .map(|t| Ok((t.name.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.bytes)?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        safetensors::serialize_to_file(views, Some(metadata), &staging.join("model.safetensors"))?;
+        if out.exists() {
+            std::fs::remove_dir(out)?;
+        }
+        std::fs::rename(&staging, out)?;
+        Ok(())
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    written.with_context(|| format!("cannot write the quantized checkpoint to {}", out.display()))
+}
