@@ -209,9 +209,9 @@ pub fn search_scales(projections: &[&[f32]], stats: &InputStats, group: usize) -
     for step in 0..GRID {
         let alpha = step as f32 / GRID as f32;
         let raw: Vec<f32> = magnitude.iter().map(|m| m.powf(alpha).max(1e-4)).collect();
-        let (max, min) = raw
-            .iter()
-            .fold((0.0f32, f32::INFINITY), |(hi, lo), s| (hi.max(*s), lo.min(*s)));
+        let (max, min) = raw.iter().fold((0.0f32, f32::INFINITY), |(hi, lo), s| {
+            (hi.max(*s), lo.min(*s))
+        });
         let norm = (max * min).sqrt();
         let scales: Vec<f32> = raw.iter().map(|s| s / norm).collect();
         let candidate = loss(&scales);

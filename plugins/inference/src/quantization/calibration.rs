@@ -79,7 +79,11 @@ pub struct Recorder {
 impl Recorder {
     /// Every linear layer the model built, in order: `.weight` name and `[out, in]`.
     pub fn layers(&self) -> Vec<(String, Vec<usize>)> {
-        self.records.lock().expect("no recording panicked").built.clone()
+        self.records
+            .lock()
+            .expect("no recording panicked")
+            .built
+            .clone()
     }
 
     /// The statistics of each recorded projection, by `.weight` name.

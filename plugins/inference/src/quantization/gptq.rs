@@ -193,7 +193,10 @@ pub fn quantize(
 ) -> anyhow::Result<IntegerWeights> {
     let inp = hessian.nrows();
     let group = if group == 0 { inp } else { group };
-    ensure!(inp.is_multiple_of(group), "{group} does not divide {inp} input features");
+    ensure!(
+        inp.is_multiple_of(group),
+        "{group} does not divide {inp} input features"
+    );
     let mut h = Mat::<f64>::from_fn(inp, inp, |i, j| hessian[(i, j)] as f64);
     let mut w = Mat::<f64>::from_fn(out, inp, |r, c| weight[r * inp + c] as f64);
     // Features never seen carry no information: their weights are zeroed, their curvature set.

@@ -215,11 +215,17 @@ impl StoredTensor {
         let (dtype, bytes) = match dtype {
             DType::F16 => (
                 safetensors::Dtype::F16,
-                values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
+                values
+                    .iter()
+                    .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+                    .collect(),
             ),
             DType::BF16 => (
                 safetensors::Dtype::BF16,
-                values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
+                values
+                    .iter()
+                    .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
             ),
             _ => (
                 safetensors::Dtype::F32,

@@ -96,7 +96,10 @@ pub fn quantize_checkpoint(
         model.display()
     );
     if out.exists() && std::fs::read_dir(out)?.next().is_some() {
-        bail!("{} exists and is not empty; choose a new directory", out.display());
+        bail!(
+            "{} exists and is not empty; choose a new directory",
+            out.display()
+        );
     }
     let method = options.method;
     if matches!(method, Method::Q4 | Method::Awq | Method::Gptq)
@@ -131,17 +134,29 @@ pub fn quantize_checkpoint(
             .context("calibration needs the checkpoint's tokenizer")?;
         let mut ids = tokenizer.encode(text)?;
         ids.truncate(options.calibration_tokens);
-        ensure!(ids.len() >= 16, "the calibration text is only {} tokens; give at least 16", ids.len());
+        ensure!(
+            ids.len() >= 16,
+            "the calibration text is only {} tokens; give at least 16",
+            ids.len()
+        );
         calibration_tokens = ids.len();
         let sequence = CALIBRATION_SEQUENCE.min(config.max_position_embeddings);
         for (i, chunk) in ids.chunks(sequence).enumerate() {
             let mut kv = recording.new_sequence();
             recording.forward(chunk, kv.as_mut(), false)?;
-            progress("calibrating", (i * sequence + chunk.len()).min(ids.len()), ids.len());
+            progress(
+                "calibrating",
+                (i * sequence + chunk.len()).min(ids.len()),
+                ids.len(),
+            );
         }
     }
     let stats = recorder.stats();
-    let group = if options.group == 0 { 128 } else { options.group };
+    let group = if options.group == 0 {
+        128
+    } else {
+        options.group
+    };
     let head = [
         format!("{}.weight", config.layout.lm_head),
         format!("{}.weight", config.layout.embed),
@@ -176,7 +191,9 @@ pub fn quantize_checkpoint(
         let prefix = name.strip_suffix(".weight").unwrap_or(name);
         let layer = match method {
             Method::Int8 => int8(&weight, *o, *i),
-            Method::Q4 | Method::Awq => IntegerWeights::round_to_nearest(&weight, *o, *i, 4, group, false),
+            Method::Q4 | Method::Awq => {
+                IntegerWeights::round_to_nearest(&weight, *o, *i, 4, group, false)
+            }
             Method::Gptq => gptq::quantize(
                 &weight,
                 *o,
@@ -203,7 +220,12 @@ pub fn quantize_checkpoint(
             continue;
         }
         let values = floats.take(name)?;
-        tensors.push(StoredTensor::float(name.to_string(), weight.dtype, weight.shape.clone(), &values));
+        tensors.push(StoredTensor::float(
+            name.to_string(),
+            weight.dtype,
+            weight.shape.clone(),
+            &values,
+        ));
     }
     let bytes_after = tensors.iter().map(|t| t.bytes.len()).sum();
     write_checkpoint(model, out, &tensors, quantization_config(options, group))?;
@@ -226,7 +248,10 @@ impl Floats<'_> {
     fn take(&mut self, name: &str) -> anyhow::Result<Vec<f32>> {
         Ok(match self.changed.remove(name) {
             Some(values) => values,
-            None => self.weights.get(name, self.weights.shape(name)?)?.to_f32_vec(),
+            None => self
+                .weights
+                .get(name, self.weights.shape(name)?)?
+                .to_f32_vec(),
         })
     }
 }
@@ -279,13 +304,19 @@ fn awq_scale_layer(
     let p = format!("{}.{layer}", config.layout.layers);
     let a = format!("{p}.{}", config.layout.attention);
     let norm = |site| {
-        let name = config.norm_tensor(site).expect("a pre-norm layer has both norms");
+        let name = config
+            .norm_tensor(site)
+            .expect("a pre-norm layer has both norms");
         format!("{p}.{name}.weight")
     };
     let projection = |name: &str| format!("{a}.{name}.weight");
     let ffn = |name: &str| format!("{p}.mlp.{name}.weight");
     let mut sets = vec![(
-        vec![projection("q_proj"), projection("k_proj"), projection("v_proj")],
+        vec![
+            projection("q_proj"),
+            projection("k_proj"),
+            projection("v_proj"),
+        ],
         Fold::Norm(norm(NormSite::AttnIn)),
     )];
     if config.q_dim() == config.kv_dim() {
@@ -414,25 +445,38 @@ fn write_checkpoint(
     let name = out
         .file_name()
         .with_context(|| format!("{} names no directory", out.display()))?;
-    let staging = out.with_file_name(format!(".{}-{}", name.to_string_lossy(), std::process::id()));
+    let staging = out.with_file_name(format!(
+        ".{}-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     std::fs::create_dir_all(&staging)
         .with_context(|| format!("cannot create {}", staging.display()))?;
     let written = (|| -> anyhow::Result<()> {
         let mut config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(model.join("config.json"))?)?;
         config["quantization_config"] = quantization_config;
-        std::fs::write(staging.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+        std::fs::write(
+            staging.join("config.json"),
+            serde_json::to_string_pretty(&config)?,
+        )?;
         for entry in std::fs::read_dir(model)? {
             let path = entry?.path();
             let file = path.file_name().unwrap_or_default().to_string_lossy();
-            let weights = file.ends_with(".safetensors") || file.ends_with(".safetensors.index.json");
+            let weights =
+                file.ends_with(".safetensors") || file.ends_with(".safetensors.index.json");
             if path.is_file() && !weights && file != "config.json" {
                 std::fs::copy(&path, staging.join(path.file_name().unwrap_or_default()))?;
             }
         }
         let views = tensors
             .iter()
-            .map(|t| Ok((t.name.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.bytes)?)))
+            .map(|t| {
+                Ok((
+                    t.name.clone(),
+                    TensorView::new(t.dtype, t.shape.clone(), &t.bytes)?,
+                ))
+            })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
         safetensors::serialize_to_file(views, Some(metadata), &staging.join("model.safetensors"))?;
