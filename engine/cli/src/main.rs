@@ -213,9 +213,13 @@ struct DivergenceArgs {
     /// The reference's plugins.
     #[arg(long, default_value = "auto", value_delimiter = ',')]
     reference_plugins: Vec<String>,
-    /// Tokens fed to both (the same deterministic ids `vibee bench` uses).
+    /// Tokens fed to both (the same deterministic ids `vibee bench` uses, or the first of
+    /// --text).
     #[arg(long, default_value_t = 128)]
     tokens: usize,
+    /// Measure on this text (tokenized by the model's tokenizer) instead of spread ids.
+    #[arg(long)]
+    text: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -616,7 +620,20 @@ fn divergence(args: DivergenceArgs) -> anyhow::Result<()> {
             reference.model.config.vocab_size
         );
     }
-    let tokens = bench_tokens(args.tokens, vocab);
+    let tokens = match &args.text {
+        None => bench_tokens(args.tokens, vocab),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let tokenizer = engine
+                .tokenizer
+                .as_ref()
+                .context("--text needs the model's tokenizer")?;
+            let mut ids = tokenizer.encode(&text)?;
+            ids.truncate(args.tokens);
+            ids
+        }
+    };
     let logits = |engine: &Engine| {
         let mut kv = engine.model.new_sequence();
         engine.model.forward(&tokens, kv.as_mut(), true)

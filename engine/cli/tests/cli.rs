@@ -173,6 +173,67 @@ fn divergence_measures_quantization_against_the_full_precision_model() {
 }
 
 #[test]
+fn quantize_writes_a_checkpoint_that_runs_and_measures_closer_with_more_bits() {
+    let dir = std::env::temp_dir().join(format!("vibee-quantize-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let measure = |method: &str| -> f64 {
+        let out = dir.join(method);
+        let out = out.to_str().unwrap();
+        let text = stdout(&vibee(&[
+            "quantize",
+            "--method",
+            method,
+            "--group",
+            "32",
+            "--model",
+            "tests/fixtures/llama-gqa",
+            "--out",
+            out,
+        ]));
+        assert!(text.contains("quantized 14 linear layers"), "{text}");
+        let run = stdout(&vibee(&[
+            "run",
+            "--model",
+            out,
+            "--prompt-ids",
+            "1,5,9",
+            "--max-tokens",
+            "4",
+            "--json",
+        ]));
+        assert!(run.contains("\"finish_reason\":\"length\""), "{run}");
+        let divergence: serde_json::Value = serde_json::from_str(&stdout(&vibee(&[
+            "divergence",
+            "--model",
+            out,
+            "--reference",
+            "tests/fixtures/llama-gqa",
+            "--text",
+            "tests/fixtures/calibration/evaluation.txt",
+            "--json",
+        ])))
+        .unwrap();
+        divergence["mean_kl"].as_f64().unwrap()
+    };
+    let (int8, q4) = (measure("int8"), measure("q4"));
+    assert!(0.0 < int8 && int8 < q4, "{int8} {q4}");
+    let again = failure(
+        &vibee(&[
+            "quantize",
+            "--method",
+            "q4",
+            "--model",
+            "tests/fixtures/llama-gqa",
+            "--out",
+            dir.join("q4").to_str().unwrap(),
+        ]),
+        1,
+    );
+    assert!(again.contains("not empty"), "{again}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn bad_requests_fail_with_a_message_not_a_panic() {
     for (args, message) in [
         (
@@ -202,6 +263,32 @@ fn bad_requests_fail_with_a_message_not_a_panic() {
         (
             vec!["specs", "--family", "atention"],
             "unknown family `atention`",
+        ),
+        (
+            vec![
+                "quantize",
+                "--method",
+                "hqq",
+                "--model",
+                "tests/fixtures/llama-gqa",
+                "--out",
+                "/tmp/x",
+            ],
+            "--plugins hqq",
+        ),
+        (
+            vec![
+                "quantize",
+                "--method",
+                "gptq",
+                "--model",
+                "tests/fixtures/llama-gqa",
+                "--out",
+                "/tmp/x",
+                "--calib",
+                "/nonexistent",
+            ],
+            "cannot read the calibration text",
         ),
     ] {
         let err = failure(&vibee(&args), 1);

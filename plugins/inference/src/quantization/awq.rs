@@ -4,61 +4,34 @@
 //! points the same way; `scales` `[in/g, out]` f16; `weight = scale · (q − zero)`. The
 //! activation-aware scales are already folded into the preceding norms and projections.
 
-use anyhow::{bail, ensure, Context};
+use anyhow::{bail, ensure};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, Par};
-use vibee_core::config::ModelConfig;
-use vibee_core::ops::{BuildContext, DenseLinear, Factory, Linear, Quantization};
-use vibee_core::weights::{Weight, Weights};
+use vibee_core::weights::Weights;
+use vibee_core::{App, Plugin, PluginSpec};
 
 use super::calibration::InputStats;
 use super::integer::{IntegerWeights, StoredTensor};
-use super::stored_checkpoint;
+use super::register_stored;
 
 pub struct Awq;
 
-vibee_core::operator_plugin!(Awq, "v2342", "awq", Quantization);
+impl Plugin for Awq {
+    fn spec(&self) -> PluginSpec {
+        PluginSpec {
+            id: "v2342",
+            name: "awq",
+        }
+    }
+
+    fn build(&self, app: &mut App) -> anyhow::Result<()> {
+        register_stored(app, "awq", read);
+        Ok(())
+    }
+}
 
 /// The output column held by nibble `k` of a packed word.
 const ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
-
-impl Factory<dyn Quantization> for Awq {
-    fn check(&self, config: &ModelConfig) -> Result<(), String> {
-        stored_checkpoint(config, "awq")
-    }
-
-    fn build(
-        &self,
-        _cx: &BuildContext<'_>,
-        _prefix: &str,
-        _dim: usize,
-    ) -> anyhow::Result<Box<dyn Quantization>> {
-        Ok(Box::new(Awq))
-    }
-}
-
-impl Quantization for Awq {
-    /// Modules AutoAWQ leaves unquantized (`lm_head`, `modules_to_not_convert`) stay float.
-    fn linear(&self, _name: &str, weight: Weight) -> anyhow::Result<Box<dyn Linear>> {
-        Ok(Box::new(DenseLinear(weight)))
-    }
-
-    fn stored_linear(
-        &self,
-        weights: &Weights,
-        name: &str,
-        out: usize,
-        inp: usize,
-    ) -> anyhow::Result<Option<Box<dyn Linear>>> {
-        let prefix = name.strip_suffix(".weight").unwrap_or(name);
-        if !weights.contains(&format!("{prefix}.qweight")) {
-            return Ok(None);
-        }
-        let layer = read(weights, prefix, out, inp)
-            .with_context(|| format!("cannot read the AWQ layer `{prefix}`"))?;
-        layer.into_linear(prefix).map(Some)
-    }
-}
 
 /// Unpacks rows of words holding eight columns each, in AWQ's nibble order.
 fn unpack(words: &[i32]) -> Vec<u8> {
@@ -220,4 +193,54 @@ pub fn search_scales(projections: &[&[f32]], stats: &InputStats, group: usize) -
         }
     }
     best.1
+}
+
+/// Shrink steps of AWQ's clipping search: the range `[−m, m]` of a group (m its max |w|)
+/// shrinks to `(1 − k/20)·m` for k = 0…9, as AutoAWQ searches it.
+const CLIP_STEPS: usize = 10;
+
+/// AWQ's clipping search (AutoAWQ's `auto_clip`), after scaling: each group of `group` weights
+/// of each row (`weight` holds `W·diag(s)`, `[out, in]` row-major) is clamped to the shrunken
+/// range whose round-to-nearest quantization changes the group's share of the output least,
+/// `δ H_g δᵀ` with `H_g` the group's block of `diag(1/s)·H·diag(1/s)`.
+pub fn clip(weight: &mut [f32], stats: &InputStats, scales: &[f32], group: usize) {
+    use rayon::prelude::*;
+    let inp = scales.len();
+    let h = &stats.hessian;
+    weight.par_chunks_exact_mut(inp).for_each(|row| {
+        let mut clipped = vec![0.0f32; group];
+        let mut delta = vec![0.0f32; group];
+        for (g, values) in row.chunks_exact_mut(group).enumerate() {
+            let first = g * group;
+            let block = |i: usize, j: usize| {
+                h[(first + i, first + j)] / (scales[first + i] * scales[first + j])
+            };
+            let max = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let mut best = (f32::INFINITY, max);
+            for step in 0..CLIP_STEPS {
+                let limit = max * (1.0 - step as f32 / 20.0);
+                for (c, v) in clipped.iter_mut().zip(values.iter()) {
+                    *c = v.clamp(-limit, limit);
+                }
+                let q = IntegerWeights::round_to_nearest(&clipped, 1, group, 4, group, false);
+                for (i, d) in delta.iter_mut().enumerate() {
+                    *d = values[i] - q.value(0, i);
+                }
+                let mut error = 0.0f32;
+                for i in 0..group {
+                    let mut row_sum = 0.0;
+                    for j in 0..group {
+                        row_sum += block(i, j) * delta[j];
+                    }
+                    error += delta[i] * row_sum;
+                }
+                if error < best.0 {
+                    best = (error, limit);
+                }
+            }
+            for v in values.iter_mut() {
+                *v = v.clamp(-best.1, best.1);
+            }
+        }
+    });
 }

@@ -5,56 +5,29 @@
 //! one; `scales` `[groups, out]` f16; `g_idx` `[in]` the group of each input feature (in any
 //! order under act-order); `weight = scale · (q − zero)`. 4 and 8 bits.
 
-use anyhow::{bail, ensure, Context};
+use anyhow::{bail, ensure};
 use faer::linalg::matmul::matmul;
 use faer::linalg::solvers::DenseSolveCore;
 use faer::{Accum, Mat, Par, Side};
-use vibee_core::config::ModelConfig;
-use vibee_core::ops::{BuildContext, DenseLinear, Factory, Linear, Quantization};
-use vibee_core::weights::{Weight, Weights};
+use vibee_core::weights::Weights;
+use vibee_core::{App, Plugin, PluginSpec};
 
 use super::integer::{min_max_group, quantize_value, IntegerWeights, StoredTensor};
-use super::stored_checkpoint;
+use super::register_stored;
 
 pub struct Gptq;
 
-vibee_core::operator_plugin!(Gptq, "v2343", "gptq", Quantization);
-
-impl Factory<dyn Quantization> for Gptq {
-    fn check(&self, config: &ModelConfig) -> Result<(), String> {
-        stored_checkpoint(config, "gptq")
-    }
-
-    fn build(
-        &self,
-        _cx: &BuildContext<'_>,
-        _prefix: &str,
-        _dim: usize,
-    ) -> anyhow::Result<Box<dyn Quantization>> {
-        Ok(Box::new(Gptq))
-    }
-}
-
-impl Quantization for Gptq {
-    /// Layers the checkpoint leaves unquantized (`lm_head`) stay float.
-    fn linear(&self, _name: &str, weight: Weight) -> anyhow::Result<Box<dyn Linear>> {
-        Ok(Box::new(DenseLinear(weight)))
-    }
-
-    fn stored_linear(
-        &self,
-        weights: &Weights,
-        name: &str,
-        out: usize,
-        inp: usize,
-    ) -> anyhow::Result<Option<Box<dyn Linear>>> {
-        let prefix = name.strip_suffix(".weight").unwrap_or(name);
-        if !weights.contains(&format!("{prefix}.qweight")) {
-            return Ok(None);
+impl Plugin for Gptq {
+    fn spec(&self) -> PluginSpec {
+        PluginSpec {
+            id: "v2343",
+            name: "gptq",
         }
-        let layer = read(weights, prefix, out, inp)
-            .with_context(|| format!("cannot read the GPTQ layer `{prefix}`"))?;
-        layer.into_linear(prefix).map(Some)
+    }
+
+    fn build(&self, app: &mut App) -> anyhow::Result<()> {
+        register_stored(app, "gptq", read);
+        Ok(())
     }
 }
 

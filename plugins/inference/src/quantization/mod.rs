@@ -12,11 +12,13 @@ pub mod q4;
 
 use std::sync::Arc;
 
+use integer::IntegerWeights;
+
 use anyhow::{bail, Context};
 use vibee_core::config::ModelConfig;
 use vibee_core::external::PluginConfigs;
-use vibee_core::ops::{BuildContext, Factory, Operator, Quantization};
-use vibee_core::weights::Weight;
+use vibee_core::ops::{BuildContext, DenseLinear, Factory, Linear, Operator, Quantization};
+use vibee_core::weights::{Weight, Weights};
 use vibee_core::App;
 
 /// The factory of a quantizer that starts from full-precision weights.
@@ -58,14 +60,67 @@ fn full_precision(config: &ModelConfig, plugin: &str) -> Result<(), String> {
     }
 }
 
-/// Loaders of checkpoints stored quantized fit only checkpoints whose config names `method`.
-fn stored_checkpoint(config: &ModelConfig, method: &str) -> Result<(), String> {
-    match config.quantization {
-        Some(stored) if stored == method => Ok(()),
-        Some(stored) => Err(format!("the checkpoint is stored for `{stored}`, not `{method}`")),
-        None => Err(format!(
-            "the checkpoint is not quantized with {method} (no quantization_config with quant_method `{method}`; make one with `vibee quantize --method {method}`)"
-        )),
+/// Reads one layer of a checkpoint stored in a packed layout: `(weights, prefix, out, in)`.
+type ReadLayer = fn(&Weights, &str, usize, usize) -> anyhow::Result<IntegerWeights>;
+
+/// The loader of checkpoints stored quantized by `method` (AutoAWQ, GPTQ): it fits only
+/// checkpoints whose config names `method`, reads their packed layers with `read`, and leaves
+/// the layers they store in full precision (the LM head) dense.
+#[derive(Clone, Copy)]
+struct StoredLayout {
+    method: &'static str,
+    read: ReadLayer,
+}
+
+/// Registers the loader of `method`'s packed layout.
+fn register_stored(app: &mut App, method: &'static str, read: ReadLayer) {
+    app.register_operator(Operator::Quantization(Arc::new(StoredLayout {
+        method,
+        read,
+    })));
+}
+
+impl Factory<dyn Quantization> for StoredLayout {
+    fn check(&self, config: &ModelConfig) -> Result<(), String> {
+        let method = self.method;
+        match config.quantization {
+            Some(stored) if stored == method => Ok(()),
+            Some(stored) => Err(format!("the checkpoint is stored for `{stored}`, not `{method}`")),
+            None => Err(format!(
+                "the checkpoint is not quantized with {method} (no quantization_config with quant_method `{method}`; make one with `vibee quantize --method {method}`)"
+            )),
+        }
+    }
+
+    fn build(
+        &self,
+        _cx: &BuildContext<'_>,
+        _prefix: &str,
+        _dim: usize,
+    ) -> anyhow::Result<Box<dyn Quantization>> {
+        Ok(Box::new(*self))
+    }
+}
+
+impl Quantization for StoredLayout {
+    fn linear(&self, _name: &str, weight: Weight) -> anyhow::Result<Box<dyn Linear>> {
+        Ok(Box::new(DenseLinear(weight)))
+    }
+
+    fn stored_linear(
+        &self,
+        weights: &Weights,
+        name: &str,
+        out: usize,
+        inp: usize,
+    ) -> anyhow::Result<Option<Box<dyn Linear>>> {
+        let prefix = name.strip_suffix(".weight").unwrap_or(name);
+        if !weights.contains(&format!("{prefix}.qweight")) {
+            return Ok(None);
+        }
+        let layer = (self.read)(weights, prefix, out, inp)
+            .with_context(|| format!("cannot read the {} layer `{prefix}`", self.method))?;
+        layer.into_linear(prefix).map(Some)
     }
 }
 

@@ -293,7 +293,8 @@ enum Fold {
 
 /// Searches and applies AWQ's scales in one decoder layer, as AutoAWQ orders it: q/k/v (into
 /// the attention norm), o (into v's rows, where their shapes agree), gate/up (into the FFN
-/// norm), down (into up's rows). The projections keep `W·diag(s)` for quantization.
+/// norm), down (into up's rows). The projections keep `W·diag(s)`, clipped (all but q and
+/// k), for quantization.
 fn awq_scale_layer(
     config: &ModelConfig,
     layer: usize,
@@ -337,6 +338,10 @@ fn awq_scale_layer(
         for (name, weight) in names.iter().zip(&mut projections) {
             for row in weight.chunks_exact_mut(scales.len()) {
                 row.iter_mut().zip(&scales).for_each(|(w, s)| *w *= s);
+            }
+            // AutoAWQ leaves queries and keys unclipped: attention scores are sensitive to them.
+            if !(name.contains("q_proj") || name.contains("k_proj")) {
+                awq::clip(weight, &*input_stats(stats, &names[0])?, &scales, group);
             }
             floats.changed.insert(name.clone(), std::mem::take(weight));
         }
