@@ -226,14 +226,12 @@ pub fn clip(weight: &mut [f32], stats: &InputStats, scales: &[f32], group: usize
                 for (i, d) in delta.iter_mut().enumerate() {
                     *d = values[i] - q.value(0, i);
                 }
-                let mut error = 0.0f32;
-                for i in 0..group {
-                    let mut row_sum = 0.0;
-                    for j in 0..group {
-                        row_sum += block(i, j) * delta[j];
-                    }
-                    error += delta[i] * row_sum;
-                }
+                let error: f32 = (0..group)
+                    .map(|i| {
+                        let row: f32 = delta.iter().enumerate().map(|(j, d)| block(i, j) * d).sum();
+                        delta[i] * row
+                    })
+                    .sum();
                 if error < best.0 {
                     best = (error, limit);
                 }
