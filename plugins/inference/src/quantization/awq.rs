@@ -11,7 +11,7 @@ use vibee_core::weights::Weights;
 use vibee_core::{App, Plugin, PluginSpec};
 
 use super::calibration::InputStats;
-use super::integer::{IntegerWeights, StoredTensor};
+use super::integer::{round_trip, IntegerWeights, StoredTensor};
 use super::register_stored;
 
 pub struct Awq;
@@ -148,15 +148,20 @@ pub fn search_scales(projections: &[&[f32]], stats: &InputStats, group: usize) -
                 let step = out.div_ceil(LOSS_ROWS);
                 let rows: Vec<usize> = (0..out).step_by(step).collect();
                 let mut delta = Mat::<f32>::zeros(rows.len(), inp);
-                let mut scaled = vec![0.0f32; inp];
+                let (mut scaled, mut restored) = (vec![0.0f32; inp], vec![0.0f32; inp]);
                 for (k, r) in rows.iter().enumerate() {
                     let row = &weight[r * inp..(r + 1) * inp];
                     for ((s, w), f) in scaled.iter_mut().zip(row).zip(scales) {
                         *s = w * f;
                     }
-                    let q = IntegerWeights::round_to_nearest(&scaled, 1, inp, 4, group, false);
+                    for (values, out) in scaled
+                        .chunks_exact(group)
+                        .zip(restored.chunks_exact_mut(group))
+                    {
+                        round_trip(values, 4, false, out);
+                    }
                     for i in 0..inp {
-                        delta[(k, i)] = row[i] - q.value(0, i) / scales[i];
+                        delta[(k, i)] = row[i] - restored[i] / scales[i];
                     }
                 }
                 let mut product = Mat::<f32>::zeros(rows.len(), inp);
@@ -207,14 +212,21 @@ pub fn clip(weight: &mut [f32], stats: &InputStats, scales: &[f32], group: usize
     use rayon::prelude::*;
     let inp = scales.len();
     let h = &stats.hessian;
-    weight.par_chunks_exact_mut(inp).for_each(|row| {
-        let mut clipped = vec![0.0f32; group];
-        let mut delta = vec![0.0f32; group];
-        for (g, values) in row.chunks_exact_mut(group).enumerate() {
+    // Every row shares the groups' blocks of the scaled Hessian.
+    let blocks: Vec<Vec<f32>> = (0..inp / group)
+        .map(|g| {
             let first = g * group;
-            let block = |i: usize, j: usize| {
-                h[(first + i, first + j)] / (scales[first + i] * scales[first + j])
-            };
+            (0..group * group)
+                .map(|k| {
+                    let (i, j) = (first + k / group, first + k % group);
+                    h[(i, j)] / (scales[i] * scales[j])
+                })
+                .collect()
+        })
+        .collect();
+    weight.par_chunks_exact_mut(inp).for_each(|row| {
+        let (mut clipped, mut delta) = (vec![0.0f32; group], vec![0.0f32; group]);
+        for (values, block) in row.chunks_exact_mut(group).zip(&blocks) {
             let max = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let mut best = (f32::INFINITY, max);
             for step in 0..CLIP_STEPS {
@@ -222,15 +234,14 @@ pub fn clip(weight: &mut [f32], stats: &InputStats, scales: &[f32], group: usize
                 for (c, v) in clipped.iter_mut().zip(values.iter()) {
                     *c = v.clamp(-limit, limit);
                 }
-                let q = IntegerWeights::round_to_nearest(&clipped, 1, group, 4, group, false);
-                for (i, d) in delta.iter_mut().enumerate() {
-                    *d = values[i] - q.value(0, i);
+                round_trip(&clipped, 4, false, &mut delta);
+                for (d, v) in delta.iter_mut().zip(values.iter()) {
+                    *d = v - *d;
                 }
-                let error: f32 = (0..group)
-                    .map(|i| {
-                        let row: f32 = delta.iter().enumerate().map(|(j, d)| block(i, j) * d).sum();
-                        delta[i] * row
-                    })
+                let error: f32 = block
+                    .chunks_exact(group)
+                    .zip(&delta)
+                    .map(|(h_row, d)| d * h_row.iter().zip(&delta).map(|(h, e)| h * e).sum::<f32>())
                     .sum();
                 if error < best.0 {
                     best = (error, limit);

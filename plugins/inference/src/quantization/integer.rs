@@ -46,6 +46,14 @@ pub fn quantize_value(value: f32, scale: f32, zero: i32, bits: u32) -> u8 {
     ((value / scale).round_ties_even() + zero as f32).clamp(0.0, maxq) as u8
 }
 
+/// `values` (one group) quantized to `bits` with [`min_max_group`] and dequantized into `out`.
+pub fn round_trip(values: &[f32], bits: u32, with_zero: bool, out: &mut [f32]) {
+    let (scale, zero) = min_max_group(values, bits, with_zero);
+    for (o, v) in out.iter_mut().zip(values) {
+        *o = scale * (quantize_value(*v, scale, zero, bits) as i32 - zero) as f32;
+    }
+}
+
 impl IntegerWeights {
     pub fn groups(&self) -> usize {
         self.scales.len() / self.out
@@ -87,12 +95,6 @@ impl IntegerWeights {
             }
         }
         layer
-    }
-
-    /// Element `[o][i]` as a float.
-    pub fn value(&self, o: usize, i: usize) -> f32 {
-        let g = self.group_of[i] as usize * self.out + o;
-        self.scales[g] * (self.quants[o * self.inp + i] as i32 - self.zeros[g]) as f32
     }
 
     /// Checks the shapes and value ranges (a loader's last line of defence).
