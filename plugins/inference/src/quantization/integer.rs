@@ -146,19 +146,23 @@ impl IntegerWeights {
             8 => (Bits::Eight, 128),
             other => bail!("`{name}`: {other}-bit weights are not supported (4 or 8)"),
         };
-        let packed = PackedMatrix::from_blocks(bits, self.out, self.inp, true, |o, blocks| {
-            for (b, block) in blocks.iter_mut().enumerate() {
-                let g = self.group_of[column(b * BLOCK)] as usize * self.out + o;
-                let (scale, zero) = (self.scales[g], self.zeros[g]);
-                *block = QuantBlock {
-                    quants: std::array::from_fn(|k| {
-                        (self.quants[o * self.inp + column(b * BLOCK + k)] as i32 - centre) as i8
-                    }),
-                    scale,
-                    min: scale * (centre - zero) as f32,
-                };
-            }
-        });
+        // Symmetric 8-bit layers (zero point 128 everywhere) need no minimums: fewer bytes.
+        let asymmetric = self.zeros.iter().any(|z| *z != centre);
+        let packed =
+            PackedMatrix::from_blocks(bits, self.out, self.inp, asymmetric, |o, blocks| {
+                for (b, block) in blocks.iter_mut().enumerate() {
+                    let g = self.group_of[column(b * BLOCK)] as usize * self.out + o;
+                    let (scale, zero) = (self.scales[g], self.zeros[g]);
+                    *block = QuantBlock {
+                        quants: std::array::from_fn(|k| {
+                            (self.quants[o * self.inp + column(b * BLOCK + k)] as i32 - centre)
+                                as i8
+                        }),
+                        scale,
+                        min: scale * (centre - zero) as f32,
+                    };
+                }
+            });
         let linear = PackedLinear(packed);
         Ok(match order {
             None => Box::new(linear),
