@@ -8,6 +8,11 @@ fn error(dir: &std::path::Path) -> String {
     format!("{:#}", load(dir, "auto").err().expect("refused"))
 }
 
+fn assert_refused(dir: &std::path::Path, expected: &str) {
+    let message = error(dir);
+    assert!(message.contains(expected), "{message}");
+}
+
 /// Rewrites `config.json` of `dir` with `edit` applied to its quantization_config.
 fn edit_quantization_config(dir: &std::path::Path, edit: impl Fn(&mut serde_json::Value)) {
     let path = dir.join("config.json");
@@ -64,11 +69,7 @@ fn damaged_packed_tensors_are_refused() {
     let file = dir.path().join("model.safetensors");
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() - 1000]).unwrap();
-    assert!(
-        error(dir.path()).contains("truncated or corrupt"),
-        "{}",
-        error(dir.path())
-    );
+    assert_refused(dir.path(), "truncated or corrupt");
     // Packed tensors that do not fit the config's shapes.
     let dir = scratch_copy("llama-gqa-awq-g32");
     let path = dir.path().join("config.json");
@@ -78,11 +79,7 @@ fn damaged_packed_tensors_are_refused() {
         config.replace("\"intermediate_size\": 128", "\"intermediate_size\": 96"),
     )
     .unwrap();
-    assert!(
-        error(dir.path()).contains("qweight has shape"),
-        "{}",
-        error(dir.path())
-    );
+    assert_refused(dir.path(), "qweight has shape");
     // A g_idx naming a group that has no scales.
     let dir = scratch_copy("llama-gqa-gptq-g32-actorder");
     let file = dir.path().join("model.safetensors");
@@ -108,11 +105,7 @@ fn damaged_packed_tensors_are_refused() {
         })
         .collect();
     safetensors::serialize_to_file(views, None, &file).unwrap();
-    assert!(
-        error(dir.path()).contains("g_idx names group 99"),
-        "{}",
-        error(dir.path())
-    );
+    assert_refused(dir.path(), "g_idx names group 99");
     // Quantized layers without the plugin that reads them.
     let message = format!(
         "{:#}",

@@ -241,6 +241,10 @@ struct QuantizeArgs {
     /// Calibration tokens used at most.
     #[arg(long, default_value_t = 2048)]
     calib_tokens: usize,
+    /// Memory for calibration statistics, in GB: layers calibrate in windows that fit, one
+    /// pass over the text per window.
+    #[arg(long, default_value_t = 8.0)]
+    calib_memory_gb: f64,
     /// Weights per quantization group (q4, awq, gptq): 32, 64 or 128.
     #[arg(long, default_value_t = 128)]
     group: usize,
@@ -673,6 +677,7 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
         act_order: args.act_order,
         calibration,
         calibration_tokens: args.calib_tokens,
+        hessian_budget: (args.calib_memory_gb * 1e9) as usize,
     };
     let (registry, catalog) = catalog(Vec::new())?;
     let bar = indicatif::ProgressBar::new(0);

@@ -2,10 +2,10 @@
 //! projection of its decoder layers records statistics of its inputs — `H = Σ xᵀx` (the
 //! layer's proxy Hessian, which both methods' losses are quadratic forms in) and `Σ |x|` per
 //! input feature (AWQ's activation magnitudes). Projections fed the same input (q/k/v,
-//! gate/up) share one record. One pass over the full-precision model: every layer's inputs
-//! come from full-precision layers before it.
+//! gate/up) share one record. Every layer's inputs come from the full-precision layers before
+//! it; windows of layers whose statistics fit in memory record one pass at a time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use faer::linalg::matmul::matmul;
@@ -68,6 +68,8 @@ struct Records {
     last: Option<(u64, Shared)>,
     /// Every linear layer the model built: `.weight` name and `[out, in]`.
     built: Vec<(String, Vec<usize>)>,
+    /// The projections that record (all when `None`).
+    only: Option<HashSet<String>>,
 }
 
 /// The recording quantization scheme: dense layers that record their inputs.
@@ -77,6 +79,14 @@ pub struct Recorder {
 }
 
 impl Recorder {
+    /// Drops what was recorded; from now on only the projections `names` record.
+    pub fn restrict(&self, names: HashSet<String>) {
+        let mut records = self.records.lock().expect("no recording panicked");
+        records.by_name.clear();
+        records.last = None;
+        records.only = Some(names);
+    }
+
     /// Every linear layer the model built, in order: `.weight` name and `[out, in]`.
     pub fn layers(&self) -> Vec<(String, Vec<usize>)> {
         self.records
@@ -97,8 +107,15 @@ impl Recorder {
     }
 
     fn record(&self, name: &str, x: &Matrix) {
-        let fingerprint = fingerprint(x);
         let mut records = self.records.lock().expect("no recording panicked");
+        if records
+            .only
+            .as_ref()
+            .is_some_and(|only| !only.contains(name))
+        {
+            return;
+        }
+        let fingerprint = fingerprint(x);
         let (stats, owner) = match records.by_name.get(name) {
             Some((stats, owner)) => (stats.clone(), *owner),
             None => {

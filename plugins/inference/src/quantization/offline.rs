@@ -4,6 +4,7 @@
 //! and unquantized tensors (embeddings, norms, LM head).
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -61,6 +62,9 @@ pub struct Options {
     pub calibration: Option<String>,
     /// At most this many calibration tokens are used.
     pub calibration_tokens: usize,
+    /// Bytes of input statistics (`in² · 4` per projection) held at once: decoder layers are
+    /// calibrated in windows that fit, one pass of the calibration text per window.
+    pub hessian_budget: usize,
 }
 
 /// What `vibee quantize` did.
@@ -123,8 +127,7 @@ pub fn quantize_checkpoint(
     let weights = checkpoint.weights()?;
     let recorder = Recorder::default();
     let recording = build_recording(&config, &weights, &recorder, registry, catalog)?;
-    let mut calibration_tokens = 0;
-    if method.calibrated() {
+    let ids = if method.calibrated() {
         let text = options
             .calibration
             .as_deref()
@@ -139,19 +142,10 @@ pub fn quantize_checkpoint(
             "the calibration text is only {} tokens; give at least 16",
             ids.len()
         );
-        calibration_tokens = ids.len();
-        let sequence = CALIBRATION_SEQUENCE.min(config.max_position_embeddings);
-        for (i, chunk) in ids.chunks(sequence).enumerate() {
-            let mut kv = recording.new_sequence();
-            recording.forward(chunk, kv.as_mut(), false)?;
-            progress(
-                "calibrating",
-                (i * sequence + chunk.len()).min(ids.len()),
-                ids.len(),
-            );
-        }
-    }
-    let stats = recorder.stats();
+        ids
+    } else {
+        Vec::new()
+    };
     let group = if options.group == 0 {
         128
     } else {
@@ -179,37 +173,81 @@ pub fn quantize_checkpoint(
         weights: &weights,
         changed: HashMap::new(),
     };
-    if method == Method::Awq {
-        for layer in 0..config.num_layers {
-            awq_scale_layer(&config, layer, group, &mut floats, &stats)?;
-            progress("searching AWQ scales", layer + 1, config.num_layers);
-        }
-    }
+    let layer_of = |name: &str| {
+        name.strip_prefix(config.layout.layers)
+            .and_then(|rest| {
+                rest.strip_prefix('.')?
+                    .split('.')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    // Statistics are held only while calibrating.
+    let budget = if method.calibrated() {
+        options.hessian_budget
+    } else {
+        usize::MAX
+    };
+    let windows = layer_windows(&selected, &layer_of, budget);
     let mut tensors = Vec::new();
-    for (done, (name, o, i)) in selected.iter().enumerate() {
-        let weight = floats.take(name)?;
-        let prefix = name.strip_suffix(".weight").unwrap_or(name);
-        let layer = match method {
-            Method::Int8 => int8(&weight, *o, *i),
-            Method::Q4 | Method::Awq => {
-                IntegerWeights::round_to_nearest(&weight, *o, *i, 4, group, false)
+    let mut done = 0;
+    for window in windows {
+        let in_window = |name: &str| window.contains(&layer_of(name));
+        let stats = if method.calibrated() {
+            let names = selected
+                .iter()
+                .map(|(n, ..)| n.clone())
+                .filter(|n| in_window(n));
+            recorder.restrict(names.collect());
+            let stage = format!("calibrating layers {}–{}", window.start, window.end - 1);
+            let sequence = CALIBRATION_SEQUENCE.min(config.max_position_embeddings);
+            for (i, chunk) in ids.chunks(sequence).enumerate() {
+                let mut kv = recording.new_sequence();
+                recording.forward(chunk, kv.as_mut(), false)?;
+                progress(
+                    &stage,
+                    (i * sequence + chunk.len()).min(ids.len()),
+                    ids.len(),
+                );
             }
-            Method::Gptq => gptq::quantize(
-                &weight,
-                *o,
-                &input_stats(&stats, name)?.hessian,
-                options.bits,
-                group,
-                options.act_order,
-                GPTQ_DAMPING,
-            )
-            .with_context(|| format!("GPTQ of `{name}`"))?,
+            recorder.stats()
+        } else {
+            HashMap::new()
         };
-        tensors.extend(match method {
-            Method::Q4 | Method::Awq => awq::write(&layer, prefix)?,
-            Method::Int8 | Method::Gptq => gptq::write(&layer, prefix)?,
-        });
-        progress("quantizing", done + 1, selected.len());
+        if method == Method::Awq {
+            for layer in window.clone() {
+                awq_scale_layer(&config, layer, group, &mut floats, &stats)?;
+                progress("searching AWQ scales", layer + 1, config.num_layers);
+            }
+        }
+        for (name, o, i) in selected.iter().filter(|(n, ..)| in_window(n)) {
+            let weight = floats.take(name)?;
+            let prefix = name.strip_suffix(".weight").unwrap_or(name);
+            let layer = match method {
+                Method::Int8 => int8(&weight, *o, *i),
+                Method::Q4 | Method::Awq => {
+                    IntegerWeights::round_to_nearest(&weight, *o, *i, 4, group, false)
+                }
+                Method::Gptq => gptq::quantize(
+                    &weight,
+                    *o,
+                    &input_stats(&stats, name)?.hessian,
+                    options.bits,
+                    group,
+                    options.act_order,
+                    GPTQ_DAMPING,
+                )
+                .with_context(|| format!("GPTQ of `{name}`"))?,
+            };
+            tensors.extend(match method {
+                Method::Q4 | Method::Awq => awq::write(&layer, prefix)?,
+                Method::Int8 | Method::Gptq => gptq::write(&layer, prefix)?,
+            });
+            done += 1;
+            progress("quantizing", done, selected.len());
+        }
     }
     let replaced: Vec<&str> = selected.iter().map(|(n, ..)| n.as_str()).collect();
     let mut bytes_before = 0;
@@ -232,10 +270,39 @@ pub fn quantize_checkpoint(
     Ok(Summary {
         quantized: selected.len(),
         kept,
-        calibration_tokens,
+        calibration_tokens: ids.len(),
         bytes_before,
         bytes_after,
     })
+}
+
+/// Consecutive decoder layers whose projections' input statistics fit `budget` bytes
+/// together (each window holds one layer at least).
+fn layer_windows(
+    selected: &[(String, usize, usize)],
+    layer_of: &dyn Fn(&str) -> usize,
+    budget: usize,
+) -> Vec<Range<usize>> {
+    let layers = selected
+        .iter()
+        .map(|(n, ..)| layer_of(n) + 1)
+        .max()
+        .unwrap_or(1);
+    let mut bytes = vec![0usize; layers];
+    for (name, _, inp) in selected {
+        bytes[layer_of(name)] += inp * inp * 4;
+    }
+    let mut windows = Vec::new();
+    let (mut start, mut held) = (0, 0);
+    for (layer, b) in bytes.iter().enumerate() {
+        if layer > start && held + b > budget {
+            windows.push(start..layer);
+            (start, held) = (layer, 0);
+        }
+        held += b;
+    }
+    windows.push(start..layers);
+    windows
 }
 
 /// Float tensors as the method leaves them: the checkpoint's, or AWQ's rescaled copies.
