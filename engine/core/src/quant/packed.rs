@@ -192,6 +192,16 @@ impl PackedMatrix {
         packed
     }
 
+    /// The same matrix with its scales stored as f16, for formats whose scales are f16 values
+    /// (exact): fewer bytes for the kernels to stream. Minimums stay f32, since `−scale · zero`
+    /// rounded to f16 moves whole blocks of weights.
+    pub fn with_half_scales(mut self) -> Self {
+        if let Numbers::Full(values) = &self.scales {
+            self.scales = Numbers::Half(values.iter().map(|v| f16::from_f32(*v)).collect());
+        }
+        self
+    }
+
     /// A matrix with zeroed quants, whose scales and minimums the constructor fills in.
     fn empty(bits: Bits, rows: usize, cols: usize, halves: bool, offset: f32) -> Self {
         Self {

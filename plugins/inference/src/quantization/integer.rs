@@ -163,7 +163,8 @@ impl IntegerWeights {
                     };
                 }
             });
-        let linear = PackedLinear(packed);
+        // The checkpoint's scales are f16 values: stored so, the kernels stream fewer bytes.
+        let linear = PackedLinear(packed.with_half_scales());
         Ok(match order {
             None => Box::new(linear),
             Some(order) => Box::new(PermutedInput { order, linear }),
