@@ -9,7 +9,8 @@
         benches/models/tinyllama-Q4_0.gguf benches/models/tinyllama-Q8_0.gguf ...
 
 For each file it runs `llama-bench -o json` and `vibee bench --json` one after the other (never
-concurrently), each best of `--repeat` runs of a `--prompt`-token prefill and a `--gen`-token
+concurrently); `--vibee-only MODEL[:PLUGINS] …` adds checkpoints only vibee reads (the f32
+safetensors with `auto,int8` / `auto,q4`, `vibee quantize` outputs) to the same run, each best of `--repeat` runs of a `--prompt`-token prefill and a `--gen`-token
 decode, and prints a Markdown table of prefill and decode tokens/s and vibee/llama.cpp ratios.
 """
 
@@ -34,9 +35,9 @@ def llama_cpp(binary, model, args):
     return prefill, decode
 
 
-def vibee(model, args):
+def vibee(model, args, plugins="auto"):
     out = subprocess.run(
-        [VIBEE, "bench", "--model", model, "--plugins", "auto", "--threads", str(args.threads),
+        [VIBEE, "bench", "--model", model, "--plugins", plugins, "--threads", str(args.threads),
          "--prompt-tokens", str(args.prompt), "--gen-tokens", str(args.gen),
          "--repeat", str(args.repeat), "--json"],
         check=True, capture_output=True, text=True,
@@ -53,6 +54,11 @@ def main():
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--gen", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--vibee-only", nargs="*", default=[], metavar="MODEL[:PLUGINS]",
+        help="checkpoints llama.cpp cannot read (f32 safetensors with --plugins auto,int8, "
+             "AutoAWQ/GPTQ directories), benched by vibee in the same run",
+    )
     args = parser.parse_args()
     print("| file | engine | prefill tok/s | decode tok/s | decode vs llama.cpp |")
     print("|---|---|---|---|---|")
@@ -62,6 +68,11 @@ def main():
         name = os.path.basename(model)
         print(f"| {name} | vibee | {vp:.1f} | {vd:.2f} | {vd / ld:.2f}x |")
         print(f"| {name} | llama.cpp | {lp:.1f} | {ld:.2f} | 1.00x |")
+    for entry in args.vibee_only:
+        model, _, plugins = entry.partition(":")
+        vp, vd = vibee(model, args, plugins or "auto")
+        name = os.path.basename(model.rstrip("/")) + (f" ({plugins})" if plugins else "")
+        print(f"| {name} | vibee | {vp:.1f} | {vd:.2f} | - |")
 
 
 if __name__ == "__main__":

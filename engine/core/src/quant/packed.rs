@@ -303,13 +303,37 @@ impl PackedMatrix {
             // SAFETY (both): the features were just detected; the row and `x` hold
             // `self.blocks()` blocks each, which is all the kernels read.
             if x86::has_avx512() {
-                return unsafe { x86::dot_avx512(self, r, x) };
+                return unsafe { x86::dot_avx512(self, r, [x]) }[0];
             }
             if x86::has_avx2() {
                 return unsafe { x86::dot_avx2(self, r, x) };
             }
         }
         self.dot_blocks(r, x, 0..self.blocks())
+    }
+
+    /// The dot products of row `r` with every row of `xs`, into `out`. With AVX-512 four
+    /// activation rows share each load of the weights, which makes the integer kernels worth
+    /// running for prompts of any length.
+    pub fn dot_rows(&self, r: usize, xs: &[QuantizedRow], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if x86::has_avx512() {
+            let mut fours = xs.chunks_exact(4);
+            let mut outs = out.chunks_exact_mut(4);
+            for (x, o) in (&mut fours).zip(&mut outs) {
+                // SAFETY: as in `dot`.
+                o.copy_from_slice(&unsafe {
+                    x86::dot_avx512(self, r, [&x[0], &x[1], &x[2], &x[3]])
+                });
+            }
+            for (x, o) in fours.remainder().iter().zip(outs.into_remainder()) {
+                *o = self.dot(r, x);
+            }
+            return;
+        }
+        for (x, o) in xs.iter().zip(out) {
+            *o = self.dot(r, x);
+        }
     }
 
     /// The part of the dot product of row `r` over `blocks`, one element at a time.
@@ -341,8 +365,33 @@ pub struct QuantBlock {
     pub min: f32,
 }
 
+/// Whether prompts of any length take the integer kernels (AVX-512 VNNI: four activation rows
+/// per weight load), rather than widening weights for the f32 GEMM beyond
+/// [`INTEGER_MAX_ROWS`] rows.
+fn integer_prefill() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return x86::has_avx512();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// A linear layer over a packed weight.
 pub struct PackedLinear(pub PackedMatrix);
+
+impl PackedLinear {
+    /// `x · Wᵀ` on the integer kernels.
+    fn integer(&self, x: &Matrix, out: &mut Matrix) {
+        let quantized: Vec<QuantizedRow> = x.rows_iter().map(QuantizedRow::new).collect();
+        cpu::gemv_rows(out, || (), |_, r, dst| self.0.dot_rows(r, &quantized, dst));
+    }
+
+    /// `x · Wᵀ` on the f32 GEMM, blocks of weight rows widened, with the same int8-rounded
+    /// activations.
+    fn widened(&self, x: &Matrix, out: &mut Matrix) {
+        let rounded = super::round_activations(x);
+        cpu::gemm_widened(&rounded, out, |r, row| self.0.row_to_f32(r, row));
+    }
+}
 
 impl Linear for PackedLinear {
     /// Activations are rounded to int8 per block of 32 for any number of rows, as llama.cpp
@@ -353,20 +402,10 @@ impl Linear for PackedLinear {
         let w = &self.0;
         assert_eq!(x.cols, w.cols, "linear: input width does not match weight");
         let mut out = Matrix::zeros(x.rows, w.rows);
-        if x.rows <= INTEGER_MAX_ROWS {
-            let quantized: Vec<QuantizedRow> = x.rows_iter().map(QuantizedRow::new).collect();
-            cpu::gemv_rows(
-                &mut out,
-                || (),
-                |_, r, dst| {
-                    for (d, q) in dst.iter_mut().zip(&quantized) {
-                        *d = w.dot(r, q);
-                    }
-                },
-            );
+        if x.rows <= INTEGER_MAX_ROWS || integer_prefill() {
+            self.integer(x, &mut out);
         } else {
-            let rounded = super::round_activations(x);
-            cpu::gemm_widened(&rounded, &mut out, |r, row| w.row_to_f32(r, row));
+            self.widened(x, &mut out);
         }
         out
     }
@@ -462,59 +501,74 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)))
     }
 
-    /// `vpdpbusd` multiplies unsigned by signed bytes: 8-bit weights keep their sign, moved
-    /// onto the activations (`|w| · (x · sign w)`), which loses nothing; shifting them to
-    /// unsigned instead and subtracting 128 · Σx after cancels away the precision of small
-    /// weights (Q3_K's −4…3).
+    /// Dot products of row `r` with `N` activation rows: each group of weights is loaded and
+    /// unpacked once for all of them. `vpdpbusd` multiplies unsigned by signed bytes: 8-bit
+    /// weights keep their sign, moved onto the activations (`|w| · (x · sign w)`), which loses
+    /// nothing; shifting them to unsigned instead and subtracting 128 · Σx after cancels away
+    /// the precision of small weights (Q3_K's −4…3).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
-    pub unsafe fn dot_avx512(w: &PackedMatrix, r: usize, x: &QuantizedRow) -> f32 {
+    pub unsafe fn dot_avx512<const N: usize>(
+        w: &PackedMatrix,
+        r: usize,
+        xs: [&QuantizedRow; N],
+    ) -> [f32; N] {
         let groups = w.blocks() / GROUP;
         let quants = w.row_quants(r).as_ptr();
-        let xq = x.quants.as_ptr();
         // Lane i of the products belongs to block i / 4 of the group.
         let spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
         let spread = |v: __m128| _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(v));
-        let signed = |w: __m512i, x: __m512i| {
-            let negative = _mm512_movepi8_mask(w);
-            (
-                _mm512_abs_epi8(w),
-                _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x),
-            )
-        };
         let low = _mm512_set1_epi8(0x0F);
-        let mut acc = _mm512_setzero_ps();
-        let mut offsets = _mm_setzero_ps();
+        let zero = _mm512_setzero_si512();
+        let mut acc = [_mm512_setzero_ps(); N];
+        let mut offsets = [_mm_setzero_ps(); N];
         for g in 0..groups {
-            let xa = _mm512_loadu_si512(xq.add(GROUP * BLOCK * g).cast());
-            let xb = _mm512_loadu_si512(xq.add(GROUP * BLOCK * g + 64).cast());
-            let ((a, xa), (b, xb)) = match w.bits {
+            // The group's weights as unsigned bytes, and the lanes whose sign moves onto x.
+            let (a, b, negative_a, negative_b) = match w.bits {
                 Bits::Four => {
                     let packed = _mm512_loadu_si512(quants.add(64 * g).cast());
+                    let high = _mm512_srli_epi16(packed, 4);
                     (
-                        (_mm512_and_si512(packed, low), xa),
-                        (_mm512_and_si512(_mm512_srli_epi16(packed, 4), low), xb),
+                        _mm512_and_si512(packed, low),
+                        _mm512_and_si512(high, low),
+                        0,
+                        0,
                     )
                 }
-                Bits::Eight => (
-                    signed(_mm512_loadu_si512(quants.add(128 * g).cast()), xa),
-                    signed(_mm512_loadu_si512(quants.add(128 * g + 64).cast()), xb),
-                ),
+                Bits::Eight => {
+                    let a = _mm512_loadu_si512(quants.add(128 * g).cast());
+                    let b = _mm512_loadu_si512(quants.add(128 * g + 64).cast());
+                    let (na, nb) = (_mm512_movepi8_mask(a), _mm512_movepi8_mask(b));
+                    (_mm512_abs_epi8(a), _mm512_abs_epi8(b), na, nb)
+                }
             };
-            let (sa, sb) = group_scales(w, r, g, x, &mut offsets);
-            let zero = _mm512_setzero_si512();
-            if w.halves {
-                let pa = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, a, xa));
-                let pb = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, b, xb));
-                acc = _mm512_fmadd_ps(pa, spread(sa), acc);
-                acc = _mm512_fmadd_ps(pb, spread(sb), acc);
-            } else {
-                let p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, a, xa), b, xb);
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), spread(sa), acc);
+            for k in 0..N {
+                let xq = xs[k].quants.as_ptr().add(GROUP * BLOCK * g);
+                let xa = _mm512_loadu_si512(xq.cast());
+                let xb = _mm512_loadu_si512(xq.add(64).cast());
+                let (xa, xb) = match w.bits {
+                    Bits::Four => (xa, xb),
+                    Bits::Eight => (
+                        _mm512_mask_sub_epi8(xa, negative_a, zero, xa),
+                        _mm512_mask_sub_epi8(xb, negative_b, zero, xb),
+                    ),
+                };
+                let (sa, sb) = group_scales(w, r, g, xs[k], &mut offsets[k]);
+                if w.halves {
+                    let pa = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, a, xa));
+                    let pb = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, b, xb));
+                    acc[k] = _mm512_fmadd_ps(pa, spread(sa), acc[k]);
+                    acc[k] = _mm512_fmadd_ps(pb, spread(sb), acc[k]);
+                } else {
+                    let p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, a, xa), b, xb);
+                    acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), spread(sa), acc[k]);
+                }
             }
         }
-        _mm512_reduce_add_ps(acc)
-            + hsum128(offsets)
-            + w.dot_blocks(r, x, groups * GROUP..w.blocks())
+        std::array::from_fn(|k| {
+            _mm512_reduce_add_ps(acc[k])
+                + hsum128(offsets[k])
+                + w.dot_blocks(r, xs[k], groups * GROUP..w.blocks())
+        })
     }
 
     /// Products of 32 weight bytes with 32 activation bytes, summed in groups of four into
@@ -693,22 +747,26 @@ mod tests {
     #[test]
     fn many_rows_give_each_row_its_own_result() {
         let (rows, cols, n) = (40, 8 * BLOCK, INTEGER_MAX_ROWS + 6);
-        let weight = Weight::from_bytes(
-            quantize_q4_0(&values(rows * cols, 4)),
-            DType::Q4_0,
-            vec![rows, cols],
-        );
-        let linear = PackedLinear(PackedMatrix::from_gguf(&weight).unwrap());
         let x = Matrix::from_vec(n, cols, values(n * cols, 8));
-        // The GEMM path (widened weights) against the integer path, row by row.
-        let all = linear.forward(&x);
-        for (j, row) in x.rows_iter().enumerate() {
-            let one = linear.forward(&Matrix::from_vec(1, cols, row.to_vec()));
-            for (a, b) in all.row(j).iter().zip(&one.data) {
-                assert!(
-                    (a - b).abs() <= 1e-4 * b.abs().max(1.0),
-                    "row {j}: {a} vs {b}"
-                );
+        for (dtype, bytes) in [
+            (DType::Q4_0, quantize_q4_0(&values(rows * cols, 4))),
+            (DType::Q8_0, quantize_q8_0(&values(rows * cols, 6))),
+            (DType::Q6K, random_blocks(DType::Q6K, rows * cols / 256, 7)),
+        ] {
+            let weight = Weight::from_bytes(bytes, dtype, vec![rows, cols]);
+            let linear = PackedLinear(PackedMatrix::from_gguf(&weight).unwrap());
+            // Both many-row paths (several activation rows per weight load; widened weights
+            // for the GEMM) against the one-row integer path, row by row.
+            let (mut integer, mut widened) = (Matrix::zeros(n, rows), Matrix::zeros(n, rows));
+            linear.integer(&x, &mut integer);
+            linear.widened(&x, &mut widened);
+            for (j, row) in x.rows_iter().enumerate() {
+                let one = linear.forward(&Matrix::from_vec(1, cols, row.to_vec()));
+                for ((a, c), b) in integer.row(j).iter().zip(widened.row(j)).zip(&one.data) {
+                    let tolerance = 1e-4 * b.abs().max(1.0);
+                    assert!((a - b).abs() <= tolerance, "{dtype} row {j}: {a} vs {b}");
+                    assert!((c - b).abs() <= tolerance, "{dtype} row {j}: {c} vs {b}");
+                }
             }
         }
     }
