@@ -22,6 +22,33 @@ fn edit_quantization_config(dir: &std::path::Path, edit: impl Fn(&mut serde_json
     std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
 }
 
+/// Rewrites tensor `name` of `dir`'s weights: `edit(shape, data)` changes its bytes in place
+/// and returns its new shape.
+fn replace_tensor(
+    dir: &std::path::Path,
+    name: &str,
+    edit: impl Fn(&[usize], &mut Vec<u8>) -> Vec<usize>,
+) {
+    let file = dir.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let tensors = SafeTensors::deserialize(&bytes).unwrap();
+    let target = tensors.tensor(name).unwrap();
+    let mut data = target.data().to_vec();
+    let shape = edit(target.shape(), &mut data);
+    let views: Vec<(String, TensorView)> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(n, view)| match n == name {
+            true => (
+                n,
+                TensorView::new(view.dtype(), shape.clone(), &data).unwrap(),
+            ),
+            false => (n, view),
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &file).unwrap();
+}
+
 #[test]
 fn unsupported_quantization_configs_are_named() {
     for (fixture, key, value, expected) in [
@@ -82,30 +109,23 @@ fn damaged_packed_tensors_are_refused() {
     assert_refused(dir.path(), "qweight has shape");
     // A g_idx naming a group that has no scales.
     let dir = scratch_copy("llama-gqa-gptq-g32-actorder");
-    let file = dir.path().join("model.safetensors");
-    let bytes = std::fs::read(&file).unwrap();
-    let tensors = SafeTensors::deserialize(&bytes).unwrap();
-    let bad_group = 99i32.to_le_bytes();
-    let mut g_idx = tensors
-        .tensor("model.layers.0.self_attn.q_proj.g_idx")
-        .unwrap()
-        .data()
-        .to_vec();
-    g_idx[..4].copy_from_slice(&bad_group);
-    let views: Vec<(String, TensorView)> = tensors
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            if name.ends_with("layers.0.self_attn.q_proj.g_idx") {
-                let view = TensorView::new(view.dtype(), view.shape().to_vec(), &g_idx).unwrap();
-                (name, view)
-            } else {
-                (name, view)
-            }
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &file).unwrap();
+    replace_tensor(
+        dir.path(),
+        "model.layers.0.self_attn.q_proj.g_idx",
+        |shape, data| {
+            data[..4].copy_from_slice(&99i32.to_le_bytes());
+            shape.to_vec()
+        },
+    );
     assert_refused(dir.path(), "g_idx names group 99");
+    // Scales that are not a [groups, out] matrix.
+    let dir = scratch_copy("llama-gqa-gptq-g32-actorder");
+    replace_tensor(
+        dir.path(),
+        "model.layers.1.mlp.down_proj.scales",
+        |shape, _| vec![shape.iter().product()],
+    );
+    assert_refused(dir.path(), "expected [groups, out features]");
     // Quantized layers without the plugin that reads them.
     let message = format!(
         "{:#}",

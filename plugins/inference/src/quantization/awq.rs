@@ -11,7 +11,7 @@ use vibee_core::weights::Weights;
 use vibee_core::{App, Plugin, PluginSpec};
 
 use super::calibration::InputStats;
-use super::integer::{round_trip, IntegerWeights, StoredTensor};
+use super::integer::{round_trip, scale_groups, IntegerWeights, StoredTensor};
 use super::register_stored;
 
 pub struct Awq;
@@ -71,8 +71,8 @@ pub fn read(
         out / 8
     );
     let scales_name = format!("{prefix}.scales");
-    let groups = weights.shape(&scales_name)?[0];
-    if groups == 0 || !inp.is_multiple_of(groups) {
+    let groups = scale_groups(weights, &scales_name)?;
+    if !inp.is_multiple_of(groups) {
         bail!("{groups} scale groups do not divide {inp} input features");
     }
     let scales = weights.get(&scales_name, &[groups, out])?.to_f32_vec();

@@ -12,7 +12,7 @@ use faer::{Accum, Mat, Par, Side};
 use vibee_core::weights::Weights;
 use vibee_core::{App, Plugin, PluginSpec};
 
-use super::integer::{min_max_group, quantize_value, IntegerWeights, StoredTensor};
+use super::integer::{min_max_group, quantize_value, scale_groups, IntegerWeights, StoredTensor};
 use super::register_stored;
 
 pub struct Gptq;
@@ -47,8 +47,7 @@ pub fn read(
     let per_word = 32 / bits as usize;
     let mask = (1u32 << bits) - 1;
     let scales_name = format!("{prefix}.scales");
-    let groups = weights.shape(&scales_name)?[0];
-    ensure!(groups > 0, "no scale groups");
+    let groups = scale_groups(weights, &scales_name)?;
     let scales = weights.get(&scales_name, &[groups, out])?.to_f32_vec();
     let (qzeros, zero_shape) = weights.int32(&format!("{prefix}.qzeros"))?;
     ensure!(

@@ -8,7 +8,7 @@ use half::{bf16, f16};
 use vibee_core::ops::Linear;
 use vibee_core::quant::packed::{Bits, PackedLinear, PackedMatrix, QuantBlock};
 use vibee_core::tensor::Matrix;
-use vibee_core::weights::DType;
+use vibee_core::weights::{DType, Weights};
 
 const BLOCK: usize = 32;
 
@@ -51,6 +51,14 @@ pub fn round_trip(values: &[f32], bits: u32, with_zero: bool, out: &mut [f32]) {
     let (scale, zero) = min_max_group(values, bits, with_zero);
     for (o, v) in out.iter_mut().zip(values) {
         *o = scale * (quantize_value(*v, scale, zero, bits) as i32 - zero) as f32;
+    }
+}
+
+/// The number of groups a packed layer's `scales` tensor (`[groups, out]`) holds.
+pub fn scale_groups(weights: &Weights, name: &str) -> anyhow::Result<usize> {
+    match weights.shape(name)? {
+        [groups, _] if *groups > 0 => Ok(*groups),
+        shape => bail!("`{name}` has shape {shape:?}, expected [groups, out features]"),
     }
 }
 
