@@ -41,7 +41,7 @@ fn options(method: Method, act_order: bool) -> Options {
         group: 32,
         bits: 4,
         act_order,
-        calibration: Some(calibration_text()),
+        calibration: matches!(method, Method::Awq | Method::Gptq).then(calibration_text),
         calibration_tokens: 2048,
         hessian_budget: usize::MAX,
     }
@@ -174,6 +174,16 @@ fn bad_requests_are_refused_with_a_reason() {
         ..options(Method::Q4, false)
     };
     assert!(refused(&llama, &group).contains("--group must be 32, 64 or 128"));
+    let eight_bit_awq = Options {
+        bits: 8,
+        ..options(Method::Awq, false)
+    };
+    assert!(refused(&llama, &eight_bit_awq).contains("GPTQ's options"));
+    let calibrated_q4 = Options {
+        calibration: Some(calibration_text()),
+        ..options(Method::Q4, false)
+    };
+    assert!(refused(&llama, &calibrated_q4).contains("need no calibration"));
     assert!(
         refused(&fixture("llama-gqa-awq-g32"), &options(Method::Q4, false))
             .contains("already quantized")

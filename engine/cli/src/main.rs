@@ -662,6 +662,9 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
     use vibee_inference::quantization::offline::{quantize_checkpoint, Method, Options};
     set_threads(args.threads)?;
     let method = Method::parse(&args.method)?;
+    if args.calib_memory_gb.is_nan() || args.calib_memory_gb <= 0.0 {
+        bail!("--calib-memory-gb must be a positive number of GB");
+    }
     let calibration = args
         .calib
         .as_ref()

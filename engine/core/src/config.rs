@@ -1193,6 +1193,9 @@ const GPTQ_PROVENANCE_KEYS: &[&str] = &[
     "mse",
     "v2",
     "v2_alpha",
+    "model_seqlen",
+    "block_name_to_quantize",
+    "disable_exllama",
 ];
 
 /// Reads `quantization_config`: the plugin the stored tensors need (`awq` for AutoAWQ's GEMM
@@ -1211,14 +1214,18 @@ fn quantization_config<'a>(f: &mut Fields<'a>) -> Result<Option<&'static str>, C
         .ok_or_else(|| invalid("`quantization_config` needs `quant_method`".into()))?;
     let bits = q.usize("bits")?.unwrap_or(0);
     let group = q.get("group_size").and_then(Value::as_i64);
-    if !(group == Some(-1) || group.is_some_and(|g| g > 0 && g % 32 == 0)) {
-        return Err(invalid(format!(
+    let group_fits = || {
+        if group == Some(-1) || group.is_some_and(|g| g > 0 && g % 32 == 0) {
+            return Ok(());
+        }
+        Err(invalid(format!(
             "quantization_config.group_size must be a multiple of 32 or -1, got {}",
             map.get("group_size").unwrap_or(&Value::Null)
-        )));
-    }
+        )))
+    };
     let plugin = match method.as_str() {
         "awq" => {
+            group_fits()?;
             if bits != 4 {
                 return Err(invalid(format!("AWQ with {bits} bits is not supported (4)")));
             }
@@ -1235,6 +1242,7 @@ fn quantization_config<'a>(f: &mut Fields<'a>) -> Result<Option<&'static str>, C
             "awq"
         }
         "gptq" => {
+            group_fits()?;
             if !matches!(bits, 4 | 8) {
                 return Err(invalid(format!("GPTQ with {bits} bits is not supported (4 or 8)")));
             }

@@ -316,6 +316,15 @@ impl PackedMatrix {
     /// activation rows share each load of the weights, which makes the integer kernels worth
     /// running for prompts of any length.
     pub fn dot_rows(&self, r: usize, xs: &[QuantizedRow], out: &mut [f32]) {
+        // The kernels read whole rows of blocks: a mismatch would read past a buffer.
+        assert!(
+            r < self.rows && out.len() == xs.len(),
+            "dot_rows: shapes disagree"
+        );
+        assert!(
+            xs.iter().all(|x| x.blocks() == self.blocks()),
+            "dot_rows: activation rows do not match the weight's width"
+        );
         #[cfg(target_arch = "x86_64")]
         if x86::has_avx512() {
             let mut fours = xs.chunks_exact(4);
@@ -353,8 +362,9 @@ impl PackedMatrix {
     }
 }
 
-/// Products of up to this many rows run on the integer kernels: widening a whole matrix for
-/// the GEMM costs about as much as 30 rows of integer dot products (TinyLlama shapes, 2 threads).
+/// Without AVX-512 VNNI, products of up to this many rows run on the integer kernels and
+/// longer ones on the widened GEMM: widening a whole matrix costs about as much as 30 rows of
+/// one-row integer dot products (TinyLlama shapes, 2 threads).
 pub const INTEGER_MAX_ROWS: usize = 24;
 
 /// One quantized block of 32 weights: `weight = scale · quant + min`.
@@ -395,9 +405,10 @@ impl PackedLinear {
 
 impl Linear for PackedLinear {
     /// Activations are rounded to int8 per block of 32 for any number of rows, as llama.cpp
-    /// does, so a token's result does not depend on how many rows share its product. Up to
-    /// [`INTEGER_MAX_ROWS`] rows take the integer kernels; more widen blocks of weight rows to
-    /// f32 for the GEMM (with the rounded activations), which the widening then pays for.
+    /// does, so a token's result does not depend on how many rows share its product. With
+    /// AVX-512 VNNI every product takes the integer kernels; otherwise more than
+    /// [`INTEGER_MAX_ROWS`] rows widen blocks of weight rows to f32 for the GEMM (with the
+    /// rounded activations), which the widening then pays for.
     fn forward(&self, x: &Matrix) -> Matrix {
         let w = &self.0;
         assert_eq!(x.cols, w.cols, "linear: input width does not match weight");

@@ -126,6 +126,10 @@ pub fn write(layer: &IntegerWeights, prefix: &str) -> anyhow::Result<Vec<StoredT
             });
         }
     }
+    ensure!(
+        layer.zeros.iter().all(|z| (1..=1 << bits).contains(z)),
+        "the GPTQ layout stores zero points 1…2^bits (zero − 1 in {bits} bits)"
+    );
     let qzeros = pack(&mut layer.zeros.iter().map(|z| (*z - 1) as u32));
     let g_idx: Vec<u32> = layer.group_of.clone();
     Ok(vec![
@@ -152,8 +156,9 @@ const LAZY_BLOCK: usize = 128;
 /// error, scaled by the inverse Hessian's Cholesky factor, is pushed onto the columns not yet
 /// quantized — within a block of 128 at once, onto later blocks lazily as one product.
 /// `weight` is `[out, in]` row-major, `hessian` `Σ xᵀx`; the Hessian is damped by `damp` times
-/// its mean diagonal. Groups of `group` columns (in quantization order; the whole row for 0)
-/// take min–max scales and zero points from the weights as updated when the group starts.
+/// its mean diagonal. Groups of `group` columns (in quantization order) take min–max scales and
+/// zero points from the weights with the error feedback of earlier blocks but not of earlier
+/// columns of the same block — AutoGPTQ's order, which the reference reproduces.
 pub fn quantize(
     weight: &[f32],
     out: usize,
@@ -164,7 +169,6 @@ pub fn quantize(
     damp: f64,
 ) -> anyhow::Result<IntegerWeights> {
     let inp = hessian.nrows();
-    let group = if group == 0 { inp } else { group };
     ensure!(
         inp.is_multiple_of(group),
         "{group} does not divide {inp} input features"
@@ -210,7 +214,9 @@ pub fn quantize(
                         *v = w[(r, column + k)] as f32;
                     }
                     let (scale, zero) = min_max_group(&values, bits, true);
-                    (scales[g * out + r], zeros[g * out + r]) = (scale, zero);
+                    // The layout stores zero − 1 in `bits` bits: a zero point of 0 cannot be
+                    // written (AutoGPTQ's packing wraps it to 2^bits), so it becomes 1.
+                    (scales[g * out + r], zeros[g * out + r]) = (scale, zero.max(1));
                 }
             }
             let d = u[(column, column)];

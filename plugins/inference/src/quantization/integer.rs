@@ -73,7 +73,7 @@ impl IntegerWeights {
     }
 
     /// `weight` (`[out, in]` row-major) rounded to nearest, group by group along each row,
-    /// with [`min_max_group`]'s scales and zero points (`group` 0: the whole row).
+    /// with [`min_max_group`]'s scales and zero points.
     pub fn round_to_nearest(
         weight: &[f32],
         out: usize,
@@ -82,7 +82,6 @@ impl IntegerWeights {
         group: usize,
         with_zero: bool,
     ) -> Self {
-        let group = if group == 0 { inp } else { group };
         let groups = inp / group;
         let mut layer = Self {
             bits,
@@ -105,8 +104,8 @@ impl IntegerWeights {
         layer
     }
 
-    /// Checks the shapes and value ranges (a loader's last line of defence).
-    pub fn validate(&self, name: &str) -> anyhow::Result<()> {
+    /// Checks the shapes and the groups `g_idx` names (a loader's last line of defence).
+    fn validate(&self, name: &str) -> anyhow::Result<()> {
         let groups = self.groups();
         ensure!(
             self.quants.len() == self.out * self.inp
@@ -171,8 +170,13 @@ impl IntegerWeights {
                     };
                 }
             });
-        // The checkpoint's scales are f16 values: stored so, the kernels stream fewer bytes.
-        let linear = PackedLinear(packed.with_half_scales());
+        // Scales that are f16 values (the layouts store f16) are kept so: fewer bytes to stream.
+        let exact = self.scales.iter().all(|s| f16::from_f32(*s).to_f32() == *s);
+        let linear = PackedLinear(if exact {
+            packed.with_half_scales()
+        } else {
+            packed
+        });
         Ok(match order {
             None => Box::new(linear),
             Some(order) => Box::new(PermutedInput { order, linear }),

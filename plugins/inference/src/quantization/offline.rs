@@ -81,6 +81,21 @@ pub struct Summary {
 /// Tokens per calibration sequence (bounded by the model's context).
 const CALIBRATION_SEQUENCE: usize = 512;
 
+/// Files of a checkpoint directory that hold weights (never copied into the output).
+const WEIGHT_FILES: &[&str] = &[
+    ".safetensors",
+    ".safetensors.index.json",
+    ".bin",
+    ".bin.index.json",
+    ".pth",
+    ".pt",
+    ".gguf",
+    ".msgpack",
+    ".h5",
+    ".ckpt",
+    ".onnx",
+];
+
 /// GPTQ's damping: 1% of the Hessian's mean diagonal (the paper's and AutoGPTQ's default).
 const GPTQ_DAMPING: f64 = 0.01;
 
@@ -106,12 +121,20 @@ pub fn quantize_checkpoint(
         );
     }
     let method = options.method;
-    if matches!(method, Method::Q4 | Method::Awq | Method::Gptq)
-        && !(options.group == 0 || matches!(options.group, 32 | 64 | 128))
-    {
-        bail!("--group must be 32, 64 or 128, not {}", options.group);
-    }
+    ensure!(
+        matches!(options.group, 32 | 64 | 128),
+        "--group must be 32, 64 or 128, not {}",
+        options.group
+    );
     ensure!(matches!(options.bits, 4 | 8), "--bits must be 4 or 8");
+    ensure!(
+        method == Method::Gptq || (options.bits == 4 && !options.act_order),
+        "--bits and --act-order are GPTQ's options"
+    );
+    ensure!(
+        method.calibrated() || options.calibration.is_none(),
+        "int8 and q4 need no calibration: --calib is for awq and gptq"
+    );
     let checkpoint = Checkpoint::open(model)?;
     let config = checkpoint.config()?;
     if let Some(stored) = config.quantization {
@@ -146,11 +169,7 @@ pub fn quantize_checkpoint(
     } else {
         Vec::new()
     };
-    let group = if options.group == 0 {
-        128
-    } else {
-        options.group
-    };
+    let group = options.group;
     let head = [
         format!("{}.weight", config.layout.lm_head),
         format!("{}.weight", config.layout.embed),
@@ -202,7 +221,7 @@ pub fn quantize_checkpoint(
                 .filter(|n| in_window(n));
             recorder.restrict(names.collect());
             let stage = format!("calibrating layers {}–{}", window.start, window.end - 1);
-            let sequence = CALIBRATION_SEQUENCE.min(config.max_position_embeddings);
+            let sequence = CALIBRATION_SEQUENCE.min(config.max_position_embeddings.max(1));
             for (i, chunk) in ids.chunks(sequence).enumerate() {
                 let mut kv = recording.new_sequence();
                 recording.forward(chunk, kv.as_mut(), false)?;
@@ -412,18 +431,21 @@ fn awq_scale_layer(
             }
             floats.changed.insert(name.clone(), std::mem::take(weight));
         }
-        let (target, mut values) = match fold {
-            Fold::Norm(name) | Fold::Rows(name) => {
-                let values = floats.take(&name)?;
-                (name, values)
-            }
+        // A norm's weight (and bias) and a producer's rows (and bias) are all indexed by the
+        // input feature: dividing them divides the input by s.
+        let target = match fold {
+            Fold::Norm(name) | Fold::Rows(name) => name,
         };
-        // A norm's weight and a producer's rows are both indexed by the input feature.
-        let per_feature = values.len() / scales.len();
-        for (chunk, s) in values.chunks_exact_mut(per_feature).zip(&scales) {
-            chunk.iter_mut().for_each(|v| *v /= s);
+        let bias = target.replace(".weight", ".bias");
+        let biased = floats.weights.contains(&bias).then_some(bias);
+        for name in std::iter::once(target).chain(biased) {
+            let mut values = floats.take(&name)?;
+            let per_feature = values.len() / scales.len();
+            for (chunk, s) in values.chunks_exact_mut(per_feature).zip(&scales) {
+                chunk.iter_mut().for_each(|v| *v /= s);
+            }
+            floats.changed.insert(name, values);
         }
-        floats.changed.insert(target, values);
     }
     Ok(())
 }
@@ -535,8 +557,8 @@ fn write_checkpoint(
         for entry in std::fs::read_dir(model)? {
             let path = entry?.path();
             let file = path.file_name().unwrap_or_default().to_string_lossy();
-            let weights =
-                file.ends_with(".safetensors") || file.ends_with(".safetensors.index.json");
+            // Weights in any format are not copied: the output holds its own.
+            let weights = WEIGHT_FILES.iter().any(|suffix| file.ends_with(suffix));
             if path.is_file() && !weights && file != "config.json" {
                 std::fs::copy(&path, staging.join(path.file_name().unwrap_or_default()))?;
             }
