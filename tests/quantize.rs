@@ -174,6 +174,12 @@ fn bad_requests_are_refused_with_a_reason() {
         ..options(Method::Q4, false)
     };
     assert!(refused(&llama, &group).contains("--group must be 32, 64 or 128"));
+    // llama-gqa's rows of 64 do not split into groups of 128: AWQ has nothing to scale.
+    let wide_groups = Options {
+        group: 128,
+        ..options(Method::Awq, false)
+    };
+    assert!(refused(&llama, &wide_groups).contains("does not fit the group size"));
     let eight_bit_awq = Options {
         bits: 8,
         ..options(Method::Awq, false)

@@ -348,7 +348,9 @@ fn input_stats<'a>(
 ) -> anyhow::Result<MutexGuard<'a, InputStats>> {
     let shared = stats
         .get(name)
-        .with_context(|| format!("`{name}` saw no calibration input"))?;
+        .with_context(|| {
+            format!("`{name}` is not quantized (its shape does not fit the group size), so it recorded no calibration input")
+        })?;
     Ok(shared.lock().expect("calibration has finished"))
 }
 
@@ -407,7 +409,10 @@ fn awq_scale_layer(
         Fold::Norm(norm(NormSite::AttnIn)),
     )];
     if config.q_dim() == config.kv_dim() {
-        sets.push((vec![projection("o_proj")], Fold::Rows(projection("v_proj"))));
+        sets.push((
+            vec![projection(config.layout.o_proj)],
+            Fold::Rows(projection("v_proj")),
+        ));
     }
     sets.push((
         vec![ffn("gate_proj"), ffn("up_proj")],
