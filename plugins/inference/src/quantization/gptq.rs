@@ -105,33 +105,33 @@ pub fn write(layer: &IntegerWeights, prefix: &str) -> anyhow::Result<Vec<StoredT
         out.is_multiple_of(per_word) && inp.is_multiple_of(per_word),
         "the GPTQ layout packs {per_word} values to a word"
     );
-    let mask = (1u32 << bits) - 1;
-    let pack = |values: &mut dyn Iterator<Item = u32>| -> Vec<u32> {
-        let values: Vec<u32> = values.collect();
+    // Value k of a word sits at bits k·bits (values are below 2^bits).
+    let word = |values: &mut dyn Iterator<Item = u32>| {
         values
-            .chunks_exact(per_word)
-            .map(|v| {
-                v.iter()
-                    .enumerate()
-                    .fold(0, |w, (k, q)| w | (q & mask) << (bits * k as u32))
-            })
-            .collect()
+            .enumerate()
+            .fold(0u32, |w, (k, v)| w | v << (bits * k as u32))
     };
     // Words pack input rows, so the values go row-group by row-group, each across outputs.
     let mut qweight = vec![0u32; inp / per_word * out];
     for (r, chunk) in qweight.chunks_exact_mut(out).enumerate() {
-        for (o, word) in chunk.iter_mut().enumerate() {
-            *word = (0..per_word).fold(0, |w, k| {
-                w | (layer.quants[o * inp + r * per_word + k] as u32) << (bits * k as u32)
-            });
+        for (o, w) in chunk.iter_mut().enumerate() {
+            let start = o * inp + r * per_word;
+            *w = word(
+                &mut layer.quants[start..start + per_word]
+                    .iter()
+                    .map(|q| *q as u32),
+            );
         }
     }
     ensure!(
         layer.zeros.iter().all(|z| (1..=1 << bits).contains(z)),
         "the GPTQ layout stores zero points 1…2^bits (zero − 1 in {bits} bits)"
     );
-    let qzeros = pack(&mut layer.zeros.iter().map(|z| (*z - 1) as u32));
-    let g_idx: Vec<u32> = layer.group_of.clone();
+    let qzeros: Vec<u32> = layer
+        .zeros
+        .chunks_exact(per_word)
+        .map(|zeros| word(&mut zeros.iter().map(|z| (*z - 1) as u32)))
+        .collect();
     Ok(vec![
         StoredTensor::int32(
             format!("{prefix}.qweight"),
@@ -144,7 +144,7 @@ pub fn write(layer: &IntegerWeights, prefix: &str) -> anyhow::Result<Vec<StoredT
             &qzeros,
         ),
         StoredTensor::f16(format!("{prefix}.scales"), vec![groups, out], &layer.scales),
-        StoredTensor::int32(format!("{prefix}.g_idx"), vec![inp], &g_idx),
+        StoredTensor::int32(format!("{prefix}.g_idx"), vec![inp], &layer.group_of),
     ])
 }
 
