@@ -5,7 +5,8 @@
     python3 benches/compare_quantizers.py --model benches/models/tinyllama-f32 \\
         --calib CALIBRATION.txt --eval HELD_OUT.txt --work /tmp/quantized --threads 2
 
-For each method (q4 = round-to-nearest, awq, gptq, gptq --act-order, int8) it runs
+For each method (q4 = round-to-nearest, awq, gptq, gptq --act-order, hqq, int8; `--only
+NAME…` picks some) it runs
 `vibee quantize` (timed), then `vibee divergence` against the f32 model on the first
 `--tokens` tokens of the held-out text and on the spread token ids `vibee bench` uses, then
 `vibee bench` for decode tokens/s. One command at a time; prints a Markdown table.
@@ -25,8 +26,10 @@ METHODS = [
     ("awq", ["--method", "awq"]),
     ("gptq", ["--method", "gptq"]),
     ("gptq --act-order", ["--method", "gptq", "--act-order"]),
+    ("hqq", ["--method", "hqq"]),
     ("int8", ["--method", "int8"]),
 ]
+CALIBRATED = ("awq", "gptq")
 
 
 def run(args):
@@ -48,17 +51,21 @@ def main():
     parser.add_argument("--group", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--only", nargs="+", help="method names (as printed) to run")
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
     print(f"| method | quantize s | KL text | rel. err text | top-1 text | KL ids | "
           f"rel. err ids | decode tok/s |")
     print("|---|---|---|---|---|---|---|---|")
     for name, flags in METHODS:
+        if args.only and name not in args.only:
+            continue
         out = os.path.join(args.work, name.split()[0] + ("-act" if "--act-order" in flags else ""))
         if not os.path.exists(out):
             started = time.time()
-            run(["quantize", "--model", args.model, "--out", out, "--calib", args.calib,
-                 "--group", str(args.group), "--threads", str(args.threads)] + flags)
+            calib = ["--calib", args.calib] if flags[1] in CALIBRATED else []
+            run(["quantize", "--model", args.model, "--out", out, "--group", str(args.group),
+                 "--threads", str(args.threads)] + calib + flags)
             seconds = f"{time.time() - started:.0f}"
         else:
             seconds = "(reused)"

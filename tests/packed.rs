@@ -1,4 +1,4 @@
-//! AutoAWQ and GPTQ checkpoints: damaged or unsupported ones are refused with a reason.
+//! AutoAWQ, GPTQ and HQQ checkpoints: damaged or unsupported ones are refused with a reason.
 
 use safetensors::tensor::TensorView;
 use safetensors::SafeTensors;
@@ -11,6 +11,13 @@ fn error(dir: &std::path::Path) -> String {
 fn assert_refused(dir: &std::path::Path, expected: &str) {
     let message = error(dir);
     assert!(message.contains(expected), "{message}");
+}
+
+/// The quantized `fixture` loaded without the plugin that reads its layers is refused.
+fn assert_needs_its_plugin(fixture: &str, plugin: &str) {
+    let dir = vibee_tests::fixture(fixture);
+    let message = format!("{:#}", load(&dir, "gqa,rope,rmsnorm,swiglu").err().unwrap());
+    assert!(message.contains(&format!("needs `{plugin}`")), "{message}");
 }
 
 /// Rewrites `config.json` of `dir` with `edit` applied to its quantization_config.
@@ -126,15 +133,44 @@ fn damaged_packed_tensors_are_refused() {
         |shape, _| vec![shape.iter().product()],
     );
     assert_refused(dir.path(), "expected [groups, out features]");
-    // Quantized layers without the plugin that reads them.
-    let message = format!(
-        "{:#}",
-        load(
-            &vibee_tests::fixture("llama-gqa-gptq-8bit"),
-            "gqa,rope,rmsnorm,swiglu"
-        )
-        .err()
-        .unwrap()
-    );
-    assert!(message.contains("needs `gptq`"), "{message}");
+    assert_needs_its_plugin("llama-gqa-gptq-8bit", "gptq");
+}
+
+#[test]
+fn damaged_or_unsupported_hqq_layers_are_refused() {
+    let layer = "model.layers.1.mlp.up_proj";
+    // Each tensor's first byte is set to the value given; `None` cuts off its last row.
+    let cases = [
+        ("axis", Some(0), "axis 0 is not supported"),
+        ("view_as_float", Some(1), "view_as_float"),
+        ("offload_meta", Some(1), "offload_meta"),
+        ("nbits", Some(3), "3-bit weights packed as `4bit_u8`"),
+        ("group_size", Some(48), "does not divide"),
+        ("W_q", None, "W_q has shape"),
+        ("shape", Some(7), "`shape` says [7, 64]"),
+    ];
+    for (key, first_byte, expected) in cases {
+        let dir = scratch_copy("llama-gqa-hqq-stored-g32");
+        replace_tensor(
+            dir.path(),
+            &format!("{layer}.{key}"),
+            |shape, data| match first_byte {
+                Some(value) => {
+                    data[0] = value;
+                    shape.to_vec()
+                }
+                None => {
+                    data.truncate(data.len() - shape[1]);
+                    vec![shape[0] - 1, shape[1]]
+                }
+            },
+        );
+        let message = error(dir.path());
+        assert!(message.contains(expected), "{key}: {message}");
+        assert!(message.contains(layer), "{key}: {message}");
+    }
+    let dir = scratch_copy("llama-gqa-hqq-stored-g32");
+    edit_quantization_config(dir.path(), |q| q["exotic"] = 1.into());
+    assert_refused(dir.path(), "quantization_config.exotic");
+    assert_needs_its_plugin("llama-gqa-hqq-stored-g32", "hqq");
 }

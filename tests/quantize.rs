@@ -1,7 +1,8 @@
 //! `vibee quantize` against references: GPTQ as AutoGPTQ runs it and AWQ as its definition
 //! runs in torch, on the same calibration statistics (tests/fixtures/make_calibrated_fixtures.py);
-//! int8 and q4 against the quantizers' own references; every output loads back through the
-//! AutoAWQ/GPTQ loaders.
+//! int8 and q4 against the quantizers' own references, hqq against the checkpoint the `hqq`
+//! package's HQQLinear quantized (tests/fixtures/make_packed_fixtures.py); every output loads
+//! back through the AutoAWQ/GPTQ/HQQ loaders.
 
 use std::path::{Path, PathBuf};
 
@@ -132,11 +133,15 @@ fn awq_matches_its_definition_on_the_same_calibration() {
 }
 
 #[test]
-fn int8_and_q4_checkpoints_match_the_quantizers_references() {
-    for (method, reference) in [(Method::Int8, "int8.json"), (Method::Q4, "q4-g32.json")] {
-        let out = Output::new(reference);
+fn calibration_free_checkpoints_match_the_quantizers_references() {
+    for (method, reference) in [
+        (Method::Int8, "calibration/int8.json"),
+        (Method::Q4, "calibration/q4-g32.json"),
+        (Method::Hqq, "llama-gqa-hqq-stored-g32/reference.json"),
+    ] {
+        let out = Output::new(&reference.replace('/', "-"));
         quantize(&out.0, &options(method, false)).unwrap();
-        let error = max_error(&out.0, &fixture("calibration").join(reference));
+        let error = max_error(&out.0, &fixture(reference));
         assert!(error < TOLERANCE, "{reference}: {error:e}");
     }
 }
@@ -200,10 +205,6 @@ fn bad_requests_are_refused_with_a_reason() {
     );
     assert!(refused(&fixture("gpt2"), &options(Method::Q4, false)).contains("[in, out]"));
     assert!(refused(&fixture("gemma"), &options(Method::Awq, false)).contains("Llama-style"));
-    assert!(Method::parse("hqq")
-        .unwrap_err()
-        .to_string()
-        .contains("--plugins hqq"));
     assert!(Method::parse("fp4")
         .unwrap_err()
         .to_string()

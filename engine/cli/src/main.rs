@@ -226,7 +226,7 @@ struct DivergenceArgs {
 
 #[derive(Args)]
 struct QuantizeArgs {
-    /// int8, q4, awq or gptq.
+    /// int8, q4, awq, gptq or hqq.
     #[arg(long)]
     method: String,
     /// The full-precision checkpoint directory.
@@ -245,7 +245,7 @@ struct QuantizeArgs {
     /// pass over the text per window.
     #[arg(long, default_value_t = 8.0)]
     calib_memory_gb: f64,
-    /// Weights per quantization group (q4, awq, gptq): 32, 64 or 128.
+    /// Weights per quantization group (q4, awq, gptq, hqq): 32, 64 or 128.
     #[arg(long, default_value_t = 128)]
     group: usize,
     /// GPTQ's bit width: 4 or 8.

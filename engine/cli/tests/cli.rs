@@ -268,13 +268,13 @@ fn bad_requests_fail_with_a_message_not_a_panic() {
             vec![
                 "quantize",
                 "--method",
-                "hqq",
+                "fp4",
                 "--model",
                 "tests/fixtures/llama-gqa",
                 "--out",
                 "/tmp/x",
             ],
-            "--plugins hqq",
+            "unknown method `fp4` (int8, q4, awq, gptq, hqq)",
         ),
         (
             vec![

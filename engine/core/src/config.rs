@@ -1199,7 +1199,7 @@ const GPTQ_PROVENANCE_KEYS: &[&str] = &[
 ];
 
 /// Reads `quantization_config`: the plugin the stored tensors need (`awq` for AutoAWQ's GEMM
-/// layout, `gptq` for GPTQ's), after refusing every variant whose tensors mean something else.
+/// layout, `gptq` for GPTQ's, `hqq` for the `hqq` package's), after refusing every variant whose tensors mean something else.
 /// Group sizes and bit widths are read again from the tensors' shapes by the loaders.
 fn quantization_config<'a>(f: &mut Fields<'a>) -> Result<Option<&'static str>, ConfigError> {
     let Some(value) = f.get("quantization_config") else {
@@ -1266,9 +1266,16 @@ fn quantization_config<'a>(f: &mut Fields<'a>) -> Result<Option<&'static str>, C
             q.bool("desc_act")?;
             "gptq"
         }
+        "hqq" => {
+            // Each layer stores its own settings (bits, group size, axis, packing) beside its
+            // tensors, and the loader checks those; layers left out have no `W_q`.
+            q.get("quant_config");
+            q.get("skip_modules");
+            "hqq"
+        }
         other => {
             return Err(invalid(format!(
-                "quantization method `{other}` is not supported (supported: awq, gptq; GGUF files load directly)"
+                "quantization method `{other}` is not supported (supported: awq, gptq, hqq; GGUF files load directly)"
             )))
         }
     };

@@ -420,9 +420,10 @@ impl Weights {
             .ok_or_else(|| WeightError::Missing(name.to_string()))
     }
 
-    /// The I32 tensor `name` (packed quantized weights of AutoAWQ/GPTQ checkpoints), copied,
-    /// with its shape.
-    pub fn int32(&self, name: &str) -> Result<(Vec<i32>, Vec<usize>), WeightError> {
+    /// The bytes of the non-float tensor `name`, which must be stored as `dtype` (safetensors'
+    /// name: `I32`, `U8`, `I64`), with its shape: the packed weights and metadata of
+    /// quantized checkpoints.
+    pub fn raw(&self, name: &str, dtype: &str) -> Result<(&[u8], &[usize]), WeightError> {
         let entry = self
             .entries
             .get(name)
@@ -431,18 +432,25 @@ impl Weights {
             Ok(dtype) => dtype.to_string(),
             Err(dtype) => dtype.clone(),
         };
-        if found != "I32" {
+        if found != dtype {
             return Err(WeightError::Dtype {
                 name: name.to_string(),
-                dtype: format!("{found} (packed quantized weights are I32)"),
+                dtype: format!("{found} (expected {dtype})"),
             });
         }
         let bytes = &self.files[entry.file].1[entry.start..entry.start + entry.len];
+        Ok((bytes, &entry.shape))
+    }
+
+    /// The I32 tensor `name` (packed quantized weights of AutoAWQ/GPTQ checkpoints), copied,
+    /// with its shape.
+    pub fn int32(&self, name: &str) -> Result<(Vec<i32>, Vec<usize>), WeightError> {
+        let (bytes, shape) = self.raw(name, "I32")?;
         let values = bytes
             .chunks_exact(4)
             .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
-        Ok((values, entry.shape.clone()))
+        Ok((values, shape.to_vec()))
     }
 
     /// The tensor `name`, checked against the shape the config implies.

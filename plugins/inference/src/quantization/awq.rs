@@ -97,7 +97,7 @@ pub fn read(
         quants,
         group_of: IntegerWeights::sequential_groups(inp, inp / groups),
         scales,
-        zeros: unpack(&qzeros).into_iter().map(i32::from).collect(),
+        zeros: unpack(&qzeros).into_iter().map(f32::from).collect(),
     })
 }
 
@@ -105,8 +105,11 @@ pub fn read(
 pub fn write(layer: &IntegerWeights, prefix: &str) -> anyhow::Result<Vec<StoredTensor>> {
     let (out, inp, groups) = (layer.out, layer.inp, layer.groups());
     ensure!(
-        layer.bits == 4 && layer.group_of.is_sorted() && out.is_multiple_of(8),
-        "the AWQ layout holds 4-bit weights with groups in order and output features in eights"
+        layer.bits == 4
+            && layer.group_of.is_sorted()
+            && out.is_multiple_of(8)
+            && layer.zeros.iter().all(|z| z.fract() == 0.0),
+        "the AWQ layout holds 4-bit weights with whole zero points, groups in order and output features in eights"
     );
     let by_input = (0..inp).flat_map(|i| (0..out).map(move |o| layer.quants[o * inp + i]));
     let zeros = layer.zeros.iter().map(|z| *z as u8);

@@ -83,7 +83,7 @@ pub fn read(
     let zeros = qzeros
         .iter()
         .flat_map(|word| {
-            (0..per_word).map(move |k| ((*word as u32 >> (bits * k as u32)) & mask) as i32 + 1)
+            (0..per_word).map(move |k| ((*word as u32 >> (bits * k as u32)) & mask) as f32 + 1.0)
         })
         .collect();
     Ok(IntegerWeights {
@@ -124,13 +124,16 @@ pub fn write(layer: &IntegerWeights, prefix: &str) -> anyhow::Result<Vec<StoredT
         }
     }
     ensure!(
-        layer.zeros.iter().all(|z| (1..=1 << bits).contains(z)),
-        "the GPTQ layout stores zero points 1…2^bits (zero − 1 in {bits} bits)"
+        layer
+            .zeros
+            .iter()
+            .all(|z| z.fract() == 0.0 && (1.0..=(1 << bits) as f32).contains(z)),
+        "the GPTQ layout stores whole zero points 1…2^bits (zero − 1 in {bits} bits)"
     );
     let qzeros: Vec<u32> = layer
         .zeros
         .chunks_exact(per_word)
-        .map(|zeros| word(&mut zeros.iter().map(|z| (*z - 1) as u32)))
+        .map(|zeros| word(&mut zeros.iter().map(|z| *z as u32 - 1)))
         .collect();
     Ok(vec![
         StoredTensor::int32(
@@ -198,7 +201,7 @@ pub fn quantize(
     let lower = inverse.llt(Side::Lower).map_err(singular)?;
     let u = lower.L().transpose().to_owned();
     let groups = inp / group;
-    let (mut scales, mut zeros) = (vec![0.0f32; groups * out], vec![0i32; groups * out]);
+    let (mut scales, mut zeros) = (vec![0.0f32; groups * out], vec![0.0f32; groups * out]);
     let mut quants = vec![0u8; out * inp];
     let mut values = vec![0.0f32; group];
     for start in (0..inp).step_by(LAZY_BLOCK) {
@@ -216,7 +219,7 @@ pub fn quantize(
                     let (scale, zero) = min_max_group(&values, bits, true);
                     // The layout stores zero − 1 in `bits` bits: a zero point of 0 cannot be
                     // written (AutoGPTQ's packing wraps it to 2^bits), so it becomes 1.
-                    (scales[g * out + r], zeros[g * out + r]) = (scale, zero.max(1));
+                    (scales[g * out + r], zeros[g * out + r]) = (scale, zero.max(1.0));
                 }
             }
             let d = u[(column, column)];
@@ -225,7 +228,7 @@ pub fn quantize(
                 let value = block[(r, i)];
                 let q = quantize_value(value as f32, scale, zero, bits);
                 quants[r * inp + column] = q;
-                errors[(r, i)] = (value - (scale * (q as i32 - zero) as f32) as f64) / d;
+                errors[(r, i)] = (value - (scale * (q as f32 - zero)) as f64) / d;
             }
             for j in i + 1..end - start {
                 let factor = u[(column, start + j)];

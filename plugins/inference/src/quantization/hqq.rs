@@ -5,14 +5,23 @@
 //! p = 0.7 (shrink the residual, refit `z` as the mean of what remains), tensor by tensor, for
 //! up to 20 rounds while the mean absolute error keeps falling, as the `hqq` package does by
 //! default. The weights then run on the packed 4-bit kernels as `w = q / s − z / s`.
+//!
+//! Checkpoints stored by the `hqq` package (its `HQQLinear` state dict in safetensors, as
+//! `vibee quantize --method hqq` also writes them) load as they are. Each layer holds `W_q`
+//! (4 bits: u8 `[n/2, group]`, group `p` in the high nibbles and group `p + n/2` in the low
+//! ones, for the `n = out · in / group` groups taken row by row; 8 bits: `[n, group]`),
+//! `scale` and `zero` `[n, 1]` (`w = (q − zero) · scale`) and its settings as small tensors
+//! (integers, flags as u8, strings as u8 character codes).
 
+use anyhow::{bail, ensure};
 use rayon::prelude::*;
-use vibee_core::ops::{Linear, Quantization};
-use vibee_core::quant::packed::{Bits, PackedLinear, PackedMatrix};
-use vibee_core::weights::Weight;
+use vibee_core::config::ModelConfig;
+use vibee_core::ops::{BuildContext, Factory, Linear, Operator, Quantization};
+use vibee_core::weights::{DType, Weight, Weights};
 use vibee_core::{App, Plugin, PluginSpec};
 
-use super::{configured_group, register, whole_blocks};
+use super::integer::{IntegerWeights, StoredTensor};
+use super::{configured_group, whole_blocks, StoredLayout};
 
 /// The p of the ℓp norm the solver minimises, its shrinkage strength and its rounds.
 const LP_NORM: f32 = 0.7;
@@ -36,8 +45,39 @@ impl Plugin for Hqq {
 
     fn build(&self, app: &mut App) -> anyhow::Result<()> {
         let group = configured_group(app, "hqq", 64)?;
-        register(app, "hqq", HalfQuadratic { group });
+        app.register_operator(Operator::Quantization(std::sync::Arc::new(HalfQuadratic {
+            group,
+        })));
         Ok(())
+    }
+}
+
+/// Quantizes full-precision checkpoints while loading, and reads checkpoints stored by HQQ.
+impl Factory<dyn Quantization> for HalfQuadratic {
+    fn check(&self, config: &ModelConfig) -> Result<(), String> {
+        match config.quantization {
+            None | Some("hqq") => Ok(()),
+            Some(stored) => Err(format!(
+                "the checkpoint is stored quantized (needs `{stored}`); hqq quantizes full-precision weights or reads HQQ checkpoints"
+            )),
+        }
+    }
+
+    fn build(
+        &self,
+        cx: &BuildContext<'_>,
+        _prefix: &str,
+        _dim: usize,
+    ) -> anyhow::Result<Box<dyn Quantization>> {
+        Ok(if cx.config.quantization == Some("hqq") {
+            Box::new(StoredLayout {
+                method: "hqq",
+                marker: "W_q",
+                read,
+            })
+        } else {
+            Box::new(self.clone())
+        })
     }
 }
 
@@ -62,84 +102,295 @@ fn shrink(x: f32) -> f32 {
     (magnitude - magnitude.powf(LP_NORM - 1.0) / BETA).max(0.0) * x.signum()
 }
 
-impl HalfQuadratic {
-    /// The groups of all of `values` (the whole tensor, row-major), after the solver.
-    fn solve(&self, values: &[f32]) -> Vec<Group> {
-        let mut groups: Vec<Group> = values
-            .par_chunks_exact(self.group)
-            .map(|w| {
-                let min = w.iter().copied().fold(f32::INFINITY, f32::min);
-                let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let range = max - min;
-                let scale = if range.abs() <= 1e-4 {
-                    1.0
-                } else {
-                    15.0 / range
-                };
-                let scale = scale.min(2e4);
-                Group {
-                    scale,
-                    zero: -min * scale,
-                }
-            })
-            .collect();
-        let mut best = f32::INFINITY;
-        for _ in 0..ROUNDS {
-            // Each group's refitted zero point and its summed absolute error.
-            let (refit, errors): (Vec<f32>, Vec<f32>) = values
-                .par_chunks_exact(self.group)
-                .zip(&groups)
-                .map(|(w, g)| {
-                    let (mut zero, mut error) = (0.0f32, 0.0f32);
-                    for &w in w {
-                        let q = g.quantize(w);
-                        let restored = (q - g.zero) / g.scale;
-                        error += (w - restored).abs();
-                        zero += q - (w - shrink(w - restored)) * g.scale;
-                    }
-                    (zero / w.len() as f32, error)
-                })
-                .unzip();
-            let error = errors.iter().sum::<f32>() / values.len() as f32;
-            for (g, zero) in groups.iter_mut().zip(refit) {
-                g.zero = zero;
-            }
-            if error < best {
-                best = error;
+/// The groups of all of `values` (the whole tensor, row-major), after the solver.
+fn solve(values: &[f32], group: usize) -> Vec<Group> {
+    let mut groups: Vec<Group> = values
+        .par_chunks_exact(group)
+        .map(|w| {
+            let min = w.iter().copied().fold(f32::INFINITY, f32::min);
+            let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let range = max - min;
+            let scale = if range.abs() <= 1e-4 {
+                1.0
             } else {
-                break;
+                15.0 / range
+            };
+            let scale = scale.min(2e4);
+            Group {
+                scale,
+                zero: -min * scale,
             }
+        })
+        .collect();
+    let mut best = f64::INFINITY;
+    for _ in 0..ROUNDS {
+        // Each group's refitted zero point and its summed absolute error. The error is summed
+        // in f64: late rounds improve the mean by ~1e-5 of itself, about what a running f32
+        // sum over millions of weights drifts, and the stopping test compares those means.
+        let (refit, errors): (Vec<f32>, Vec<f64>) = values
+            .par_chunks_exact(group)
+            .zip(&groups)
+            .map(|(w, g)| {
+                let (mut zero, mut error) = (0.0f32, 0.0f64);
+                for &w in w {
+                    let q = g.quantize(w);
+                    let restored = (q - g.zero) / g.scale;
+                    error += (w - restored).abs() as f64;
+                    zero += q - (w - shrink(w - restored)) * g.scale;
+                }
+                (zero / w.len() as f32, error)
+            })
+            .unzip();
+        let error = errors.iter().sum::<f64>() / values.len() as f64;
+        for (g, zero) in groups.iter_mut().zip(refit) {
+            g.zero = zero;
         }
-        groups
+        if error < best {
+            best = error;
+        } else {
+            break;
+        }
     }
+    groups
+}
+
+/// `weight` (`[out, in]` row-major) quantized to 4 bits in groups of `group` along each row.
+pub fn quantize(weight: &[f32], out: usize, inp: usize, group: usize) -> IntegerWeights {
+    let groups = solve(weight, group);
+    let per_row = inp / group;
+    let mut layer = IntegerWeights::zeroed(4, out, inp, group);
+    for ((r, (w, q)), g) in weight
+        .chunks_exact(group)
+        .zip(layer.quants.chunks_exact_mut(group))
+        .enumerate()
+        .zip(&groups)
+    {
+        // Group r is row r / per_row's group r % per_row; the layer holds [groups, out].
+        let at = (r % per_row) * out + r / per_row;
+        (layer.scales[at], layer.zeros[at]) = (1.0 / g.scale, g.zero);
+        for (q, w) in q.iter_mut().zip(w) {
+            *q = g.quantize(*w) as u8;
+        }
+    }
+    layer
 }
 
 impl Quantization for HalfQuadratic {
     fn linear(&self, name: &str, weight: Weight) -> anyhow::Result<Box<dyn Linear>> {
         whole_blocks(name, &weight, self.group)?;
-        let (rows, cols) = (weight.shape[0], weight.shape[1]);
-        let mut values = vec![0.0f32; rows * cols];
-        for (r, row) in values.chunks_exact_mut(cols).enumerate() {
-            weight.row_to_f32(r, row);
-        }
-        let groups = self.solve(&values);
-        let per_row = cols / self.group;
-        let blocks_per_group = self.group / 32;
-        let packed = PackedMatrix::quantize(&weight, Bits::Four, true, |r, row, blocks| {
-            for ((w, blocks), g) in row
-                .chunks_exact(self.group)
-                .zip(blocks.chunks_exact_mut(blocks_per_group))
-                .zip(&groups[r * per_row..(r + 1) * per_row])
-            {
-                for (block, w) in blocks.iter_mut().zip(w.chunks_exact(32)) {
-                    block.scale = 1.0 / g.scale;
-                    block.min = -g.zero / g.scale;
-                    for (q, w) in block.quants.iter_mut().zip(w) {
-                        *q = g.quantize(*w) as i8;
-                    }
-                }
-            }
-        });
-        Ok(Box::new(PackedLinear(packed)))
+        let (out, inp) = (weight.shape[0], weight.shape[1]);
+        quantize(&weight.to_f32_vec(), out, inp, self.group).into_linear(name)
     }
+}
+
+/// A layer's HQQ settings, read from its small tensors.
+struct Settings<'a> {
+    weights: &'a Weights,
+    prefix: &'a str,
+}
+
+impl Settings<'_> {
+    fn name(&self, key: &str) -> String {
+        format!("{}.{key}", self.prefix)
+    }
+
+    /// A 0-d integer (`nbits`, `group_size`, `axis`: int32).
+    fn integer(&self, key: &str) -> anyhow::Result<i64> {
+        match self.weights.raw(&self.name(key), "I32")? {
+            (bytes, []) => Ok(i32::from_le_bytes(bytes.try_into()?) as i64),
+            (_, shape) => bail!("`{key}` has shape {shape:?}, expected a scalar"),
+        }
+    }
+
+    /// A 0-d u8 flag; `default` when the layer does not store it.
+    fn flag(&self, key: &str, default: bool) -> anyhow::Result<bool> {
+        if !self.weights.contains(&self.name(key)) {
+            return Ok(default);
+        }
+        match self.weights.raw(&self.name(key), "U8")? {
+            ([value], []) => Ok(*value != 0),
+            (_, shape) => bail!("`{key}` has shape {shape:?}, expected a scalar"),
+        }
+    }
+
+    /// A string stored as u8 character codes.
+    fn text(&self, key: &str) -> anyhow::Result<String> {
+        let (bytes, _) = self.weights.raw(&self.name(key), "U8")?;
+        Ok(bytes.iter().map(|b| *b as char).collect())
+    }
+
+    /// `shape`: the weight's `[out, in]` as int64.
+    fn shape(&self) -> anyhow::Result<Vec<i64>> {
+        let (bytes, _) = self.weights.raw(&self.name("shape"), "I64")?;
+        Ok(bytes
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("chunks of 8")))
+            .collect())
+    }
+}
+
+/// The layer `prefix` (`[out, in]`) from the `hqq` package's tensors.
+pub fn read(
+    weights: &Weights,
+    prefix: &str,
+    out: usize,
+    inp: usize,
+) -> anyhow::Result<IntegerWeights> {
+    let settings = Settings { weights, prefix };
+    let shape = settings.shape()?;
+    ensure!(
+        shape == [out as i64, inp as i64],
+        "`shape` says {shape:?}, but the config implies [{out}, {inp}]"
+    );
+    for (key, refusal) in [
+        ("view_as_float", "packed quants stored viewed as floats"),
+        ("quant_scale", "quantized scales"),
+        ("quant_zero", "quantized zero points"),
+        ("offload_meta", "offloaded scales and zero points"),
+    ] {
+        if settings.flag(key, false)? {
+            bail!("HQQ layers with {key} ({refusal}) are not supported");
+        }
+    }
+    ensure!(
+        settings.flag("channel_wise", true)?,
+        "HQQ layers with one scale for the whole tensor (channel_wise false) are not supported"
+    );
+    let axis = settings.integer("axis")?;
+    ensure!(
+        axis == 1,
+        "HQQ axis {axis} is not supported: vibee's kernels need groups along the input features (axis 1, the default of transformers' HqqConfig)"
+    );
+    let bits = settings.integer("nbits")?;
+    let packing = settings.text("packing")?;
+    ensure!(
+        matches!((bits, packing.as_str()), (4, "4bit_u8") | (8, "8bit_u8")),
+        "HQQ {bits}-bit weights packed as `{packing}` are not supported (4bit_u8 or 8bit_u8)"
+    );
+    let group = settings.integer("group_size")?;
+    ensure!(
+        group > 0 && inp.is_multiple_of(group as usize),
+        "a group size of {group} does not divide {inp} input features"
+    );
+    let group = group as usize;
+    let groups = out * inp / group;
+    let scale = weights.get(&settings.name("scale"), &[groups, 1])?;
+    let zero = weights.get(&settings.name("zero"), &[groups, 1])?;
+    let (packed, packed_shape) = weights.raw(&settings.name("W_q"), "U8")?;
+    let rows = if bits == 4 { groups / 2 } else { groups };
+    ensure!(
+        packed_shape == [rows, group] && (bits == 8 || groups.is_multiple_of(2)),
+        "W_q has shape {packed_shape:?}, expected [{rows}, {group}]"
+    );
+    // Group r (row-major over the weight) is held by packed row r, or by the high (first half)
+    // or low (second half) nibbles of packed row r mod n/2.
+    let mut by_group = vec![0u8; out * inp];
+    if bits == 4 {
+        let (high, low) = by_group.split_at_mut(rows * group);
+        for ((p, h), l) in packed.iter().zip(high).zip(low) {
+            (*h, *l) = (p >> 4, p & 0xF);
+        }
+    } else {
+        by_group.copy_from_slice(packed);
+    }
+    let per_row = inp / group;
+    let transpose = |values: Vec<f32>| {
+        let mut by_column = vec![0.0; values.len()];
+        for (r, v) in values.into_iter().enumerate() {
+            by_column[(r % per_row) * out + r / per_row] = v;
+        }
+        by_column
+    };
+    Ok(IntegerWeights {
+        bits: bits as u32,
+        out,
+        inp,
+        quants: by_group,
+        group_of: IntegerWeights::sequential_groups(inp, group),
+        scales: transpose(scale.to_f32_vec()),
+        zeros: transpose(zero.to_f32_vec()),
+    })
+}
+
+/// The `hqq` package's tensors of a 4-bit layer quantized with groups in order; scales and
+/// zero points in `dtype` (the model's, HQQ's compute dtype).
+pub fn write(
+    layer: &IntegerWeights,
+    prefix: &str,
+    dtype: DType,
+) -> anyhow::Result<Vec<StoredTensor>> {
+    let (out, inp, per_row) = (layer.out, layer.inp, layer.groups());
+    let group = inp / per_row;
+    let groups = out * per_row;
+    ensure!(
+        layer.bits == 4 && layer.group_of.is_sorted() && groups.is_multiple_of(2),
+        "the HQQ layout holds 4-bit weights in an even number of groups, in order"
+    );
+    let half = groups / 2 * group;
+    let (high, low) = layer.quants.split_at(half);
+    let packed: Vec<u8> = high.iter().zip(low).map(|(h, l)| h << 4 | l).collect();
+    let by_row = |values: &[f32]| -> Vec<f32> {
+        (0..groups)
+            .map(|r| values[(r % per_row) * out + r / per_row])
+            .collect()
+    };
+    let compute_dtype = match dtype {
+        DType::F16 => "torch.float16",
+        DType::BF16 => "torch.bfloat16",
+        _ => "torch.float32",
+    };
+    let name = |key: &str| format!("{prefix}.{key}");
+    let scalar = |key: &str, value: i32| {
+        StoredTensor::raw(
+            name(key),
+            safetensors::Dtype::I32,
+            vec![],
+            value.to_le_bytes(),
+        )
+    };
+    let flag = |key: &str, value: bool| {
+        StoredTensor::raw(name(key), safetensors::Dtype::U8, vec![], [value as u8])
+    };
+    let text = |key: &str, value: &str| {
+        StoredTensor::raw(
+            name(key),
+            safetensors::Dtype::U8,
+            vec![value.len()],
+            value.bytes(),
+        )
+    };
+    let shape = [out as i64, inp as i64]
+        .into_iter()
+        .flat_map(i64::to_le_bytes);
+    Ok(vec![
+        StoredTensor::raw(
+            name("W_q"),
+            safetensors::Dtype::U8,
+            vec![groups / 2, group],
+            packed,
+        ),
+        StoredTensor::float(
+            name("scale"),
+            dtype,
+            vec![groups, 1],
+            &by_row(&layer.scales),
+        ),
+        StoredTensor::float(name("zero"), dtype, vec![groups, 1], &by_row(&layer.zeros)),
+        StoredTensor::raw(name("shape"), safetensors::Dtype::I64, vec![2], shape),
+        scalar("nbits", 4),
+        scalar("group_size", group as i32),
+        scalar("axis", 1),
+        text("packing", "4bit_u8"),
+        text("unpack_view_dtype", "torch.uint8"),
+        text("compute_dtype", compute_dtype),
+        flag("view_as_float", false),
+        flag("quant_scale", false),
+        flag("quant_zero", false),
+        flag("offload_meta", false),
+        flag("encoded_state_dict", true),
+        flag("stores_quant_config", true),
+        flag("channel_wise", true),
+        flag("optimize", true),
+        flag("round_zero", false),
+    ])
 }

@@ -1,7 +1,8 @@
-//! Group-wise integer weights with integer zero points, the form AutoAWQ and GPTQ checkpoints
+//! Group-wise integer weights with zero points, the form AutoAWQ, GPTQ and HQQ checkpoints
 //! store (each in its own packing): `weight[o][i] = scale[g][o] · (quant[o][i] − zero[g][o])`
-//! with `g = group_of[i]`. Loaders unpack into it, `vibee quantize` produces it, and it becomes
-//! a packed matrix for the SIMD kernels.
+//! with `g = group_of[i]`. AutoAWQ's and GPTQ's zero points are integers, HQQ's are not.
+//! Loaders unpack into it, `vibee quantize` produces it, and it becomes a packed matrix for the
+//! SIMD kernels.
 
 use anyhow::{bail, ensure};
 use half::{bf16, f16};
@@ -21,36 +22,37 @@ pub struct IntegerWeights {
     pub quants: Vec<u8>,
     /// The group of each input column (GPTQ's `g_idx`; `i / group_size` without act-order).
     pub group_of: Vec<u32>,
-    /// `[groups, out]`, exactly representable in f16 (both layouts store f16).
+    /// `[groups, out]`.
     pub scales: Vec<f32>,
-    /// `[groups, out]`; GPTQ's v1 layout can hold `2^bits` (a stored −1), hence not `u8`.
-    pub zeros: Vec<i32>,
+    /// `[groups, out]`: whole numbers for AutoAWQ and GPTQ (whose v1 layout can hold `2^bits`,
+    /// a stored −1), floats for HQQ.
+    pub zeros: Vec<f32>,
 }
 
 /// The scale and zero point of one group under asymmetric min–max quantization to `bits`:
 /// `scale = (max − min) / maxq` rounded to f16 (as stored), `zero = clamp(−round(min / scale),
 /// 0, maxq)`. GPTQ widens the range to include 0 (`with_zero`), AutoAWQ does not.
-pub fn min_max_group(values: &[f32], bits: u32, with_zero: bool) -> (f32, i32) {
+pub fn min_max_group(values: &[f32], bits: u32, with_zero: bool) -> (f32, f32) {
     let maxq = ((1 << bits) - 1) as f32;
     let start = if with_zero { 0.0 } else { values[0] };
     let max = values.iter().copied().fold(start, f32::max);
     let min = values.iter().copied().fold(start, f32::min);
     let scale = f16::from_f32((max - min).max(1e-5) / maxq).to_f32();
     let zero = (-(min / scale).round_ties_even()).clamp(0.0, maxq);
-    (scale, zero as i32)
+    (scale, zero)
 }
 
 /// `value` quantized with `scale` and `zero` to `bits`.
-pub fn quantize_value(value: f32, scale: f32, zero: i32, bits: u32) -> u8 {
+pub fn quantize_value(value: f32, scale: f32, zero: f32, bits: u32) -> u8 {
     let maxq = ((1 << bits) - 1) as f32;
-    ((value / scale).round_ties_even() + zero as f32).clamp(0.0, maxq) as u8
+    ((value / scale).round_ties_even() + zero).clamp(0.0, maxq) as u8
 }
 
 /// `values` (one group) quantized to `bits` with [`min_max_group`] and dequantized into `out`.
 pub fn round_trip(values: &[f32], bits: u32, with_zero: bool, out: &mut [f32]) {
     let (scale, zero) = min_max_group(values, bits, with_zero);
     for (o, v) in out.iter_mut().zip(values) {
-        *o = scale * (quantize_value(*v, scale, zero, bits) as i32 - zero) as f32;
+        *o = scale * (quantize_value(*v, scale, zero, bits) as f32 - zero);
     }
 }
 
@@ -65,6 +67,20 @@ pub fn scale_groups(weights: &Weights, name: &str) -> anyhow::Result<usize> {
 impl IntegerWeights {
     pub fn groups(&self) -> usize {
         self.scales.len() / self.out
+    }
+
+    /// A layer of zeros in groups of `group` consecutive input columns, to be filled in.
+    pub fn zeroed(bits: u32, out: usize, inp: usize, group: usize) -> Self {
+        let groups = inp / group;
+        Self {
+            bits,
+            out,
+            inp,
+            quants: vec![0; out * inp],
+            group_of: Self::sequential_groups(inp, group),
+            scales: vec![0.0; groups * out],
+            zeros: vec![0.0; groups * out],
+        }
     }
 
     /// The groups of `group` consecutive input columns (no act-order).
@@ -82,16 +98,7 @@ impl IntegerWeights {
         group: usize,
         with_zero: bool,
     ) -> Self {
-        let groups = inp / group;
-        let mut layer = Self {
-            bits,
-            out,
-            inp,
-            quants: vec![0; out * inp],
-            group_of: Self::sequential_groups(inp, group),
-            scales: vec![0.0; groups * out],
-            zeros: vec![0; groups * out],
-        };
+        let mut layer = Self::zeroed(bits, out, inp, group);
         for (r, row) in weight.chunks_exact(inp).enumerate() {
             for (g, values) in row.chunks_exact(group).enumerate() {
                 let (scale, zero) = min_max_group(values, bits, with_zero);
@@ -149,8 +156,8 @@ impl IntegerWeights {
             }
         }
         let (bits, centre) = match self.bits {
-            4 => (Bits::Four, 0),
-            8 => (Bits::Eight, 128),
+            4 => (Bits::Four, 0.0),
+            8 => (Bits::Eight, 128.0),
             other => bail!("`{name}`: {other}-bit weights are not supported (4 or 8)"),
         };
         // Symmetric 8-bit layers (zero point 128 everywhere) need no minimums: fewer bytes.
@@ -162,15 +169,15 @@ impl IntegerWeights {
                     let (scale, zero) = (self.scales[g], self.zeros[g]);
                     *block = QuantBlock {
                         quants: std::array::from_fn(|k| {
-                            (self.quants[o * self.inp + column(b * BLOCK + k)] as i32 - centre)
+                            (self.quants[o * self.inp + column(b * BLOCK + k)] as f32 - centre)
                                 as i8
                         }),
                         scale,
-                        min: scale * (centre - zero) as f32,
+                        min: scale * (centre - zero),
                     };
                 }
             });
-        // Scales that are f16 values (the layouts store f16) are kept so: fewer bytes to stream.
+        // Scales that are f16 values (AutoAWQ and GPTQ store f16) are kept so: fewer bytes.
         let exact = self.scales.iter().all(|s| f16::from_f32(*s).to_f32() == *s);
         let linear = PackedLinear(if exact {
             packed.with_half_scales()
@@ -215,14 +222,23 @@ pub struct StoredTensor {
 }
 
 impl StoredTensor {
-    pub fn int32(name: String, shape: Vec<usize>, words: &[u32]) -> Self {
-        let bytes = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    pub fn raw(
+        name: String,
+        dtype: safetensors::Dtype,
+        shape: Vec<usize>,
+        bytes: impl IntoIterator<Item = u8>,
+    ) -> Self {
         Self {
             name,
-            dtype: safetensors::Dtype::I32,
+            dtype,
             shape,
-            bytes,
+            bytes: bytes.into_iter().collect(),
         }
+    }
+
+    pub fn int32(name: String, shape: Vec<usize>, words: &[u32]) -> Self {
+        let bytes = words.iter().flat_map(|w| w.to_le_bytes());
+        Self::raw(name, safetensors::Dtype::I32, shape, bytes)
     }
 
     pub fn f16(name: String, shape: Vec<usize>, values: &[f32]) -> Self {

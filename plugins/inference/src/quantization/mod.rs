@@ -63,19 +63,21 @@ fn full_precision(config: &ModelConfig, plugin: &str) -> Result<(), String> {
 /// Reads one layer of a checkpoint stored in a packed layout: `(weights, prefix, out, in)`.
 type ReadLayer = fn(&Weights, &str, usize, usize) -> anyhow::Result<IntegerWeights>;
 
-/// The loader of checkpoints stored quantized by `method` (AutoAWQ, GPTQ): it fits only
-/// checkpoints whose config names `method`, reads their packed layers with `read`, and leaves
-/// the layers they store in full precision (the LM head) dense.
+/// The loader of checkpoints stored quantized by `method` (AutoAWQ, GPTQ, HQQ): it fits only
+/// checkpoints whose config names `method`, reads the packed layers (those with a `marker`
+/// tensor) with `read`, and leaves the layers they store in full precision (the LM head) dense.
 #[derive(Clone, Copy)]
 struct StoredLayout {
     method: &'static str,
+    marker: &'static str,
     read: ReadLayer,
 }
 
-/// Registers the loader of `method`'s packed layout.
+/// Registers the loader of `method`'s packed layout, whose layers hold a `qweight`.
 fn register_stored(app: &mut App, method: &'static str, read: ReadLayer) {
     app.register_operator(Operator::Quantization(Arc::new(StoredLayout {
         method,
+        marker: "qweight",
         read,
     })));
 }
@@ -115,7 +117,7 @@ impl Quantization for StoredLayout {
         inp: usize,
     ) -> anyhow::Result<Option<Box<dyn Linear>>> {
         let prefix = name.strip_suffix(".weight").unwrap_or(name);
-        if !weights.contains(&format!("{prefix}.qweight")) {
+        if !weights.contains(&format!("{prefix}.{}", self.marker)) {
             return Ok(None);
         }
         let layer = (self.read)(weights, prefix, out, inp)

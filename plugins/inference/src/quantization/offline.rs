@@ -1,6 +1,6 @@
 //! `vibee quantize`: a full-precision checkpoint directory in, a quantized one out, in the
 //! layouts the loaders read — AutoAWQ's GEMM layout for `q4` and `awq`, GPTQ's for `int8`
-//! and `gptq` — with the original config (plus its `quantization_config`), tokenizer files
+//! and `gptq`, the `hqq` package's for `hqq` — with the original config (plus its `quantization_config`), tokenizer files
 //! and unquantized tensors (embeddings, norms, LM head).
 
 use std::collections::HashMap;
@@ -21,7 +21,7 @@ use vibee_core::{Model, Plugin, Registry};
 
 use super::calibration::{InputStats, Recorder};
 use super::integer::{IntegerWeights, StoredTensor};
-use super::{awq, gptq};
+use super::{awq, gptq, hqq};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Method {
@@ -29,6 +29,7 @@ pub enum Method {
     Q4,
     Awq,
     Gptq,
+    Hqq,
 }
 
 impl Method {
@@ -38,10 +39,8 @@ impl Method {
             "q4" => Self::Q4,
             "awq" => Self::Awq,
             "gptq" => Self::Gptq,
-            "hqq" => bail!(
-                "hqq is calibration-free and quantizes while loading (`--plugins hqq`): its float zero points fit neither AutoAWQ's nor GPTQ's integer layout"
-            ),
-            other => bail!("unknown method `{other}` (int8, q4, awq, gptq)"),
+            "hqq" => Self::Hqq,
+            other => bail!("unknown method `{other}` (int8, q4, awq, gptq, hqq)"),
         })
     }
 
@@ -133,7 +132,7 @@ pub fn quantize_checkpoint(
     );
     ensure!(
         method.calibrated() || options.calibration.is_none(),
-        "int8 and q4 need no calibration: --calib is for awq and gptq"
+        "int8, q4 and hqq need no calibration: --calib is for awq and gptq"
     );
     let checkpoint = Checkpoint::open(model)?;
     let config = checkpoint.config()?;
@@ -181,6 +180,8 @@ pub fn quantize_checkpoint(
             Method::Int8 => o % 4 == 0 && i % 32 == 0,
             Method::Gptq => o % (32 / options.bits as usize) == 0 && i % group == 0,
             Method::Q4 | Method::Awq => o % 8 == 0 && i % group == 0,
+            // HQQ packs two groups to a byte: half of them in the high nibbles.
+            Method::Hqq => i % group == 0 && (o * i / group).is_multiple_of(2),
         };
         if head.contains(&name) || !fits {
             kept.push(name);
@@ -259,10 +260,12 @@ pub fn quantize_checkpoint(
                     GPTQ_DAMPING,
                 )
                 .with_context(|| format!("GPTQ of `{name}`"))?,
+                Method::Hqq => hqq::quantize(&weight, *o, *i, group),
             };
             tensors.extend(match method {
                 Method::Q4 | Method::Awq => awq::write(&layer, prefix)?,
                 Method::Int8 | Method::Gptq => gptq::write(&layer, prefix)?,
+                Method::Hqq => hqq::write(&layer, prefix, weights.get(name, &[*o, *i])?.dtype)?,
             });
             done += 1;
             progress("quantizing", done, selected.len());
@@ -458,15 +461,8 @@ fn awq_scale_layer(
 /// Per-output-channel symmetric int8 (v2340's rule, scale stored as f16) in GPTQ's 8-bit
 /// layout: `q + 128` with zero point 128.
 fn int8(weight: &[f32], out: usize, inp: usize) -> IntegerWeights {
-    let mut layer = IntegerWeights {
-        bits: 8,
-        out,
-        inp,
-        quants: vec![0; out * inp],
-        group_of: vec![0; inp],
-        scales: vec![0.0; out],
-        zeros: vec![128; out],
-    };
+    let mut layer = IntegerWeights::zeroed(8, out, inp, inp);
+    layer.zeros.fill(128.0);
     for (r, row) in weight.chunks_exact(inp).enumerate() {
         let max = row.iter().fold(0.0f32, |m, w| m.max(w.abs()));
         let scale = half::f16::from_f32(max.max(1e-8) / 127.0).to_f32();
@@ -492,6 +488,18 @@ fn quantization_config(options: &Options, group: usize) -> serde_json::Value {
             "quant_method": "gptq", "bits": options.bits, "group_size": group,
             "desc_act": options.act_order, "sym": false, "checkpoint_format": "gptq",
             "damp_percent": GPTQ_DAMPING, "true_sequential": false,
+        }),
+        // transformers' HqqConfig, as the `hqq` package's settings record it.
+        Method::Hqq => serde_json::json!({
+            "quant_method": "hqq",
+            "quant_config": {
+                "weight_quant_params": {
+                    "nbits": 4, "channel_wise": true, "group_size": group, "optimize": true,
+                    "round_zero": false, "axis": 1, "view_as_float": false,
+                },
+                "scale_quant_params": null, "zero_quant_params": null, "offload_meta": false,
+            },
+            "skip_modules": ["lm_head"],
         }),
     }
 }
