@@ -159,6 +159,21 @@ fn bad_gguf_models_are_refused_with_a_reason() {
         "{}",
         error(&file)
     );
+    // Llama 3 rope divisors that do not cover the head's frequencies (8 for head_dim 16).
+    let rope_dir = scratch_copy("gguf-llama-rope-llama3");
+    let rope_file = rope_dir.path().join("model.gguf");
+    let mut bytes = std::fs::read(&rope_file).unwrap();
+    let name = b"rope_freqs.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    // After the name: the number of dimensions (u32), then the first dimension (u64).
+    assert_eq!(bytes[at + 4..at + 12], 8u64.to_le_bytes());
+    bytes[at + 4..at + 12].copy_from_slice(&4u64.to_le_bytes());
+    std::fs::write(&rope_file, &bytes).unwrap();
+    let message = error(&rope_file);
+    assert!(
+        message.contains("rope_freqs.weight must hold 8 float values"),
+        "{message}"
+    );
     // Quantized weights without the plugin that runs them.
     let missing = format!(
         "{:#}",

@@ -306,9 +306,6 @@ impl Gguf {
                 _ => bail!("the file gives no vocabulary size"),
             },
         };
-        if self.tensor("rope_freqs.weight").is_some() {
-            bail!("per-dimension rope frequencies (rope_freqs.weight, Llama 3.1-style scaling) are not supported yet");
-        }
         let mut config = serde_json::json!({
             "model_type": model_type,
             "hidden_size": hidden,
@@ -331,6 +328,37 @@ impl Gguf {
             if let Some(id) = self.number(name) {
                 config[field] = id.into();
             }
+        }
+        // llama.cpp's converter turns Llama 3's rope scaling into a divisor per frequency
+        // (`rope_freqs`), the form transformers calls longrope's factors: the same divisors at
+        // every length, with cos/sin unscaled.
+        if let Some(freqs) = self.tensor("rope_freqs.weight") {
+            let head_dim = self
+                .number(&key("rope.dimension_count"))
+                .or(self.number(&key("attention.key_length")))
+                .unwrap_or(hidden / heads);
+            if freqs.elements() as f64 * 2.0 != head_dim || freqs.kind.is_quantized() {
+                bail!(
+                    "rope_freqs.weight must hold {} float values, one per frequency; it has {} {}",
+                    head_dim / 2.0,
+                    freqs.elements(),
+                    freqs.kind
+                );
+            }
+            if self
+                .string(&key("rope.scaling.type"))
+                .is_some_and(|t| t != "none")
+            {
+                bail!("the file scales rope twice: rope_freqs.weight and rope.scaling.type");
+            }
+            let factors: Vec<f32> = self.dequantize(freqs);
+            config["rope_scaling"] = serde_json::json!({
+                "rope_type": "longrope",
+                "short_factor": factors,
+                "long_factor": factors,
+                "original_max_position_embeddings": required("context_length")? as u64,
+                "attention_factor": 1.0,
+            });
         }
         match self.string(&key("rope.scaling.type")) {
             None | Some("none") => {}
