@@ -436,6 +436,7 @@ mod x86 {
     pub fn has_avx512() -> bool {
         std::is_x86_feature_detected!("avx512f")
             && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
             && std::is_x86_feature_detected!("avx512vnni")
             && std::is_x86_feature_detected!("fma")
             && std::is_x86_feature_detected!("f16c")
@@ -513,17 +514,20 @@ mod x86 {
     }
 
     /// Dot products of row `r` with `N` activation rows: each group of weights is loaded and
-    /// unpacked once for all of them. `vpdpbusd` multiplies unsigned by signed bytes: 8-bit
-    /// weights keep their sign, moved onto the activations (`|w| · (x · sign w)`), which loses
-    /// nothing; shifting them to unsigned instead and subtracting 128 · Σx after cancels away
-    /// the precision of small weights (Q3_K's −4…3).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
+    /// unpacked, and its scales spread over the lanes, once for all of them. `vpdpbusd`
+    /// multiplies unsigned by signed bytes: 8-bit weights keep their sign, moved onto the
+    /// activations (`|w| · (x · sign w)`), which loses nothing; shifting them to unsigned
+    /// instead and subtracting 128 · Σx after cancels away the precision of small weights
+    /// (Q3_K's −4…3). The format's offset and minimums multiply only the activations' block
+    /// sums, so they are one short dot product per row after the loop ([`offsets_avx512`]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
     pub unsafe fn dot_avx512<const N: usize>(
         w: &PackedMatrix,
         r: usize,
         xs: [&QuantizedRow; N],
     ) -> [f32; N] {
-        let groups = w.blocks() / GROUP;
+        let blocks = w.blocks();
+        let groups = blocks / GROUP;
         let quants = w.row_quants(r).as_ptr();
         // Lane i of the products belongs to block i / 4 of the group.
         let spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
@@ -531,7 +535,6 @@ mod x86 {
         let low = _mm512_set1_epi8(0x0F);
         let zero = _mm512_setzero_si512();
         let mut acc = [_mm512_setzero_ps(); N];
-        let mut offsets = [_mm_setzero_ps(); N];
         for g in 0..groups {
             // The group's weights as unsigned bytes, and the lanes whose sign moves onto x.
             let (a, b, negative_a, negative_b) = match w.bits {
@@ -552,6 +555,16 @@ mod x86 {
                     (_mm512_abs_epi8(a), _mm512_abs_epi8(b), na, nb)
                 }
             };
+            // The weight scales of the blocks' first and second halves (the same unless the
+            // format has half-block scales).
+            let (da, db) = if w.halves {
+                let at = 2 * (r * blocks + g * GROUP);
+                (load4(&w.scales, at), load4(&w.scales, at + GROUP))
+            } else {
+                let d = load4(&w.scales, r * blocks + g * GROUP);
+                (d, d)
+            };
+            let (da, db) = (spread(da), spread(db));
             for k in 0..N {
                 let xq = xs[k].quants.as_ptr().add(GROUP * BLOCK * g);
                 let xa = _mm512_loadu_si512(xq.cast());
@@ -563,23 +576,67 @@ mod x86 {
                         _mm512_mask_sub_epi8(xb, negative_b, zero, xb),
                     ),
                 };
-                let (sa, sb) = group_scales(w, r, g, xs[k], &mut offsets[k]);
+                let dx = spread(_mm_loadu_ps(xs[k].scales.as_ptr().add(g * GROUP)));
                 if w.halves {
                     let pa = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, a, xa));
                     let pb = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, b, xb));
-                    acc[k] = _mm512_fmadd_ps(pa, spread(sa), acc[k]);
-                    acc[k] = _mm512_fmadd_ps(pb, spread(sb), acc[k]);
+                    acc[k] = _mm512_fmadd_ps(pa, _mm512_mul_ps(da, dx), acc[k]);
+                    acc[k] = _mm512_fmadd_ps(pb, _mm512_mul_ps(db, dx), acc[k]);
                 } else {
                     let p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, a, xa), b, xb);
-                    acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), spread(sa), acc[k]);
+                    acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(da, dx), acc[k]);
                 }
             }
         }
         std::array::from_fn(|k| {
             _mm512_reduce_add_ps(acc[k])
-                + hsum128(offsets[k])
+                + offsets_avx512(w, r, xs[k], groups * GROUP)
                 + w.dot_blocks(r, xs[k], groups * GROUP..w.blocks())
         })
+    }
+
+    /// `Σ (offset · d + min) · Σx` over the first `blocks` blocks of row `r` (or over their
+    /// halves, for formats with half-block scales): the part of the dot product the format's
+    /// offset and minimums add, from the activations' block sums.
+    #[inline(always)]
+    unsafe fn offsets_avx512(w: &PackedMatrix, r: usize, x: &QuantizedRow, blocks: usize) -> f32 {
+        if w.offset == 0.0 && w.mins.is_none() {
+            return 0.0;
+        }
+        // Scales, minimums and sums share one layout: per block, or per half in
+        // `half_index` order.
+        let (per_block, sums) = if w.halves {
+            (2, x.half_sums.as_ptr())
+        } else {
+            (1, x.sums.as_ptr())
+        };
+        let (first, count) = (per_block * r * w.blocks(), per_block * blocks);
+        let shift = _mm512_set1_ps(w.offset);
+        let mut acc = _mm512_setzero_ps();
+        for i in (0..count).step_by(16) {
+            let mask: __mmask16 = if count - i >= 16 {
+                0xFFFF
+            } else {
+                (1 << (count - i)) - 1
+            };
+            let mut c = _mm512_mul_ps(load16(&w.scales, first + i, mask), shift);
+            if let Some(mins) = &w.mins {
+                c = _mm512_add_ps(c, load16(mins, first + i, mask));
+            }
+            acc = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(mask, sums.add(i)), acc);
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+
+    /// Entries `i..i + 16` as f32, those outside `mask` zero (and not read).
+    #[inline(always)]
+    unsafe fn load16(numbers: &Numbers, i: usize, mask: __mmask16) -> __m512 {
+        match numbers {
+            Numbers::Half(v) => {
+                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, v.as_ptr().add(i).cast()))
+            }
+            Numbers::Full(v) => _mm512_maskz_loadu_ps(mask, v.as_ptr().add(i)),
+        }
     }
 
     /// Products of 32 weight bytes with 32 activation bytes, summed in groups of four into
