@@ -49,7 +49,7 @@ fn gemv(x: &Matrix, w: &Weight, out: &mut Matrix) {
     let data = w.data();
     let row_bytes = w.dtype.bytes_for(k).expect("weight rows are whole blocks");
     let scratch = || ([0.0f32; CONVERT_CHUNK], Vec::new());
-    gemv_rows(out, scratch, |(buf, dequantized), row, dst| {
+    gemv_rows(out, 1, scratch, |(buf, dequantized), row, dst| {
         let range = row * k..(row + 1) * k;
         match data {
             WeightData::F32(w) => dot_rows(&w[range], x, dst),
@@ -65,25 +65,30 @@ fn gemv(x: &Matrix, w: &Weight, out: &mut Matrix) {
     });
 }
 
-/// A matrix-vector product (or a few) split over threads by output rows: `row_dots(state,
-/// r, dst)` writes the products of weight row `r` with each activation row into `dst`; each
-/// thread has its own `state` from `scratch`.
+/// A matrix-vector product (or a few) split over threads by output rows, `tile` weight rows at
+/// a time: `tile_dots(state, first, dst)` writes the products of weight rows `first..` (as
+/// many as `dst` holds rows of activations: `tile`, or fewer at the end) with each activation
+/// row into `dst`, one weight row after another; each thread has its own `state` from
+/// `scratch`.
 pub fn gemv_rows<S>(
     out: &mut Matrix,
+    tile: usize,
     scratch: impl Fn() -> S + Sync,
-    row_dots: impl Fn(&mut S, usize, &mut [f32]) + Sync,
+    tile_dots: impl Fn(&mut S, usize, &mut [f32]) + Sync,
 ) {
     let (n, out_features) = (out.rows, out.cols);
     // Results are computed transposed (one weight row serves every activation row) and
     // scattered after, so each thread writes a disjoint slice.
     let mut transposed = vec![0.0f32; out_features * n];
     // One contiguous block of rows per thread: each streams its part of the weight in order.
-    let rows_per_task = out_features.div_ceil(parallel::pool().threads());
+    let rows_per_task = out_features
+        .div_ceil(parallel::pool().threads())
+        .next_multiple_of(tile);
     parallel::pool().for_each_chunk(&mut transposed, rows_per_task * n, |task, chunk| {
         let first = task * rows_per_task;
         let mut state = scratch();
-        for (r, dst) in chunk.chunks_exact_mut(n).enumerate() {
-            row_dots(&mut state, first + r, dst);
+        for (t, dst) in chunk.chunks_mut(tile * n).enumerate() {
+            tile_dots(&mut state, first + t * tile, dst);
         }
     });
     for (row, values) in transposed.chunks_exact(n).enumerate() {
