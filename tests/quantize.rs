@@ -6,6 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
 use vibee_core::conformance::Reference;
 use vibee_inference::quantization::offline::{quantize_checkpoint, Method, Options};
 use vibee_tests::{fixture, load};
@@ -144,6 +146,47 @@ fn calibration_free_checkpoints_match_the_quantizers_references() {
         let error = max_error(&out.0, &fixture(reference));
         assert!(error < TOLERANCE, "{reference}: {error:e}");
     }
+}
+
+#[test]
+fn tensors_that_are_not_floats_pass_through_unchanged() {
+    // Old GPT-NeoX checkpoints keep bool masks and i64 ids beside their weights.
+    let model = vibee_tests::scratch_copy("llama-gqa");
+    let file = model.path().join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let positions: Vec<u8> = (0..8i64).flat_map(i64::to_le_bytes).collect();
+    let mask = vec![1u8, 0, 1, 1];
+    let mut views = SafeTensors::deserialize(&bytes).unwrap().tensors();
+    views.push((
+        "model.position_ids".into(),
+        TensorView::new(Dtype::I64, vec![8], &positions).unwrap(),
+    ));
+    views.push((
+        "model.layers.0.self_attn.mask".into(),
+        TensorView::new(Dtype::BOOL, vec![2, 2], &mask).unwrap(),
+    ));
+    safetensors::serialize_to_file(views, None, &file).unwrap();
+    let out = Output::new("non-float");
+    let (registry, catalog) = vibee_cli::catalog(Vec::new()).unwrap();
+    quantize_checkpoint(
+        model.path(),
+        &out.0,
+        &options(Method::Q4, false),
+        &registry,
+        &catalog,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let written = std::fs::read(out.0.join("model.safetensors")).unwrap();
+    let written = SafeTensors::deserialize(&written).unwrap();
+    for (name, dtype, data) in [
+        ("model.position_ids", Dtype::I64, &positions),
+        ("model.layers.0.self_attn.mask", Dtype::BOOL, &mask),
+    ] {
+        let tensor = written.tensor(name).unwrap();
+        assert_eq!((tensor.dtype(), tensor.data()), (dtype, data.as_slice()));
+    }
+    assert!(load(&out.0, "auto").is_ok());
 }
 
 #[test]

@@ -16,7 +16,7 @@ use vibee_core::config::{FfnKind, ModelConfig, NormKind, NormSite, QkvLayout, Re
 use vibee_core::engine::expand_auto;
 use vibee_core::ops::{BuildContext, Factory, Operator, Operators, Quantization};
 use vibee_core::plugin::resolve;
-use vibee_core::weights::Weights;
+use vibee_core::weights::{WeightError, Weights};
 use vibee_core::{Model, Plugin, Registry};
 
 use super::calibration::{InputStats, Recorder};
@@ -274,7 +274,25 @@ pub fn quantize_checkpoint(
     let replaced: Vec<&str> = selected.iter().map(|(n, ..)| n.as_str()).collect();
     let mut bytes_before = 0;
     for name in weights.names() {
-        let weight = weights.get(name, weights.shape(name)?)?;
+        let weight = match weights.get(name, weights.shape(name)?) {
+            Ok(weight) => weight,
+            // Buffers that are not floats (old GPT-NeoX checkpoints' bool masks, i64 position
+            // ids) are no weights: they pass through as stored.
+            Err(WeightError::Dtype { dtype, .. }) => {
+                let (bytes, shape) = weights.raw(name, &dtype)?;
+                bytes_before += bytes.len();
+                let dtype = serde_json::from_value(serde_json::Value::String(dtype))
+                    .with_context(|| format!("`{name}` has a dtype safetensors does not know"))?;
+                tensors.push(StoredTensor::raw(
+                    name.to_string(),
+                    dtype,
+                    shape.to_vec(),
+                    bytes.iter().copied(),
+                ));
+                continue;
+            }
+            Err(error) => return Err(error.into()),
+        };
         bytes_before += weight.bytes();
         if replaced.contains(&name) {
             continue;
