@@ -123,6 +123,22 @@ fn the_embedded_tokenizer_encodes_as_transformers_gguf_tokenizer_does() {
 }
 
 #[test]
+fn llama3_and_qwen2_pre_tokenizers_split_as_transformers_gguf_tokenizer_does() {
+    for fixture in ["gguf-llama-gqa-llama-bpe", "gguf-qwen2-qwen2"] {
+        let (tokenizer, cases) = tokenizer_and_cases(fixture);
+        assert!(cases.len() >= 5, "{fixture}");
+        for (text, expected) in &cases {
+            assert_eq!(
+                &tokenizer.encode(text).unwrap(),
+                expected,
+                "{fixture}: {text:?}"
+            );
+            assert_eq!(&tokenizer.decode(expected).unwrap(), text, "{fixture}");
+        }
+    }
+}
+
+#[test]
 fn a_sentencepiece_vocabulary_encodes_as_llama_cpp_does() {
     let (tokenizer, cases) = tokenizer_and_cases("gguf-llama-spm");
     for (text, expected) in &cases {

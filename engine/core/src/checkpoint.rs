@@ -70,9 +70,10 @@ impl Checkpoint {
             Checkpoint::Gguf { file, .. } => {
                 let mut config = ModelConfig::from_json(&file.hf_config()?.to_string())
                     .context("the file's metadata does not make a valid config")?;
-                // llama.cpp's converter reorders each head's q/k rows so that rotary pairs are
-                // neighbours; rotating neighbouring pairs gives the same attention scores.
-                config.rope_interleaved = true;
+                // For llama, llama.cpp's converter reorders each head's q/k rows so that rotary
+                // pairs are neighbours; rotating neighbouring pairs gives the same attention
+                // scores. Other architectures keep transformers' order.
+                config.rope_interleaved = file.architecture()? == "llama";
                 if file.tensors.iter().any(|t| t.kind.is_quantized()) {
                     config.quantization = Some("gguf");
                 }

@@ -238,7 +238,7 @@ impl<'a> Reader<'a> {
 }
 
 /// GGUF architectures vibee runs, with the Hugging Face `model_type` they become.
-const ARCHITECTURES: [(&str, &str); 1] = [("llama", "llama")];
+const ARCHITECTURES: [(&str, &str); 2] = [("llama", "llama"), ("qwen2", "qwen2")];
 
 impl Gguf {
     fn get(&self, key: &str) -> Option<&Value> {
@@ -382,7 +382,7 @@ impl Gguf {
     }
 }
 
-/// The Hugging Face name of a tensor of a llama-architecture GGUF file (llama.cpp's
+/// The Hugging Face name of a tensor of a llama- or qwen2-architecture GGUF file (llama.cpp's
 /// converter renames them), or `None` for tensors vibee does not read.
 pub fn hf_name(name: &str) -> Option<String> {
     let global = [
@@ -402,6 +402,9 @@ pub fn hf_name(name: &str) -> Option<String> {
         "attn_q.weight" => "self_attn.q_proj.weight",
         "attn_k.weight" => "self_attn.k_proj.weight",
         "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_q.bias" => "self_attn.q_proj.bias",
+        "attn_k.bias" => "self_attn.k_proj.bias",
+        "attn_v.bias" => "self_attn.v_proj.bias",
         "attn_output.weight" => "self_attn.o_proj.weight",
         "ffn_gate.weight" => "mlp.gate_proj.weight",
         "ffn_up.weight" => "mlp.up_proj.weight",

@@ -9,10 +9,11 @@ use serde::Serialize;
 
 use crate::gguf::{Gguf, Value};
 
-/// GPT-2's pre-tokenizer: its regex split, then bytes mapped to printable characters.
-const GPT2_PRE_TOKENIZER: &str =
-    r#"{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}"#;
-/// Llama 3's pre-tokenizer regex (digits in groups of up to three), then the byte mapping.
+/// Llama 3's pre-tokenizer split (digits in groups of up to three).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's: Llama 3's with single digits.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// A GGUF array of strings.
 fn gguf_strings<'a>(file: &'a Gguf, key: &str) -> anyhow::Result<Vec<&'a str>> {
     match file.metadata.get(key) {
@@ -33,11 +34,22 @@ fn gguf_false(file: &Gguf, key: &str) -> bool {
 
 /// A byte-level BPE (GPT-2, Llama 3): the pre-tokenizer regex the file names, its merges.
 fn byte_level(file: &Gguf, merges: Vec<&str>) -> anyhow::Result<serde_json::Value> {
+    // GPT-2's split is the byte mapping's own regex; the others split first, then map bytes.
+    let split = |regex: &str| {
+        serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+        ]})
+    };
+    let gpt2 = serde_json::json!(
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
+    );
     let pre_tokenizer = match file.metadata.get("tokenizer.ggml.pre") {
-        None => GPT2_PRE_TOKENIZER,
+        None => gpt2,
         Some(Value::String(pre)) => match pre.as_str() {
-            "default" | "gpt-2" => GPT2_PRE_TOKENIZER,
-            "llama3" | "llama-bpe" => LLAMA3_PRE_TOKENIZER,
+            "default" | "gpt-2" => gpt2,
+            "llama3" | "llama-bpe" => split(LLAMA3_SPLIT),
+            "qwen2" | "deepseek-r1-qwen" => split(QWEN2_SPLIT),
             other => bail!(
                 "the file's pre-tokenizer `{other}` is not supported yet: put the model's \
                  tokenizer.json next to the file, or give token ids"
@@ -47,8 +59,7 @@ fn byte_level(file: &Gguf, merges: Vec<&str>) -> anyhow::Result<serde_json::Valu
     };
     Ok(serde_json::json!({
         "normalizer": null,
-        "pre_tokenizer": serde_json::from_str::<serde_json::Value>(pre_tokenizer)
-            .expect("a valid pre-tokenizer"),
+        "pre_tokenizer": pre_tokenizer,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {
             "type": "BPE", "dropout": null, "unk_token": null,
@@ -145,10 +156,6 @@ fn merges_from_scores(tokens: &[&str], scores: &[f64]) -> Vec<[String; 2]> {
         .map(|(_, _, _, l, r)| [l.to_string(), r.to_string()])
         .collect()
 }
-
-const LLAMA3_PRE_TOKENIZER: &str = r#"{"type": "Sequence", "pretokenizers": [
-    {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"}, "behavior": "Isolated", "invert": false},
-    {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}"#;
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
