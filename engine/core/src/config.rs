@@ -1199,8 +1199,9 @@ const GPTQ_PROVENANCE_KEYS: &[&str] = &[
 ];
 
 /// Reads `quantization_config`: the plugin the stored tensors need (`awq` for AutoAWQ's GEMM
-/// layout, `gptq` for GPTQ's, `hqq` for the `hqq` package's), after refusing every variant whose tensors mean something else.
-/// Group sizes and bit widths are read again from the tensors' shapes by the loaders.
+/// layout, `gptq` for GPTQ's, `hqq` for the `hqq` package's), after refusing every variant
+/// whose tensors mean something else. Group sizes and bit widths are read again from the
+/// tensors' shapes by the loaders.
 fn quantization_config<'a>(f: &mut Fields<'a>) -> Result<Option<&'static str>, ConfigError> {
     let Some(value) = f.get("quantization_config") else {
         return Ok(None);

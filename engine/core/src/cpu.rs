@@ -66,10 +66,9 @@ fn gemv(x: &Matrix, w: &Weight, out: &mut Matrix) {
 }
 
 /// A matrix-vector product (or a few) split over threads by output rows, `tile` weight rows at
-/// a time: `tile_dots(state, first, dst)` writes the products of weight rows `first..` (as
-/// many as `dst` holds rows of activations: `tile`, or fewer at the end) with each activation
-/// row into `dst`, one weight row after another; each thread has its own `state` from
-/// `scratch`.
+/// a time: `tile_dots(state, first, dst)` writes the products of the `dst.len() / n` weight
+/// rows from `first` (`tile`, or fewer at the end) with each of the `n` activation rows into
+/// `dst`, one weight row after another; each thread has its own `state` from `scratch`.
 pub fn gemv_rows<S>(
     out: &mut Matrix,
     tile: usize,

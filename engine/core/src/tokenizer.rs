@@ -44,12 +44,14 @@ fn byte_level(file: &Gguf, merges: Vec<&str>) -> anyhow::Result<serde_json::Valu
     let gpt2 = serde_json::json!(
         {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
     );
-    let pre_tokenizer = match file.metadata.get("tokenizer.ggml.pre") {
-        None => gpt2,
+    // Llama 3 takes a word that is in the vocabulary whole as one token even where the merges
+    // would not build it (`ignore_merges`, as llama.cpp and Meta's tokenizer.json do).
+    let (pre_tokenizer, ignore_merges) = match file.metadata.get("tokenizer.ggml.pre") {
+        None => (gpt2, false),
         Some(Value::String(pre)) => match pre.as_str() {
-            "default" | "gpt-2" => gpt2,
-            "llama3" | "llama-bpe" => split(LLAMA3_SPLIT),
-            "qwen2" | "deepseek-r1-qwen" => split(QWEN2_SPLIT),
+            "default" | "gpt-2" => (gpt2, false),
+            "llama3" | "llama-bpe" => (split(LLAMA3_SPLIT), true),
+            "qwen2" | "deepseek-r1-qwen" => (split(QWEN2_SPLIT), false),
             other => bail!(
                 "the file's pre-tokenizer `{other}` is not supported yet: put the model's \
                  tokenizer.json next to the file, or give token ids"
@@ -64,7 +66,7 @@ fn byte_level(file: &Gguf, merges: Vec<&str>) -> anyhow::Result<serde_json::Valu
         "model": {
             "type": "BPE", "dropout": null, "unk_token": null,
             "continuing_subword_prefix": null, "end_of_word_suffix": null,
-            "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
             "merges": merges,
         },
     }))

@@ -297,7 +297,8 @@ impl PackedMatrix {
 
     /// The dot product of row `r` with a quantized activation row.
     pub fn dot(&self, r: usize, x: &QuantizedRow) -> f32 {
-        debug_assert_eq!(x.blocks(), self.blocks());
+        // The kernels read whole rows of blocks: a mismatch would read past a buffer.
+        assert_eq!(x.blocks(), self.blocks(), "dot: the activation row's width");
         #[cfg(target_arch = "x86_64")]
         {
             // SAFETY (both): the features were just detected; the row and `x` hold
@@ -432,8 +433,8 @@ pub struct QuantBlock {
     pub min: f32,
 }
 
-/// Whether prompts of any length take the integer kernels (AVX-512 VNNI: four activation rows
-/// per weight load), rather than widening weights for the f32 GEMM beyond
+/// Whether prompts of any length take the integer kernels (AVX-512 VNNI: tiles of weight rows
+/// × activation rows), rather than widening weights for the f32 GEMM beyond
 /// [`INTEGER_MAX_ROWS`] rows.
 fn integer_prefill() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -607,8 +608,9 @@ mod x86 {
             // scales of the blocks' first and second halves (the same unless the format has
             // half-block scales), spread.
             let mut rows = [(zero, zero, 0, 0, _mm512_setzero_ps(), _mm512_setzero_ps()); R];
-            // A loop, not a closure: closures do not inherit the function's target features,
-            // and the intrinsics must inline.
+            // A loop, not `std::array::from_fn`: a closure called from a function without
+            // these target features is not inlined here, and its intrinsics became calls
+            // (measured twice as slow).
             for (j, row) in rows.iter_mut().enumerate() {
                 let (a, b, negative_a, negative_b) = match w.bits {
                     Bits::Four => {
@@ -892,19 +894,29 @@ mod tests {
 
     #[test]
     fn many_rows_give_each_row_its_own_result() {
-        // An odd number of weight rows leaves one outside the tiles of two; 30 activation
-        // rows leave two outside the fours.
-        let (rows, cols, n) = (41, 8 * BLOCK, INTEGER_MAX_ROWS + 6);
-        let x = Matrix::from_vec(n, cols, values(n * cols, 8));
-        for (dtype, bytes) in [
-            (DType::Q4_0, quantize_q4_0(&values(rows * cols, 4))),
-            (DType::Q8_0, quantize_q8_0(&values(rows * cols, 6))),
-            (DType::Q6K, random_blocks(DType::Q6K, rows * cols / 256, 7)),
+        // An odd number of weight rows leaves one outside the tiles of two; 30 activation rows
+        // run as 3 × 8 + 4 + 1 + 1; 11 blocks per row leave 3 outside the groups of four (the
+        // 32-element types; K-quant rows are whole super-blocks). Offsets (Q4_0), minimums
+        // (Q4_1, Q4_K, Q2_K) and half-block scales (Q6_K, Q2_K) all take the tiled path.
+        let (rows, n) = (41, INTEGER_MAX_ROWS + 6);
+        for (dtype, cols) in [
+            (DType::Q4_0, 11 * BLOCK),
+            (DType::Q4_1, 11 * BLOCK),
+            (DType::Q8_0, 11 * BLOCK),
+            (DType::Q4K, 256),
+            (DType::Q2K, 256),
+            (DType::Q6K, 256),
         ] {
+            let bytes = match dtype {
+                DType::Q4_0 => quantize_q4_0(&values(rows * cols, 4)),
+                DType::Q8_0 => quantize_q8_0(&values(rows * cols, 6)),
+                _ => random_blocks(dtype, rows * cols / dtype.block().0, 7),
+            };
+            let x = Matrix::from_vec(n, cols, values(n * cols, 8));
             let weight = Weight::from_bytes(bytes, dtype, vec![rows, cols]);
             let linear = PackedLinear(PackedMatrix::from_gguf(&weight).unwrap());
-            // Both many-row paths (several activation rows per weight load; widened weights
-            // for the GEMM) against the one-row integer path, row by row.
+            // Both many-row paths (tiles of weight × activation rows; widened weights for the
+            // GEMM) against the one-row integer path, row by row.
             let (mut integer, mut widened) = (Matrix::zeros(n, rows), Matrix::zeros(n, rows));
             linear.integer(&x, &mut integer);
             linear.widened(&x, &mut widened);

@@ -154,6 +154,12 @@ fn solve(values: &[f32], group: usize) -> Vec<Group> {
     groups
 }
 
+/// Where HQQ's group `r` (row-major over the weight: row `r / per_row`, its group
+/// `r % per_row`) sits in [`IntegerWeights`]' `[groups, out]` scales and zero points.
+fn layer_index(r: usize, per_row: usize, out: usize) -> usize {
+    (r % per_row) * out + r / per_row
+}
+
 /// `weight` (`[out, in]` row-major) quantized to 4 bits in groups of `group` along each row.
 pub fn quantize(weight: &[f32], out: usize, inp: usize, group: usize) -> IntegerWeights {
     let groups = solve(weight, group);
@@ -165,8 +171,7 @@ pub fn quantize(weight: &[f32], out: usize, inp: usize, group: usize) -> Integer
         .enumerate()
         .zip(&groups)
     {
-        // Group r is row r / per_row's group r % per_row; the layer holds [groups, out].
-        let at = (r % per_row) * out + r / per_row;
+        let at = layer_index(r, per_row, out);
         (layer.scales[at], layer.zeros[at]) = (1.0 / g.scale, g.zero);
         for (q, w) in q.iter_mut().zip(w) {
             *q = g.quantize(*w) as u8;
@@ -277,9 +282,13 @@ pub fn read(
     let scale = weights.get(&settings.name("scale"), &[groups, 1])?;
     let zero = weights.get(&settings.name("zero"), &[groups, 1])?;
     let (packed, packed_shape) = weights.raw(&settings.name("W_q"), "U8")?;
+    ensure!(
+        bits == 8 || groups.is_multiple_of(2),
+        "4-bit HQQ packs groups in pairs, but the layer has {groups}"
+    );
     let rows = if bits == 4 { groups / 2 } else { groups };
     ensure!(
-        packed_shape == [rows, group] && (bits == 8 || groups.is_multiple_of(2)),
+        packed_shape == [rows, group],
         "W_q has shape {packed_shape:?}, expected [{rows}, {group}]"
     );
     // Group r (row-major over the weight) is held by packed row r, or by the high (first half)
@@ -297,7 +306,7 @@ pub fn read(
     let transpose = |values: Vec<f32>| {
         let mut by_column = vec![0.0; values.len()];
         for (r, v) in values.into_iter().enumerate() {
-            by_column[(r % per_row) * out + r / per_row] = v;
+            by_column[layer_index(r, per_row, out)] = v;
         }
         by_column
     };
@@ -331,7 +340,7 @@ pub fn write(
     let packed: Vec<u8> = high.iter().zip(low).map(|(h, l)| h << 4 | l).collect();
     let by_row = |values: &[f32]| -> Vec<f32> {
         (0..groups)
-            .map(|r| values[(r % per_row) * out + r / per_row])
+            .map(|r| values[layer_index(r, per_row, out)])
             .collect()
     };
     let compute_dtype = match dtype {

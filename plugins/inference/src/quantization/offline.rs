@@ -1,7 +1,8 @@
 //! `vibee quantize`: a full-precision checkpoint directory in, a quantized one out, in the
 //! layouts the loaders read — AutoAWQ's GEMM layout for `q4` and `awq`, GPTQ's for `int8`
-//! and `gptq`, the `hqq` package's for `hqq` — with the original config (plus its `quantization_config`), tokenizer files
-//! and unquantized tensors (embeddings, norms, LM head).
+//! and `gptq`, the `hqq` package's for `hqq` — with the original config (plus its
+//! `quantization_config`), tokenizer files and unquantized tensors (embeddings, norms, LM
+//! head).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -276,8 +277,8 @@ pub fn quantize_checkpoint(
     for name in weights.names() {
         let weight = match weights.get(name, weights.shape(name)?) {
             Ok(weight) => weight,
-            // Buffers that are not floats (old GPT-NeoX checkpoints' bool masks, i64 position
-            // ids) are no weights: they pass through as stored.
+            // Tensors vibee does not read as weights (old GPT-NeoX checkpoints' bool masks, i64
+            // position ids, f64 buffers) pass through as stored.
             Err(WeightError::Dtype { dtype, .. }) => {
                 let (bytes, shape) = weights.raw(name, &dtype)?;
                 bytes_before += bytes.len();
@@ -306,7 +307,12 @@ pub fn quantize_checkpoint(
         ));
     }
     let bytes_after = tensors.iter().map(|t| t.bytes.len()).sum();
-    write_checkpoint(model, out, &tensors, quantization_config(options, group))?;
+    write_checkpoint(
+        model,
+        out,
+        &tensors,
+        quantization_config(options, group, &kept),
+    )?;
     Ok(Summary {
         quantized: selected.len(),
         kept,
@@ -492,7 +498,9 @@ fn int8(weight: &[f32], out: usize, inp: usize) -> IntegerWeights {
     layer
 }
 
-fn quantization_config(options: &Options, group: usize) -> serde_json::Value {
+/// The `quantization_config` of the written checkpoint; `kept` are the linear layers left in
+/// full precision.
+fn quantization_config(options: &Options, group: usize, kept: &[String]) -> serde_json::Value {
     match options.method {
         Method::Q4 | Method::Awq => serde_json::json!({
             "quant_method": "awq", "bits": 4, "group_size": group, "zero_point": true,
@@ -517,7 +525,10 @@ fn quantization_config(options: &Options, group: usize) -> serde_json::Value {
                 },
                 "scale_quant_params": null, "zero_quant_params": null, "offload_meta": false,
             },
-            "skip_modules": ["lm_head"],
+            "skip_modules": kept
+                .iter()
+                .map(|name| name.strip_suffix(".weight").unwrap_or(name))
+                .collect::<Vec<_>>(),
         }),
     }
 }
