@@ -665,34 +665,49 @@ mod x86 {
                 }
             }
         }
-        std::array::from_fn(|j| {
+        // Loops rather than `from_fn` closures, for the reason above.
+        let mut dots = [[0.0; N]; R];
+        for (j, row) in dots.iter_mut().enumerate() {
             let r = first + j;
-            std::array::from_fn(|k| {
-                _mm512_reduce_add_ps(acc[j][k])
-                    + offsets_avx512(w, r, xs[k], groups * GROUP)
-                    + w.dot_blocks(r, xs[k], groups * GROUP..w.blocks())
-            })
-        })
+            let offsets = offsets_avx512(w, r, xs, groups * GROUP);
+            for (k, dot) in row.iter_mut().enumerate() {
+                *dot = _mm512_reduce_add_ps(acc[j][k])
+                    + offsets[k]
+                    + w.dot_blocks(r, xs[k], groups * GROUP..w.blocks());
+            }
+        }
+        dots
     }
 
     /// `Σ (offset · d + min) · Σx` over the first `blocks` blocks of row `r` (or over their
-    /// halves, for formats with half-block scales): the part of the dot product the format's
-    /// offset and minimums add, from the activations' block sums.
+    /// halves, for formats with half-block scales), for each of the activation rows `xs`: the
+    /// part of the dot product the format's offset and minimums add, from the activations'
+    /// block sums. Each run of 16 weight terms is computed once for all `N` rows.
     #[inline(always)]
-    unsafe fn offsets_avx512(w: &PackedMatrix, r: usize, x: &QuantizedRow, blocks: usize) -> f32 {
+    unsafe fn offsets_avx512<const N: usize>(
+        w: &PackedMatrix,
+        r: usize,
+        xs: [&QuantizedRow; N],
+        blocks: usize,
+    ) -> [f32; N] {
+        let mut totals = [0.0; N];
         if w.offset == 0.0 && w.mins.is_none() {
-            return 0.0;
+            return totals;
         }
         // Scales, minimums and sums share one layout: per block, or per half in
         // `half_index` order.
-        let (per_block, sums) = if w.halves {
-            (2, x.half_sums.as_ptr())
-        } else {
-            (1, x.sums.as_ptr())
-        };
+        let per_block = if w.halves { 2 } else { 1 };
+        let mut sums = [std::ptr::null(); N];
+        for (s, x) in sums.iter_mut().zip(xs) {
+            *s = if w.halves {
+                x.half_sums.as_ptr()
+            } else {
+                x.sums.as_ptr()
+            };
+        }
         let (first, count) = (per_block * r * w.blocks(), per_block * blocks);
         let shift = _mm512_set1_ps(w.offset);
-        let mut acc = _mm512_setzero_ps();
+        let mut acc = [_mm512_setzero_ps(); N];
         for i in (0..count).step_by(16) {
             let mask: __mmask16 = if count - i >= 16 {
                 0xFFFF
@@ -703,9 +718,14 @@ mod x86 {
             if let Some(mins) = &w.mins {
                 c = _mm512_add_ps(c, load16(mins, first + i, mask));
             }
-            acc = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(mask, sums.add(i)), acc);
+            for (a, s) in acc.iter_mut().zip(sums) {
+                *a = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(mask, s.add(i)), *a);
+            }
         }
-        _mm512_reduce_add_ps(acc)
+        for (t, a) in totals.iter_mut().zip(acc) {
+            *t = _mm512_reduce_add_ps(a);
+        }
+        totals
     }
 
     /// Entries `i..i + 16` as f32, those outside `mask` zero (and not read).
