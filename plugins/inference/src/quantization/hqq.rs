@@ -96,9 +96,17 @@ impl Group {
     }
 }
 
+/// Below this magnitude the proximal step is exactly zero (`|x| < |x|^(p−1) / β` up to
+/// `β^(−1/(2−p))` ≈ 0.17), so the power need not be taken: quantization residuals almost
+/// always are.
+const SHRINK_FLOOR: f32 = 0.1;
+
 /// `sign(x) · max(|x| − |x|^(p−1) / β, 0)`: the proximal step of the ℓp penalty.
 fn shrink(x: f32) -> f32 {
     let magnitude = x.abs();
+    if magnitude < SHRINK_FLOOR {
+        return 0.0;
+    }
     (magnitude - magnitude.powf(LP_NORM - 1.0) / BETA).max(0.0) * x.signum()
 }
 
