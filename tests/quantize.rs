@@ -50,19 +50,22 @@ fn options(method: Method, act_order: bool) -> Options {
     }
 }
 
+/// `vibee quantize` of llama-gqa into `out`.
 fn quantize(
     out: &Path,
     options: &Options,
 ) -> anyhow::Result<vibee_inference::quantization::offline::Summary> {
+    quantize_model(&fixture("llama-gqa"), out, options)
+}
+
+/// `vibee quantize` of `model` into `out`.
+fn quantize_model(
+    model: &Path,
+    out: &Path,
+    options: &Options,
+) -> anyhow::Result<vibee_inference::quantization::offline::Summary> {
     let (registry, catalog) = vibee_cli::catalog(Vec::new())?;
-    quantize_checkpoint(
-        &fixture("llama-gqa"),
-        out,
-        options,
-        &registry,
-        &catalog,
-        &mut |_, _, _| {},
-    )
+    quantize_checkpoint(model, out, options, &registry, &catalog, &mut |_, _, _| {})
 }
 
 /// The largest difference between the quantized checkpoint's prompt logits and `reference`'s
@@ -167,16 +170,7 @@ fn tensors_that_are_not_floats_pass_through_unchanged() {
     ));
     safetensors::serialize_to_file(views, None, &file).unwrap();
     let out = Output::new("non-float");
-    let (registry, catalog) = vibee_cli::catalog(Vec::new()).unwrap();
-    quantize_checkpoint(
-        model.path(),
-        &out.0,
-        &options(Method::Q4, false),
-        &registry,
-        &catalog,
-        &mut |_, _, _| {},
-    )
-    .unwrap();
+    quantize_model(model.path(), &out.0, &options(Method::Q4, false)).unwrap();
     let written = std::fs::read(out.0.join("model.safetensors")).unwrap();
     let written = SafeTensors::deserialize(&written).unwrap();
     for (name, dtype, data) in [
@@ -193,16 +187,7 @@ fn tensors_that_are_not_floats_pass_through_unchanged() {
 fn bad_requests_are_refused_with_a_reason() {
     let refused = |model: &Path, options: &Options| {
         let out = Output::new("refused");
-        let (registry, catalog) = vibee_cli::catalog(Vec::new()).unwrap();
-        let error = quantize_checkpoint(
-            model,
-            &out.0,
-            options,
-            &registry,
-            &catalog,
-            &mut |_, _, _| {},
-        )
-        .expect_err("refused");
+        let error = quantize_model(model, &out.0, options).expect_err("refused");
         assert!(!out.0.exists(), "a refused run wrote {}", out.0.display());
         format!("{error:#}")
     };

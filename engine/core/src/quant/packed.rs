@@ -583,8 +583,8 @@ mod x86 {
     /// activations (`|w| · (x · sign w)`), which loses nothing; shifting them to unsigned
     /// instead and subtracting 128 · Σx after cancels away the precision of small weights
     /// (Q3_K's −4…3). The format's offset and minimums multiply only the activations' block
-    /// sums, so they are one short dot product per pair of rows after the loop
-    /// ([`offsets_avx512`]).
+    /// sums, so they are one short dot product per weight row, for all activation rows at
+    /// once, after the loop ([`offsets_avx512`]).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
     pub unsafe fn dot_avx512<const R: usize, const N: usize>(
         w: &PackedMatrix,
