@@ -85,10 +85,12 @@ fn unsupported_tensor_dtype_is_named() {
         safetensors_with("model.embed_tokens.weight", "I64", &[384, 64], &data),
     )
     .unwrap();
-    // Layer weights are read first: the file is missing them, so that is reported; the dtype
-    // check is reached when a tensor of the wrong type is asked for.
+    // The embedding is read first (its shape bounds the sizes the config claims).
     let err = load_error(dir.path(), PLUGINS);
-    assert!(err.contains("missing from the checkpoint"), "{err}");
+    assert!(
+        err.contains("`model.embed_tokens.weight` has dtype I64"),
+        "{err}"
+    );
     let weights = vibee_core::weights::Weights::open(dir.path()).unwrap();
     let err = weights
         .get("model.embed_tokens.weight", &[384, 64])
@@ -136,7 +138,27 @@ fn malformed_config_json_is_reported() {
 fn config_key_vibee_does_not_understand_is_named() {
     let dir = scratch_copy("llama-gqa");
     edit_config(dir.path(), |c| c["sliding_window"] = 4096.into());
-    assert!(load_error(dir.path(), PLUGINS).contains("key `sliding_window` is not understood"));
+    let err = load_error(dir.path(), PLUGINS);
+    assert!(
+        err.contains("a key is not understood by vibee for model_type `llama`")
+            && err.ends_with(": sliding_window"),
+        "{err}"
+    );
+}
+
+#[test]
+fn every_unknown_config_key_is_named_in_one_error() {
+    let dir = scratch_copy("llama-gqa");
+    edit_config(dir.path(), |c| {
+        c["sliding_window"] = 4096.into();
+        c["attn_temperature"] = 0.5.into();
+        c["use_bias"] = true.into();
+    });
+    let err = load_error(dir.path(), PLUGINS);
+    assert!(err.contains("keys are not understood"), "{err}");
+    for key in ["sliding_window", "attn_temperature", "use_bias"] {
+        assert!(err.contains(key), "{key} missing from: {err}");
+    }
 }
 
 #[test]
@@ -242,4 +264,108 @@ fn generation_stops_at_the_context_limit() {
         out.finish_reason,
         vibee_core::pipeline::FinishReason::Context
     );
+}
+
+#[test]
+fn a_config_claiming_more_layers_than_the_weights_hold_is_refused_quickly() {
+    // A billion layers once allocated 128 GB for the layer list before reading a tensor.
+    for (layers, message) in [
+        (1_000_000_000, "1000000000"),
+        (1000, "the config gives 1000 layers"),
+    ] {
+        let dir = scratch_copy("llama-gqa");
+        edit_config(dir.path(), |c| c["num_hidden_layers"] = layers.into());
+        let started = std::time::Instant::now();
+        let err = load_error(dir.path(), PLUGINS);
+        assert!(err.contains(message), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    }
+    let dir = scratch_copy("llama-gqa");
+    edit_config(dir.path(), |c| c["num_hidden_layers"] = 3.into());
+    let err = load_error(dir.path(), PLUGINS);
+    assert!(
+        err.contains("no tensor of layer 2 (`model.layers.2.*`)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_embedding_that_disagrees_with_the_vocabulary_is_named() {
+    let dir = scratch_copy("llama-gqa");
+    edit_config(dir.path(), |c| c["vocab_size"] = 100_000.into());
+    let err = load_error(dir.path(), PLUGINS);
+    assert!(
+        err.contains("model.embed_tokens.weight") && err.contains("[100000, 64]"),
+        "{err}"
+    );
+}
+
+/// Replaces element `index` of the float tensor `name` in `dir`'s weights with `bits`
+/// (little-endian bytes of one element in the tensor's own dtype).
+fn set_element(dir: &std::path::Path, name: &str, index: usize, bits: &[u8]) {
+    use safetensors::tensor::TensorView;
+    let file = dir.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let target = tensors.tensor(name).unwrap();
+    let mut data = target.data().to_vec();
+    data[index * bits.len()..(index + 1) * bits.len()].copy_from_slice(bits);
+    let views: Vec<(String, TensorView)> = (tensors.tensors().into_iter())
+        .map(|(n, view)| match n == name {
+            true => (
+                n,
+                TensorView::new(view.dtype(), view.shape().to_vec(), &data).unwrap(),
+            ),
+            false => (n, view),
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &file).unwrap();
+}
+
+#[test]
+fn nan_or_infinite_scales_of_stored_quantized_layers_are_refused_naming_the_tensor() {
+    const F16_NAN: [u8; 2] = 0x7e00u16.to_le_bytes();
+    const F16_INF: [u8; 2] = 0x7c00u16.to_le_bytes();
+    for (fixture, tensor, bits) in [
+        (
+            "llama-gqa-awq-g32",
+            "model.layers.0.self_attn.q_proj.scales",
+            &F16_NAN[..],
+        ),
+        (
+            "llama-gqa-awq-g32",
+            "model.layers.1.mlp.down_proj.scales",
+            &F16_INF[..],
+        ),
+        (
+            "llama-gqa-gptq-8bit",
+            "model.layers.0.self_attn.k_proj.scales",
+            &F16_NAN[..],
+        ),
+        (
+            "llama-gqa-gptq-g32-actorder",
+            "model.layers.1.mlp.up_proj.scales",
+            &F16_INF[..],
+        ),
+        (
+            "llama-gqa-hqq-stored-g32",
+            "model.layers.0.self_attn.q_proj.scale",
+            &f32::NAN.to_le_bytes()[..],
+        ),
+        (
+            "llama-gqa-hqq-stored-g32",
+            "model.layers.0.mlp.gate_proj.zero",
+            &f32::NEG_INFINITY.to_le_bytes()[..],
+        ),
+    ] {
+        let dir = scratch_copy(fixture);
+        set_element(dir.path(), tensor, 3, bits);
+        let err = load_error(dir.path(), "auto");
+        assert!(
+            err.contains(&format!("`{tensor}` holds"))
+                && err.contains("at element 3")
+                && err.contains("must be finite"),
+            "{fixture}: {err}"
+        );
+    }
 }

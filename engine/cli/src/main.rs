@@ -391,11 +391,31 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Threads per available core that `--threads` accepts. A few more threads than cores can
+/// make sense (a core count that under-reports, an experiment); far more only makes every
+/// parallel section wait for the scheduler to get round to all of them.
+const MAX_THREADS_PER_CORE: usize = 4;
+
 /// Starts the global thread pool with `threads` workers (default: all cores).
 fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
     if let Some(threads) = threads {
         if threads == 0 {
             bail!("--threads must be at least 1");
+        }
+        let cores = vibee_core::parallel::available_cores();
+        let limit = cores * MAX_THREADS_PER_CORE;
+        if threads > limit {
+            bail!(
+                "--threads {threads} is more than this machine can use: it has {cores} cores \
+                 available, and vibee runs at most {MAX_THREADS_PER_CORE} threads per core \
+                 ({limit}); leave --threads out to use every core"
+            );
+        }
+        if threads > cores {
+            tracing::warn!(
+                "--threads {threads} is more than the {cores} cores available: threads will \
+                 share cores, which is usually slower than --threads {cores}"
+            );
         }
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -538,6 +558,14 @@ fn copy_bandwidth() -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// A text file the user gave (calibration, evaluation or divergence text).
+fn read_text(path: &Path) -> anyhow::Result<String> {
+    Ok(vibee_core::io::read_regular_text(
+        path,
+        vibee_core::io::LARGE_FILE,
+    )?)
+}
+
 fn check_sampling(p: &SamplingParams) -> anyhow::Result<()> {
     if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
         bail!("--temperature must be a finite number ≥ 0");
@@ -627,8 +655,7 @@ fn divergence(args: DivergenceArgs) -> anyhow::Result<()> {
     let tokens = match &args.text {
         None => bench_tokens(args.tokens, vocab),
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
+            let text = read_text(path)?;
             let tokenizer = engine
                 .tokenizer
                 .as_ref()
@@ -668,10 +695,7 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
     let calibration = args
         .calib
         .as_ref()
-        .map(|path| {
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the calibration text {}", path.display()))
-        })
+        .map(|path| read_text(path).context("cannot read the calibration text"))
         .transpose()?;
     let options = Options {
         method,
@@ -914,10 +938,7 @@ fn conformance(args: ConformanceArgs) -> anyhow::Result<()> {
 }
 
 fn score(args: ScoreArgs) -> anyhow::Result<()> {
-    let read = |path: &Path| {
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
-    };
-    let (predictions, references) = (read(&args.predictions)?, read(&args.references)?);
+    let (predictions, references) = (read_text(&args.predictions)?, read_text(&args.references)?);
     let (predictions, references): (Vec<&str>, Vec<&str>) =
         (predictions.lines().collect(), references.lines().collect());
     if predictions.len() != references.len() {
@@ -1006,7 +1027,16 @@ fn arch(args: ArchArgs) -> anyhow::Result<()> {
                 || path.display().to_string(),
                 |n| n.to_string_lossy().into_owned(),
             );
-            (arch_calc::read_config(path)?, name)
+            let (arch, unknown_keys) = arch_calc::read_config(path)?;
+            if !unknown_keys.is_empty() {
+                eprintln!(
+                    "warning: `vibee run` would refuse this config: {} not understood ({}); the sizes below do not depend on {}",
+                    if unknown_keys.len() == 1 { "a key is" } else { "keys are" },
+                    unknown_keys.join(", "),
+                    if unknown_keys.len() == 1 { "it" } else { "them" },
+                );
+            }
+            (arch, name)
         }
         None if dims.any() => (arch_calc::from_dims(&dims)?, "flags".to_string()),
         None => match args.flops {

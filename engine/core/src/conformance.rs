@@ -242,8 +242,7 @@ pub struct CaseResult {
 }
 
 pub fn load_cases(path: &Path) -> anyhow::Result<SpecCases> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = crate::io::read_regular_text(path, crate::io::SMALL_FILE)?;
     parse_cases(&text, &path.display().to_string())
 }
 

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use memmap2::Mmap;
 
+use crate::config::families;
 use crate::quant;
 use crate::weights::DType;
 
@@ -59,8 +60,7 @@ pub struct Gguf {
 
 impl Gguf {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        let file =
-            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let file = crate::io::open_regular_file(path)?;
         // SAFETY: the map is read-only; a file changed underneath is the caller's problem, as
         // with every memory-mapped checkpoint.
         let map = unsafe { Mmap::map(&file) }
@@ -84,7 +84,9 @@ impl Gguf {
         for _ in 0..kv_count {
             let key = r.string()?;
             let kind = r.u32()?;
-            let value = r.value(kind).with_context(|| format!("metadata `{key}`"))?;
+            let value = r
+                .value(kind, 0)
+                .with_context(|| format!("metadata `{key}`"))?;
             metadata.insert(key, value);
         }
         let mut infos = Vec::new();
@@ -114,15 +116,17 @@ impl Gguf {
         let data = r.at.div_ceil(alignment) * alignment;
         let mut tensors = Vec::new();
         for (name, dims, kind, offset) in infos {
-            let elements = dims.iter().try_fold(1u64, |n, d| n.checked_mul(*d));
-            let (per_block, block_bytes) = kind.block();
-            let len = elements
-                .filter(|n| n % per_block as u64 == 0)
-                .map(|n| n / per_block as u64 * block_bytes as u64)
-                .with_context(|| {
-                    format!("tensor `{name}`: dims {dims:?} do not fill whole {kind:?} blocks")
-                })?;
-            let start = data as u64 + offset;
+            let (per_block, block_bytes) = (kind.block().0 as u64, kind.block().1 as u64);
+            // Blocks run along the contiguous first dimension: each row is whole blocks.
+            if dims.first().copied().unwrap_or(1) % per_block != 0 {
+                bail!("tensor `{name}`: rows of dims {dims:?} do not fill whole {kind:?} blocks");
+            }
+            let len = (dims.iter())
+                .try_fold(1u64, |n, d| n.checked_mul(*d))
+                .and_then(|elements| (elements / per_block).checked_mul(block_bytes))
+                .with_context(|| format!("tensor `{name}`: dims {dims:?} are too large"))?;
+            // Saturated, a corrupt offset lands past the end instead of wrapping around.
+            let start = (data as u64).saturating_add(offset);
             if start
                 .checked_add(len)
                 .is_none_or(|end| end > map.len() as u64)
@@ -165,6 +169,9 @@ impl Gguf {
     }
 }
 
+/// How deep metadata arrays may nest (llama.cpp writes arrays of scalars and strings only).
+const MAX_ARRAY_DEPTH: usize = 4;
+
 struct Reader<'a> {
     bytes: &'a [u8],
     at: usize,
@@ -205,7 +212,8 @@ impl<'a> Reader<'a> {
         String::from_utf8(bytes.to_vec()).context("a string is not UTF-8")
     }
 
-    fn value(&mut self, kind: u32) -> anyhow::Result<Value> {
+    /// A value of type `kind`, inside `depth` arrays.
+    fn value(&mut self, kind: u32, depth: usize) -> anyhow::Result<Value> {
         Ok(match kind {
             0 => Value::U8(self.array::<1>()?[0]),
             1 => Value::I8(self.array::<1>()?[0] as i8),
@@ -217,6 +225,10 @@ impl<'a> Reader<'a> {
             7 => Value::Bool(self.array::<1>()?[0] != 0),
             8 => Value::String(self.string()?),
             9 => {
+                // Nesting is bounded, or a file of nested array headers overflows the stack.
+                if depth >= MAX_ARRAY_DEPTH {
+                    bail!("arrays nest more than {MAX_ARRAY_DEPTH} deep");
+                }
                 let kind = self.u32()?;
                 let count = self.u64()?;
                 // Every element takes at least a byte: a count beyond the file is corrupt.
@@ -225,7 +237,7 @@ impl<'a> Reader<'a> {
                 }
                 Value::Array(
                     (0..count)
-                        .map(|_| self.value(kind))
+                        .map(|_| self.value(kind, depth + 1))
                         .collect::<anyhow::Result<_>>()?,
                 )
             }
@@ -236,9 +248,6 @@ impl<'a> Reader<'a> {
         })
     }
 }
-
-/// GGUF architectures vibee runs, with the Hugging Face `model_type` they become.
-const ARCHITECTURES: [(&str, &str); 2] = [("llama", "llama"), ("qwen2", "qwen2")];
 
 impl Gguf {
     fn get(&self, key: &str) -> Option<&Value> {
@@ -274,10 +283,11 @@ impl Gguf {
         let arch = self
             .string("general.architecture")
             .context("the file has no general.architecture")?;
-        if !ARCHITECTURES.iter().any(|(a, _)| *a == arch) {
+        if families::from_gguf(arch).is_none() {
+            let known: Vec<_> = families::FAMILIES.iter().filter_map(|f| f.gguf).collect();
             bail!(
                 "GGUF architecture `{arch}` is not supported yet (supported: {})",
-                ARCHITECTURES.map(|(a, _)| a).join(", ")
+                known.join(", ")
             );
         }
         Ok(arch)
@@ -287,11 +297,7 @@ impl Gguf {
     /// parser then validates like any other.
     pub fn hf_config(&self) -> anyhow::Result<serde_json::Value> {
         let arch = self.architecture()?;
-        let model_type = ARCHITECTURES
-            .iter()
-            .find(|(a, _)| *a == arch)
-            .expect("checked")
-            .1;
+        let model_type = families::from_gguf(arch).expect("checked").model_type;
         let key = |name: &str| format!("{arch}.{name}");
         let required = |name: &str| {
             self.number(&key(name))

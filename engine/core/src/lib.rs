@@ -10,6 +10,7 @@ pub mod divergence;
 pub mod engine;
 pub mod external;
 pub mod gguf;
+pub mod io;
 pub mod model;
 pub mod ops;
 pub mod parallel;

@@ -140,6 +140,22 @@ impl Model {
         operators: &Operators,
     ) -> anyhow::Result<Self> {
         let chosen = choose(&config, operators)?;
+        // Sizes come from the config, which may claim anything: check them against the
+        // checkpoint's tensors before allocating anything they size.
+        let layout = config.layout;
+        let hidden = config.hidden_size;
+        let embed_name = format!("{}.weight", layout.embed);
+        let embed = weights.get(&embed_name, &[config.vocab_size, hidden])?;
+        if let Some(last) = config.num_layers.checked_sub(1) {
+            let prefix = format!("{}.{last}.", layout.layers);
+            if !weights.has_prefix(&prefix) {
+                bail!(
+                    "the config gives {} layers, but the checkpoint holds no tensor of layer \
+                     {last} (`{prefix}*`): does the config belong to these weights?",
+                    config.num_layers
+                );
+            }
+        }
         let quantization = operator!(chosen, Quantization)
             .map(|q| {
                 q.build(
@@ -176,7 +192,7 @@ impl Model {
         let bias = operator!(chosen, QkvBias);
         let qk_norm = operator!(chosen, QkNorm);
         let window = operator!(chosen, AttentionWindow);
-        let (hidden, q_dim, kv_dim) = (config.hidden_size, config.q_dim(), config.kv_dim());
+        let (q_dim, kv_dim) = (config.q_dim(), config.kv_dim());
         let projection =
             |name: &str, out: usize, inp: usize, biased: bool| -> anyhow::Result<Projection> {
                 let bias = match (&bias, biased) {
@@ -189,7 +205,6 @@ impl Model {
                 })
             };
         let (qkv_bias, o_bias) = (config.qkv_bias, config.o_bias);
-        let layout = config.layout;
         let (q_norm_dim, k_norm_dim) = match config.qk_norm {
             Some(QkNormScope::Whole) => (q_dim, kv_dim),
             _ => (config.head_dim, config.head_dim),
@@ -246,12 +261,8 @@ impl Model {
                 )?,
             });
         }
-        let embed = cx.weight(
-            &format!("{}.weight", layout.embed),
-            &[config.vocab_size, hidden],
-        )?;
         let lm_head: Box<dyn Linear> = if config.tie_word_embeddings {
-            cx.linear_over(&format!("{}.weight", layout.embed), embed.clone())?
+            cx.linear_over(&embed_name, embed.clone())?
         } else {
             cx.linear(
                 &format!("{}.weight", layout.lm_head),

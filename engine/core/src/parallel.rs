@@ -5,6 +5,9 @@
 //! and in a virtual machine waking a halted vCPU costs tens to hundreds of microseconds: that
 //! alone cost vibee a third of its decode bandwidth under rayon. Here workers spin for a short
 //! while after each section (as OpenMP and llama.cpp's thread pool do) and only then park.
+//! A pool with more threads than the machine has cores never spins: a spinning thread would
+//! hold a core that a thread with work is waiting for, and every section would wait out the
+//! scheduler's time slices of all the spinners.
 //! Work is split statically: worker `w` of `T` takes chunks `w`, `w + T`, … .
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -12,8 +15,13 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering:
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// How long an idle worker spins before parking.
+/// How long an idle worker spins before parking, when every thread has a core of its own.
 const SPIN: Duration = Duration::from_millis(2);
+
+/// The cores this process may run on (its CPU affinity and cgroup quota included).
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
 
 type Job = dyn Fn(usize) + Sync;
 
@@ -31,12 +39,15 @@ struct Shared {
 pub struct Pool {
     shared: Arc<Shared>,
     workers: usize,
+    /// More threads than cores: waiting threads yield their core instead of spinning.
+    oversubscribed: bool,
     /// One section at a time; a caller that finds the pool busy runs its work alone.
     busy: Mutex<()>,
 }
 
 impl Pool {
-    /// A pool that runs sections on `threads` threads: the caller and `threads - 1` workers.
+    /// A pool that runs sections on `threads` threads: the caller and `threads - 1` workers
+    /// (fewer if the system refuses to start that many).
     pub fn new(threads: usize) -> Self {
         let shared = Arc::new(Shared {
             generation: AtomicU64::new(0),
@@ -47,17 +58,26 @@ impl Pool {
             lock: Mutex::new(()),
             wake: Condvar::new(),
         });
-        let workers = threads.max(1) - 1;
-        for index in 1..=workers {
+        let threads = threads.max(1);
+        let oversubscribed = threads > available_cores();
+        let spin = if oversubscribed { Duration::ZERO } else { SPIN };
+        let mut workers = 0;
+        for index in 1..threads {
             let shared = shared.clone();
-            std::thread::Builder::new()
+            let started = std::thread::Builder::new()
                 .name(format!("vibee-worker-{index}"))
-                .spawn(move || worker(&shared, index))
-                .expect("cannot start a worker thread");
+                .spawn(move || worker(&shared, index, spin));
+            if let Err(e) = started {
+                // Worker indices stay contiguous, so the pool simply runs on fewer threads.
+                tracing::warn!("could start only {index} of {threads} threads ({e}): using those");
+                break;
+            }
+            workers = index;
         }
         Self {
             shared,
             workers,
+            oversubscribed,
             busy: Mutex::new(()),
         }
     }
@@ -93,7 +113,11 @@ impl Pool {
         }
         let mine = catch_unwind(AssertUnwindSafe(|| job(0)));
         while shared.remaining.load(SeqCst) != 0 {
-            std::hint::spin_loop();
+            if self.oversubscribed {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
         shared.job.store(std::ptr::null_mut(), SeqCst);
         if let Err(panic) = mine {
@@ -136,7 +160,8 @@ struct SendPtr<T>(*mut T);
 // SAFETY: used only to hand disjoint sub-slices of one `&mut [T]` to pool threads.
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 
-fn worker(shared: &Shared, index: usize) {
+/// Worker `index`'s loop: run each new section, then spin for `spin` before parking.
+fn worker(shared: &Shared, index: usize, spin: Duration) {
     let mut seen = 0;
     loop {
         let started = Instant::now();
@@ -148,7 +173,7 @@ fn worker(shared: &Shared, index: usize) {
                 break;
             }
             spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(1024) && started.elapsed() > SPIN {
+            if spin.is_zero() || (spins.is_multiple_of(1024) && started.elapsed() > spin) {
                 let mut guard = shared.lock.lock().unwrap_or_else(|e| e.into_inner());
                 shared.sleepers.fetch_add(1, SeqCst);
                 while shared.generation.load(SeqCst) == seen {
@@ -204,6 +229,28 @@ mod tests {
         let mut data = vec![0u8; 10];
         pool.for_each_chunk(&mut data, 1, |_, s| s[0] = 1);
         assert!(data.iter().all(|v| *v == 1));
+    }
+
+    #[test]
+    fn an_oversubscribed_pool_does_not_spin_and_still_works() {
+        let threads = available_cores() * 4;
+        let pool = Pool::new(threads);
+        assert!(pool.oversubscribed);
+        assert_eq!(pool.threads(), threads);
+        // Many short sections, as decoding runs them: with spinning workers each section
+        // waited out their time slices (15 s for these on 2 cores), parking takes well under 1.
+        let started = Instant::now();
+        let mut data = vec![0u32; threads * 3];
+        for _ in 0..1000 {
+            pool.for_each_chunk(&mut data, 1, |_, s| s[0] += 1);
+        }
+        assert!(data.iter().all(|v| *v == 1000));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(!Pool::new(1).oversubscribed);
     }
 
     #[test]

@@ -37,8 +37,7 @@ pub struct PipelineFile {
 
 impl PipelineFile {
     pub fn read(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let text = crate::io::read_regular_text(path, crate::io::SMALL_FILE)?;
         ron::from_str(&text).map_err(|e| {
             anyhow::anyhow!(
                 "{}:{}:{}: {}",

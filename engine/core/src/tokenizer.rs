@@ -2,6 +2,7 @@
 //! `tokenizers` crate, and the chat template of `tokenizer_config.json` rendered with minijinja
 //! the way transformers renders it.
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use anyhow::{bail, Context};
@@ -159,12 +160,23 @@ fn merges_from_scores(tokens: &[&str], scores: &[f64]) -> Vec<[String; 2]> {
         .collect()
 }
 
+/// The `tokenizers` tokenizer a parsed tokenizer.json describes. The JSON is parsed first
+/// because the crate panics on some syntax errors (in a truncated file, say) rather than
+/// returning them; a panic it still raises on a malformed file becomes an error too.
+fn parse(json: serde_json::Value) -> anyhow::Result<tokenizers::Tokenizer> {
+    let parsed = std::panic::catch_unwind(|| serde_json::from_value(json));
+    match parsed {
+        Ok(tokenizer) => Ok(tokenizer?),
+        Err(_) => bail!("the tokenizers library cannot read it (it panicked)"),
+    }
+}
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     bos: Option<u32>,
     chat: Option<ChatTemplate>,
-    /// By id: the token is a SentencePiece byte-fallback token (`<0x0A>`).
-    byte_tokens: Vec<bool>,
+    /// The SentencePiece byte-fallback tokens (`<0x0A>`).
+    byte_tokens: HashSet<u32>,
 }
 
 struct ChatTemplate {
@@ -192,21 +204,23 @@ impl Tokenizer {
     /// there is one); `bos` is prepended to plain prompts unless the tokenizer adds it.
     pub fn from_dir(dir: &Path, bos: Option<u32>) -> anyhow::Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| anyhow::anyhow!("{e}"))
+        let bytes = crate::io::read_regular_file(&path, crate::io::LARGE_FILE)?;
+        let inner = serde_json::from_slice(&bytes)
+            .map_err(anyhow::Error::from)
+            .and_then(parse)
             .with_context(|| format!("cannot load {}", path.display()))?;
         let config_path = dir.join("tokenizer_config.json");
-        let chat = match std::fs::read_to_string(&config_path) {
-            Err(_) => None,
-            Ok(text) => {
-                let config: serde_json::Value = serde_json::from_str(&text)
-                    .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
-                config["chat_template"].as_str().map(|source| ChatTemplate {
-                    source: source.to_string(),
-                    bos_token: special(&config, "bos_token"),
-                    eos_token: special(&config, "eos_token"),
-                })
-            }
+        let chat = if config_path.exists() {
+            let text = crate::io::read_regular_text(&config_path, crate::io::LARGE_FILE)?;
+            let config: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
+            config["chat_template"].as_str().map(|source| ChatTemplate {
+                source: source.to_string(),
+                bos_token: special(&config, "bos_token"),
+                eos_token: special(&config, "eos_token"),
+            })
+        } else {
+            None
         };
         Ok(Self::new(inner, bos, chat))
     }
@@ -216,14 +230,18 @@ impl Tokenizer {
             inner.get_model(),
             tokenizers::ModelWrapper::BPE(bpe) if bpe.byte_fallback
         );
-        let vocab = inner.get_vocab(true);
-        let mut byte_tokens = vec![false; vocab.values().max().map_or(0, |m| *m as usize + 1)];
-        if byte_fallback {
-            for (token, id) in vocab {
-                let hex = token.strip_prefix("<0x").and_then(|t| t.strip_suffix('>'));
-                byte_tokens[id as usize] = hex.is_some_and(|h| h.len() == 2);
-            }
-        }
+        // A set, not a table by id: a hostile tokenizer.json can give a token id near u32::MAX.
+        let byte_tokens = if byte_fallback {
+            (inner.get_vocab(true).into_iter())
+                .filter(|(token, _)| {
+                    let hex = token.strip_prefix("<0x").and_then(|t| t.strip_suffix('>'));
+                    hex.is_some_and(|h| h.len() == 2)
+                })
+                .map(|(_, id)| id)
+                .collect()
+        } else {
+            HashSet::new()
+        };
         Self {
             inner,
             bos,
@@ -236,7 +254,7 @@ impl Tokenizer {
     /// or replacement characters where the bytes are not UTF-8), so text ending in one may
     /// still change.
     pub fn is_byte(&self, id: u32) -> bool {
-        self.byte_tokens.get(id as usize).copied().unwrap_or(false)
+        self.byte_tokens.contains(&id)
     }
 
     /// The tokenizer embedded in a GGUF file (`tokenizer.ggml.*`) as the equivalent `tokenizers`
@@ -295,10 +313,7 @@ impl Tokenizer {
         json["added_tokens"] = added.into();
         json["post_processor"] = serde_json::Value::Null;
         json["model"]["vocab"] = vocab.into();
-        let inner: tokenizers::Tokenizer = json
-            .to_string()
-            .parse()
-            .map_err(|e| anyhow::anyhow!("the file's tokenizer does not load: {e}"))?;
+        let inner = parse(json).context("the file's tokenizer does not load")?;
         let chat = file
             .metadata
             .get("tokenizer.chat_template")

@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -25,6 +24,8 @@ pub enum WeightError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    File(#[from] crate::io::FileError),
     #[error("{path} is not a valid safetensors file (truncated or corrupt?): {reason}")]
     Corrupt { path: PathBuf, reason: String },
     #[error("{path}: malformed shard index: {reason}")]
@@ -372,7 +373,7 @@ impl Weights {
             path: path.clone(),
             source,
         };
-        let file = File::open(&path).map_err(io)?;
+        let file = crate::io::open_regular_file(&path)?;
         // SAFETY: the file is opened read-only; vibee does not support checkpoints that are
         // rewritten while a model is loaded from them.
         let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(io)?);
@@ -410,6 +411,11 @@ impl Weights {
 
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
+    }
+
+    /// Whether any tensor's name starts with `prefix` (a layer's, say).
+    pub fn has_prefix(&self, prefix: &str) -> bool {
+        self.entries.keys().any(|name| name.starts_with(prefix))
     }
 
     /// The stored shape of tensor `name`.
@@ -486,10 +492,7 @@ fn shard_files(index: &Path) -> Result<Vec<String>, WeightError> {
         path: index.to_path_buf(),
         reason,
     };
-    let text = std::fs::read_to_string(index).map_err(|source| WeightError::Io {
-        path: index.to_path_buf(),
-        source,
-    })?;
+    let text = crate::io::read_regular_text(index, crate::io::SMALL_FILE)?;
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
     let map = json
         .get("weight_map")

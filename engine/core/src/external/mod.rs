@@ -91,8 +91,8 @@ impl ExternalPlugin {
     /// a new library rather than the one the process already mapped. Its ABI is checked
     /// before anything in it runs.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("cannot read plugin library {}", path.display()))?;
+        let bytes = crate::io::read_regular_file(path, crate::io::LARGE_FILE)
+            .context("cannot read the plugin library")?;
         static COPIES: AtomicU64 = AtomicU64::new(0);
         let copies = std::env::temp_dir().join("vibee-plugins");
         std::fs::create_dir_all(&copies)

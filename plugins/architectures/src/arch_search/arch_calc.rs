@@ -21,9 +21,8 @@
 //! - **Sweep**: Llama-style shapes (hidden a multiple of 128, head_dim 128, SwiGLU intermediate
 //!   8/3·hidden rounded up to 256) within ±10% of a parameter budget.
 //!
-//! The config reader is deliberately permissive (a `serde_json::Value` walk): it reads the
-//! keys that decide the shapes and ignores everything else, unlike the engine's strict loader.
-//! Keys a config leaves out take transformers' defaults for that model_type.
+//! Configs are read by the engine's own reader (`vibee_core::config`), so what `vibee arch`
+//! sizes is what `vibee run` loads; keys the engine would refuse are reported as warnings.
 
 use std::fmt::{self, Write as _};
 use std::path::Path;
@@ -31,8 +30,9 @@ use std::str::FromStr;
 
 use anyhow::{anyhow, bail, Context};
 use serde::Serialize;
-use serde_json::{Map, Value};
+use vibee_core::config::{FfnKind, Lenient, NormKind, PositionKind, QkNormScope};
 use vibee_core::conformance::ParameterCounter;
+use vibee_core::ModelConfig;
 use vibee_core::{App, Plugin, PluginSpec};
 
 pub struct ArchCalc;
@@ -53,27 +53,6 @@ impl Plugin for ArchCalc {
         Ok(())
     }
 }
-
-/// The `model_type`s whose config.json this calculator reads.
-pub const SUPPORTED: &[&str] = &[
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "gemma",
-    "gemma2",
-    "mixtral",
-    "qwen2_moe",
-    "deepseek_v2",
-    "phi3",
-    "gpt2",
-    "gpt_neox",
-    "falcon",
-    "bloom",
-    "starcoder2",
-    "olmo2",
-    "smollm3",
-];
 
 /// Training tokens per parameter at the Chinchilla compute optimum.
 pub const TOKENS_PER_PARAM: f64 = 20.0;
@@ -408,463 +387,104 @@ fn per_head(hidden: u64, heads: u64) -> anyhow::Result<u64> {
 
 // ── config.json ───────────────────────────────────────────────────────────────────────────
 
-/// Reads a Hugging Face `config.json`.
-pub fn read_config(path: &Path) -> anyhow::Result<Arch> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let value: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", path.display()))?;
-    from_config(&value).with_context(|| path.display().to_string())
+/// Reads a Hugging Face `config.json` through the engine's own reader, so `vibee arch` sizes
+/// exactly what `vibee run` would load. Keys the engine does not understand are returned as
+/// warnings rather than refused: the sizes do not depend on them.
+pub fn read_config(path: &Path) -> anyhow::Result<(Arch, Vec<String>)> {
+    let text = vibee_core::io::read_regular_text(path, vibee_core::io::SMALL_FILE)?;
+    from_config(&text).with_context(|| path.display().to_string())
 }
 
 /// (total, active) parameters of the model a config.json describes.
 pub fn parameter_counts(config: &Path) -> anyhow::Result<(u64, u64)> {
-    let params = read_config(config)?.params();
+    let params = read_config(config)?.0.params();
     Ok((params.total, params.active))
 }
 
-/// Reads the shape-deciding keys of a parsed `config.json`.
-pub fn from_config(value: &Value) -> anyhow::Result<Arch> {
-    let Some(config) = value.as_object() else {
-        bail!("a config.json holds a JSON object, not {}", kind(value));
-    };
-    let model_type = match config.get("model_type") {
-        Some(Value::String(s)) => s.as_str(),
-        None | Some(Value::Null) => bail!(
-            "the config has no `model_type`; supported: {}",
-            SUPPORTED.join(", ")
-        ),
-        Some(other) => bail!("`model_type` must be a string, not {other}"),
-    };
-    let r = Reader { config, model_type };
-    let arch = match model_type {
-        "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "phi3" | "olmo2"
-        | "starcoder2" | "smollm3" => decoder(&r)?,
-        "mixtral" => mixtral(&r)?,
-        "qwen2_moe" => qwen2_moe(&r)?,
-        "deepseek_v2" => deepseek_v2(&r)?,
-        "gpt2" => gpt2(&r)?,
-        "gpt_neox" => gpt_neox(&r)?,
-        "falcon" => falcon(&r)?,
-        "bloom" => bloom(&r)?,
-        other => bail!(
-            "unknown model_type `{other}`; supported: {}",
-            SUPPORTED.join(", ")
-        ),
-    };
+/// The architecture of a config.json's text, and the keys `vibee run` would refuse.
+pub fn from_config(text: &str) -> anyhow::Result<(Arch, Vec<String>)> {
+    let Lenient {
+        config,
+        unknown_keys,
+    } = ModelConfig::lenient(text)?;
+    let arch = from_model_config(&config);
     arch.validate()?;
-    Ok(arch)
+    Ok((arch, unknown_keys))
 }
 
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-struct Reader<'a> {
-    config: &'a Map<String, Value>,
-    model_type: &'a str,
-}
-
-impl<'a> Reader<'a> {
-    /// The first of `keys` present and not null.
-    fn find(&self, keys: &[&'static str]) -> Option<(&'static str, &'a Value)> {
-        keys.iter().find_map(|&key| match self.config.get(key) {
-            None | Some(Value::Null) => None,
-            Some(value) => Some((key, value)),
-        })
-    }
-
-    fn count(&self, keys: &[&'static str]) -> anyhow::Result<Option<(&'static str, u64)>> {
-        let Some((key, value)) = self.find(keys) else {
-            return Ok(None);
-        };
-        let n = value.as_u64().or_else(|| {
-            value
-                .as_f64()
-                .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 9.007_199_254_740_992e15)
-                .map(|f| f as u64)
-        });
-        match n {
-            Some(n) => Ok(Some((key, n))),
-            None => bail!("`{key}` must be a non-negative integer, not {value}"),
-        }
-    }
-
-    /// A count that may be 0.
-    fn opt(&self, keys: &[&'static str]) -> anyhow::Result<Option<u64>> {
-        Ok(self.count(keys)?.map(|(_, n)| n))
-    }
-
-    /// A dimension: at least 1 where given.
-    fn opt_dim(&self, keys: &[&'static str]) -> anyhow::Result<Option<u64>> {
-        match self.count(keys)? {
-            Some((key, 0)) => bail!("`{key}` is 0; it must be at least 1"),
-            other => Ok(other.map(|(_, n)| n)),
-        }
-    }
-
-    fn dim(&self, keys: &[&'static str]) -> anyhow::Result<u64> {
-        self.opt_dim(keys)?.ok_or_else(|| self.missing(keys))
-    }
-
-    fn missing(&self, keys: &[&'static str]) -> anyhow::Error {
-        let also = if keys.len() > 1 {
-            format!(" (or `{}`)", keys[1..].join("`, `"))
-        } else {
-            String::new()
-        };
-        anyhow!("the {} config has no `{}`{also}", self.model_type, keys[0])
-    }
-
-    fn flag(&self, key: &'static str, default: bool) -> anyhow::Result<bool> {
-        match self.config.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(Value::Bool(b)) => Ok(*b),
-            Some(other) => bail!("`{key}` must be true or false, not {other}"),
-        }
-    }
-
-    fn list(&self, key: &'static str) -> anyhow::Result<Vec<u64>> {
-        match self.config.get(key) {
-            None | Some(Value::Null) => Ok(Vec::new()),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| {
-                    v.as_u64()
-                        .ok_or_else(|| anyhow!("`{key}` must hold non-negative integers, not {v}"))
-                })
-                .collect(),
-            Some(other) => bail!("`{key}` must be a list of layer indices, not {other}"),
-        }
-    }
-}
-
-fn rms_norms(per_layer: u64) -> Norms {
-    Norms {
+/// The shapes of the model `config` describes.
+pub fn from_model_config(c: &ModelConfig) -> Arch {
+    let n = |v: usize| v as u64;
+    let attention = match c.mla {
+        Some(m) => Attention::Latent(Mla {
+            q_lora_rank: m.q_lora_rank.map(n),
+            kv_lora_rank: n(m.kv_lora_rank),
+            qk_rope_head_dim: n(m.rope_dim),
+            qk_nope_head_dim: n(m.nope_dim),
+            v_head_dim: n(m.v_dim),
+            bias: false,
+        }),
+        None => Attention::Standard {
+            qkv_bias: c.qkv_bias,
+            o_bias: c.o_bias,
+            qk_norm: match c.qk_norm {
+                None => QkNorm::None,
+                Some(QkNormScope::PerHead) => QkNorm::PerHead,
+                Some(QkNormScope::Whole) => QkNorm::Whole,
+            },
+        },
+    };
+    let n_ = &c.layout.norms;
+    let mut norm_tensors: Vec<&str> = [n_.attn_in, n_.attn_out, n_.ffn_in, n_.ffn_out]
+        .into_iter()
+        .flatten()
+        .collect();
+    // A norm shared by attention and feed-forward (Falcon) is stored once.
+    norm_tensors.dedup();
+    let gated = |intermediate: usize| Ffn {
+        intermediate: n(intermediate),
+        gated: true,
         bias: false,
-        per_layer,
-        embedding: false,
-    }
-}
-
-fn layer_norms(per_layer: u64) -> Norms {
-    Norms {
-        bias: true,
-        per_layer,
-        embedding: false,
-    }
-}
-
-/// Llama-shaped decoders: llama, mistral, qwen2, qwen3, gemma, gemma2, phi3, olmo2,
-/// starcoder2, and the attention/dense part of mixtral and qwen2_moe.
-fn decoder(r: &Reader) -> anyhow::Result<Arch> {
-    let t = r.model_type;
-    let hidden = r.dim(&["hidden_size"])?;
-    let layers = r.dim(&["num_hidden_layers"])?;
-    let heads = r.dim(&["num_attention_heads"])?;
-    let kv_heads = r.opt_dim(&["num_key_value_heads"])?.unwrap_or(heads);
-    let head_dim = match (r.opt_dim(&["head_dim"])?, t) {
-        (Some(d), _) => d,
-        // transformers' defaults when the key is absent
-        (None, "gemma" | "gemma2") => 256,
-        (None, "qwen3") => 128,
-        (None, _) => per_head(hidden, heads)?,
     };
-    let intermediate = r.dim(&["intermediate_size"])?;
-    let vocab = r.dim(&["vocab_size"])?;
-    let tied = r.flag(
-        "tie_word_embeddings",
-        matches!(t, "gemma" | "gemma2" | "starcoder2"),
-    )?;
-    let (qkv_bias, o_bias, mlp_bias, gated, norms) = match t {
-        "qwen2" => (true, false, false, true, rms_norms(2)),
-        "qwen2_moe" => (r.flag("qkv_bias", true)?, false, false, true, rms_norms(2)),
-        "starcoder2" => {
-            let bias = r.flag("use_bias", true)?;
-            (bias, bias, bias, false, layer_norms(2))
-        }
-        "gemma2" => {
-            let bias = r.flag("attention_bias", false)?;
-            (bias, bias, false, true, rms_norms(4))
-        }
-        _ => {
-            let bias = r.flag("attention_bias", false)?;
-            (bias, bias, r.flag("mlp_bias", false)?, true, rms_norms(2))
-        }
-    };
-    let qk_norm = match t {
-        "qwen3" => QkNorm::PerHead,
-        "olmo2" => QkNorm::Whole,
-        _ => QkNorm::None,
-    };
-    Ok(Arch {
-        model_type: t.to_string(),
-        hidden,
-        layers,
-        heads,
-        kv_heads,
-        head_dim,
-        vocab,
-        tied,
-        positions: 0,
-        attention: Attention::Standard {
-            qkv_bias,
-            o_bias,
-            qk_norm,
+    Arch {
+        model_type: c.model_type.clone(),
+        hidden: n(c.hidden_size),
+        layers: n(c.num_layers),
+        heads: n(c.num_heads),
+        kv_heads: n(c.num_kv_heads),
+        head_dim: match c.mla {
+            Some(m) => n(m.nope_dim + m.rope_dim),
+            None => n(c.head_dim),
         },
-        norms,
-        ffn: Ffn {
-            intermediate,
-            gated,
-            bias: mlp_bias,
+        vocab: n(c.vocab_size),
+        tied: c.tie_word_embeddings,
+        positions: match c.position {
+            PositionKind::Learned => n(c.max_position_embeddings),
+            _ => 0,
         },
-        moe: None,
-    })
-}
-
-fn mixtral(r: &Reader) -> anyhow::Result<Arch> {
-    let mut arch = decoder(r)?;
-    arch.moe = Some(Moe {
-        experts: r.dim(&["num_local_experts"])?,
-        top_k: r.dim(&["num_experts_per_tok"])?,
-        expert: arch.ffn,
-        shared: None,
-        shared_gate: false,
-        layers: arch.layers,
-    });
-    Ok(arch)
-}
-
-fn qwen2_moe(r: &Reader) -> anyhow::Result<Arch> {
-    let mut arch = decoder(r)?;
-    let experts = r
-        .opt(&["num_experts"])?
-        .ok_or_else(|| r.missing(&["num_experts"]))?;
-    if experts == 0 {
-        return Ok(arch);
-    }
-    let step = r.opt_dim(&["decoder_sparse_step"])?.unwrap_or(1);
-    let dense_only = r.list("mlp_only_layers")?;
-    let layers = (0..arch.layers)
-        .filter(|i| !dense_only.contains(i) && (i + 1).is_multiple_of(step))
-        .count() as u64;
-    let shared = r
-        .opt(&["shared_expert_intermediate_size"])?
-        .filter(|&n| n > 0)
-        .map(|intermediate| Ffn {
-            intermediate,
-            gated: true,
-            bias: false,
-        });
-    arch.moe = Some(Moe {
-        experts,
-        top_k: r.dim(&["num_experts_per_tok"])?,
-        expert: Ffn {
-            intermediate: r.dim(&["moe_intermediate_size"])?,
-            gated: true,
-            bias: false,
-        },
-        shared,
-        shared_gate: shared.is_some(),
-        layers,
-    });
-    Ok(arch)
-}
-
-fn deepseek_v2(r: &Reader) -> anyhow::Result<Arch> {
-    let hidden = r.dim(&["hidden_size"])?;
-    let layers = r.dim(&["num_hidden_layers"])?;
-    let heads = r.dim(&["num_attention_heads"])?;
-    let mla = Mla {
-        q_lora_rank: r.opt_dim(&["q_lora_rank"])?,
-        kv_lora_rank: r.dim(&["kv_lora_rank"])?,
-        qk_rope_head_dim: r.dim(&["qk_rope_head_dim"])?,
-        qk_nope_head_dim: r.dim(&["qk_nope_head_dim"])?,
-        v_head_dim: r.dim(&["v_head_dim"])?,
-        bias: r.flag("attention_bias", false)?,
-    };
-    let mut moe = None;
-    if let Some(experts) = r.opt(&["n_routed_experts"])?.filter(|&n| n > 0) {
-        let expert = Ffn {
-            intermediate: r.dim(&["moe_intermediate_size"])?,
-            gated: true,
-            bias: false,
-        };
-        let first_dense = r.opt(&["first_k_dense_replace"])?.unwrap_or(0);
-        let every = r.opt_dim(&["moe_layer_freq"])?.unwrap_or(1);
-        let shared = r
-            .opt(&["n_shared_experts"])?
-            .filter(|&n| n > 0)
-            .map(|n| Ffn {
-                intermediate: n * expert.intermediate,
-                ..expert
-            });
-        moe = Some(Moe {
-            experts,
-            top_k: r.dim(&["num_experts_per_tok"])?,
-            expert,
-            shared,
-            shared_gate: false,
-            layers: (0..layers)
-                .filter(|&i| i >= first_dense && i.is_multiple_of(every))
-                .count() as u64,
-        });
-    }
-    Ok(Arch {
-        model_type: r.model_type.to_string(),
-        hidden,
-        layers,
-        heads,
-        kv_heads: heads,
-        head_dim: mla.qk_nope_head_dim + mla.qk_rope_head_dim,
-        vocab: r.dim(&["vocab_size"])?,
-        tied: r.flag("tie_word_embeddings", false)?,
-        positions: 0,
-        attention: Attention::Latent(mla),
-        norms: rms_norms(2),
-        ffn: Ffn {
-            intermediate: r.dim(&["intermediate_size"])?,
-            gated: true,
-            bias: false,
-        },
-        moe,
-    })
-}
-
-/// Attention with (or without) biases on every projection and no q/k norm.
-fn biased_attention(bias: bool) -> Attention {
-    Attention::Standard {
-        qkv_bias: bias,
-        o_bias: bias,
-        qk_norm: QkNorm::None,
-    }
-}
-
-fn gpt2(r: &Reader) -> anyhow::Result<Arch> {
-    let hidden = r.dim(&["n_embd", "hidden_size"])?;
-    let heads = r.dim(&["n_head", "num_attention_heads"])?;
-    Ok(Arch {
-        model_type: r.model_type.to_string(),
-        hidden,
-        layers: r.dim(&["n_layer", "num_hidden_layers"])?,
-        heads,
-        kv_heads: heads,
-        head_dim: per_head(hidden, heads)?,
-        vocab: r.dim(&["vocab_size"])?,
-        tied: r.flag("tie_word_embeddings", true)?,
-        positions: r
-            .opt_dim(&["n_positions", "max_position_embeddings"])?
-            .unwrap_or(1024),
-        attention: biased_attention(true),
-        norms: layer_norms(2),
-        ffn: Ffn {
-            intermediate: r.opt_dim(&["n_inner"])?.unwrap_or(4 * hidden),
-            gated: false,
-            bias: true,
-        },
-        moe: None,
-    })
-}
-
-fn gpt_neox(r: &Reader) -> anyhow::Result<Arch> {
-    let hidden = r.dim(&["hidden_size"])?;
-    let heads = r.dim(&["num_attention_heads"])?;
-    Ok(Arch {
-        model_type: r.model_type.to_string(),
-        hidden,
-        layers: r.dim(&["num_hidden_layers"])?,
-        heads,
-        kv_heads: heads,
-        head_dim: per_head(hidden, heads)?,
-        vocab: r.dim(&["vocab_size"])?,
-        tied: r.flag("tie_word_embeddings", false)?,
-        positions: 0,
-        attention: biased_attention(r.flag("attention_bias", true)?),
-        norms: layer_norms(2),
-        ffn: Ffn {
-            intermediate: r.dim(&["intermediate_size"])?,
-            gated: false,
-            bias: true,
-        },
-        moe: None,
-    })
-}
-
-fn falcon(r: &Reader) -> anyhow::Result<Arch> {
-    let hidden = r.dim(&["hidden_size"])?;
-    let heads = r.dim(&["num_attention_heads", "n_head"])?;
-    let new_architecture = r.flag("new_decoder_architecture", false)?;
-    let parallel = r.flag("parallel_attn", true)?;
-    let kv_heads = if new_architecture {
-        r.opt_dim(&["num_kv_heads", "n_head_kv"])?.unwrap_or(heads)
-    } else if r.flag("multi_query", true)? {
-        1
-    } else {
-        heads
-    };
-    // transformers: ln_attn + ln_mlp in the new architecture (num_ln_in_parallel_attn 2, its
-    // default there); otherwise input_layernorm, plus post_attention_layernorm when sequential.
-    let two_parallel_norms =
-        new_architecture && r.opt(&["num_ln_in_parallel_attn"])?.unwrap_or(2) == 2;
-    let per_layer = if two_parallel_norms || !parallel {
-        2
-    } else {
-        1
-    };
-    let bias = r.flag("bias", false)?;
-    Ok(Arch {
-        model_type: r.model_type.to_string(),
-        hidden,
-        layers: r.dim(&["num_hidden_layers", "n_layer"])?,
-        heads,
-        kv_heads,
-        head_dim: per_head(hidden, heads)?,
-        vocab: r.dim(&["vocab_size"])?,
-        tied: r.flag("tie_word_embeddings", true)?,
-        positions: 0,
-        attention: biased_attention(bias),
-        norms: layer_norms(per_layer),
-        ffn: Ffn {
-            intermediate: r.opt_dim(&["ffn_hidden_size"])?.unwrap_or(4 * hidden),
-            gated: false,
-            bias,
-        },
-        moe: None,
-    })
-}
-
-fn bloom(r: &Reader) -> anyhow::Result<Arch> {
-    let hidden = r.dim(&["hidden_size", "n_embed"])?;
-    let heads = r.dim(&["n_head", "num_attention_heads"])?;
-    Ok(Arch {
-        model_type: r.model_type.to_string(),
-        hidden,
-        layers: r.dim(&["n_layer", "num_hidden_layers"])?,
-        heads,
-        kv_heads: heads,
-        head_dim: per_head(hidden, heads)?,
-        vocab: r.dim(&["vocab_size"])?,
-        tied: r.flag("tie_word_embeddings", true)?,
-        positions: 0,
-        attention: biased_attention(true),
+        attention,
         norms: Norms {
-            embedding: true,
-            ..layer_norms(2)
+            bias: matches!(c.norm, NormKind::Layer { bias: true }),
+            per_layer: norm_tensors.len() as u64,
+            embedding: c.layout.embed_norm.is_some(),
         },
-        ffn: Ffn {
-            intermediate: 4 * hidden,
-            gated: false,
-            bias: true,
+        ffn: match c.ffn {
+            FfnKind::Gated => gated(c.intermediate_size),
+            FfnKind::Plain { bias } => Ffn {
+                intermediate: n(c.intermediate_size),
+                gated: false,
+                bias,
+            },
         },
-        moe: None,
-    })
+        moe: c.moe.as_ref().map(|m| Moe {
+            experts: n(m.experts),
+            top_k: n(m.top_k),
+            expert: gated(m.expert_intermediate),
+            shared: m.shared_intermediate.map(gated),
+            shared_gate: m.shared_gate,
+            layers: m.sparse_layers.iter().filter(|s| **s).count() as u64,
+        }),
+    }
 }
 
 // ── A decoder from flags ──────────────────────────────────────────────────────────────────
@@ -967,7 +587,11 @@ pub fn from_dims(d: &Dims) -> anyhow::Result<Arch> {
             o_bias: false,
             qk_norm: QkNorm::None,
         },
-        norms: rms_norms(2),
+        norms: Norms {
+            bias: false,
+            per_layer: 2,
+            embedding: false,
+        },
         ffn,
         moe,
     };
@@ -1634,13 +1258,16 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
+    use serde_json::{Map, Value};
 
     fn repo() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
     }
 
     fn published(name: &str) -> Arch {
-        read_config(&repo().join("tests/fixtures/configs").join(name)).unwrap()
+        read_config(&repo().join("tests/fixtures/configs").join(name))
+            .unwrap()
+            .0
     }
 
     fn near(got: u64, want: f64, rel_tol: f64) -> bool {
@@ -1648,7 +1275,7 @@ mod tests {
     }
 
     fn parse(json: &str) -> anyhow::Result<Arch> {
-        from_config(&serde_json::from_str(json).unwrap())
+        from_config(json).map(|(arch, _)| arch)
     }
 
     fn error(json: &str) -> String {
@@ -1791,7 +1418,7 @@ mod tests {
             if !weights.is_file() || config.contains("\"quantization_config\"") {
                 continue;
             }
-            let arch = read_config(&dir.join("config.json")).unwrap();
+            let arch = read_config(&dir.join("config.json")).unwrap().0;
             let p = arch.params();
             assert_eq!(
                 p.total,
@@ -1808,7 +1435,12 @@ mod tests {
             checked += 1;
         }
         assert!(checked >= 20, "only {checked} fixtures");
-        let missing: Vec<_> = SUPPORTED.iter().filter(|t| !types.contains(**t)).collect();
+        // transformers cannot write Falcon's pre-transformers forms; tests/configs.rs reads
+        // them against the falcon fixtures.
+        let missing: Vec<_> = vibee_core::config::families::model_types()
+            .into_iter()
+            .filter(|t| !types.contains(*t) && !t.starts_with("RefinedWeb"))
+            .collect();
         assert!(missing.is_empty(), "no fixture for {missing:?}");
     }
 
@@ -1818,11 +1450,13 @@ mod tests {
         // qwen2_moe: 4 experts of 32, top-2, in both layers
         let p = read_config(&dir.join("qwen2_moe/config.json"))
             .unwrap()
+            .0
             .params();
         assert_eq!(p.total - p.active, 2 * 2 * 3 * 64 * 32);
         // deepseek_v2: layer 0 dense, layer 1 with 4 experts of 32, top-2
         let p = read_config(&dir.join("deepseek_v2/config.json"))
             .unwrap()
+            .0
             .params();
         assert_eq!(p.experts, 4 * 3 * 64 * 32);
         assert_eq!(p.total - p.active, 2 * 3 * 64 * 32);
@@ -2078,14 +1712,14 @@ mod tests {
 
     #[test]
     fn a_config_that_is_not_an_object_is_an_error() {
-        assert!(error("[1, 2]").contains("JSON object, not an array"));
+        assert!(error("[1, 2]").contains("the top level must be an object"));
     }
 
     #[test]
     fn a_missing_or_unknown_model_type_is_an_error() {
-        assert!(error(r#"{"hidden_size": 64}"#).contains("no `model_type`; supported: llama"));
+        assert!(error(r#"{"hidden_size": 64}"#).contains("missing required key `model_type`"));
         let e = error(r#"{"model_type": "mamba"}"#);
-        assert!(e.contains("unknown model_type `mamba`"), "{e}");
+        assert!(e.contains("model_type `mamba` is not supported"), "{e}");
         assert!(e.contains("deepseek_v2"), "{e}");
         assert!(error(r#"{"model_type": 7}"#).contains("`model_type` must be a string"));
     }
@@ -2096,32 +1730,40 @@ mod tests {
         v.as_object_mut().unwrap().remove("intermediate_size");
         assert_eq!(
             error(&v.to_string()),
-            "the llama config has no `intermediate_size`"
+            "config.json: missing required key `intermediate_size`"
         );
+        // GPT-2's own spelling is read as the common key.
         let e = error(r#"{"model_type": "gpt2", "n_head": 4}"#);
-        assert_eq!(e, "the gpt2 config has no `n_embd` (or `hidden_size`)");
+        assert_eq!(e, "config.json: missing required key `hidden_size`");
         let e = error(
             r#"{"model_type": "mixtral", "hidden_size": 64, "num_hidden_layers": 2,
             "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 384,
             "num_experts_per_tok": 2}"#,
         );
-        assert_eq!(e, "the mixtral config has no `num_local_experts`");
+        assert_eq!(e, "config.json: missing required key `num_local_experts`");
+    }
+
+    #[test]
+    fn keys_run_would_refuse_are_warnings_here() {
+        let (arch, unknown) = from_config(&llama_with("attn_temperature", "0.5")).unwrap();
+        assert_eq!(arch.hidden, 64);
+        assert_eq!(unknown, ["attn_temperature"]);
     }
 
     #[test]
     fn zero_heads_is_an_error() {
         assert_eq!(
             error(&llama_with("num_attention_heads", "0")),
-            "`num_attention_heads` is 0; it must be at least 1"
+            "config.json: `num_attention_heads` must be positive"
         );
-        assert!(error(&llama_with("num_key_value_heads", "0")).contains("is 0"));
+        assert!(error(&llama_with("num_key_value_heads", "0")).contains("multiple of"));
     }
 
     #[test]
     fn a_wrongly_typed_value_is_an_error() {
         assert_eq!(
             error(&llama_with("hidden_size", "\"big\"")),
-            "`hidden_size` must be a non-negative integer, not \"big\""
+            "config.json: `hidden_size` must be a non-negative integer, got \"big\""
         );
         assert!(error(&llama_with("hidden_size", "-64")).contains("non-negative integer"));
         assert!(error(&llama_with("hidden_size", "64.5")).contains("non-negative integer"));
@@ -2137,11 +1779,14 @@ mod tests {
 
     #[test]
     fn inconsistent_heads_are_an_error() {
-        assert!(error(&llama_with("num_key_value_heads", "3"))
-            .contains("3 key/value heads cannot serve 4 attention heads"));
-        assert!(error(&llama_with("num_key_value_heads", "8"))
-            .contains("8 key/value heads cannot serve 4 attention heads"));
-        assert!(error(&llama_with("hidden_size", "66")).contains("not divisible"));
+        for kv in ["3", "8"] {
+            let e = error(&llama_with("num_key_value_heads", kv));
+            assert!(
+                e.contains(&format!("multiple of num_key_value_heads ({kv})")),
+                "{e}"
+            );
+        }
+        assert!(error(&llama_with("hidden_size", "66")).contains("not a multiple"));
         // an explicit head_dim needs no divisibility
         assert!(parse(
             &llama_with("hidden_size", "66")
@@ -2156,7 +1801,8 @@ mod tests {
         v["model_type"] = "mixtral".into();
         v["num_local_experts"] = 2.into();
         v["num_experts_per_tok"] = 4.into();
-        assert!(error(&v.to_string()).contains("4 experts per token, but only 2 experts"));
+        assert!(error(&v.to_string())
+            .contains("num_experts_per_tok (4) must be between 1 and the number of experts (2)"));
     }
 
     #[test]
@@ -2164,7 +1810,7 @@ mod tests {
         let text = std::fs::read_to_string(repo().join("tests/fixtures/qwen2_moe/config.json"))
             .unwrap()
             .replace("\"mlp_only_layers\": []", "\"mlp_only_layers\": [\"x\"]");
-        assert!(error(&text).contains("`mlp_only_layers` must hold non-negative integers"));
+        assert!(error(&text).contains("`mlp_only_layers` must be a list of layer indices"));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use vibee_core::weights::Weights;
 use vibee_core::{App, Plugin, PluginSpec};
 
 use super::calibration::InputStats;
-use super::integer::{round_trip, scale_groups, IntegerWeights, StoredTensor};
+use super::integer::{check_finite, round_trip, scale_groups, IntegerWeights, StoredTensor};
 use super::register_stored;
 
 pub struct Awq;
@@ -76,6 +76,7 @@ pub fn read(
         bail!("{groups} scale groups do not divide {inp} input features");
     }
     let scales = weights.get(&scales_name, &[groups, out])?.to_f32_vec();
+    check_finite(&scales_name, &scales)?;
     let (qzeros, zero_shape) = weights.int32(&format!("{prefix}.qzeros"))?;
     ensure!(
         zero_shape == [groups, out / 8],

@@ -12,7 +12,9 @@ use faer::{Accum, Mat, Par, Side};
 use vibee_core::weights::Weights;
 use vibee_core::{App, Plugin, PluginSpec};
 
-use super::integer::{min_max_group, quantize_value, scale_groups, IntegerWeights, StoredTensor};
+use super::integer::{
+    check_finite, min_max_group, quantize_value, scale_groups, IntegerWeights, StoredTensor,
+};
 use super::register_stored;
 
 pub struct Gptq;
@@ -40,8 +42,9 @@ pub fn read(
 ) -> anyhow::Result<IntegerWeights> {
     let (qweight, shape) = weights.int32(&format!("{prefix}.qweight"))?;
     let bits = match shape.as_slice() {
-        [rows, cols] if *cols == out && rows * 32 == inp * 4 => 4,
-        [rows, cols] if *cols == out && rows * 32 == inp * 8 => 8,
+        // Checked: `inp` comes from the config, which may claim anything.
+        [rows, cols] if *cols == out && Some(rows * 32) == inp.checked_mul(4) => 4,
+        [rows, cols] if *cols == out && Some(rows * 32) == inp.checked_mul(8) => 8,
         _ => bail!("qweight has shape {shape:?}, which packs neither 4 nor 8 bits of a [{out}, {inp}] layer"),
     };
     let per_word = 32 / bits as usize;
@@ -49,6 +52,7 @@ pub fn read(
     let scales_name = format!("{prefix}.scales");
     let groups = scale_groups(weights, &scales_name)?;
     let scales = weights.get(&scales_name, &[groups, out])?.to_f32_vec();
+    check_finite(&scales_name, &scales)?;
     let (qzeros, zero_shape) = weights.int32(&format!("{prefix}.qzeros"))?;
     ensure!(
         zero_shape == [groups, out / per_word] && out.is_multiple_of(per_word),

@@ -13,14 +13,14 @@
 //! `scale` and `zero` `[n, 1]` (`w = (q − zero) · scale`) and its settings as small tensors
 //! (integers, flags as u8, strings as u8 character codes).
 
-use anyhow::{bail, ensure};
+use anyhow::{bail, ensure, Context};
 use rayon::prelude::*;
 use vibee_core::config::ModelConfig;
 use vibee_core::ops::{BuildContext, Factory, Linear, Operator, Quantization};
 use vibee_core::weights::{DType, Weight, Weights};
 use vibee_core::{App, Plugin, PluginSpec};
 
-use super::integer::{IntegerWeights, StoredTensor};
+use super::integer::{check_finite, IntegerWeights, StoredTensor};
 use super::{configured_group, whole_blocks, StoredLayout};
 
 /// The p of the ℓp norm the solver minimises, its shrinkage strength and its rounds.
@@ -286,9 +286,17 @@ pub fn read(
         "a group size of {group} does not divide {inp} input features"
     );
     let group = group as usize;
-    let groups = out * inp / group;
-    let scale = weights.get(&settings.name("scale"), &[groups, 1])?;
-    let zero = weights.get(&settings.name("zero"), &[groups, 1])?;
+    let groups = out
+        .checked_mul(inp)
+        .with_context(|| format!("a [{out}, {inp}] layer has more weights than memory can hold"))?
+        / group;
+    let finite = |key: &str| -> anyhow::Result<Vec<f32>> {
+        let name = settings.name(key);
+        let values = weights.get(&name, &[groups, 1])?.to_f32_vec();
+        check_finite(&name, &values)?;
+        Ok(values)
+    };
+    let (scale, zero) = (finite("scale")?, finite("zero")?);
     let (packed, packed_shape) = weights.raw(&settings.name("W_q"), "U8")?;
     ensure!(
         bits == 8 || groups.is_multiple_of(2),
@@ -324,8 +332,8 @@ pub fn read(
         inp,
         quants: by_group,
         group_of: IntegerWeights::sequential_groups(inp, group),
-        scales: transpose(scale.to_f32_vec()),
-        zeros: transpose(zero.to_f32_vec()),
+        scales: transpose(scale),
+        zeros: transpose(zero),
     })
 }
 

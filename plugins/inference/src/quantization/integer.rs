@@ -56,6 +56,18 @@ pub fn round_trip(values: &[f32], bits: u32, with_zero: bool, out: &mut [f32]) {
     }
 }
 
+/// Refuses a tensor of scales or zero points holding NaN or an infinity: the layer would
+/// load, and every output it computes would be garbage.
+pub fn check_finite(name: &str, values: &[f32]) -> anyhow::Result<()> {
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(at) => bail!(
+            "`{name}` holds {} at element {at}: scales and zero points must be finite numbers",
+            values[at]
+        ),
+        None => Ok(()),
+    }
+}
+
 /// The number of groups a packed layer's `scales` tensor (`[groups, out]`) holds.
 pub fn scale_groups(weights: &Weights, name: &str) -> anyhow::Result<usize> {
     match weights.shape(name)? {

@@ -589,8 +589,11 @@ fn write_checkpoint(
     std::fs::create_dir_all(&staging)
         .with_context(|| format!("cannot create {}", staging.display()))?;
     let written = (|| -> anyhow::Result<()> {
-        let mut config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(model.join("config.json"))?)?;
+        let config = vibee_core::io::read_regular_text(
+            &model.join("config.json"),
+            vibee_core::io::SMALL_FILE,
+        )?;
+        let mut config: serde_json::Value = serde_json::from_str(&config)?;
         config["quantization_config"] = quantization_config;
         std::fs::write(
             staging.join("config.json"),

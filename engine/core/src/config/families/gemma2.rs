@@ -1,0 +1,53 @@
+//! Gemma 2: Gemma with norms before and after each sub-layer, soft-capped attention scores and
+//! logits, queries scaled by `query_pre_attn_scalar`, and a sliding window on every other layer.
+
+use super::{decoder, gemma::DEFAULTS, sliding_window, Family, Fields, Sliding};
+use crate::config::fields::invalid;
+use crate::config::{ConfigError, ModelConfig, NormKind, NormNames, Residual};
+
+pub static FAMILY: Family = Family {
+    model_type: "gemma2",
+    aliases: &[],
+    inert: &[],
+    read,
+    gguf: None,
+};
+
+fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
+    let mut config = decoder(f, "gemma2", DEFAULTS)?;
+    // Gemma 2's MLP reads `hidden_activation`; `hidden_act` is a leftover it ignores.
+    config.hidden_act = f
+        .string("hidden_activation")?
+        .unwrap_or_else(|| "gelu_pytorch_tanh".into());
+    config.norm = NormKind::RmsUnitOffset;
+    config.embedding_scale = Some((config.hidden_size as f64).sqrt() as f32);
+    config.residual = Residual::Sandwich;
+    config.layout.norms = NormNames {
+        attn_in: Some("input_layernorm"),
+        attn_out: Some("post_attention_layernorm"),
+        ffn_in: Some("pre_feedforward_layernorm"),
+        ffn_out: Some("post_feedforward_layernorm"),
+    };
+    config.attn_softcap = f.positive("attn_logit_softcapping")?;
+    config.final_softcap = f.positive("final_logit_softcapping")?;
+    config.query_pre_attn_scalar = f.positive("query_pre_attn_scalar")?;
+    // The first Gemma 2 configs also carry the window under its old name.
+    let legacy = f.usize("sliding_window_size")?;
+    let window = f.usize("sliding_window")?;
+    if let (Some(old), Some(new)) = (legacy, window) {
+        if old != new {
+            return Err(invalid(format!(
+                "gemma2: sliding_window_size ({old}) and sliding_window ({new}) disagree"
+            )));
+        }
+    }
+    sliding_window(f, Sliding::Alternating, &mut config)?;
+    if window.is_none() {
+        if let Some(old) = legacy {
+            config.sliding_layers = (0..config.num_layers)
+                .map(|i| (i % 2 == 0).then_some(old))
+                .collect();
+        }
+    }
+    Ok(config)
+}

@@ -1,0 +1,18 @@
+//! Llama 1/2/3 and everything published in its shape (TinyLlama, SmolLM, CodeLlama, Vicuna, …).
+
+use super::{decoder, Defaults, Family, Fields};
+use crate::config::{ConfigError, ModelConfig};
+
+pub static FAMILY: Family = Family {
+    model_type: "llama",
+    // The first converted Llama checkpoints (Vicuna v0, early LLaMA ports) name the context
+    // this way.
+    aliases: &[("max_sequence_length", "max_position_embeddings")],
+    inert: &[],
+    read,
+    gguf: Some("llama"),
+};
+
+fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
+    decoder(f, "llama", Defaults::LLAMA)
+}

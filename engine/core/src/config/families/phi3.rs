@@ -1,0 +1,24 @@
+//! Phi-3, Phi-3.5 and phi-4: Llama with fused `qkv_proj` and `gate_up_proj` and a sliding
+//! window where the config gives one.
+
+use super::{decoder, sliding_window, Defaults, Family, Fields, Sliding};
+use crate::config::{ConfigError, Layout, ModelConfig, QkvLayout};
+
+pub static FAMILY: Family = Family {
+    model_type: "phi3",
+    aliases: &[],
+    inert: &[],
+    read,
+    gguf: None,
+};
+
+fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
+    let mut config = decoder(f, "phi3", Defaults::LLAMA)?;
+    config.layout = Layout {
+        qkv: QkvLayout::Concat("qkv_proj"),
+        gate_up: Some("gate_up_proj"),
+        ..Layout::LLAMA
+    };
+    sliding_window(f, Sliding::Everywhere, &mut config)?;
+    Ok(config)
+}

@@ -1,0 +1,54 @@
+//! SmolLM3: Llama with no position encoding at all in every fourth layer (NoPE) and Qwen's
+//! optional sliding window.
+
+use serde_json::Value;
+
+use super::{decoder, sliding_window, Defaults, Family, Fields, Sliding};
+use crate::config::fields::invalid;
+use crate::config::{ConfigError, ModelConfig};
+
+pub static FAMILY: Family = Family {
+    model_type: "smollm3",
+    aliases: &[],
+    inert: &[],
+    read,
+    gguf: None,
+};
+
+fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
+    let mut config = decoder(
+        f,
+        "smollm3",
+        Defaults {
+            tie_word_embeddings: true,
+            ..Defaults::LLAMA
+        },
+    )?;
+    sliding_window(f, Sliding::Qwen, &mut config)?;
+    config.nope_layers = no_position_layers(f, config.num_layers)?;
+    Ok(config)
+}
+
+/// `no_rope_layers[i]` is 1 where layer `i` uses rotary embeddings and 0 where it uses none;
+/// without the list, every `no_rope_layer_interval`-th layer is NoPE.
+fn no_position_layers(f: &mut Fields, layers: usize) -> Result<Vec<bool>, ConfigError> {
+    let interval = f.usize("no_rope_layer_interval")?;
+    match f.get("no_rope_layers") {
+        Some(Value::Array(flags)) if flags.len() == layers => flags
+            .iter()
+            .map(|v| match v.as_u64() {
+                Some(0) => Ok(true),
+                Some(1) => Ok(false),
+                _ => Err(invalid(format!(
+                    "`no_rope_layers` entries must be 0 or 1, got {v}"
+                ))),
+            })
+            .collect(),
+        Some(other) => Err(invalid(format!(
+            "`no_rope_layers` must be a list of {layers} flags, got {other}"
+        ))),
+        None => Ok((0..layers)
+            .map(|i| interval.is_some_and(|n| n > 0 && (i + 1) % n == 0))
+            .collect()),
+    }
+}

@@ -1,0 +1,157 @@
+//! Rotary position settings: `rope_theta` + `rope_scaling` (transformers 4.x) or
+//! `rope_parameters` (5.x).
+
+use serde_json::Value;
+
+use super::fields::{invalid, Fields};
+use super::{ConfigError, RopeScaling};
+
+/// Reads `rope_theta` + `rope_scaling` (4.x) or `rope_parameters` (5.x).
+/// Returns the base, the frequency scaling and the fraction of each head that rotates.
+pub fn rope<'a>(
+    f: &mut Fields<'a>,
+    max_position_embeddings: usize,
+) -> Result<(f64, RopeScaling, f64), ConfigError> {
+    let top_theta = f.positive("rope_theta")?;
+    let top_partial = f.f64("partial_rotary_factor")?;
+    let top_original = f.usize("original_max_position_embeddings")?;
+    let (params, key) =
+        match (f.get("rope_parameters"), f.get("rope_scaling")) {
+            (Some(_), Some(_)) => return Err(invalid(
+                "both `rope_parameters` and `rope_scaling` are given: one config form or the other"
+                    .into(),
+            )),
+            (Some(p), None) => (Some(p), "rope_parameters"),
+            (None, scaling) => (scaling, "rope_scaling"),
+        };
+    let Some(params) = params else {
+        return Ok((
+            top_theta.unwrap_or(10000.0),
+            RopeScaling::None,
+            top_partial.unwrap_or(1.0),
+        ));
+    };
+    let map = params
+        .as_object()
+        .ok_or_else(|| invalid(format!("`{key}` must be an object")))?;
+    let mut p = Fields::new(map);
+    let theta = p.positive("rope_theta")?.or(top_theta).unwrap_or(10000.0);
+    let partial = p
+        .f64("partial_rotary_factor")?
+        .or(top_partial)
+        .unwrap_or(1.0);
+    // transformers 5 converts a 4.x `type` into `rope_type` and may leave the old key beside
+    // it; the two must then agree.
+    let kind = match (p.string("rope_type")?, p.string("type")?) {
+        (Some(kind), Some(legacy)) if kind != legacy => {
+            return Err(invalid(format!(
+                "`{key}` has rope_type `{kind}` but type `{legacy}`"
+            )))
+        }
+        (Some(kind), _) | (None, Some(kind)) => kind,
+        (None, None) => "default".into(),
+    };
+    let mut factor = || {
+        p.positive("factor")?
+            .ok_or_else(|| invalid(format!("`{key}` of type {kind} needs `factor`")))
+    };
+    let scaling = match kind.as_str() {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear { factor: factor()? },
+        "dynamic" => RopeScaling::Dynamic {
+            factor: factor()?,
+            original_max_position_embeddings: p
+                .usize("original_max_position_embeddings")?
+                .unwrap_or(max_position_embeddings),
+        },
+        "llama3" => {
+            let factor = factor()?;
+            let mut need = |name| {
+                p.f64(name)?
+                    .ok_or_else(|| invalid(format!("`{key}` of type llama3 needs `{name}`")))
+            };
+            let low_freq_factor = need("low_freq_factor")?;
+            let high_freq_factor = need("high_freq_factor")?;
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: p
+                    .usize("original_max_position_embeddings")?
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "`{key}` of type llama3 needs `original_max_position_embeddings`"
+                        ))
+                    })?,
+            }
+        }
+        "yarn" => {
+            let factor = factor()?;
+            let original = p
+                .usize("original_max_position_embeddings")?
+                .or(top_original)
+                .ok_or_else(|| invalid(format!("`{key}` of type yarn needs `original_max_position_embeddings`")))?;
+            let mscale = p.f64("mscale")?;
+            let mscale_all_dim = p.f64("mscale_all_dim")?;
+            let get_mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+            let attention_factor = match (p.f64("attention_factor")?, mscale, mscale_all_dim) {
+                (Some(a), ..) => a,
+                (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => get_mscale(factor, m) / get_mscale(factor, all),
+                _ => get_mscale(factor, 1.0),
+            };
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: original,
+                beta_fast: p.f64("beta_fast")?.filter(|b| *b != 0.0).unwrap_or(32.0),
+                beta_slow: p.f64("beta_slow")?.filter(|b| *b != 0.0).unwrap_or(1.0),
+                truncate: p.bool("truncate")?.unwrap_or(true),
+                attention_factor,
+                // Latent attention scales its softmax by this squared (DeepSeek's yarn_apply_mscale).
+                softmax_mscale: mscale_all_dim.filter(|m| *m != 0.0).map_or(1.0, |m| get_mscale(factor, m)),
+            }
+        }
+        // "su" is the name Phi-3's first configs gave longrope.
+        "longrope" | "su" => {
+            let original = p
+                .usize("original_max_position_embeddings")?
+                .or(top_original)
+                .ok_or_else(|| invalid(format!("`{key}` of type longrope needs `original_max_position_embeddings`")))?;
+            let mut list = |name| -> Result<Vec<f64>, ConfigError> {
+                p.get(name)
+                    .and_then(Value::as_array)
+                    .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<_>>>())
+                    .ok_or_else(|| invalid(format!("`{key}.{name}` must be a list of numbers")))
+            };
+            let (short, long) = (list("short_factor")?, list("long_factor")?);
+            let factor = p.f64("factor")?.unwrap_or(max_position_embeddings as f64 / original as f64);
+            let attention_factor = match p.f64("attention_factor")? {
+                Some(a) => a,
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+            };
+            RopeScaling::LongRope {
+                short,
+                long,
+                original_max_position_embeddings: original,
+                attention_factor,
+            }
+        }
+        other => {
+            return Err(invalid(format!(
+                "{key}.rope_type `{other}` is not supported (supported: default, linear, dynamic, llama3, yarn, longrope)"
+            )))
+        }
+    };
+    let extra = p.unread(|_| false);
+    if !extra.is_empty() {
+        return Err(invalid(format!(
+            "`{key}` keys not understood for rope type {kind}: {}",
+            extra
+                .iter()
+                .map(|k| format!("{key}.{k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    Ok((theta, scaling, partial))
+}
