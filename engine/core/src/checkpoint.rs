@@ -70,10 +70,11 @@ impl Checkpoint {
             Checkpoint::Gguf { file, .. } => {
                 let mut config = ModelConfig::from_json(&file.hf_config()?.to_string())
                     .context("the file's metadata does not make a valid config")?;
-                // For llama, llama.cpp's converter reorders each head's q/k rows so that rotary
-                // pairs are neighbours; rotating neighbouring pairs gives the same attention
-                // scores. Other architectures keep transformers' order.
-                config.rope_interleaved = file.architecture()? == "llama";
+                let family = crate::config::families::from_gguf(file.architecture()?);
+                let form = family
+                    .and_then(|f| f.gguf.as_ref())
+                    .expect("checked by hf_config");
+                (form.stored)(&mut config);
                 if file.tensors.iter().any(|t| t.kind.is_quantized()) {
                     config.quantization = Some("gguf");
                 }
@@ -85,7 +86,7 @@ impl Checkpoint {
     pub fn weights(&self) -> anyhow::Result<Weights> {
         Ok(match self {
             Checkpoint::Hf(dir) => Weights::open(dir)?,
-            Checkpoint::Gguf { path, file } => Weights::from_gguf(path, file),
+            Checkpoint::Gguf { path, file } => Weights::from_gguf(path, file, &self.config()?),
         })
     }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use memmap2::Mmap;
 
-use crate::config::families;
+use crate::config::{families, FfnKind, ModelConfig, QkvLayout};
 use crate::quant;
 use crate::weights::DType;
 
@@ -284,7 +284,10 @@ impl Gguf {
             .string("general.architecture")
             .context("the file has no general.architecture")?;
         if families::from_gguf(arch).is_none() {
-            let known: Vec<_> = families::FAMILIES.iter().filter_map(|f| f.gguf).collect();
+            let known: Vec<_> = families::FAMILIES
+                .iter()
+                .filter_map(|f| Some(f.gguf.as_ref()?.architecture))
+                .collect();
             bail!(
                 "GGUF architecture `{arch}` is not supported yet (supported: {})",
                 known.join(", ")
@@ -297,7 +300,11 @@ impl Gguf {
     /// parser then validates like any other.
     pub fn hf_config(&self) -> anyhow::Result<serde_json::Value> {
         let arch = self.architecture()?;
-        let model_type = families::from_gguf(arch).expect("checked").model_type;
+        let family = families::from_gguf(arch).expect("checked");
+        let form = family
+            .gguf
+            .as_ref()
+            .expect("a family found by its GGUF form");
         let key = |name: &str| format!("{arch}.{name}");
         let required = |name: &str| {
             self.number(&key(name))
@@ -313,20 +320,27 @@ impl Gguf {
             },
         };
         let mut config = serde_json::json!({
-            "model_type": model_type,
+            "model_type": family.model_type,
             "hidden_size": hidden,
             "intermediate_size": required("feed_forward_length")?,
             "num_hidden_layers": required("block_count")?,
             "num_attention_heads": heads,
             "num_key_value_heads": self.number(&key("attention.head_count_kv")).unwrap_or(heads),
             "head_dim": self.number(&key("attention.key_length")).unwrap_or(hidden / heads),
-            "rms_norm_eps": required("attention.layer_norm_rms_epsilon")?,
+            "rms_norm_eps": match self.number(&key("attention.layer_norm_rms_epsilon")) {
+                Some(eps) => eps,
+                None => required("attention.layer_norm_epsilon")?,
+            },
             "rope_theta": self.number(&key("rope.freq_base")).unwrap_or(10000.0),
             "max_position_embeddings": required("context_length")?,
             "vocab_size": vocab,
-            "hidden_act": "silu",
             "tie_word_embeddings": self.tensor("output.weight").is_none(),
         });
+        for (name, field) in form.metadata {
+            if let Some(value) = self.number(&key(name)) {
+                config[*field] = value.into();
+            }
+        }
         for (name, field) in [
             ("tokenizer.ggml.bos_token_id", "bos_token_id"),
             ("tokenizer.ggml.eos_token_id", "eos_token_id"),
@@ -388,34 +402,50 @@ impl Gguf {
     }
 }
 
-/// The Hugging Face name of a tensor of a llama- or qwen2-architecture GGUF file (llama.cpp's
-/// converter renames them), or `None` for tensors vibee does not read.
-pub fn hf_name(name: &str) -> Option<String> {
-    let global = [
-        ("token_embd.weight", "model.embed_tokens.weight"),
-        ("output_norm.weight", "model.norm.weight"),
-        ("output.weight", "lm_head.weight"),
-    ];
-    if let Some((_, hf)) = global.iter().find(|(g, _)| *g == name) {
-        return Some(hf.to_string());
+/// The Hugging Face name, in the family's layout, of a tensor llama.cpp's converter wrote
+/// (it renames every tensor the same way for every architecture), or `None` for tensors vibee
+/// does not read.
+pub fn hf_name(name: &str, config: &ModelConfig) -> Option<String> {
+    let layout = &config.layout;
+    let (stem, suffix) = name.rsplit_once('.')?;
+    let global = match stem {
+        "token_embd" => Some(layout.embed),
+        "token_embd_norm" => layout.embed_norm,
+        "position_embd" => layout.position_embed,
+        "output_norm" => Some(layout.final_norm),
+        "output" => Some(layout.lm_head),
+        _ => None,
+    };
+    if let Some(hf) = global {
+        return Some(format!("{hf}.{suffix}"));
     }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, part) = rest.split_once('.')?;
+    let (layer, part) = stem.strip_prefix("blk.")?.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
+    let attention = |projection: &str| format!("{}.{projection}", layout.attention);
+    let mlp = |projection: &str| format!("mlp.{projection}");
+    let norms = &layout.norms;
+    let gated = config.ffn == FfnKind::Gated;
     let hf = match part {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_q.bias" => "self_attn.q_proj.bias",
-        "attn_k.bias" => "self_attn.k_proj.bias",
-        "attn_v.bias" => "self_attn.v_proj.bias",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
+        "attn_norm" => norms.attn_in?.to_string(),
+        "ffn_norm" => norms.ffn_in?.to_string(),
+        "post_attention_norm" => norms.attn_out?.to_string(),
+        "post_ffw_norm" => norms.ffn_out?.to_string(),
+        "attn_q" => attention("q_proj"),
+        "attn_k" => attention("k_proj"),
+        "attn_v" => attention("v_proj"),
+        "attn_q_norm" => attention("q_norm"),
+        "attn_k_norm" => attention("k_norm"),
+        "attn_output" => attention(layout.o_proj),
+        "ffn_gate" if gated => mlp("gate_proj"),
+        "ffn_up" if gated => mlp("up_proj"),
+        "ffn_down" if gated => mlp("down_proj"),
+        "attn_qkv" => match layout.qkv {
+            QkvLayout::Fused(name) | QkvLayout::Concat(name) => attention(name),
+            QkvLayout::Separate => return None,
+        },
+        "ffn_up" => mlp(layout.mlp_in),
+        "ffn_down" => mlp(layout.mlp_out),
         _ => return None,
     };
-    Some(format!("model.layers.{layer}.{hf}"))
+    Some(format!("{}.{layer}.{hf}.{suffix}", layout.layers))
 }

@@ -12,6 +12,7 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use crate::config::ModelConfig;
 use crate::gguf::{self, Gguf};
 use crate::quant;
 
@@ -344,13 +345,14 @@ impl Weights {
         Ok(weights)
     }
 
-    /// The tensors of a GGUF file, under their Hugging Face names, read in place.
-    pub fn from_gguf(path: &Path, file: &Gguf) -> Self {
+    /// The tensors of a GGUF file, under their Hugging Face names in `config`'s layout, read
+    /// in place.
+    pub fn from_gguf(path: &Path, file: &Gguf, config: &ModelConfig) -> Self {
         let entries = file
             .tensors
             .iter()
             .filter_map(|t| {
-                let name = gguf::hf_name(&t.name)?;
+                let name = gguf::hf_name(&t.name, config)?;
                 let entry = Entry {
                     file: 0,
                     start: t.start,

@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use super::{decoder, gpt_layer, Defaults, Family, Fields};
+use super::{decoder, gpt_layer, Defaults, Family, Fields, GgufForm};
 use crate::config::fields::invalid;
 use crate::config::{ConfigError, Layout, ModelConfig, PositionKind, QkvLayout};
 
@@ -29,7 +29,13 @@ pub static FAMILY: Family = Family {
         "slow_but_exact",
     ],
     read,
-    gguf: None,
+    // The converter regroups each head's interleaved q, k, v rows into all queries, then all
+    // keys, then all values (GPT-2's order).
+    gguf: Some(GgufForm {
+        architecture: "bloom",
+        metadata: &[],
+        stored: |config| config.layout.qkv = QkvLayout::Concat("query_key_value"),
+    }),
 };
 
 fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {

@@ -1,7 +1,7 @@
 //! Gemma (1, 1.1, CodeGemma): RMSNorm gains stored as offsets from one, embeddings scaled by
 //! √hidden_size, GeGLU, tied embeddings, 256-wide heads unless the config says otherwise.
 
-use super::{decoder, gemma_activation, Defaults, Family, Fields};
+use super::{decoder, gemma_activation, Defaults, Family, Fields, GgufForm};
 use crate::config::{ConfigError, ModelConfig, NormKind};
 
 pub static FAMILY: Family = Family {
@@ -9,7 +9,12 @@ pub static FAMILY: Family = Family {
     aliases: &[],
     inert: &[],
     read,
-    gguf: None,
+    // The converter stores every norm gain as 1 + w, a plain RMSNorm's gain.
+    gguf: Some(GgufForm {
+        architecture: "gemma",
+        metadata: &[],
+        stored: |config| config.norm = NormKind::Rms,
+    }),
 };
 
 /// transformers' Gemma defaults.

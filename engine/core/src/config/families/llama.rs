@@ -1,6 +1,6 @@
 //! Llama 1/2/3 and everything published in its shape (TinyLlama, SmolLM, CodeLlama, Vicuna, …).
 
-use super::{decoder, Defaults, Family, Fields};
+use super::{decoder, Defaults, Family, Fields, GgufForm};
 use crate::config::{ConfigError, ModelConfig};
 
 pub static FAMILY: Family = Family {
@@ -10,7 +10,13 @@ pub static FAMILY: Family = Family {
     aliases: &[("max_sequence_length", "max_position_embeddings")],
     inert: &[],
     read,
-    gguf: Some("llama"),
+    // The converter permutes each head's q/k rows so that rotary pairs are neighbours;
+    // rotating neighbouring pairs gives the same attention scores.
+    gguf: Some(GgufForm {
+        architecture: "llama",
+        metadata: &[],
+        stored: |config| config.rope_interleaved = true,
+    }),
 };
 
 fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {

@@ -41,9 +41,32 @@ pub struct Family {
     pub inert: &'static [&'static str],
     /// Reads the family's config; the common keys go through [`decoder`].
     pub read: fn(&mut Fields) -> Result<ModelConfig, ConfigError>,
-    /// `general.architecture` of the GGUF files llama.cpp's converter writes for it, where
-    /// vibee reads them.
-    pub gguf: Option<&'static str>,
+    /// How llama.cpp's converter writes the family to GGUF, where vibee reads such files.
+    pub gguf: Option<GgufForm>,
+}
+
+/// What llama.cpp's converter (`convert_hf_to_gguf.py`) makes of a family.
+pub struct GgufForm {
+    /// `general.architecture`.
+    pub architecture: &'static str,
+    /// Metadata keys (after `{architecture}.`) read as the config.json key named beside them,
+    /// beyond the ones every architecture has.
+    pub metadata: &'static [(&'static str, &'static str)],
+    /// Accounts in the config for what the converter did to the tensors' values, which are read
+    /// in place, never rewritten.
+    pub stored: fn(&mut ModelConfig),
+}
+
+impl GgufForm {
+    /// A family the converter writes with the common metadata and its tensors' values as they
+    /// are.
+    pub const fn plain(architecture: &'static str) -> Option<GgufForm> {
+        Some(GgufForm {
+            architecture,
+            metadata: &[],
+            stored: |_| {},
+        })
+    }
 }
 
 pub static FAMILIES: &[&Family] = &[
@@ -78,10 +101,11 @@ pub fn find(model_type: &str) -> Option<&'static Family> {
 
 /// The family whose GGUF files carry `architecture`.
 pub fn from_gguf(architecture: &str) -> Option<&'static Family> {
-    FAMILIES
-        .iter()
-        .copied()
-        .find(|f| f.gguf == Some(architecture))
+    FAMILIES.iter().copied().find(|f| {
+        f.gguf
+            .as_ref()
+            .is_some_and(|g| g.architecture == architecture)
+    })
 }
 
 pub fn model_types() -> Vec<&'static str> {

@@ -1,7 +1,7 @@
 //! OLMo 2: norms after attention and feed-forward (not before), and an RMSNorm over the whole
 //! query and key projections.
 
-use super::{decoder, Defaults, Family, Fields};
+use super::{decoder, Defaults, Family, Fields, GgufForm};
 use crate::config::{ConfigError, ModelConfig, NormNames, QkNormScope, Residual};
 
 pub static FAMILY: Family = Family {
@@ -9,7 +9,7 @@ pub static FAMILY: Family = Family {
     aliases: &[],
     inert: &[],
     read,
-    gguf: None,
+    gguf: GgufForm::plain("olmo2"),
 };
 
 fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use super::{decoder, sliding_window, Defaults, Family, Fields, Sliding};
+use super::{decoder, sliding_window, Defaults, Family, Fields, GgufForm, Sliding};
 use crate::config::{ConfigError, ModelConfig};
 
 pub static FAMILY: Family = Family {
@@ -11,7 +11,7 @@ pub static FAMILY: Family = Family {
     aliases: &[],
     inert: &[],
     read,
-    gguf: Some("qwen2"),
+    gguf: GgufForm::plain("qwen2"),
 };
 
 fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {

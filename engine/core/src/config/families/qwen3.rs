@@ -1,7 +1,7 @@
 //! Qwen3: Qwen2 without q/k/v biases and with an RMSNorm of each query and key head
 //! (`q_norm`, `k_norm`) before the rotary embedding.
 
-use super::{decoder, sliding_window, Defaults, Family, Fields, Sliding};
+use super::{decoder, sliding_window, Defaults, Family, Fields, GgufForm, Sliding};
 use crate::config::{ConfigError, ModelConfig, QkNormScope};
 
 pub static FAMILY: Family = Family {
@@ -9,7 +9,7 @@ pub static FAMILY: Family = Family {
     aliases: &[],
     inert: &[],
     read,
-    gguf: None,
+    gguf: GgufForm::plain("qwen3"),
 };
 
 /// transformers' Qwen3 `head_dim` when a config leaves it out.
