@@ -190,6 +190,18 @@ fn bad_gguf_models_are_refused_with_a_reason() {
         message.contains("rope_freqs.weight must hold 8 float values"),
         "{message}"
     );
+    // Stacked experts that disagree with the expert count in the metadata.
+    let moe_dir = scratch_copy("gguf-mixtral");
+    let moe_file = moe_dir.path().join("model.gguf");
+    let mut bytes = std::fs::read(&moe_file).unwrap();
+    let key = b"llama.expert_count";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    // After the key: the value type (u32: 4), then the value.
+    assert_eq!(bytes[at..at + 8], [4, 0, 0, 0, 4, 0, 0, 0]);
+    bytes[at + 4..at + 8].copy_from_slice(&8u32.to_le_bytes());
+    std::fs::write(&moe_file, &bytes).unwrap();
+    let message = error(&moe_file);
+    assert!(message.contains("it should stack 8 experts"), "{message}");
     // Quantized weights without the plugin that runs them.
     let missing = format!(
         "{:#}",

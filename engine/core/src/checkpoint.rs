@@ -70,10 +70,8 @@ impl Checkpoint {
             Checkpoint::Gguf { file, .. } => {
                 let mut config = ModelConfig::from_json(&file.hf_config()?.to_string())
                     .context("the file's metadata does not make a valid config")?;
-                let family = crate::config::families::from_gguf(file.architecture()?);
-                let form = family
-                    .and_then(|f| f.gguf.as_ref())
-                    .expect("checked by hf_config");
+                let form = file.family().and_then(|f| f.gguf.as_ref());
+                let form = form.expect("checked by hf_config");
                 (form.stored)(&mut config);
                 if file.tensors.iter().any(|t| t.kind.is_quantized()) {
                     config.quantization = Some("gguf");
@@ -86,7 +84,7 @@ impl Checkpoint {
     pub fn weights(&self) -> anyhow::Result<Weights> {
         Ok(match self {
             Checkpoint::Hf(dir) => Weights::open(dir)?,
-            Checkpoint::Gguf { path, file } => Weights::from_gguf(path, file, &self.config()?),
+            Checkpoint::Gguf { path, file } => Weights::from_gguf(path, file, &self.config()?)?,
         })
     }
 

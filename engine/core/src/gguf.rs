@@ -278,12 +278,18 @@ impl Gguf {
         })
     }
 
+    /// The family vibee reads this file as.
+    pub fn family(&self) -> Option<&'static families::Family> {
+        let arch = self.string("general.architecture")?;
+        families::from_gguf(arch, |key| self.get(&format!("{arch}.{key}")).is_some())
+    }
+
     /// `general.architecture`, when vibee runs it.
     pub fn architecture(&self) -> anyhow::Result<&str> {
         let arch = self
             .string("general.architecture")
             .context("the file has no general.architecture")?;
-        if families::from_gguf(arch).is_none() {
+        if self.family().is_none() {
             let known: Vec<_> = families::FAMILIES
                 .iter()
                 .filter_map(|f| Some(f.gguf.as_ref()?.architecture))
@@ -300,7 +306,7 @@ impl Gguf {
     /// parser then validates like any other.
     pub fn hf_config(&self) -> anyhow::Result<serde_json::Value> {
         let arch = self.architecture()?;
-        let family = families::from_gguf(arch).expect("checked");
+        let family = self.family().expect("checked");
         let form = family
             .gguf
             .as_ref()
@@ -402,10 +408,18 @@ impl Gguf {
     }
 }
 
-/// The Hugging Face name, in the family's layout, of a tensor llama.cpp's converter wrote
-/// (it renames every tensor the same way for every architecture), or `None` for tensors vibee
-/// does not read.
-pub fn hf_name(name: &str, config: &ModelConfig) -> Option<String> {
+/// Where a tensor of a GGUF file goes among the Hugging Face names of the family's layout.
+#[derive(Debug, PartialEq)]
+pub enum HfTensor {
+    One(String),
+    /// One tensor stacking every expert of a layer along its slowest dimension, as llama.cpp
+    /// stores them: the name of each expert's slice, in order.
+    PerExpert(Vec<String>),
+}
+
+/// Where llama.cpp's converter's tensor `name` goes (it renames every tensor the same way for
+/// every architecture), or `None` for tensors vibee does not read.
+pub fn hf_name(name: &str, config: &ModelConfig) -> Option<HfTensor> {
     let layout = &config.layout;
     let (stem, suffix) = name.rsplit_once('.')?;
     let global = match stem {
@@ -417,15 +431,39 @@ pub fn hf_name(name: &str, config: &ModelConfig) -> Option<String> {
         _ => None,
     };
     if let Some(hf) = global {
-        return Some(format!("{hf}.{suffix}"));
+        return Some(HfTensor::One(format!("{hf}.{suffix}")));
     }
     let (layer, part) = stem.strip_prefix("blk.")?.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
+    let prefix = format!("{}.{layer}", layout.layers);
+    let one = |hf: String| Some(HfTensor::One(format!("{prefix}.{hf}.{suffix}")));
+    if let Some(moe) = &config.moe {
+        let block = moe.layout.block();
+        let [gate, up, down] = moe.layout.expert_projections();
+        let shared = moe.layout.shared_expert();
+        let experts = |projection: &str| {
+            let names = (0..moe.experts)
+                .map(|e| format!("{prefix}.{block}.experts.{e}.{projection}.{suffix}"))
+                .collect();
+            Some(HfTensor::PerExpert(names))
+        };
+        match part {
+            "ffn_gate_inp" => return one(format!("{block}.gate")),
+            "ffn_gate_exps" => return experts(gate),
+            "ffn_up_exps" => return experts(up),
+            "ffn_down_exps" => return experts(down),
+            "ffn_gate_shexp" => return one(format!("{block}.{shared}.gate_proj")),
+            "ffn_up_shexp" => return one(format!("{block}.{shared}.up_proj")),
+            "ffn_down_shexp" => return one(format!("{block}.{shared}.down_proj")),
+            "ffn_gate_inp_shexp" => return one(format!("{block}.shared_expert_gate")),
+            _ => {}
+        }
+    }
     let attention = |projection: &str| format!("{}.{projection}", layout.attention);
     let mlp = |projection: &str| format!("mlp.{projection}");
     let norms = &layout.norms;
     let gated = config.ffn == FfnKind::Gated;
-    let hf = match part {
+    one(match part {
         "attn_norm" => norms.attn_in?.to_string(),
         "ffn_norm" => norms.ffn_in?.to_string(),
         "post_attention_norm" => norms.attn_out?.to_string(),
@@ -446,6 +484,5 @@ pub fn hf_name(name: &str, config: &ModelConfig) -> Option<String> {
         "ffn_up" => mlp(layout.mlp_in),
         "ffn_down" => mlp(layout.mlp_out),
         _ => return None,
-    };
-    Some(format!("{}.{layer}.{hf}.{suffix}", layout.layers))
+    })
 }

@@ -13,7 +13,7 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::config::ModelConfig;
-use crate::gguf::{self, Gguf};
+use crate::gguf::{self, Gguf, HfTensor};
 use crate::quant;
 
 #[derive(Debug, thiserror::Error)]
@@ -346,28 +346,45 @@ impl Weights {
     }
 
     /// The tensors of a GGUF file, under their Hugging Face names in `config`'s layout, read
-    /// in place.
-    pub fn from_gguf(path: &Path, file: &Gguf, config: &ModelConfig) -> Self {
-        let entries = file
-            .tensors
-            .iter()
-            .filter_map(|t| {
-                let name = gguf::hf_name(&t.name, config)?;
-                let entry = Entry {
-                    file: 0,
-                    start: t.start,
-                    len: t.len,
-                    dtype: Ok(t.kind),
-                    // GGML lists the contiguous dimension first.
-                    shape: t.dims.iter().rev().map(|d| *d as usize).collect(),
-                };
-                Some((name, entry))
-            })
-            .collect();
-        Self {
+    /// in place; a layer's stacked experts become one entry per expert.
+    pub fn from_gguf(path: &Path, file: &Gguf, config: &ModelConfig) -> anyhow::Result<Self> {
+        let mut entries = HashMap::new();
+        for t in &file.tensors {
+            // GGML lists the contiguous dimension first.
+            let shape: Vec<usize> = t.dims.iter().rev().map(|d| *d as usize).collect();
+            let entry = |start, len, shape| Entry {
+                file: 0,
+                start,
+                len,
+                dtype: Ok(t.kind),
+                shape,
+            };
+            match gguf::hf_name(&t.name, config) {
+                None => {}
+                Some(HfTensor::One(name)) => {
+                    entries.insert(name, entry(t.start, t.len, shape));
+                }
+                Some(HfTensor::PerExpert(names)) => {
+                    let n = names.len();
+                    if shape.len() != 3 || shape[0] != n || !t.len.is_multiple_of(n) {
+                        anyhow::bail!(
+                            "GGUF tensor `{}` has shape {:?}: it should stack {n} experts",
+                            t.name,
+                            t.dims
+                        );
+                    }
+                    let len = t.len / n;
+                    for (e, name) in names.into_iter().enumerate() {
+                        let start = t.start + e * len;
+                        entries.insert(name, entry(start, len, shape[1..].to_vec()));
+                    }
+                }
+            }
+        }
+        Ok(Self {
             files: vec![(path.to_path_buf(), file.map.clone())],
             entries,
-        }
+        })
     }
 
     fn add_file(&mut self, path: PathBuf) -> Result<(), WeightError> {

@@ -315,6 +315,32 @@ pub enum MoeLayout {
     DeepSeek,
 }
 
+impl MoeLayout {
+    /// The module under the layer that holds the router (`{block}.gate`) and the experts.
+    pub fn block(self) -> &'static str {
+        match self {
+            MoeLayout::Mixtral => "block_sparse_moe",
+            MoeLayout::Qwen | MoeLayout::DeepSeek => "mlp",
+        }
+    }
+
+    /// An expert's gate, up and down projections.
+    pub fn expert_projections(self) -> [&'static str; 3] {
+        match self {
+            MoeLayout::Mixtral => ["w1", "w3", "w2"],
+            MoeLayout::Qwen | MoeLayout::DeepSeek => ["gate_proj", "up_proj", "down_proj"],
+        }
+    }
+
+    /// The shared expert's module under the block (its projections are `{gate,up,down}_proj`).
+    pub fn shared_expert(self) -> &'static str {
+        match self {
+            MoeLayout::DeepSeek => "shared_experts",
+            _ => "shared_expert",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FfnKind {
     /// `down(act(gate x) · up x)`

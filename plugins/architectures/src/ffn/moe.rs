@@ -8,7 +8,7 @@
 //! costs one matmul per expert, not one per token, and the layout splits across devices by
 //! expert.
 
-use vibee_core::config::{ModelConfig, MoeConfig, MoeLayout};
+use vibee_core::config::{ModelConfig, MoeConfig};
 use vibee_core::cpu::{axpy, silu, softmax};
 use vibee_core::ops::{BuildContext, Factory, Ffn, Linear};
 use vibee_core::Matrix;
@@ -47,17 +47,9 @@ impl Factory<dyn Ffn> for Moe {
 fn build_experts(cx: &BuildContext<'_>, moe: &MoeConfig) -> anyhow::Result<MoeOp> {
     let layer = format!("{}.{}", cx.config.layout.layers, cx.layer);
     let hidden = cx.config.hidden_size;
-    let (block, [gate, up, down]) = match moe.layout {
-        MoeLayout::Mixtral => (format!("{layer}.block_sparse_moe"), ["w1", "w3", "w2"]),
-        MoeLayout::Qwen | MoeLayout::DeepSeek => (
-            format!("{layer}.mlp"),
-            ["gate_proj", "up_proj", "down_proj"],
-        ),
-    };
-    let shared_name = match moe.layout {
-        MoeLayout::DeepSeek => "shared_experts",
-        _ => "shared_expert",
-    };
+    let block = format!("{layer}.{}", moe.layout.block());
+    let [gate, up, down] = moe.layout.expert_projections();
+    let shared_name = moe.layout.shared_expert();
     let experts = (0..moe.experts)
         .map(|e| {
             let [g, u, d] = [gate, up, down].map(|n| format!("{block}.experts.{e}.{n}.weight"));

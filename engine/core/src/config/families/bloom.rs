@@ -33,6 +33,7 @@ pub static FAMILY: Family = Family {
     // keys, then all values (GPT-2's order).
     gguf: Some(GgufForm {
         architecture: "bloom",
+        when: None,
         metadata: &[],
         stored: |config| config.layout.qkv = QkvLayout::Concat("query_key_value"),
     }),

@@ -14,6 +14,7 @@ pub static FAMILY: Family = Family {
     // rotating neighbouring pairs gives the same attention scores.
     gguf: Some(GgufForm {
         architecture: "llama",
+        when: None,
         metadata: &[],
         stored: |config| config.rope_interleaved = true,
     }),

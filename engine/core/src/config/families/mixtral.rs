@@ -2,7 +2,7 @@
 //! (`block_sparse_moe.{gate, experts.N.{w1, w3, w2}}`).
 
 use super::{
-    bounded, decoder, experts, sliding_window, Defaults, Family, Fields, Sliding, MAX_DIM,
+    bounded, decoder, experts, sliding_window, Defaults, Family, Fields, GgufForm, Sliding, MAX_DIM,
 };
 use crate::config::{ConfigError, ModelConfig, MoeConfig, MoeLayout};
 
@@ -11,7 +11,17 @@ pub static FAMILY: Family = Family {
     aliases: &[("num_experts", "num_local_experts")],
     inert: &[],
     read,
-    gguf: None,
+    // The converter writes Mixtral as `llama` with experts (each layer's stacked in one 3D
+    // tensor), its q/k rows permuted as for Llama.
+    gguf: Some(GgufForm {
+        architecture: "llama",
+        when: Some("expert_count"),
+        metadata: &[
+            ("expert_count", "num_local_experts"),
+            ("expert_used_count", "num_experts_per_tok"),
+        ],
+        stored: |config| config.rope_interleaved = true,
+    }),
 };
 
 fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {

@@ -49,6 +49,9 @@ pub struct Family {
 pub struct GgufForm {
     /// `general.architecture`.
     pub architecture: &'static str,
+    /// A metadata key (after `{architecture}.`) whose presence tells this family from another
+    /// the converter writes under the same architecture (Mixtral is `llama` with experts).
+    pub when: Option<&'static str>,
     /// Metadata keys (after `{architecture}.`) read as the config.json key named beside them,
     /// beyond the ones every architecture has.
     pub metadata: &'static [(&'static str, &'static str)],
@@ -63,6 +66,7 @@ impl GgufForm {
     pub const fn plain(architecture: &'static str) -> Option<GgufForm> {
         Some(GgufForm {
             architecture,
+            when: None,
             metadata: &[],
             stored: |_| {},
         })
@@ -99,13 +103,19 @@ pub fn find(model_type: &str) -> Option<&'static Family> {
         .find(|f| f.model_type == model_type)
 }
 
-/// The family whose GGUF files carry `architecture`.
-pub fn from_gguf(architecture: &str) -> Option<&'static Family> {
-    FAMILIES.iter().copied().find(|f| {
-        f.gguf
-            .as_ref()
-            .is_some_and(|g| g.architecture == architecture)
-    })
+/// The family of GGUF files of `architecture` whose metadata has the keys `has` says it has.
+pub fn from_gguf(architecture: &str, has: impl Fn(&str) -> bool) -> Option<&'static Family> {
+    let forms = || {
+        FAMILIES.iter().copied().filter(|f| {
+            f.gguf
+                .as_ref()
+                .is_some_and(|g| g.architecture == architecture)
+        })
+    };
+    let marked = |f: &Family| f.gguf.as_ref().and_then(|g| g.when);
+    forms()
+        .find(|f| marked(f).is_some_and(&has))
+        .or_else(|| forms().find(|f| marked(f).is_none()))
 }
 
 pub fn model_types() -> Vec<&'static str> {

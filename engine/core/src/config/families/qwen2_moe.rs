@@ -1,7 +1,7 @@
 //! Qwen1.5-MoE / Qwen2-MoE: Qwen2's attention (q/k/v biases unless `qkv_bias: false`) and
 //! routed experts beside a shared expert behind a sigmoid gate.
 
-use super::{decoder, qwen_experts, sliding_window, Defaults, Family, Fields, Sliding};
+use super::{decoder, qwen_experts, sliding_window, Defaults, Family, Fields, GgufForm, Sliding};
 use crate::config::{ConfigError, ModelConfig};
 
 pub static FAMILY: Family = Family {
@@ -9,7 +9,20 @@ pub static FAMILY: Family = Family {
     aliases: &[],
     inert: &[],
     read,
-    gguf: None,
+    gguf: Some(GgufForm {
+        architecture: "qwen2moe",
+        when: None,
+        metadata: &[
+            ("expert_count", "num_experts"),
+            ("expert_used_count", "num_experts_per_tok"),
+            ("expert_feed_forward_length", "moe_intermediate_size"),
+            (
+                "expert_shared_feed_forward_length",
+                "shared_expert_intermediate_size",
+            ),
+        ],
+        stored: |_| {},
+    }),
 };
 
 fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
