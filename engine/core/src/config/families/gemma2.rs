@@ -1,7 +1,7 @@
 //! Gemma 2: Gemma with norms before and after each sub-layer, soft-capped attention scores and
 //! logits, queries scaled by `query_pre_attn_scalar`, and a sliding window on every other layer.
 
-use super::{decoder, gemma::DEFAULTS, sliding_window, Family, Fields, Sliding};
+use super::{decoder, gemma::DEFAULTS, sliding_window, Family, Fields, GgufForm, Sliding};
 use crate::config::fields::invalid;
 use crate::config::{ConfigError, ModelConfig, NormKind, NormNames, Residual};
 
@@ -10,8 +10,29 @@ pub static FAMILY: Family = Family {
     aliases: &[],
     inert: &[],
     read,
-    gguf: None,
+    gguf: Some(GgufForm {
+        architecture: "gemma2",
+        when: None,
+        metadata: &[
+            ("attn_logit_softcapping", "attn_logit_softcapping"),
+            ("final_logit_softcapping", "final_logit_softcapping"),
+            ("attention.sliding_window", "sliding_window"),
+        ],
+        stored,
+    }),
 };
+
+/// The converter stores every norm gain as 1 + w (a plain RMSNorm's gain) and drops
+/// `query_pre_attn_scalar`, for which llama.cpp takes head_dim, or hidden / heads in the
+/// 46-layer Gemma 2 27B.
+fn stored(config: &mut ModelConfig) {
+    config.norm = NormKind::Rms;
+    let scalar = match config.num_layers {
+        46 => config.hidden_size / config.num_heads,
+        _ => config.head_dim,
+    };
+    config.query_pre_attn_scalar = Some(scalar as f64);
+}
 
 fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
     let mut config = decoder(f, "gemma2", DEFAULTS)?;

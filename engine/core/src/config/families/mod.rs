@@ -55,8 +55,8 @@ pub struct GgufForm {
     /// Metadata keys (after `{architecture}.`) read as the config.json key named beside them,
     /// beyond the ones every architecture has.
     pub metadata: &'static [(&'static str, &'static str)],
-    /// Accounts in the config for what the converter did to the tensors' values, which are read
-    /// in place, never rewritten.
+    /// Accounts in the config for what the converter did to the tensors' values (they are read
+    /// in place, never rewritten) and for what it leaves out of the file that llama.cpp assumes.
     pub stored: fn(&mut ModelConfig),
 }
 
