@@ -343,9 +343,22 @@ impl Gguf {
             "tie_word_embeddings": self.tensor("output.weight").is_none(),
         });
         for (name, field) in form.metadata {
-            if let Some(value) = self.number(&key(name)) {
-                config[*field] = value.into();
+            match self.number(&key(name)) {
+                // llama.cpp writes a window of 0 for none.
+                Some(0.0) if *field == "sliding_window" => {}
+                Some(value) => config[*field] = value.into(),
+                None => {}
             }
+        }
+        // llama.cpp turns the first `rope.dimension_count` dimensions of each head.
+        let head_dim = self
+            .number(&key("attention.key_length"))
+            .unwrap_or(hidden / heads);
+        let rotary = self
+            .number(&key("rope.dimension_count"))
+            .unwrap_or(head_dim);
+        if rotary != head_dim {
+            config["partial_rotary_factor"] = (rotary / head_dim).into();
         }
         for (name, field) in [
             ("tokenizer.ggml.bos_token_id", "bos_token_id"),
@@ -358,32 +371,48 @@ impl Gguf {
         // llama.cpp's converter turns Llama 3's rope scaling into a divisor per frequency
         // (`rope_freqs`), the form transformers calls longrope's factors: the same divisors at
         // every length, with cos/sin unscaled.
-        if let Some(freqs) = self.tensor("rope_freqs.weight") {
-            let head_dim = self
-                .number(&key("rope.dimension_count"))
-                .or(self.number(&key("attention.key_length")))
-                .unwrap_or(hidden / heads);
-            if freqs.elements() as f64 * 2.0 != head_dim || freqs.kind.is_quantized() {
+        let per_frequency = |name: &str| -> anyhow::Result<Option<Vec<f32>>> {
+            let Some(t) = self.tensor(name) else {
+                return Ok(None);
+            };
+            if t.elements() as f64 * 2.0 != rotary || t.kind.is_quantized() {
                 bail!(
-                    "rope_freqs.weight must hold {} float values, one per frequency; it has {} {}",
-                    head_dim / 2.0,
-                    freqs.elements(),
-                    freqs.kind
+                    "{name} must hold {} float values, one per frequency; it has {} {}",
+                    rotary / 2.0,
+                    t.elements(),
+                    t.kind
                 );
             }
+            Ok(Some(self.dequantize(t)))
+        };
+        if let Some(factors) = per_frequency("rope_freqs.weight")? {
             if self
                 .string(&key("rope.scaling.type"))
                 .is_some_and(|t| t != "none")
             {
                 bail!("the file scales rope twice: rope_freqs.weight and rope.scaling.type");
             }
-            let factors: Vec<f32> = self.dequantize(freqs);
             config["rope_scaling"] = serde_json::json!({
                 "rope_type": "longrope",
                 "short_factor": factors,
                 "long_factor": factors,
                 "original_max_position_embeddings": required("context_length")? as u64,
                 "attention_factor": 1.0,
+            });
+        }
+        // Phi-3's long-context scaling: one factor per frequency within the trained length and
+        // one past it, cos/sin scaled by `rope.scaling.attn_factor`.
+        if let (Some(long), Some(short)) = (
+            per_frequency("rope_factors_long.weight")?,
+            per_frequency("rope_factors_short.weight")?,
+        ) {
+            config["rope_scaling"] = serde_json::json!({
+                "rope_type": "longrope",
+                "short_factor": short,
+                "long_factor": long,
+                "original_max_position_embeddings":
+                    required("rope.scaling.original_context_length")? as u64,
+                "attention_factor": self.number(&key("rope.scaling.attn_factor")).unwrap_or(1.0),
             });
         }
         match self.string(&key("rope.scaling.type")) {
@@ -475,7 +504,7 @@ pub fn hf_name(name: &str, config: &ModelConfig) -> Option<HfTensor> {
         "attn_k_norm" => attention("k_norm"),
         "attn_output" => attention(layout.o_proj),
         "ffn_gate" if gated => mlp("gate_proj"),
-        "ffn_up" if gated => mlp("up_proj"),
+        "ffn_up" if gated => mlp(layout.gate_up.unwrap_or("up_proj")),
         "ffn_down" if gated => mlp("down_proj"),
         "attn_qkv" => match layout.qkv {
             QkvLayout::Fused(name) | QkvLayout::Concat(name) => attention(name),

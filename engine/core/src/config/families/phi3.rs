@@ -1,7 +1,7 @@
 //! Phi-3, Phi-3.5 and phi-4: Llama with fused `qkv_proj` and `gate_up_proj` and a sliding
 //! window where the config gives one.
 
-use super::{decoder, sliding_window, Defaults, Family, Fields, Sliding};
+use super::{decoder, sliding_window, Defaults, Family, Fields, GgufForm, Sliding};
 use crate::config::{ConfigError, Layout, ModelConfig, QkvLayout};
 
 pub static FAMILY: Family = Family {
@@ -9,7 +9,14 @@ pub static FAMILY: Family = Family {
     aliases: &[],
     inert: &[],
     read,
-    gguf: None,
+    // The converter keeps q/k/v fused (`attn_qkv`) and gate/up fused (`ffn_up`, gate rows
+    // first), and writes the long-context factors as tensors.
+    gguf: Some(GgufForm {
+        architecture: "phi3",
+        when: None,
+        metadata: &[("attention.sliding_window", "sliding_window")],
+        stored: |_| {},
+    }),
 };
 
 fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
