@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use super::{decoder, sliding_window, Defaults, Family, Fields, Sliding};
+use super::{decoder, sliding_window, Defaults, Family, Fields, GgufForm, Sliding};
 use crate::config::fields::invalid;
 use crate::config::{ConfigError, ModelConfig};
 
@@ -12,8 +12,20 @@ pub static FAMILY: Family = Family {
     aliases: &[],
     inert: &[],
     read,
-    gguf: None,
+    gguf: Some(GgufForm {
+        architecture: "smollm3",
+        when: None,
+        metadata: &[],
+        stored,
+    }),
 };
+
+/// The converter permutes each head's q/k rows as for Llama (rotary pairs become neighbours)
+/// and writes no NoPE layers: llama.cpp leaves out the position encoding of every fourth layer.
+fn stored(config: &mut ModelConfig) {
+    config.rope_interleaved = true;
+    config.nope_layers = (0..config.num_layers).map(|i| (i + 1) % 4 == 0).collect();
+}
 
 fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
     let mut config = decoder(
