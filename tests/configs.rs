@@ -194,8 +194,8 @@ fn a_family_alias_that_disagrees_with_the_common_key_is_refused() {
         e.contains("`n_embd` (768) and `hidden_size` (512) disagree"),
         "{e}"
     );
-    // The same value under both names is no conflict (starcoder2 configs give the epsilon
-    // as `norm_epsilon` and `rms_norm_eps`).
+    // The same value under both names is no conflict (some starcoder2 configs give the
+    // epsilon both as `norm_epsilon` and as `rms_norm_eps`).
     let same = published()["distilgpt2"]
         .replace("\"n_embd\": 768", "\"n_embd\": 768, \"hidden_size\": 768");
     assert_eq!(ModelConfig::from_json(&same).unwrap().hidden_size, 768);

@@ -486,6 +486,9 @@ fn fuzz(
     mutate: fn(&mut StdRng, &mut Files, &[u8]) -> String,
     check: fn(&Path) -> anyhow::Result<()>,
 ) {
+    // The allocation counters are process-wide: one family at a time, however the tests run.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     assert!(!seeds.is_empty(), "{family} has no seeds");
     let index = FAMILIES.iter().position(|f| *f == family).unwrap() as u64;
     let cases: Vec<u64> = match std::env::var("VIBEE_FUZZ_CASE") {

@@ -202,6 +202,16 @@ fn bad_gguf_models_are_refused_with_a_reason() {
     std::fs::write(&moe_file, &bytes).unwrap();
     let message = error(&moe_file);
     assert!(message.contains("it should stack 8 experts"), "{message}");
+    // q/k/v fused into one tensor (llama.cpp's --fuse-qkv) for a family vibee reads separately.
+    let fused_dir = scratch_copy("gguf-llama-f32");
+    let fused_file = fused_dir.path().join("model.gguf");
+    let mut bytes = std::fs::read(&fused_file).unwrap();
+    let (from, to) = (b"blk.0.ffn_gate.weight", b"blk.0.attn_qkv.weight");
+    let at = bytes.windows(from.len()).position(|w| w == from).unwrap();
+    bytes[at..at + to.len()].copy_from_slice(to);
+    std::fs::write(&fused_file, &bytes).unwrap();
+    let message = error(&fused_file);
+    assert!(message.contains("fuses q/k/v into attn_qkv"), "{message}");
     // Quantized weights without the plugin that runs them.
     let missing = format!(
         "{:#}",

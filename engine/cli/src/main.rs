@@ -398,7 +398,16 @@ const MAX_THREADS_PER_CORE: usize = 4;
 
 /// Starts the global thread pool with `threads` workers (default: all cores).
 fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
-    if let Some(threads) = threads {
+    // Without --threads, rayon (whose count the worker pool takes) reads RAYON_NUM_THREADS.
+    let from_env = || {
+        let n: usize = std::env::var("RAYON_NUM_THREADS")
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        (n > 0).then_some((n, "RAYON_NUM_THREADS="))
+    };
+    if let Some((threads, source)) = threads.map(|n| (n, "--threads ")).or_else(from_env) {
         if threads == 0 {
             bail!("--threads must be at least 1");
         }
@@ -406,15 +415,15 @@ fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
         let limit = cores * MAX_THREADS_PER_CORE;
         if threads > limit {
             bail!(
-                "--threads {threads} is more than this machine can use: it has {cores} cores \
+                "{source}{threads} is more than this machine can use: it has {cores} cores \
                  available, and vibee runs at most {MAX_THREADS_PER_CORE} threads per core \
-                 ({limit}); leave --threads out to use every core"
+                 ({limit}); leave it out to use every core"
             );
         }
         if threads > cores {
             tracing::warn!(
-                "--threads {threads} is more than the {cores} cores available: threads will \
-                 share cores, which is usually slower than --threads {cores}"
+                "{source}{threads} is more than the {cores} cores available: threads will \
+                 share cores, which is usually slower than {source}{cores}"
             );
         }
         rayon::ThreadPoolBuilder::new()

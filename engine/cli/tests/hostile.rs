@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::{failure, stdout, vibee};
 
 fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    vibee_core::parallel::available_cores()
 }
 
 /// `vibee args`, which must finish within `limit`.
@@ -31,6 +31,24 @@ fn thread_counts_far_above_the_cores_are_refused_naming_the_limit() {
             "--threads {threads} is more than this machine can use"
         )) && err.contains(&format!("{} cores available", cores()))
             && err.contains(&format!("({limit})")),
+        "{err}"
+    );
+}
+
+#[test]
+fn rayon_num_threads_is_held_to_the_same_limit() {
+    let threads = 100_000.max(cores() * 100).to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vibee"))
+        .args(["run", "--prompt-ids", "1,2"])
+        .current_dir(common::repo())
+        .env("RAYON_NUM_THREADS", &threads)
+        .output()
+        .unwrap();
+    let err = failure(&out, 1);
+    assert!(
+        err.contains(&format!(
+            "RAYON_NUM_THREADS={threads} is more than this machine can use"
+        )),
         "{err}"
     );
 }

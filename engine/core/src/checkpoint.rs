@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, QkvLayout};
 use crate::gguf::Gguf;
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
@@ -73,6 +73,16 @@ impl Checkpoint {
                 let form = file.family().and_then(|f| f.gguf.as_ref());
                 let form = form.expect("checked by hf_config");
                 (form.stored)(&mut config);
+                let fused = file
+                    .tensors
+                    .iter()
+                    .any(|t| t.name.ends_with(".attn_qkv.weight"));
+                if fused && config.layout.qkv == QkvLayout::Separate {
+                    bail!(
+                        "the file fuses q/k/v into attn_qkv (llama.cpp's --fuse-qkv), which vibee does not read for {} yet",
+                        config.model_type
+                    );
+                }
                 if file.tensors.iter().any(|t| t.kind.is_quantized()) {
                     config.quantization = Some("gguf");
                 }

@@ -70,7 +70,11 @@ impl Gguf {
     }
 
     fn parse(map: Arc<Mmap>) -> anyhow::Result<Self> {
-        let mut r = Reader { bytes: &map, at: 0 };
+        let mut r = Reader {
+            bytes: &map,
+            at: 0,
+            elements: MAX_ARRAY_ELEMENTS,
+        };
         if r.take(4)? != b"GGUF" {
             bail!("it does not start with the GGUF magic");
         }
@@ -90,6 +94,7 @@ impl Gguf {
             metadata.insert(key, value);
         }
         let mut infos = Vec::new();
+        let mut names = std::collections::HashSet::new();
         for _ in 0..tensor_count {
             let name = r.string()?;
             let n_dims = r.u32()?;
@@ -106,6 +111,9 @@ impl Gguf {
                 })?
             };
             let offset = r.u64()?;
+            if !names.insert(name.clone()) {
+                bail!("tensor `{name}` is listed twice");
+            }
             infos.push((name, dims, kind, offset));
         }
         let alignment = match metadata.get("general.alignment") {
@@ -172,9 +180,15 @@ impl Gguf {
 /// How deep metadata arrays may nest (llama.cpp writes arrays of scalars and strings only).
 const MAX_ARRAY_DEPTH: usize = 4;
 
+/// Metadata array elements a file may hold in all: each takes tens of bytes in memory, and the
+/// largest vocabularies hold a few hundred thousand tokens, scores, types and merges.
+const MAX_ARRAY_ELEMENTS: u64 = 1 << 23;
+
 struct Reader<'a> {
     bytes: &'a [u8],
     at: usize,
+    /// Array elements still allowed.
+    elements: u64,
 }
 
 impl<'a> Reader<'a> {
@@ -232,9 +246,10 @@ impl<'a> Reader<'a> {
                 let kind = self.u32()?;
                 let count = self.u64()?;
                 // Every element takes at least a byte: a count beyond the file is corrupt.
-                if count > (self.bytes.len() - self.at) as u64 {
+                if count > (self.bytes.len() - self.at) as u64 || count > self.elements {
                     bail!("an array claims {count} elements");
                 }
+                self.elements -= count;
                 Value::Array(
                     (0..count)
                         .map(|_| self.value(kind, depth + 1))
@@ -281,7 +296,11 @@ impl Gguf {
     /// The family vibee reads this file as.
     pub fn family(&self) -> Option<&'static families::Family> {
         let arch = self.string("general.architecture")?;
-        families::from_gguf(arch, |key| self.get(&format!("{arch}.{key}")).is_some())
+        // A count of 0 is how the converter writes a dense model that has the key.
+        families::from_gguf(arch, |key| {
+            self.number(&format!("{arch}.{key}"))
+                .is_some_and(|n| n > 0.0)
+        })
     }
 
     /// `general.architecture`, when vibee runs it.
@@ -442,8 +461,12 @@ impl Gguf {
 pub enum HfTensor {
     One(String),
     /// One tensor stacking every expert of a layer along its slowest dimension, as llama.cpp
-    /// stores them: the name of each expert's slice, in order.
-    PerExpert(Vec<String>),
+    /// stores them: `experts` slices, expert `e`'s named `{prefix}{e}{suffix}`.
+    PerExpert {
+        prefix: String,
+        suffix: String,
+        experts: usize,
+    },
 }
 
 /// Where llama.cpp's converter's tensor `name` goes (it renames every tensor the same way for
@@ -471,10 +494,11 @@ pub fn hf_name(name: &str, config: &ModelConfig) -> Option<HfTensor> {
         let [gate, up, down] = moe.layout.expert_projections();
         let shared = moe.layout.shared_expert();
         let experts = |projection: &str| {
-            let names = (0..moe.experts)
-                .map(|e| format!("{prefix}.{block}.experts.{e}.{projection}.{suffix}"))
-                .collect();
-            Some(HfTensor::PerExpert(names))
+            Some(HfTensor::PerExpert {
+                prefix: format!("{prefix}.{block}.experts."),
+                suffix: format!(".{projection}.{suffix}"),
+                experts: moe.experts,
+            })
         };
         match part {
             "ffn_gate_inp" => return one(format!("{block}.gate")),

@@ -364,19 +364,23 @@ impl Weights {
                 Some(HfTensor::One(name)) => {
                     entries.insert(name, entry(t.start, t.len, shape));
                 }
-                Some(HfTensor::PerExpert(names)) => {
-                    let n = names.len();
-                    if shape.len() != 3 || shape[0] != n || !t.len.is_multiple_of(n) {
+                Some(HfTensor::PerExpert {
+                    prefix,
+                    suffix,
+                    experts,
+                }) => {
+                    // Checked before any entry is made: the count comes from the metadata.
+                    if shape.len() != 3 || shape[0] != experts || !t.len.is_multiple_of(experts) {
                         anyhow::bail!(
-                            "GGUF tensor `{}` has shape {:?}: it should stack {n} experts",
+                            "GGUF tensor `{}` has shape {:?}: it should stack {experts} experts",
                             t.name,
                             t.dims
                         );
                     }
-                    let len = t.len / n;
-                    for (e, name) in names.into_iter().enumerate() {
-                        let start = t.start + e * len;
-                        entries.insert(name, entry(start, len, shape[1..].to_vec()));
+                    let len = t.len / experts;
+                    for e in 0..experts {
+                        let name = format!("{prefix}{e}{suffix}");
+                        entries.insert(name, entry(t.start + e * len, len, shape[1..].to_vec()));
                     }
                 }
             }

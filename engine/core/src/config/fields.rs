@@ -41,6 +41,12 @@ impl<'a> Fields<'a> {
         self.map.get(key).filter(|v| !v.is_null())
     }
 
+    /// Whether the config has `key`, null or not (a null can mean "none" where absence means
+    /// the family's default).
+    pub fn present(&self, key: &str) -> bool {
+        self.map.contains_key(key)
+    }
+
     pub fn is_read(&self, key: &str) -> bool {
         self.read.contains(key)
     }

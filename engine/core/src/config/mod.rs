@@ -229,6 +229,7 @@ impl Layout {
         attention: "self_attn",
         qkv: QkvLayout::Separate,
         o_proj: "o_proj",
+        // Llama's MLP is gated; a plain MLP's names are each plain family's to give.
         mlp_in: "c_fc",
         mlp_out: "c_proj",
         position_embed: None,
@@ -906,7 +907,11 @@ mod tests {
             gemma(r#"{"hidden_activation": null}"#).hidden_act,
             "gelu_pytorch_tanh"
         );
-        assert_eq!(gemma(r#"{"hidden_activation": "gelu"}"#).hidden_act, "gelu");
+        let conflict = include_str!("../../../../tests/fixtures/configs/gemma-7b.json").replace(
+            "\"hidden_act\"",
+            "\"hidden_activation\": \"gelu\", \"hidden_act\"",
+        );
+        assert!(refusal(&conflict).contains("and hidden_activation `gelu` disagree"));
         let mut v: Value = serde_json::from_str(include_str!(
             "../../../../tests/fixtures/configs/gemma-2-9b-it.json"
         ))

@@ -3,6 +3,7 @@
 
 use serde_json::Value;
 
+use super::families::Defaults;
 use super::fields::{invalid, Fields};
 use super::{ConfigError, RopeScaling};
 
@@ -11,6 +12,7 @@ use super::{ConfigError, RopeScaling};
 pub fn rope<'a>(
     f: &mut Fields<'a>,
     max_position_embeddings: usize,
+    defaults: &Defaults,
 ) -> Result<(f64, RopeScaling, f64), ConfigError> {
     let top_theta = f.positive("rope_theta")?;
     let top_partial = f.f64("partial_rotary_factor")?;
@@ -26,20 +28,23 @@ pub fn rope<'a>(
         };
     let Some(params) = params else {
         return Ok((
-            top_theta.unwrap_or(10000.0),
+            top_theta.unwrap_or(defaults.rope_theta),
             RopeScaling::None,
-            top_partial.unwrap_or(1.0),
+            top_partial.unwrap_or(defaults.partial_rotary),
         ));
     };
     let map = params
         .as_object()
         .ok_or_else(|| invalid(format!("`{key}` must be an object")))?;
     let mut p = Fields::new(map);
-    let theta = p.positive("rope_theta")?.or(top_theta).unwrap_or(10000.0);
+    let theta = p
+        .positive("rope_theta")?
+        .or(top_theta)
+        .unwrap_or(defaults.rope_theta);
     let partial = p
         .f64("partial_rotary_factor")?
         .or(top_partial)
-        .unwrap_or(1.0);
+        .unwrap_or(defaults.partial_rotary);
     // transformers 5 converts a 4.x `type` into `rope_type` and may leave the old key beside
     // it; the two must then agree.
     let kind = match (p.string("rope_type")?, p.string("type")?) {

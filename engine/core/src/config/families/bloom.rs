@@ -51,7 +51,7 @@ fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
         Defaults {
             tie_word_embeddings: true,
             intermediate_per_hidden: Some(4),
-            ..Defaults::LLAMA
+            ..Defaults::EPS_1E5
         },
     )?;
     // BLOOM's MLP is always 4 × hidden; `n_inner` is a leftover transformers never reads.

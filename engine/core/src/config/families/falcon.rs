@@ -93,6 +93,7 @@ fn falcon(
             head_dim: None,
             intermediate_per_hidden: Some(4),
             hidden_act: "gelu",
+            ..Defaults::EPS_1E5
         },
     )?;
     // Only the new decoder reads `num_kv_heads`; the original one has one key/value head per

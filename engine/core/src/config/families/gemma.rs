@@ -24,6 +24,7 @@ pub const DEFAULTS: Defaults = Defaults {
     head_dim: Some(256),
     intermediate_per_hidden: None,
     hidden_act: "gelu_pytorch_tanh",
+    ..Defaults::LLAMA
 };
 
 fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {

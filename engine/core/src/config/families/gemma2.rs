@@ -49,9 +49,16 @@ fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
         ffn_in: Some("pre_feedforward_layernorm"),
         ffn_out: Some("post_feedforward_layernorm"),
     };
-    config.attn_softcap = f.positive("attn_logit_softcapping")?;
-    config.final_softcap = f.positive("final_logit_softcapping")?;
-    config.query_pre_attn_scalar = f.positive("query_pre_attn_scalar")?;
+    // transformers' defaults where a key is absent; null turns soft-capping off.
+    let mut or_default = |key, default| -> Result<Option<f64>, ConfigError> {
+        Ok(match f.positive(key)? {
+            None if !f.present(key) => Some(default),
+            given => given,
+        })
+    };
+    config.attn_softcap = or_default("attn_logit_softcapping", 50.0)?;
+    config.final_softcap = or_default("final_logit_softcapping", 30.0)?;
+    config.query_pre_attn_scalar = or_default("query_pre_attn_scalar", 256.0)?;
     // The first Gemma 2 configs also carry the window under its old name.
     let legacy = f.usize("sliding_window_size")?;
     let window = f.usize("sliding_window")?;
@@ -62,13 +69,6 @@ fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
             )));
         }
     }
-    sliding_window(f, Sliding::Alternating, &mut config)?;
-    if window.is_none() {
-        if let Some(old) = legacy {
-            config.sliding_layers = (0..config.num_layers)
-                .map(|i| (i % 2 == 0).then_some(old))
-                .collect();
-        }
-    }
+    sliding_window(f, Sliding::Alternating, legacy.or(Some(4096)), &mut config)?;
     Ok(config)
 }

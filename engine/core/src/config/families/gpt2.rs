@@ -47,6 +47,7 @@ fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
             intermediate_per_hidden: Some(4),
             hidden_act: "gelu_new",
             head_dim: None,
+            ..Defaults::EPS_1E5
         },
     )?;
     // The first GPT-2 configs give the context twice, as `n_ctx` and `n_positions`.
@@ -68,6 +69,8 @@ fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
         attention: "attn",
         qkv: QkvLayout::Concat("c_attn"),
         o_proj: "c_proj",
+        mlp_in: "c_fc",
+        mlp_out: "c_proj",
         transposed: true,
         norms: NormNames::pre_norm("ln_1", "ln_2"),
         ..Layout::LLAMA

@@ -27,7 +27,8 @@ fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
         "gpt_neox",
         Defaults {
             hidden_act: "gelu",
-            ..Defaults::LLAMA
+            partial_rotary: 0.25,
+            ..Defaults::EPS_1E5
         },
     )?;
     gpt_layer(&mut config, true);

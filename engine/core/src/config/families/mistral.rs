@@ -13,6 +13,6 @@ pub static FAMILY: Family = Family {
 
 fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
     let mut config = decoder(f, "mistral", Defaults::LLAMA)?;
-    sliding_window(f, Sliding::Everywhere, &mut config)?;
+    sliding_window(f, Sliding::Everywhere, Some(4096), &mut config)?;
     Ok(config)
 }

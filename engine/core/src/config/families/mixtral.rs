@@ -25,8 +25,12 @@ pub static FAMILY: Family = Family {
 };
 
 fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
-    let mut config = decoder(f, "mixtral", Defaults::LLAMA)?;
-    sliding_window(f, Sliding::Everywhere, &mut config)?;
+    let defaults = Defaults {
+        rope_theta: 1e6,
+        ..Defaults::EPS_1E5
+    };
+    let mut config = decoder(f, "mixtral", defaults)?;
+    sliding_window(f, Sliding::Everywhere, None, &mut config)?;
     config.moe = Some(experts(MoeConfig {
         experts: bounded(
             "num_local_experts",

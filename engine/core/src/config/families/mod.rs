@@ -49,8 +49,8 @@ pub struct Family {
 pub struct GgufForm {
     /// `general.architecture`.
     pub architecture: &'static str,
-    /// A metadata key (after `{architecture}.`) whose presence tells this family from another
-    /// the converter writes under the same architecture (Mixtral is `llama` with experts).
+    /// A metadata key (after `{architecture}.`) whose positive value tells this family from
+    /// another the converter writes under the same architecture (Mixtral is `llama` with experts).
     pub when: Option<&'static str>,
     /// Metadata keys (after `{architecture}.`) read as the config.json key named beside them,
     /// beyond the ones every architecture has.
@@ -243,6 +243,10 @@ pub struct Defaults {
     /// `intermediate_size` as a multiple of hidden_size when left out (else required).
     pub intermediate_per_hidden: Option<usize>,
     pub hidden_act: &'static str,
+    pub norm_eps: f64,
+    pub rope_theta: f64,
+    /// The fraction of each head the rotary embedding turns.
+    pub partial_rotary: f64,
 }
 
 impl Defaults {
@@ -251,6 +255,15 @@ impl Defaults {
         head_dim: None,
         intermediate_per_hidden: None,
         hidden_act: "silu",
+        norm_eps: 1e-6,
+        rope_theta: 10000.0,
+        partial_rotary: 1.0,
+    };
+
+    /// Llama's, with the norm epsilon of transformers' LayerNorm families (and some others).
+    pub const EPS_1E5: Defaults = Defaults {
+        norm_eps: 1e-5,
+        ..Defaults::LLAMA
     };
 }
 
@@ -296,7 +309,7 @@ pub fn decoder(
         MAX_LAYERS,
     )?;
     let max_position_embeddings = f.usize("max_position_embeddings")?.unwrap_or(2048);
-    let (rope_theta, rope_scaling, rotary_factor) = rope(f, max_position_embeddings)?;
+    let (rope_theta, rope_scaling, rotary_factor) = rope(f, max_position_embeddings, &defaults)?;
     // A family that gives these keys a meaning of its own has read them already.
     for key in ["attention_bias", "mlp_bias"] {
         if !f.is_read(key) && f.bool(key)? == Some(true) {
@@ -333,7 +346,7 @@ pub fn decoder(
         head_dim,
         vocab_size: dimension(f, "vocab_size")?,
         max_position_embeddings,
-        rms_norm_eps: f.f64("rms_norm_eps")?.unwrap_or(1e-6),
+        rms_norm_eps: f.f64("rms_norm_eps")?.unwrap_or(defaults.norm_eps),
         rope_theta,
         rope_scaling,
         hidden_act: f
@@ -348,7 +361,9 @@ pub fn decoder(
         dtype,
         qkv_bias: false,
         o_bias: false,
-        rotary_dim: (head_dim as f64 * rotary_factor) as usize,
+        // transformers truncates; the nudge keeps a factor that is an exact ratio (a GGUF
+        // file's rotary width over head_dim) from truncating one below it.
+        rotary_dim: (head_dim as f64 * rotary_factor + 1e-9) as usize,
         layout: Layout::LLAMA,
         qk_norm: None,
         sliding_layers: vec![None; num_layers],
@@ -388,14 +403,23 @@ fn token_ids(value: Option<&Value>) -> Result<Vec<u32>, ConfigError> {
     }
 }
 
-/// How a family decides which layers attend through a sliding window.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// How a family decides which layers attend through a sliding window (as its transformers
+/// config class builds `layer_types`).
+#[derive(Clone, PartialEq, Eq)]
 pub enum Sliding {
-    /// `sliding_window` applies to every layer (Mistral, StarCoder2, Phi-3).
+    /// Every layer (Mistral, Mixtral, StarCoder2, Phi-3).
     Everywhere,
-    /// Only with `use_sliding_window`, from `max_window_layers` on (Qwen, SmolLM3).
+    /// With `use_sliding_window`: `layer_types`, else the layers from `max_window_layers` (28
+    /// by default) on (Qwen2, Qwen3).
     Qwen,
-    /// Every other layer, starting with the first (Gemma 2).
+    /// With `use_sliding_window`: `layer_types`, else the even layers below
+    /// `max_window_layers` (Qwen2-MoE).
+    QwenMoe,
+    /// With `use_sliding_window`: every layer (Qwen3-MoE).
+    QwenEverywhere,
+    /// With `use_sliding_window`: `layer_types`, else these layers (SmolLM3's NoPE layers).
+    Layers(Vec<bool>),
+    /// `layer_types`, else every other layer from the first (Gemma 2).
     Alternating,
 }
 
@@ -407,20 +431,33 @@ pub fn gpt_layer(config: &mut ModelConfig, bias: bool) {
     config.ffn = FfnKind::Plain { bias };
 }
 
-/// Reads `sliding_window` (and `layer_types`, which names each layer's kind where given).
+/// Reads `sliding_window` (`default` when the key is absent, none when it is null) and the
+/// layers it applies to.
 pub fn sliding_window(
     f: &mut Fields,
     how: Sliding,
+    default: Option<usize>,
     config: &mut ModelConfig,
 ) -> Result<(), ConfigError> {
     let layers = config.num_layers;
-    let window = f.usize("sliding_window")?;
-    let enabled = match how {
-        Sliding::Qwen => f.bool("use_sliding_window")?.unwrap_or(false),
-        _ => true,
+    let window = match f.usize("sliding_window")? {
+        None if !f.present("sliding_window") => default,
+        given => given,
     };
-    let max_window_layers = f.usize("max_window_layers")?;
-    let layer_types = f.get("layer_types");
+    let gated = !matches!(how, Sliding::Everywhere | Sliding::Alternating);
+    let enabled = !gated || f.bool("use_sliding_window")?.unwrap_or(false);
+    let max_window_layers = match how {
+        Sliding::Qwen | Sliding::QwenMoe => f.usize("max_window_layers")?.unwrap_or(28),
+        // Published Qwen3-MoE and SmolLM3 configs carry it; their models never read it.
+        _ => {
+            f.ignore(&["max_window_layers"]);
+            0
+        }
+    };
+    let layer_types = match how {
+        Sliding::Everywhere | Sliding::QwenEverywhere => None,
+        _ => f.get("layer_types"),
+    };
     let Some(window) = window.filter(|_| enabled) else {
         return Ok(());
     };
@@ -453,10 +490,12 @@ pub fn sliding_window(
         }
         None => (0..layers)
             .map(|i| {
-                let slides = match how {
+                let slides = match &how {
+                    Sliding::Everywhere | Sliding::QwenEverywhere => true,
+                    Sliding::Qwen => i >= max_window_layers,
+                    Sliding::QwenMoe => i % 2 == 0 && i < max_window_layers,
+                    Sliding::Layers(chosen) => chosen[i],
                     Sliding::Alternating => i % 2 == 0,
-                    Sliding::Qwen => i >= max_window_layers.unwrap_or(0),
-                    Sliding::Everywhere => true,
                 };
                 slides.then_some(window)
             })
@@ -494,8 +533,12 @@ pub fn qwen_experts(
     })
 }
 
+/// The most experts vibee accepts in a layer: published models have up to a few hundred.
+pub const MAX_EXPERTS: usize = 4096;
+
 /// Checks the routing of a mixture of experts.
 pub fn experts(config: MoeConfig) -> Result<MoeConfig, ConfigError> {
+    bounded("the expert count", config.experts, MAX_EXPERTS)?;
     if let Some((groups, top_groups)) = config.group_limit {
         if groups == 0
             || !config.experts.is_multiple_of(groups)
@@ -517,13 +560,19 @@ pub fn experts(config: MoeConfig) -> Result<MoeConfig, ConfigError> {
     Ok(config)
 }
 
-/// Gemma's activation: `hidden_activation` where given, else `hidden_act`, whose legacy value
-/// `gelu` in the first Gemma releases means the tanh approximation (what Google's reference
-/// implementation computes, and what transformers substitutes).
+/// Gemma's activation: `hidden_act`, whose legacy value `gelu` in the first Gemma releases
+/// means the tanh approximation (what Google's reference implementation computes, and what
+/// transformers 5 substitutes). Later files add `hidden_activation`, which transformers 4.40–4.45
+/// read instead: where the two disagree, which one the file means is a guess, so it is refused.
 pub fn gemma_activation(f: &mut Fields, hidden_act: &str) -> Result<String, ConfigError> {
-    Ok(match f.string("hidden_activation")? {
-        Some(act) => act,
-        None if hidden_act == "gelu" => "gelu_pytorch_tanh".into(),
-        None => hidden_act.into(),
-    })
+    let act = match hidden_act {
+        "gelu" => "gelu_pytorch_tanh",
+        other => other,
+    };
+    match f.string("hidden_activation")? {
+        Some(other) if other != act => Err(invalid(format!(
+            "gemma: hidden_act `{hidden_act}` (read as {act}, as transformers does) and hidden_activation `{other}` disagree"
+        ))),
+        _ => Ok(act.into()),
+    }
 }

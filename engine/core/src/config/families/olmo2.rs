@@ -13,7 +13,7 @@ pub static FAMILY: Family = Family {
 };
 
 fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
-    let mut config = decoder(f, "olmo2", Defaults::LLAMA)?;
+    let mut config = decoder(f, "olmo2", Defaults::EPS_1E5)?;
     config.qk_norm = Some(QkNormScope::Whole);
     config.residual = Residual::PostNorm;
     config.layout.norms = NormNames {

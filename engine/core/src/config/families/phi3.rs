@@ -20,12 +20,12 @@ pub static FAMILY: Family = Family {
 };
 
 fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
-    let mut config = decoder(f, "phi3", Defaults::LLAMA)?;
+    let mut config = decoder(f, "phi3", Defaults::EPS_1E5)?;
     config.layout = Layout {
         qkv: QkvLayout::Concat("qkv_proj"),
         gate_up: Some("gate_up_proj"),
         ..Layout::LLAMA
     };
-    sliding_window(f, Sliding::Everywhere, &mut config)?;
+    sliding_window(f, Sliding::Everywhere, None, &mut config)?;
     Ok(config)
 }

@@ -19,6 +19,6 @@ fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
     // Multimodal rotary sections belong to Qwen2-VL, whose text model is not this family.
     f.only("use_mrope", &Value::Bool(false), "qwen2")?;
     config.qkv_bias = true;
-    sliding_window(f, Sliding::Qwen, &mut config)?;
+    sliding_window(f, Sliding::Qwen, Some(4096), &mut config)?;
     Ok(config)
 }

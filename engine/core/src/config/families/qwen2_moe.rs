@@ -28,7 +28,7 @@ pub static FAMILY: Family = Family {
 fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
     let mut config = decoder(f, "qwen2_moe", Defaults::LLAMA)?;
     config.qkv_bias = f.bool("qkv_bias")?.unwrap_or(true);
-    sliding_window(f, Sliding::Qwen, &mut config)?;
+    sliding_window(f, Sliding::QwenMoe, Some(4096), &mut config)?;
     config.moe = Some(qwen_experts(f, config.num_layers, false)?);
     Ok(config)
 }

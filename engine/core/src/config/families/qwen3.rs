@@ -19,13 +19,17 @@ pub const DEFAULTS: Defaults = Defaults {
 };
 
 fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
-    qwen3(f, "qwen3")
+    qwen3(f, "qwen3", Sliding::Qwen)
 }
 
-/// Qwen3's attention, shared with Qwen3-MoE.
-pub fn qwen3(f: &mut Fields, model_type: &str) -> Result<ModelConfig, ConfigError> {
+/// Qwen3's attention, shared with Qwen3-MoE (whose window, when enabled, covers every layer).
+pub fn qwen3(
+    f: &mut Fields,
+    model_type: &str,
+    sliding: Sliding,
+) -> Result<ModelConfig, ConfigError> {
     let mut config = decoder(f, model_type, DEFAULTS)?;
     config.qk_norm = Some(QkNormScope::PerHead);
-    sliding_window(f, Sliding::Qwen, &mut config)?;
+    sliding_window(f, sliding, Some(4096), &mut config)?;
     Ok(config)
 }

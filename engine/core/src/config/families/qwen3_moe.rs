@@ -1,7 +1,7 @@
 //! Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B): Qwen3's attention and Qwen's routed experts
 //! with no shared expert.
 
-use super::{qwen3::qwen3, qwen_experts, Family, Fields, GgufForm};
+use super::{qwen3::qwen3, qwen_experts, Family, Fields, GgufForm, Sliding};
 use crate::config::{ConfigError, ModelConfig};
 
 pub static FAMILY: Family = Family {
@@ -28,7 +28,7 @@ pub static FAMILY: Family = Family {
 };
 
 fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
-    let mut config = qwen3(f, "qwen3_moe")?;
+    let mut config = qwen3(f, "qwen3_moe", Sliding::QwenEverywhere)?;
     config.moe = Some(qwen_experts(f, config.num_layers, false)?);
     Ok(config)
 }

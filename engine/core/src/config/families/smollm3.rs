@@ -33,18 +33,21 @@ fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
         "smollm3",
         Defaults {
             tie_word_embeddings: true,
+            rope_theta: 2e6,
             ..Defaults::LLAMA
         },
     )?;
-    sliding_window(f, Sliding::Qwen, &mut config)?;
     config.nope_layers = no_position_layers(f, config.num_layers)?;
+    // The window, when enabled, covers exactly the NoPE layers.
+    let nope = Sliding::Layers(config.nope_layers.clone());
+    sliding_window(f, nope, None, &mut config)?;
     Ok(config)
 }
 
 /// `no_rope_layers[i]` is 1 where layer `i` uses rotary embeddings and 0 where it uses none;
-/// without the list, every `no_rope_layer_interval`-th layer is NoPE.
+/// without the list, every `no_rope_layer_interval`-th (4th by default) layer is NoPE.
 fn no_position_layers(f: &mut Fields, layers: usize) -> Result<Vec<bool>, ConfigError> {
-    let interval = f.usize("no_rope_layer_interval")?;
+    let interval = f.usize("no_rope_layer_interval")?.unwrap_or(4);
     match f.get("no_rope_layers") {
         Some(Value::Array(flags)) if flags.len() == layers => flags
             .iter()
@@ -60,7 +63,7 @@ fn no_position_layers(f: &mut Fields, layers: usize) -> Result<Vec<bool>, Config
             "`no_rope_layers` must be a list of {layers} flags, got {other}"
         ))),
         None => Ok((0..layers)
-            .map(|i| interval.is_some_and(|n| n > 0 && (i + 1) % n == 0))
+            .map(|i| interval > 0 && (i + 1) % interval == 0)
             .collect()),
     }
 }

@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use super::{decoder, sliding_window, Defaults, Family, Fields, Sliding};
-use crate::config::{ConfigError, FfnKind, ModelConfig, NormKind};
+use crate::config::{ConfigError, FfnKind, Layout, ModelConfig, NormKind};
 
 pub static FAMILY: Family = Family {
     model_type: "starcoder2",
@@ -29,7 +29,7 @@ fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
         Defaults {
             tie_word_embeddings: true,
             hidden_act: "gelu_pytorch_tanh",
-            ..Defaults::LLAMA
+            ..Defaults::EPS_1E5
         },
     )?;
     // The only values transformers' StarCoder2 knows.
@@ -37,8 +37,14 @@ fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
     f.only("norm_type", &Value::from("layer_norm"), "starcoder2")?;
     let bias = f.bool("use_bias")?.unwrap_or(true);
     (config.qkv_bias, config.o_bias) = (bias, bias);
-    config.norm = NormKind::Layer { bias };
+    // Its LayerNorms have biases whatever `use_bias` says.
+    config.norm = NormKind::Layer { bias: true };
     config.ffn = FfnKind::Plain { bias };
-    sliding_window(f, Sliding::Everywhere, &mut config)?;
+    config.layout = Layout {
+        mlp_in: "c_fc",
+        mlp_out: "c_proj",
+        ..Layout::LLAMA
+    };
+    sliding_window(f, Sliding::Everywhere, None, &mut config)?;
     Ok(config)
 }
