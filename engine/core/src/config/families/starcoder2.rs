@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use super::{decoder, sliding_window, Defaults, Family, Fields, Sliding};
+use super::{decoder, sliding_window, Defaults, Family, Fields, GgufForm, Sliding};
 use crate::config::{ConfigError, FfnKind, Layout, ModelConfig, NormKind};
 
 pub static FAMILY: Family = Family {
@@ -19,7 +19,8 @@ pub static FAMILY: Family = Family {
         "scale_attn_weights",
     ],
     read,
-    gguf: None,
+    // The converter writes no sliding window, and llama.cpp attends over the whole context.
+    gguf: GgufForm::plain("starcoder2"),
 };
 
 fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
