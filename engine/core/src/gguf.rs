@@ -361,6 +361,12 @@ impl Gguf {
             "vocab_size": vocab,
             "tie_word_embeddings": self.tensor("output.weight").is_none(),
         });
+        for (part, field) in form.flags {
+            config[*field] = self
+                .tensor(&format!("blk.0.{part}.weight"))
+                .is_some()
+                .into();
+        }
         for (name, field) in form.metadata {
             match self.number(&key(name)) {
                 // llama.cpp writes a window of 0 for none.
@@ -512,9 +518,19 @@ pub fn hf_name(name: &str, config: &ModelConfig) -> Option<HfTensor> {
             _ => {}
         }
     }
+    let norms = &layout.norms;
+    let family_norm = config.family().gguf.as_ref().and_then(|form| {
+        form.norms.iter().find(|(p, norm)| {
+            *p == part
+                && [norms.attn_in, norms.attn_out, norms.ffn_in, norms.ffn_out]
+                    .contains(&Some(*norm))
+        })
+    });
+    if let Some((_, norm)) = family_norm {
+        return one(norm.to_string());
+    }
     let attention = |projection: &str| format!("{}.{projection}", layout.attention);
     let mlp = |projection: &str| format!("mlp.{projection}");
-    let norms = &layout.norms;
     let gated = config.ffn == FfnKind::Gated;
     one(match part {
         "attn_norm" => norms.attn_in?.to_string(),

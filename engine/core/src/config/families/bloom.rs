@@ -34,6 +34,8 @@ pub static FAMILY: Family = Family {
     gguf: Some(GgufForm {
         architecture: "bloom",
         when: None,
+        flags: &[],
+        norms: &[],
         metadata: &[],
         stored: |config| config.layout.qkv = QkvLayout::Concat("query_key_value"),
     }),

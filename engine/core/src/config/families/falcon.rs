@@ -12,16 +12,26 @@
 
 use serde_json::Value;
 
-use super::{bloom, decoder, gpt_layer, Defaults, Family, Fields};
+use super::{bloom, decoder, gpt_layer, Defaults, Family, Fields, GgufForm};
 use crate::config::fields::invalid;
-use crate::config::{ConfigError, Layout, ModelConfig, NormNames, Residual};
+use crate::config::{ConfigError, Layout, ModelConfig, NormNames, QkvLayout, Residual};
 
 pub static FAMILY: Family = Family {
     model_type: "falcon",
     aliases: ALIASES,
     inert: &[],
     read,
-    gguf: None,
+    // The converter regroups each key/value group's rows into all queries, then all keys, then
+    // all values; a second norm (`attn_norm_2`, the attention's) marks the new decoder, whose
+    // MLP norm is then `attn_norm`.
+    gguf: Some(GgufForm {
+        architecture: "falcon",
+        when: None,
+        metadata: &[],
+        flags: &[("attn_norm_2", "new_decoder_architecture")],
+        norms: &[("attn_norm", "ln_mlp"), ("attn_norm_2", "ln_attn")],
+        stored: |config| config.layout.qkv = QkvLayout::Concat("query_key_value"),
+    }),
 };
 
 pub static REFINED_WEB: Family = Family {

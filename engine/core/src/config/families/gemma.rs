@@ -13,6 +13,8 @@ pub static FAMILY: Family = Family {
     gguf: Some(GgufForm {
         architecture: "gemma",
         when: None,
+        flags: &[],
+        norms: &[],
         metadata: &[],
         stored: |config| config.norm = NormKind::Rms,
     }),

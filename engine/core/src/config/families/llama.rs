@@ -15,6 +15,8 @@ pub static FAMILY: Family = Family {
     gguf: Some(GgufForm {
         architecture: "llama",
         when: None,
+        flags: &[],
+        norms: &[],
         metadata: &[],
         stored: |config| config.rope_interleaved = true,
     }),

@@ -55,6 +55,12 @@ pub struct GgufForm {
     /// Metadata keys (after `{architecture}.`) read as the config.json key named beside them,
     /// beyond the ones every architecture has.
     pub metadata: &'static [(&'static str, &'static str)],
+    /// Config flags the file says by a tensor's presence: `(part, key)` sets `key` to whether
+    /// the first layer has `blk.0.{part}.weight`.
+    pub flags: &'static [(&'static str, &'static str)],
+    /// Tensor names of a layer (after `blk.N.`) that mean a norm other than the common one:
+    /// `(part, norm)`, used where the config's layout has that norm.
+    pub norms: &'static [(&'static str, &'static str)],
     /// Accounts in the config for what the converter did to the tensors' values (they are read
     /// in place, never rewritten) and for what it leaves out of the file that llama.cpp assumes.
     pub stored: fn(&mut ModelConfig),
@@ -68,6 +74,8 @@ impl GgufForm {
             architecture,
             when: None,
             metadata: &[],
+            flags: &[],
+            norms: &[],
             stored: |_| {},
         })
     }

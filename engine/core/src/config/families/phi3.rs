@@ -14,6 +14,8 @@ pub static FAMILY: Family = Family {
     gguf: Some(GgufForm {
         architecture: "phi3",
         when: None,
+        flags: &[],
+        norms: &[],
         metadata: &[("attention.sliding_window", "sliding_window")],
         stored: |_| {},
     }),

@@ -12,6 +12,8 @@ pub static FAMILY: Family = Family {
     gguf: Some(GgufForm {
         architecture: "qwen2moe",
         when: None,
+        flags: &[],
+        norms: &[],
         metadata: &[
             ("expert_count", "num_experts"),
             ("expert_used_count", "num_experts_per_tok"),

@@ -15,6 +15,8 @@ pub static FAMILY: Family = Family {
     gguf: Some(GgufForm {
         architecture: "smollm3",
         when: None,
+        flags: &[],
+        norms: &[],
         metadata: &[],
         stored,
     }),
