@@ -368,11 +368,12 @@ impl Gguf {
                 .into();
         }
         for (name, field) in form.metadata {
-            match self.number(&key(name)) {
+            match (self.get(&key(name)), self.number(&key(name))) {
+                (Some(Value::Bool(flag)), _) => config[*field] = (*flag).into(),
                 // llama.cpp writes a window of 0 for none.
-                Some(0.0) if *field == "sliding_window" => {}
-                Some(value) => config[*field] = value.into(),
-                None => {}
+                (_, Some(0.0)) if *field == "sliding_window" => {}
+                (_, Some(value)) => config[*field] = value.into(),
+                _ => {}
             }
         }
         // llama.cpp turns the first `rope.dimension_count` dimensions of each head.

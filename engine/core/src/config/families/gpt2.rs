@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use super::{decoder, gpt_layer, Defaults, Family, Fields};
+use super::{decoder, gpt_layer, Defaults, Family, Fields, GgufForm};
 use crate::config::fields::invalid;
 use crate::config::{ConfigError, Layout, ModelConfig, NormNames, PositionKind, QkvLayout};
 
@@ -29,7 +29,15 @@ pub static FAMILY: Family = Family {
         "reorder_and_upcast_attn",
     ],
     read,
-    gguf: None,
+    // The converter stores the Conv1D weights transposed, as every other linear weight is.
+    gguf: Some(GgufForm {
+        architecture: "gpt2",
+        when: None,
+        flags: &[],
+        norms: &[],
+        metadata: &[],
+        stored: |config| config.layout.transposed = false,
+    }),
 };
 
 fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {

@@ -2,7 +2,7 @@
 //! `use_parallel_residual: false`), rotary on the first `rotary_pct` of each head, one fused
 //! `query_key_value` holding `[q, k, v]` per head, biases everywhere.
 
-use super::{decoder, gpt_layer, Defaults, Family, Fields};
+use super::{decoder, gpt_layer, Defaults, Family, Fields, GgufForm};
 use crate::config::{ConfigError, Layout, ModelConfig, NormNames, QkvLayout, Residual};
 
 pub static FAMILY: Family = Family {
@@ -14,7 +14,16 @@ pub static FAMILY: Family = Family {
     ],
     inert: &[],
     read,
-    gguf: None,
+    // The converter regroups each head's interleaved q, k, v rows into all queries, then all
+    // keys, then all values; the rotary width is `rope.dimension_count`.
+    gguf: Some(GgufForm {
+        architecture: "gptneox",
+        when: None,
+        flags: &[],
+        norms: &[],
+        metadata: &[("use_parallel_residual", "use_parallel_residual")],
+        stored: |config| config.layout.qkv = QkvLayout::Concat("query_key_value"),
+    }),
 };
 
 fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
