@@ -53,9 +53,9 @@ pub enum RopeScaling {
     Linear {
         factor: f64,
     },
+    /// Dynamic NTK: the base grows once a sequence outgrows `max_position_embeddings`.
     Dynamic {
         factor: f64,
-        original_max_position_embeddings: usize,
     },
     Llama3 {
         factor: f64,

@@ -63,12 +63,7 @@ pub fn rope<'a>(
     let scaling = match kind.as_str() {
         "default" => RopeScaling::None,
         "linear" => RopeScaling::Linear { factor: factor()? },
-        "dynamic" => RopeScaling::Dynamic {
-            factor: factor()?,
-            original_max_position_embeddings: p
-                .usize("original_max_position_embeddings")?
-                .unwrap_or(max_position_embeddings),
-        },
+        "dynamic" => RopeScaling::Dynamic { factor: factor()? },
         "llama3" => {
             let factor = factor()?;
             let mut need = |name| {
@@ -147,6 +142,10 @@ pub fn rope<'a>(
             )))
         }
     };
+    if kind == "dynamic" {
+        // transformers grows the base past `max_position_embeddings`, whatever this says.
+        p.usize("original_max_position_embeddings")?;
+    }
     let extra = p.unread(|_| false);
     if !extra.is_empty() {
         return Err(invalid(format!(
