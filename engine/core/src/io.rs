@@ -5,6 +5,7 @@
 
 use std::fs::{File, Metadata};
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// A limit for small text files written by hand (pipeline files, JSON configs).
@@ -76,7 +77,13 @@ pub fn open_regular_file(path: &Path) -> Result<File, FileError> {
         source,
     };
     check_regular_file(path)?;
-    let file = File::open(path).map_err(io)?;
+    // Non-blocking, so that a FIFO swapped in after the check cannot block the open; reads of a
+    // regular file ignore the flag.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io)?;
     // The path may have been replaced between the check and the open: check what was opened.
     let metadata = file.metadata().map_err(io)?;
     if !metadata.is_file() {
