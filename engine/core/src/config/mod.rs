@@ -703,6 +703,15 @@ mod tests {
         ModelConfig::from_json(json).unwrap_err().to_string()
     }
 
+    /// `text` with the keys of the JSON object `extra` set.
+    fn extended(text: &str, extra: &str) -> String {
+        let mut v: Value = serde_json::from_str(text).unwrap();
+        v.as_object_mut()
+            .unwrap()
+            .extend(serde_json::from_str::<Map<String, Value>>(extra).unwrap());
+        v.to_string()
+    }
+
     fn with(key: &str, value: &str) -> String {
         let mut v: Value = serde_json::from_str(TINYLLAMA_4X).unwrap();
         v[key] = serde_json::from_str(value).unwrap();
@@ -712,8 +721,8 @@ mod tests {
     #[test]
     fn a_full_pretrained_config_dump_loads() {
         // What transformers 4.x `PretrainedConfig.to_dict()` adds to every model's keys.
-        let mut v: Value = serde_json::from_str(TINYLLAMA_4X).unwrap();
-        let dump: Value = serde_json::from_str(
+        let dump = extended(
+            TINYLLAMA_4X,
             r#"{"return_dict": true, "output_hidden_states": false, "output_attentions": false,
             "torchscript": false, "use_bfloat16": false, "tf_legacy_loss": false,
             "pruned_heads": {}, "chunk_size_feed_forward": 0, "is_encoder_decoder": false,
@@ -732,12 +741,8 @@ mod tests {
             "decoder_start_token_id": null, "task_specific_params": null, "problem_type": null,
             "auto_map": {"AutoConfig": "configuration.Config"}, "cache_implementation": null,
             "unk_token_id": 0}"#,
-        )
-        .unwrap();
-        v.as_object_mut()
-            .unwrap()
-            .extend(dump.as_object().unwrap().clone());
-        ModelConfig::from_json(&v.to_string()).unwrap();
+        );
+        ModelConfig::from_json(&dump).unwrap();
         // Encoder-decoder settings are accepted only at a decoder's values.
         let e = refusal(&with("is_encoder_decoder", "true"));
         assert!(
@@ -832,12 +837,7 @@ mod tests {
     #[test]
     fn family_keys_at_values_vibee_does_not_implement_are_refused() {
         let family = |model_type: &str, extra: &str| {
-            let mut v: Value = serde_json::from_str(TINYLLAMA_4X).unwrap();
-            v["model_type"] = model_type.into();
-            v.as_object_mut()
-                .unwrap()
-                .extend(serde_json::from_str::<Map<String, Value>>(extra).unwrap());
-            v.to_string()
+            extended(&with("model_type", &format!("\"{model_type}\"")), extra)
         };
         for (model_type, extra, expected) in [
             (
@@ -878,11 +878,7 @@ mod tests {
         }
         let deepseek = |extra: &str| {
             let text = include_str!("../../../../tests/fixtures/configs/DeepSeek-V2-Lite.json");
-            let mut v: Value = serde_json::from_str(text).unwrap();
-            v.as_object_mut()
-                .unwrap()
-                .extend(serde_json::from_str::<Map<String, Value>>(extra).unwrap());
-            refusal(&v.to_string())
+            refusal(&extended(text, extra))
         };
         assert!(deepseek(r#"{"scoring_func": "sigmoid"}"#).contains(
             "deepseek_v2: `scoring_func: \"sigmoid\"` is not supported (only \"softmax\")"
@@ -896,11 +892,7 @@ mod tests {
     fn gemma_legacy_keys_are_read() {
         let gemma = |extra: &str| {
             let text = include_str!("../../../../tests/fixtures/configs/gemma-7b.json");
-            let mut v: Value = serde_json::from_str(text).unwrap();
-            v.as_object_mut()
-                .unwrap()
-                .extend(serde_json::from_str::<Map<String, Value>>(extra).unwrap());
-            ModelConfig::from_json(&v.to_string()).unwrap()
+            ModelConfig::from_json(&extended(text, extra)).unwrap()
         };
         assert_eq!(gemma("{}").hidden_act, "gelu_pytorch_tanh");
         assert_eq!(
