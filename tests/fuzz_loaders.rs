@@ -150,8 +150,9 @@ fn file<'a>(files: &'a mut Files, name: &str) -> &'a mut Vec<u8> {
     &mut files.iter_mut().find(|(n, _)| n == name).unwrap().1
 }
 
-/// Integers a corrupt or hostile field holds: past every sane size, at type limits, zero.
-const HUGE: [u64; 9] = [
+/// Integers a corrupt or hostile field holds: past every sane size, at type limits, at the
+/// loaders' own caps (vibee's largest dimension and expert and layer counts), zero.
+const HUGE: [u64; 12] = [
     u64::MAX,
     (1 << 63) - 1,
     1_000_000_000,
@@ -159,6 +160,9 @@ const HUGE: [u64; 9] = [
     1 << 31,
     1 << 32,
     1 << 40,
+    1 << 24,
+    4096,
+    4097,
     0,
     1,
 ];
