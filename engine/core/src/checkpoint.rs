@@ -91,10 +91,12 @@ impl Checkpoint {
         }
     }
 
-    pub fn weights(&self) -> anyhow::Result<Weights> {
+    /// The tensors, under their Hugging Face names in `config`'s layout (this checkpoint's
+    /// `config()`).
+    pub fn weights(&self, config: &ModelConfig) -> anyhow::Result<Weights> {
         Ok(match self {
             Checkpoint::Hf(dir) => Weights::open(dir)?,
-            Checkpoint::Gguf { path, file } => Weights::from_gguf(path, file, &self.config()?)?,
+            Checkpoint::Gguf { path, file } => Weights::from_gguf(path, file, config)?,
         })
     }
 

@@ -66,7 +66,7 @@ impl Engine {
         for plugin in plugins {
             app.add_plugin(plugin)?;
         }
-        let weights = checkpoint.weights()?;
+        let weights = checkpoint.weights(&config)?;
         let model = Arc::new(Model::build(
             config,
             &weights,

@@ -337,6 +337,9 @@ impl Gguf {
         };
         let heads = required("attention.head_count")?;
         let hidden = required("embedding_length")?;
+        let head_dim = self
+            .number(&key("attention.key_length"))
+            .unwrap_or(hidden / heads);
         let vocab = match self.number(&key("vocab_size")) {
             Some(v) => v,
             None => match self.get("tokenizer.ggml.tokens") {
@@ -351,7 +354,7 @@ impl Gguf {
             "num_hidden_layers": required("block_count")?,
             "num_attention_heads": heads,
             "num_key_value_heads": self.number(&key("attention.head_count_kv")).unwrap_or(heads),
-            "head_dim": self.number(&key("attention.key_length")).unwrap_or(hidden / heads),
+            "head_dim": head_dim,
             "rms_norm_eps": match self.number(&key("attention.layer_norm_rms_epsilon")) {
                 Some(eps) => eps,
                 None => required("attention.layer_norm_epsilon")?,
@@ -377,9 +380,6 @@ impl Gguf {
             }
         }
         // llama.cpp turns the first `rope.dimension_count` dimensions of each head.
-        let head_dim = self
-            .number(&key("attention.key_length"))
-            .unwrap_or(hidden / heads);
         let rotary = self
             .number(&key("rope.dimension_count"))
             .unwrap_or(head_dim);
@@ -521,11 +521,9 @@ pub fn hf_name(name: &str, config: &ModelConfig) -> Option<HfTensor> {
     }
     let norms = &layout.norms;
     let family_norm = config.family().gguf.as_ref().and_then(|form| {
-        form.norms.iter().find(|(p, norm)| {
-            *p == part
-                && [norms.attn_in, norms.attn_out, norms.ffn_in, norms.ffn_out]
-                    .contains(&Some(*norm))
-        })
+        form.norms
+            .iter()
+            .find(|(p, norm)| *p == part && norms.names().any(|name| name == *norm))
     });
     if let Some((_, norm)) = family_norm {
         return one(norm.to_string());

@@ -259,6 +259,13 @@ impl NormNames {
         }
     }
 
+    /// The names of the norms the layer has, by site.
+    pub fn names(&self) -> impl Iterator<Item = &'static str> {
+        [self.attn_in, self.attn_out, self.ffn_in, self.ffn_out]
+            .into_iter()
+            .flatten()
+    }
+
     pub fn at(&self, site: NormSite) -> Option<&'static str> {
         match site {
             NormSite::AttnIn => self.attn_in,

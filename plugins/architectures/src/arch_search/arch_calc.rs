@@ -434,13 +434,8 @@ pub fn from_model_config(c: &ModelConfig) -> Arch {
             },
         },
     };
-    let n_ = &c.layout.norms;
-    let mut norm_tensors: Vec<&str> = [n_.attn_in, n_.attn_out, n_.ffn_in, n_.ffn_out]
-        .into_iter()
-        .flatten()
-        .collect();
     // A norm shared by attention and feed-forward (Falcon) is stored once.
-    norm_tensors.dedup();
+    let norm_tensors: std::collections::BTreeSet<&str> = c.layout.norms.names().collect();
     let gated = |intermediate: usize| Ffn {
         intermediate: n(intermediate),
         gated: true,

@@ -147,7 +147,7 @@ pub fn quantize_checkpoint(
     if method == Method::Awq {
         awq_fits(&config)?;
     }
-    let weights = checkpoint.weights()?;
+    let weights = checkpoint.weights(&config)?;
     let recorder = Recorder::default();
     let recording = build_recording(&config, &weights, &recorder, registry, catalog)?;
     let ids = if method.calibrated() {

@@ -100,7 +100,6 @@ fn falcon(
         model_type,
         Defaults {
             tie_word_embeddings: true,
-            head_dim: None,
             intermediate_per_hidden: Some(4),
             hidden_act: "gelu",
             ..Defaults::EPS_1E5

@@ -54,7 +54,6 @@ fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
             tie_word_embeddings: true,
             intermediate_per_hidden: Some(4),
             hidden_act: "gelu_new",
-            head_dim: None,
             ..Defaults::EPS_1E5
         },
     )?;
