@@ -222,7 +222,7 @@ pub const INERT: &[&str] = &[
 
 /// Refuses `PretrainedConfig`'s settings of encoder-decoder and pruned models at any value but
 /// the one every decoder-only checkpoint has.
-pub fn decoder_only(f: &mut Fields, family: &str) -> Result<(), ConfigError> {
+fn decoder_only(f: &mut Fields, family: &str) -> Result<(), ConfigError> {
     for key in [
         "is_encoder_decoder",
         "add_cross_attention",
