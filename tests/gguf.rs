@@ -212,6 +212,28 @@ fn bad_gguf_models_are_refused_with_a_reason() {
     std::fs::write(&fused_file, &bytes).unwrap();
     let message = error(&fused_file);
     assert!(message.contains("fuses q/k/v into attn_qkv"), "{message}");
+    // DeepSeek-V2: YaRN whose log multiplier (the one mscale a file keeps) is missing, and
+    // a kv_b_proj with only its key half.
+    let latent_dir = scratch_copy("gguf-deepseek_v2-lite-style");
+    let latent_file = latent_dir.path().join("model.gguf");
+    let original = std::fs::read(&latent_file).unwrap();
+    let renamed = |from: &[u8], to: &[u8]| {
+        let mut bytes = original.clone();
+        let at = bytes.windows(from.len()).position(|w| w == from).unwrap();
+        bytes[at..at + to.len()].copy_from_slice(to);
+        std::fs::write(&latent_file, &bytes).unwrap();
+        error(&latent_file)
+    };
+    let message = renamed(b"yarn_log_multiplier", b"yarn_log_multiplieX");
+    assert!(
+        message.contains("no deepseek2.rope.scaling.yarn_log_multiplier"),
+        "{message}"
+    );
+    let message = renamed(b"blk.1.attn_v_b.weight", b"blk.1.attn_v_X.weight");
+    assert!(
+        message.contains("one half of `model.layers.1.self_attn.kv_b_proj.weight`"),
+        "{message}"
+    );
     // Quantized weights without the plugin that runs them.
     let missing = format!(
         "{:#}",

@@ -265,11 +265,11 @@ impl<'a> Reader<'a> {
 }
 
 impl Gguf {
-    fn get(&self, key: &str) -> Option<&Value> {
+    pub fn get(&self, key: &str) -> Option<&Value> {
         self.metadata.get(key)
     }
 
-    fn string(&self, key: &str) -> Option<&str> {
+    pub fn string(&self, key: &str) -> Option<&str> {
         match self.get(key)? {
             Value::String(s) => Some(s),
             _ => None,
@@ -441,8 +441,11 @@ impl Gguf {
                 "attention_factor": self.number(&key("rope.scaling.attn_factor")).unwrap_or(1.0),
             });
         }
+        (form.translate)(self, &mut config)?;
         match self.string(&key("rope.scaling.type")) {
             None | Some("none") => {}
+            // The family's own reading of the scaling.
+            Some(_) if config.get("rope_scaling").is_some() => {}
             Some("linear") => {
                 config["rope_scaling"] = serde_json::json!({
                     "rope_type": "linear",
@@ -467,6 +470,12 @@ impl Gguf {
 #[derive(Debug, PartialEq)]
 pub enum HfTensor {
     One(String),
+    /// Half of a latent-attention up-projection (`kv_b_proj`), which the converter splits per
+    /// head into its key rows, transposed, and its value rows.
+    LatentUp {
+        name: String,
+        half: LatentHalf,
+    },
     /// One tensor stacking every expert of a layer along its slowest dimension, as llama.cpp
     /// stores them: `experts` slices, expert `e`'s named `{prefix}{e}{suffix}`.
     PerExpert {
@@ -474,6 +483,14 @@ pub enum HfTensor {
         suffix: String,
         experts: usize,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LatentHalf {
+    /// `attn_k_b`: `[heads, kv_lora_rank, nope_dim]`.
+    Key,
+    /// `attn_v_b`: `[heads, v_dim, kv_lora_rank]`.
+    Value,
 }
 
 /// Where llama.cpp's converter's tensor `name` goes (it renames every tensor the same way for
@@ -516,6 +533,24 @@ pub fn hf_name(name: &str, config: &ModelConfig) -> Option<HfTensor> {
             "ffn_up_shexp" => return one(format!("{block}.{shared}.up_proj")),
             "ffn_down_shexp" => return one(format!("{block}.{shared}.down_proj")),
             "ffn_gate_inp_shexp" => return one(format!("{block}.shared_expert_gate")),
+            _ => {}
+        }
+    }
+    if config.mla.is_some() {
+        let latent = |half| {
+            Some(HfTensor::LatentUp {
+                name: format!("{prefix}.{}.kv_b_proj.{suffix}", layout.attention),
+                half,
+            })
+        };
+        match part {
+            "attn_k_b" => return latent(LatentHalf::Key),
+            "attn_v_b" => return latent(LatentHalf::Value),
+            "attn_q_a" => return one(format!("{}.q_a_proj", layout.attention)),
+            "attn_q_a_norm" => return one(format!("{}.q_a_layernorm", layout.attention)),
+            "attn_q_b" => return one(format!("{}.q_b_proj", layout.attention)),
+            "attn_kv_a_mqa" => return one(format!("{}.kv_a_proj_with_mqa", layout.attention)),
+            "attn_kv_a_norm" => return one(format!("{}.kv_a_layernorm", layout.attention)),
             _ => {}
         }
     }

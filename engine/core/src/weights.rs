@@ -13,7 +13,7 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::config::ModelConfig;
-use crate::gguf::{self, Gguf, HfTensor};
+use crate::gguf::{self, Gguf, HfTensor, TensorInfo};
 use crate::quant;
 
 #[derive(Debug, thiserror::Error)]
@@ -316,7 +316,8 @@ struct Entry {
 
 /// All tensors of a checkpoint directory, by name.
 pub struct Weights {
-    files: Vec<(PathBuf, Arc<Mmap>)>,
+    /// Mapped checkpoint files, and tensors vibee assembled from a file's parts.
+    files: Vec<(PathBuf, Storage)>,
     entries: HashMap<String, Entry>,
 }
 
@@ -349,6 +350,7 @@ impl Weights {
     /// in place; a layer's stacked experts become one entry per expert.
     pub fn from_gguf(path: &Path, file: &Gguf, config: &ModelConfig) -> anyhow::Result<Self> {
         let mut entries = HashMap::new();
+        let mut latent: HashMap<String, [Option<&TensorInfo>; 2]> = HashMap::new();
         for t in &file.tensors {
             // GGML lists the contiguous dimension first.
             let shape: Vec<usize> = t.dims.iter().rev().map(|d| *d as usize).collect();
@@ -363,6 +365,9 @@ impl Weights {
                 None => {}
                 Some(HfTensor::One(name)) => {
                     entries.insert(name, entry(t.start, t.len, shape));
+                }
+                Some(HfTensor::LatentUp { name, half }) => {
+                    latent.entry(name).or_default()[half as usize] = Some(t);
                 }
                 Some(HfTensor::PerExpert {
                     prefix,
@@ -385,10 +390,28 @@ impl Weights {
                 }
             }
         }
-        Ok(Self {
-            files: vec![(path.to_path_buf(), file.map.clone())],
-            entries,
-        })
+        let mut files = vec![(path.to_path_buf(), Storage::Mapped(file.map.clone()))];
+        for (name, halves) in latent {
+            let [Some(key), Some(value)] = halves else {
+                anyhow::bail!(
+                    "GGUF file has one half of `{name}` (attn_k_b and attn_v_b go together)"
+                );
+            };
+            let (rows, values) = latent_up_projection(file, key, value, config)?;
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            entries.insert(
+                name,
+                Entry {
+                    file: files.len(),
+                    start: 0,
+                    len: bytes.len(),
+                    dtype: Ok(DType::F32),
+                    shape: vec![rows, values.len() / rows],
+                },
+            );
+            files.push((path.to_path_buf(), owned(&bytes)));
+        }
+        Ok(Self { files, entries })
     }
 
     fn add_file(&mut self, path: PathBuf) -> Result<(), WeightError> {
@@ -421,7 +444,7 @@ impl Weights {
             };
             self.entries.insert(name, entry);
         }
-        self.files.push((path, map));
+        self.files.push((path, Storage::Mapped(map)));
         Ok(())
     }
 
@@ -467,7 +490,7 @@ impl Weights {
                 dtype: format!("{found} (expected {dtype})"),
             });
         }
-        let bytes = &self.files[entry.file].1[entry.start..entry.start + entry.len];
+        let bytes = &self.files[entry.file].1.bytes()[entry.start..entry.start + entry.len];
         Ok((bytes, &entry.shape))
     }
 
@@ -499,7 +522,7 @@ impl Weights {
             name: name.to_string(),
             dtype,
         })?;
-        let storage = Storage::Mapped(self.files[entry.file].1.clone());
+        let storage = self.files[entry.file].1.clone();
         Ok(Weight::new(
             storage,
             entry.start,
@@ -508,6 +531,45 @@ impl Weights {
             entry.shape.clone(),
         ))
     }
+}
+
+/// DeepSeek-V2's `kv_b_proj` (per head, `nope_dim` key rows then `v_dim` value rows of
+/// `kv_lora_rank` columns) from the converter's per-head halves: the key half transposed
+/// (`[heads, kv_lora_rank, nope_dim]`), the value half as it was. Quantized halves are
+/// dequantized: latent attention multiplies this matrix in f32 however it is stored.
+fn latent_up_projection(
+    file: &Gguf,
+    key: &TensorInfo,
+    value: &TensorInfo,
+    config: &ModelConfig,
+) -> anyhow::Result<(usize, Vec<f32>)> {
+    let m = config
+        .mla
+        .expect("latent halves are named only for latent attention");
+    let heads = config.num_heads as u64;
+    let (rank, nope, v) = (m.kv_lora_rank as u64, m.nope_dim as u64, m.v_dim as u64);
+    for (t, want) in [(key, [nope, rank, heads]), (value, [rank, v, heads])] {
+        if t.dims != want {
+            anyhow::bail!(
+                "GGUF tensor `{}` has dimensions {:?}; the metadata implies {want:?}",
+                t.name,
+                t.dims
+            );
+        }
+    }
+    let (key, value) = (file.dequantize(key), file.dequantize(value));
+    let (rank, nope, v) = (rank as usize, nope as usize, v as usize);
+    let mut rows = Vec::with_capacity(key.len() + value.len());
+    for (key_head, value_head) in key
+        .chunks_exact(rank * nope)
+        .zip(value.chunks_exact(v * rank))
+    {
+        for i in 0..nope {
+            rows.extend((0..rank).map(|r| key_head[r * nope + i]));
+        }
+        rows.extend_from_slice(value_head);
+    }
+    Ok((config.num_heads * (nope + v), rows))
 }
 
 fn shard_files(index: &Path) -> Result<Vec<String>, WeightError> {

@@ -38,6 +38,7 @@ pub static FAMILY: Family = Family {
         norms: &[],
         metadata: &[],
         stored: |config| config.layout.qkv = QkvLayout::Concat("query_key_value"),
+        ..GgufForm::PLAIN
     }),
 };
 

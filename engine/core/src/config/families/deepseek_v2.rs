@@ -2,9 +2,10 @@
 //! cache holds, rotary pairs interleaved), routed experts beside shared ones, the first
 //! `first_k_dense_replace` layers dense.
 
-use serde_json::Value;
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
 
-use super::{bounded, decoder, dimension, experts, Defaults, Family, Fields, MAX_DIM};
+use super::{bounded, decoder, dimension, experts, Defaults, Family, Fields, GgufForm, MAX_DIM};
 use crate::config::fields::invalid;
 use crate::config::{ConfigError, MlaConfig, ModelConfig, MoeConfig, MoeLayout};
 
@@ -14,8 +15,67 @@ pub static FAMILY: Family = Family {
     // Load-balancing losses and expert parallelism of training.
     inert: &["aux_loss_alpha", "seq_aux", "ep_size"],
     read,
-    gguf: None,
+    gguf: Some(GgufForm {
+        architecture: "deepseek2",
+        metadata: &[
+            ("attention.q_lora_rank", "q_lora_rank"),
+            ("attention.kv_lora_rank", "kv_lora_rank"),
+            ("attention.value_length_mla", "v_head_dim"),
+            ("rope.dimension_count", "qk_rope_head_dim"),
+            ("leading_dense_block_count", "first_k_dense_replace"),
+            ("expert_count", "n_routed_experts"),
+            ("expert_used_count", "num_experts_per_tok"),
+            ("expert_feed_forward_length", "moe_intermediate_size"),
+            ("expert_shared_count", "n_shared_experts"),
+            ("expert_weights_scale", "routed_scaling_factor"),
+        ],
+        translate,
+        ..GgufForm::PLAIN
+    }),
 };
+
+/// The converter writes latent attention in its absorbed form's shapes: one key head of
+/// `kv_lora_rank + rope_dim` shared by every query head. The per-head widths are the `_mla`
+/// lengths.
+fn translate(file: &crate::gguf::Gguf, config: &mut Value) -> anyhow::Result<()> {
+    let key = |name: &str| format!("deepseek2.{name}");
+    let number = |name: &str| {
+        file.number(&key(name))
+            .with_context(|| format!("the file has no {}", key(name)))
+    };
+    let rope = number("rope.dimension_count")?;
+    config["qk_nope_head_dim"] = (number("attention.key_length_mla")? - rope).into();
+    config["head_dim"] = rope.into();
+    config["num_key_value_heads"] = config["num_attention_heads"].clone();
+    if let Some(object) = config.as_object_mut() {
+        object.remove("partial_rotary_factor");
+    }
+    // llama.cpp's gating numbers: 1 softmax, 2 sigmoid (DeepSeek-V3's).
+    if let Some(gating) = file.number(&key("expert_gating_func")) {
+        if gating != 1.0 {
+            bail!("expert_gating_func {gating}: only DeepSeek-V2's softmax gating is supported");
+        }
+    }
+    if file.get(&key("expert_weights_norm")) == Some(&crate::gguf::Value::Bool(true)) {
+        bail!("expert_weights_norm: DeepSeek-V2 scales its top-k weights, it does not renormalise them");
+    }
+    if file.string(&key("rope.scaling.type")) == Some("yarn") {
+        // The converter keeps one mscale, as 0.1 · mscale_all_dim, and llama.cpp takes mscale
+        // to equal it, as in every published DeepSeek-V2: cos/sin unscaled, the softmax
+        // sharpened by mscale².
+        let mscale = number("rope.scaling.yarn_log_multiplier")? / 0.1;
+        config["rope_scaling"] = json!({
+            "rope_type": "yarn",
+            "factor": number("rope.scaling.factor")?,
+            "original_max_position_embeddings": number("rope.scaling.original_context_length")? as u64,
+            "beta_fast": file.number(&key("rope.scaling.yarn_beta_fast")).unwrap_or(32.0),
+            "beta_slow": file.number(&key("rope.scaling.yarn_beta_slow")).unwrap_or(1.0),
+            "mscale": mscale,
+            "mscale_all_dim": mscale,
+        });
+    }
+    Ok(())
+}
 
 fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
     let mla = MlaConfig {

@@ -31,6 +31,7 @@ pub static FAMILY: Family = Family {
         flags: &[("attn_norm_2", "new_decoder_architecture")],
         norms: &[("attn_norm", "ln_mlp"), ("attn_norm_2", "ln_attn")],
         stored: |config| config.layout.qkv = QkvLayout::Concat("query_key_value"),
+        ..GgufForm::PLAIN
     }),
 };
 

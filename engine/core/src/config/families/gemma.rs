@@ -17,6 +17,7 @@ pub static FAMILY: Family = Family {
         norms: &[],
         metadata: &[],
         stored: |config| config.norm = NormKind::Rms,
+        ..GgufForm::PLAIN
     }),
 };
 

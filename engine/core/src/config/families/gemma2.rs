@@ -21,6 +21,7 @@ pub static FAMILY: Family = Family {
             ("attention.sliding_window", "sliding_window"),
         ],
         stored,
+        ..GgufForm::PLAIN
     }),
 };
 

@@ -37,6 +37,7 @@ pub static FAMILY: Family = Family {
         norms: &[],
         metadata: &[],
         stored: |config| config.layout.transposed = false,
+        ..GgufForm::PLAIN
     }),
 };
 

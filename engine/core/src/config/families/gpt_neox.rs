@@ -23,6 +23,7 @@ pub static FAMILY: Family = Family {
         norms: &[],
         metadata: &[("use_parallel_residual", "use_parallel_residual")],
         stored: |config| config.layout.qkv = QkvLayout::Concat("query_key_value"),
+        ..GgufForm::PLAIN
     }),
 };
 

@@ -19,6 +19,7 @@ pub static FAMILY: Family = Family {
         norms: &[],
         metadata: &[],
         stored: |config| config.rope_interleaved = true,
+        ..GgufForm::PLAIN
     }),
 };
 

@@ -23,6 +23,7 @@ pub static FAMILY: Family = Family {
             ("expert_used_count", "num_experts_per_tok"),
         ],
         stored: |config| config.rope_interleaved = true,
+        ..GgufForm::PLAIN
     }),
 };
 

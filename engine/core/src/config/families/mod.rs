@@ -5,6 +5,8 @@
 
 use serde_json::Value;
 
+use crate::gguf::Gguf;
+
 use super::fields::{invalid, Fields};
 use super::quantization::quantization_config;
 use super::rope::rope;
@@ -64,19 +66,29 @@ pub struct GgufForm {
     /// Accounts in the config for what the converter did to the tensors' values (they are read
     /// in place, never rewritten) and for what it leaves out of the file that llama.cpp assumes.
     pub stored: fn(&mut ModelConfig),
+    /// Rewrites the config.json built from the file's metadata where the converter wrote the
+    /// family in another model's terms (DeepSeek-V2's latent attention as one shared key head).
+    pub translate: fn(&Gguf, &mut Value) -> anyhow::Result<()>,
 }
 
 impl GgufForm {
+    /// The common metadata, tensors' values as they are.
+    pub const PLAIN: GgufForm = GgufForm {
+        architecture: "",
+        when: None,
+        metadata: &[],
+        flags: &[],
+        norms: &[],
+        stored: |_| {},
+        translate: |_, _| Ok(()),
+    };
+
     /// A family the converter writes with the common metadata and its tensors' values as they
     /// are.
     pub const fn plain(architecture: &'static str) -> Option<GgufForm> {
         Some(GgufForm {
             architecture,
-            when: None,
-            metadata: &[],
-            flags: &[],
-            norms: &[],
-            stored: |_| {},
+            ..GgufForm::PLAIN
         })
     }
 }

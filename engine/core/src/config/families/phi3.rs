@@ -18,6 +18,7 @@ pub static FAMILY: Family = Family {
         norms: &[],
         metadata: &[("attention.sliding_window", "sliding_window")],
         stored: |_| {},
+        ..GgufForm::PLAIN
     }),
 };
 

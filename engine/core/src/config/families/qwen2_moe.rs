@@ -24,6 +24,7 @@ pub static FAMILY: Family = Family {
             ),
         ],
         stored: |_| {},
+        ..GgufForm::PLAIN
     }),
 };
 

@@ -26,6 +26,7 @@ pub static FAMILY: Family = Family {
                 moe.normalize_top_k = true;
             }
         },
+        ..GgufForm::PLAIN
     }),
 };
 
