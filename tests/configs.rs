@@ -200,3 +200,73 @@ fn a_family_alias_that_disagrees_with_the_common_key_is_refused() {
         .replace("\"n_embd\": 768", "\"n_embd\": 768, \"hidden_size\": 768");
     assert_eq!(ModelConfig::from_json(&same).unwrap().hidden_size, 768);
 }
+
+/// transformers' BLOOM, GPT-2 and Falcon classes compute head widths from hidden_size and read
+/// their MLP width under their own key (or not at all), so a stray `head_dim` or
+/// `intermediate_size` changes nothing there: with such keys added to each fixture's config,
+/// transformers 5.24 gives the fixture's reference logits exactly (checked when this test was
+/// written), and vibee must read the same dimensions.
+#[test]
+fn keys_a_family_never_reads_change_nothing() {
+    for (fixture, stray) in [
+        ("bloom", r#""head_dim": 7, "intermediate_size": 5"#),
+        ("gpt2", r#""head_dim": 7, "intermediate_size": 5"#),
+        ("falcon", r#""intermediate_size": 5"#),
+    ] {
+        let path = repo_root().join(format!("tests/fixtures/{fixture}/config.json"));
+        let text = std::fs::read_to_string(path).unwrap();
+        let plain = ModelConfig::from_json(&text).unwrap();
+        let strayed = ModelConfig::from_json(&text.replacen('{', &format!("{{{stray}, "), 1))
+            .unwrap_or_else(|e| panic!("{fixture}: {e}"));
+        let dims = |c: &ModelConfig| (c.head_dim, c.intermediate_size, c.num_kv_heads);
+        assert_eq!(dims(&strayed), dims(&plain), "{fixture}");
+    }
+}
+
+/// Where rope scaling's pretraining length comes from, as transformers 5.24 reads it (each
+/// case checked with `AutoConfig.from_pretrained` when this test was written): Phi-3's config
+/// class defines a top-level `original_max_position_embeddings` (default 4096) that overrides
+/// the scaling's own; Llama's does not, so the scaling's own counts, else
+/// max_position_embeddings.
+#[test]
+fn rope_pretraining_length_is_read_where_transformers_reads_it() {
+    use vibee_core::config::RopeScaling;
+    let original = |fixture: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let path = repo_root().join(format!("tests/fixtures/{fixture}/config.json"));
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        edit(&mut json);
+        match ModelConfig::from_json(&json.to_string())
+            .unwrap()
+            .rope_scaling
+        {
+            RopeScaling::LongRope {
+                original_max_position_embeddings,
+                ..
+            }
+            | RopeScaling::Llama3 {
+                original_max_position_embeddings,
+                ..
+            } => original_max_position_embeddings,
+            other => panic!("{fixture}: {other:?}"),
+        }
+    };
+    let top = "original_max_position_embeddings";
+    let phi3_without_top = original("phi3", &|c| {
+        c.as_object_mut().unwrap().remove(top);
+    });
+    assert_eq!(phi3_without_top, 4096);
+    let phi3_both = original("phi3", &|c| {
+        c[top] = 100.into();
+        c["rope_parameters"][top] = 200.into();
+    });
+    assert_eq!(phi3_both, 100);
+    let llama_both = original("llama-rope-llama3", &|c| c[top] = 100.into());
+    assert_eq!(llama_both, 64);
+    let llama_top_only = original("llama-rope-llama3", &|c| {
+        c[top] = 100.into();
+        c["max_position_embeddings"] = 1000.into();
+        c["rope_parameters"].as_object_mut().unwrap().remove(top);
+    });
+    assert_eq!(llama_top_only, 1000);
+}

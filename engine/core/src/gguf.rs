@@ -432,14 +432,16 @@ impl Gguf {
             per_frequency("rope_factors_long.weight")?,
             per_frequency("rope_factors_short.weight")?,
         ) {
+            let original = required("rope.scaling.original_context_length")? as u64;
             config["rope_scaling"] = serde_json::json!({
                 "rope_type": "longrope",
                 "short_factor": short,
                 "long_factor": long,
-                "original_max_position_embeddings":
-                    required("rope.scaling.original_context_length")? as u64,
+                "original_max_position_embeddings": original,
                 "attention_factor": self.number(&key("rope.scaling.attn_factor")).unwrap_or(1.0),
             });
+            // Where Phi-3's config class reads it, overriding the scaling's own.
+            config["original_max_position_embeddings"] = original.into();
         }
         (form.translate)(self, &mut config)?;
         match self.string(&key("rope.scaling.type")) {

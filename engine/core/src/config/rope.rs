@@ -16,7 +16,18 @@ pub fn rope<'a>(
 ) -> Result<(f64, RopeScaling, f64), ConfigError> {
     let top_theta = f.positive("rope_theta")?;
     let top_partial = f.f64("partial_rotary_factor")?;
-    let top_original = f.usize("original_max_position_embeddings")?;
+    // A top-level `original_max_position_embeddings` (Phi-3's form) is read only by the
+    // config classes that define it, where it overrides the scaling's own (transformers 5.24).
+    let top_original = match defaults.original_max_position_embeddings {
+        Some(default) => Some(
+            f.usize("original_max_position_embeddings")?
+                .unwrap_or(default),
+        ),
+        None => {
+            f.ignore(&["original_max_position_embeddings"]);
+            None
+        }
+    };
     let (params, key) =
         match (f.get("rope_parameters"), f.get("rope_scaling")) {
             (Some(_), Some(_)) => return Err(invalid(
@@ -37,6 +48,11 @@ pub fn rope<'a>(
         .as_object()
         .ok_or_else(|| invalid(format!("`{key}` must be an object")))?;
     let mut p = Fields::new(map);
+    // Where neither gives it, transformers takes max_position_embeddings.
+    let original = |p: &mut Fields<'a>| -> Result<usize, ConfigError> {
+        let inner = p.usize("original_max_position_embeddings")?;
+        Ok(top_original.or(inner).unwrap_or(max_position_embeddings))
+    };
     let theta = p
         .positive("rope_theta")?
         .or(top_theta)
@@ -76,21 +92,12 @@ pub fn rope<'a>(
                 factor,
                 low_freq_factor,
                 high_freq_factor,
-                original_max_position_embeddings: p
-                    .usize("original_max_position_embeddings")?
-                    .ok_or_else(|| {
-                        invalid(format!(
-                            "`{key}` of type llama3 needs `original_max_position_embeddings`"
-                        ))
-                    })?,
+                original_max_position_embeddings: original(&mut p)?,
             }
         }
         "yarn" => {
             let factor = factor()?;
-            let original = p
-                .usize("original_max_position_embeddings")?
-                .or(top_original)
-                .ok_or_else(|| invalid(format!("`{key}` of type yarn needs `original_max_position_embeddings`")))?;
+            let original = original(&mut p)?;
             let mscale = p.f64("mscale")?;
             let mscale_all_dim = p.f64("mscale_all_dim")?;
             let get_mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
@@ -112,10 +119,7 @@ pub fn rope<'a>(
         }
         // "su" is the name Phi-3's first configs gave longrope.
         "longrope" | "su" => {
-            let original = p
-                .usize("original_max_position_embeddings")?
-                .or(top_original)
-                .ok_or_else(|| invalid(format!("`{key}` of type longrope needs `original_max_position_embeddings`")))?;
+            let original = original(&mut p)?;
             let mut list = |name| -> Result<Vec<f64>, ConfigError> {
                 p.get(name)
                     .and_then(Value::as_array)

@@ -53,6 +53,8 @@ fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
         "bloom",
         Defaults {
             tie_word_embeddings: true,
+            reads_head_dim: false,
+            intermediate_key: None,
             intermediate_per_hidden: Some(4),
             ..Defaults::EPS_1E5
         },

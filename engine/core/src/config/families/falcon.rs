@@ -27,7 +27,7 @@ pub static FAMILY: Family = Family {
     gguf: Some(GgufForm {
         architecture: "falcon",
         when: None,
-        metadata: &[],
+        metadata: &[("feed_forward_length", "ffn_hidden_size")],
         flags: &[("attn_norm_2", "new_decoder_architecture")],
         norms: &[("attn_norm", "ln_mlp"), ("attn_norm_2", "ln_attn")],
         stored: |config| config.layout.qkv = QkvLayout::Concat("query_key_value"),
@@ -58,7 +58,6 @@ const ALIASES: &[(&str, &str)] = &[
     ("n_head_kv", "num_key_value_heads"),
     ("num_kv_heads", "num_key_value_heads"),
     ("layer_norm_epsilon", "rms_norm_eps"),
-    ("ffn_hidden_size", "intermediate_size"),
     ("activation", "hidden_act"),
 ];
 
@@ -101,6 +100,8 @@ fn falcon(
         model_type,
         Defaults {
             tie_word_embeddings: true,
+            reads_head_dim: false,
+            intermediate_key: Some("ffn_hidden_size"),
             intermediate_per_hidden: Some(4),
             hidden_act: "gelu",
             ..Defaults::EPS_1E5

@@ -14,7 +14,6 @@ pub static FAMILY: Family = Family {
         ("n_head", "num_attention_heads"),
         ("n_layer", "num_hidden_layers"),
         ("n_positions", "max_position_embeddings"),
-        ("n_inner", "intermediate_size"),
         ("layer_norm_epsilon", "rms_norm_eps"),
         ("activation_function", "hidden_act"),
     ],
@@ -35,7 +34,7 @@ pub static FAMILY: Family = Family {
         when: None,
         flags: &[],
         norms: &[],
-        metadata: &[],
+        metadata: &[("feed_forward_length", "n_inner")],
         stored: |config| config.layout.transposed = false,
         ..GgufForm::PLAIN
     }),
@@ -53,6 +52,8 @@ fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
         "gpt2",
         Defaults {
             tie_word_embeddings: true,
+            reads_head_dim: false,
+            intermediate_key: Some("n_inner"),
             intermediate_per_hidden: Some(4),
             hidden_act: "gelu_new",
             ..Defaults::EPS_1E5

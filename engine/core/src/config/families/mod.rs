@@ -260,24 +260,36 @@ pub struct Defaults {
     pub tie_word_embeddings: bool,
     /// `head_dim` when the config leaves it out (else hidden_size / num_attention_heads).
     pub head_dim: Option<usize>,
-    /// `intermediate_size` as a multiple of hidden_size when left out (else required).
+    /// Whether the family's transformers class reads `head_dim`; where it does not, the key
+    /// is ignored and heads are hidden_size / num_attention_heads wide.
+    pub reads_head_dim: bool,
+    /// The key the MLP width is read from (`intermediate_size` elsewhere ignored, as the
+    /// family's transformers class ignores it), or none where the width is fixed.
+    pub intermediate_key: Option<&'static str>,
+    /// The MLP width as a multiple of hidden_size when the key is left out (else required).
     pub intermediate_per_hidden: Option<usize>,
     pub hidden_act: &'static str,
     pub norm_eps: f64,
     pub rope_theta: f64,
     /// The fraction of each head the rotary embedding turns.
     pub partial_rotary: f64,
+    /// The default of a top-level `original_max_position_embeddings`, for the families whose
+    /// transformers config class defines that key (it then overrides the rope scaling's own).
+    pub original_max_position_embeddings: Option<usize>,
 }
 
 impl Defaults {
     pub const LLAMA: Defaults = Defaults {
         tie_word_embeddings: false,
         head_dim: None,
+        reads_head_dim: true,
+        intermediate_key: Some("intermediate_size"),
         intermediate_per_hidden: None,
         hidden_act: "silu",
         norm_eps: 1e-6,
         rope_theta: 10000.0,
         partial_rotary: 1.0,
+        original_max_position_embeddings: None,
     };
 
     /// Llama's, with the norm epsilon of transformers' LayerNorm families (and some others).
@@ -314,7 +326,17 @@ pub fn decoder(
         Some(n) => bounded("num_key_value_heads", n, MAX_DIM)?,
         None => num_heads,
     };
-    let head_dim = match f.usize("head_dim")?.or(defaults.head_dim) {
+    if !defaults.reads_head_dim {
+        f.ignore(&["head_dim"]);
+    }
+    if defaults.intermediate_key != Some("intermediate_size") {
+        f.ignore(&["intermediate_size"]);
+    }
+    let given_head_dim = match defaults.reads_head_dim {
+        true => f.usize("head_dim")?,
+        false => None,
+    };
+    let head_dim = match given_head_dim.or(defaults.head_dim) {
         Some(d) => bounded("head_dim", d, MAX_DIM)?,
         None if hidden_size.is_multiple_of(num_heads) => hidden_size / num_heads,
         None => {
@@ -344,13 +366,17 @@ pub fn decoder(
                 .into(),
         ));
     }
-    let intermediate_size = match (
-        f.usize("intermediate_size")?,
-        defaults.intermediate_per_hidden,
-    ) {
-        (Some(n), _) => bounded("intermediate_size", n, MAX_DIM)?,
+    let given_intermediate = match defaults.intermediate_key {
+        Some(key) => f
+            .usize(key)?
+            .map(|n| bounded(key, n, MAX_DIM))
+            .transpose()?,
+        None => None,
+    };
+    let intermediate_size = match (given_intermediate, defaults.intermediate_per_hidden) {
+        (Some(n), _) => n,
         (None, Some(k)) => k * hidden_size,
-        (None, None) => dimension(f, "intermediate_size")?,
+        (None, None) => dimension(f, defaults.intermediate_key.unwrap_or("intermediate_size"))?,
     };
     let dtype = match f.string("dtype")? {
         Some(d) => Some(d),

@@ -23,7 +23,14 @@ pub static FAMILY: Family = Family {
 };
 
 fn read(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
-    let mut config = decoder(f, "phi3", Defaults::EPS_1E5)?;
+    let mut config = decoder(
+        f,
+        "phi3",
+        Defaults {
+            original_max_position_embeddings: Some(4096),
+            ..Defaults::EPS_1E5
+        },
+    )?;
     config.layout = Layout {
         qkv: QkvLayout::Concat("qkv_proj"),
         gate_up: Some("gate_up_proj"),
