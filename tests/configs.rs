@@ -27,10 +27,6 @@ fn config(name: &str) -> ModelConfig {
     ModelConfig::from_json(&published()[name]).unwrap()
 }
 
-/// Families no published config of could be found for yet: each still has a transformers
-/// fixture under tests/fixtures.
-const NOT_YET_COLLECTED: &[&str] = &["qwen2_moe"];
-
 #[test]
 fn every_published_config_loads_and_names_registered_plugins() {
     let registry = Registry::builtin();
@@ -55,7 +51,7 @@ fn every_published_config_loads_and_names_registered_plugins() {
     assert!(files.len() >= 40, "only {} published configs", files.len());
     let missing: Vec<_> = families::model_types()
         .into_iter()
-        .filter(|t| !per_family.contains_key(*t) && !NOT_YET_COLLECTED.contains(t))
+        .filter(|t| !per_family.contains_key(*t))
         .collect();
     assert!(missing.is_empty(), "no published config for {missing:?}");
 }
@@ -269,4 +265,17 @@ fn rope_pretraining_length_is_read_where_transformers_reads_it() {
         c["rope_parameters"].as_object_mut().unwrap().remove(top);
     });
     assert_eq!(llama_top_only, 1000);
+}
+
+#[test]
+fn qwen2_moe_routes_beside_a_gated_shared_expert() {
+    let c = config("Qwen2-57B-A14B");
+    let moe = c.moe.expect("routed experts");
+    assert_eq!(
+        (moe.experts, moe.top_k, moe.expert_intermediate),
+        (64, 8, 2560)
+    );
+    assert_eq!(moe.shared_intermediate, Some(20480));
+    assert!(moe.shared_gate && !moe.normalize_top_k);
+    assert!(c.qkv_bias && c.sliding_layers.iter().all(Option::is_none));
 }

@@ -138,6 +138,46 @@ fn llama3_and_qwen2_pre_tokenizers_split_as_transformers_gguf_tokenizer_does() {
     }
 }
 
+/// Each pre-tokenizer name llama.cpp's converter writes for a published byte-level tokenizer
+/// (falcon, mpt, smollm, starcoder, dbrx): that tokenizer's vocabulary cut to its first merges,
+/// against Hugging Face `tokenizers` running the published tokenizer.json on it; and Mistral
+/// NeMo's `tekken` on DOLMA 2's vocabulary against transformers' GGUF tokenizer loader
+/// (tests/fixtures/make_pre_tokenizer_fixtures.py).
+#[test]
+fn published_pre_tokenizers_split_as_their_tokenizer_json_does() {
+    let dir = fixture("pre-tokenizers");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let reference: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let name = reference["tokenizer_ggml_pre"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let file = Gguf::open(&path.with_extension("gguf")).unwrap();
+        let tokenizer = Tokenizer::from_gguf(&file).unwrap().unwrap();
+        let cases: Vec<(String, Vec<u32>)> =
+            serde_json::from_value(reference["tokenized"].clone()).unwrap();
+        for (text, expected) in &cases {
+            assert_eq!(
+                &tokenizer.encode(text).unwrap(),
+                expected,
+                "{name}: {text:?}"
+            );
+        }
+        names.push(name);
+    }
+    names.sort();
+    assert_eq!(
+        names,
+        ["dbrx", "falcon", "mpt", "smollm", "starcoder", "tekken"]
+    );
+}
+
 #[test]
 fn a_sentencepiece_vocabulary_encodes_as_llama_cpp_does() {
     let (tokenizer, cases) = tokenizer_and_cases("gguf-llama-spm");

@@ -14,6 +14,8 @@ use crate::gguf::{Gguf, Value};
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's: Llama 3's with single digits.
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Mistral NeMo's (Tekken): words split before capitals, single digits, no contractions.
+const TEKKEN_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// A GGUF array of strings.
 fn gguf_strings<'a>(file: &'a Gguf, key: &str) -> anyhow::Result<Vec<&'a str>> {
@@ -33,35 +35,66 @@ fn gguf_false(file: &Gguf, key: &str) -> bool {
     matches!(file.metadata.get(key), Some(Value::Bool(false)))
 }
 
-/// A byte-level BPE (GPT-2, Llama 3): the pre-tokenizer regex the file names, its merges.
-fn byte_level(file: &Gguf, merges: Vec<&str>) -> anyhow::Result<serde_json::Value> {
-    // GPT-2's split is the byte mapping's own regex; the others split first, then map bytes.
+/// What a `tokenizer.ggml.pre` name means: the normalizer and pre-tokenizer of the published
+/// tokenizer.json that llama.cpp's converter gives that name, and whether a word the vocabulary
+/// holds whole skips the merges (`ignore_merges`, as llama.cpp sets it per name).
+fn byte_level_pre(pre: &str) -> Option<(serde_json::Value, serde_json::Value, bool)> {
+    // The byte mapping's own regex is GPT-2's split.
+    let byte_level = |regex: bool| serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
     let split = |regex: &str| {
         serde_json::json!({"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
-            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+            byte_level(false),
         ]})
     };
-    let gpt2 = serde_json::json!(
-        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
-    );
-    // Llama 3 takes a word that is in the vocabulary whole as one token even where the merges
-    // would not build it (`ignore_merges`, as llama.cpp and Meta's tokenizer.json do).
-    let (pre_tokenizer, ignore_merges) = match file.metadata.get("tokenizer.ggml.pre") {
-        None => (gpt2, false),
-        Some(Value::String(pre)) => match pre.as_str() {
-            "default" | "gpt-2" => (gpt2, false),
-            "llama3" | "llama-bpe" => (split(LLAMA3_SPLIT), true),
-            "qwen2" | "deepseek-r1-qwen" => (split(QWEN2_SPLIT), false),
-            other => bail!(
-                "the file's pre-tokenizer `{other}` is not supported yet: put the model's \
+    let none = serde_json::Value::Null;
+    Some(match pre {
+        "default" | "gpt-2" => (none, byte_level(true), false),
+        // GPT-NeoX-20B's tokenizer (Pythia, MPT) composes text first.
+        "mpt" => (serde_json::json!({"type": "NFC"}), byte_level(true), false),
+        "llama3" | "llama-bpe" => (none, split(LLAMA3_SPLIT), true),
+        // DBRX's and OLMo 2's: Llama 3's split, merges always applied.
+        "dbrx" => (none, split(LLAMA3_SPLIT), false),
+        "qwen2" | "deepseek-r1-qwen" => (none, split(QWEN2_SPLIT), false),
+        "tekken" => (none, split(TEKKEN_SPLIT), true),
+        "falcon" => (
+            none,
+            serde_json::json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Punctuation", "behavior": "Contiguous"},
+                byte_level(true),
+                {"type": "Digits", "individual_digits": false},
+                {"type": "Split", "pattern": {"Regex": "[0-9][0-9][0-9]"}, "behavior": "Isolated", "invert": false},
+            ]}),
+            false,
+        ),
+        // StarCoder2's and SmolLM's: every digit alone.
+        "starcoder" | "smollm" => (
+            none,
+            serde_json::json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true},
+                byte_level(true),
+            ]}),
+            false,
+        ),
+        _ => return None,
+    })
+}
+
+/// A byte-level BPE (GPT-2, Llama 3, …): the split the file's pre-tokenizer name means, its
+/// merges.
+fn byte_level(file: &Gguf, merges: Vec<&str>) -> anyhow::Result<serde_json::Value> {
+    let (normalizer, pre_tokenizer, ignore_merges) = match file.metadata.get("tokenizer.ggml.pre") {
+        None => byte_level_pre("default").expect("a known name"),
+        Some(Value::String(pre)) => byte_level_pre(pre).with_context(|| {
+            format!(
+                "the file's pre-tokenizer `{pre}` is not supported yet: put the model's \
                  tokenizer.json next to the file, or give token ids"
-            ),
-        },
+            )
+        })?,
         Some(other) => bail!("tokenizer.ggml.pre is {other:?}, not a string"),
     };
     Ok(serde_json::json!({
-        "normalizer": null,
+        "normalizer": normalizer,
         "pre_tokenizer": pre_tokenizer,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {
