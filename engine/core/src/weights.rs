@@ -319,6 +319,10 @@ pub struct Weights {
     /// Mapped checkpoint files, and tensors vibee assembled from a file's parts.
     files: Vec<(PathBuf, Storage)>,
     entries: HashMap<String, Entry>,
+    /// GGML writes a tensor without its trailing dimensions of 1 (`ggml_n_dims`: llama-quantize
+    /// stores Qwen2-MoE's `[1, hidden]` shared-expert gate as `[hidden]`), so a GGUF tensor's
+    /// shape matches without leading ones.
+    ggml_shapes: bool,
 }
 
 impl Weights {
@@ -339,6 +343,7 @@ impl Weights {
         let mut weights = Self {
             files: Vec::new(),
             entries: HashMap::new(),
+            ggml_shapes: false,
         };
         for path in files {
             weights.add_file(path)?;
@@ -411,7 +416,11 @@ impl Weights {
             );
             files.push((path.to_path_buf(), owned(&bytes)));
         }
-        Ok(Self { files, entries })
+        Ok(Self {
+            files,
+            entries,
+            ggml_shapes: true,
+        })
     }
 
     fn add_file(&mut self, path: PathBuf) -> Result<(), WeightError> {
@@ -511,7 +520,13 @@ impl Weights {
             .entries
             .get(name)
             .ok_or_else(|| WeightError::Missing(name.to_string()))?;
-        if entry.shape != expected {
+        let squeezed = |shape: &[usize]| {
+            let ones = shape.iter().take_while(|d| **d == 1).count();
+            shape[ones..].to_vec()
+        };
+        let same = entry.shape == expected
+            || (self.ggml_shapes && squeezed(&entry.shape) == squeezed(expected));
+        if !same {
             return Err(WeightError::Shape {
                 name: name.to_string(),
                 found: entry.shape.clone(),
@@ -528,7 +543,7 @@ impl Weights {
             entry.start,
             entry.len,
             dtype,
-            entry.shape.clone(),
+            expected.to_vec(),
         ))
     }
 }
