@@ -141,7 +141,8 @@ fn llama3_and_qwen2_pre_tokenizers_split_as_transformers_gguf_tokenizer_does() {
 /// Each pre-tokenizer name llama.cpp's converter writes for a published byte-level tokenizer
 /// (falcon, mpt, smollm, starcoder, dbrx): that tokenizer's vocabulary cut to its first merges,
 /// against Hugging Face `tokenizers` running the published tokenizer.json on it; and Mistral
-/// NeMo's `tekken` on DOLMA 2's vocabulary against transformers' GGUF tokenizer loader
+/// NeMo's `tekken` on DOLMA 2's vocabulary against transformers' GGUF tokenizer loader, and
+/// BLOOM's `bloom` and DeepSeek's `deepseek-llm` on it against llama.cpp's own tokenizer
 /// (tests/fixtures/make_pre_tokenizer_fixtures.py).
 #[test]
 fn published_pre_tokenizers_split_as_their_tokenizer_json_does() {
@@ -174,7 +175,16 @@ fn published_pre_tokenizers_split_as_their_tokenizer_json_does() {
     names.sort();
     assert_eq!(
         names,
-        ["dbrx", "falcon", "mpt", "smollm", "starcoder", "tekken"]
+        [
+            "bloom",
+            "dbrx",
+            "deepseek-llm",
+            "falcon",
+            "mpt",
+            "smollm",
+            "starcoder",
+            "tekken"
+        ]
     );
 }
 

@@ -17,6 +17,21 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 /// Mistral NeMo's (Tekken): words split before capitals, single digits, no contractions.
 const TEKKEN_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// BLOOM's: runs of anything but whitespace and a few punctuation marks, with a leading space
+/// (llama.cpp's reading of its tokenizer.json).
+const BLOOM_SPLIT: &str = " ?[^(\\s|.,!?…。，、।۔،)]+";
+/// DeepSeek-LLM's (DeepSeek-V2's), split after split as llama.cpp runs them: line breaks, then
+/// runs of letters of the alphabetic scripts, of ASCII and full-width punctuation, trailing
+/// whitespace, CJK and Hangul, digits.
+const DEEPSEEK_LLM_SPLITS: [&str; 6] = [
+    "[\r\n]",
+    "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
+    "\\s?[!-/:-~！-／：-～‘-‟　-。]+",
+    "\\s+$",
+    "[一-龥ࠀ-一가-퟿]+",
+    "\\p{N}+",
+];
+
 /// A GGUF array of strings.
 fn gguf_strings<'a>(file: &'a Gguf, key: &str) -> anyhow::Result<Vec<&'a str>> {
     match file.metadata.get(key) {
@@ -41,22 +56,26 @@ fn gguf_false(file: &Gguf, key: &str) -> bool {
 fn byte_level_pre(pre: &str) -> Option<(serde_json::Value, serde_json::Value, bool)> {
     // The byte mapping's own regex is GPT-2's split.
     let byte_level = |regex: bool| serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
-    let split = |regex: &str| {
-        serde_json::json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
-            byte_level(false),
-        ]})
+    let split = |regexes: &[&str]| {
+        let mut steps: Vec<serde_json::Value> = regexes
+            .iter()
+            .map(|regex| serde_json::json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false}))
+            .collect();
+        steps.push(byte_level(false));
+        serde_json::json!({"type": "Sequence", "pretokenizers": steps})
     };
     let none = serde_json::Value::Null;
     Some(match pre {
         "default" | "gpt-2" => (none, byte_level(true), false),
         // GPT-NeoX-20B's tokenizer (Pythia, MPT) composes text first.
         "mpt" => (serde_json::json!({"type": "NFC"}), byte_level(true), false),
-        "llama3" | "llama-bpe" => (none, split(LLAMA3_SPLIT), true),
+        "llama3" | "llama-bpe" => (none, split(&[LLAMA3_SPLIT]), true),
         // DBRX's and OLMo 2's: Llama 3's split, merges always applied.
-        "dbrx" => (none, split(LLAMA3_SPLIT), false),
-        "qwen2" | "deepseek-r1-qwen" => (none, split(QWEN2_SPLIT), false),
-        "tekken" => (none, split(TEKKEN_SPLIT), true),
+        "dbrx" => (none, split(&[LLAMA3_SPLIT]), false),
+        "qwen2" | "deepseek-r1-qwen" => (none, split(&[QWEN2_SPLIT]), false),
+        "tekken" => (none, split(&[TEKKEN_SPLIT]), true),
+        "bloom" => (none, split(&[BLOOM_SPLIT]), false),
+        "deepseek-llm" => (none, split(&DEEPSEEK_LLM_SPLITS), false),
         "falcon" => (
             none,
             serde_json::json!({"type": "Sequence", "pretokenizers": [
