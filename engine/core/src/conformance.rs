@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::app::{App, Pipeline, Stage};
 use crate::engine::Engine;
 use crate::external::{find_external, PluginConfigs};
+use crate::model::{BatchEntry, Model, Wanted};
 use crate::pipeline::{
     request_bundle, FinishReason, Logits, NextToken, SamplingParams, SeqState, Tokens,
 };
@@ -72,6 +73,14 @@ pub enum Check {
     /// Feeding the prompt one token at a time through the cache gives the logits of one
     /// forward over the whole prompt.
     IncrementalEqualsFull {
+        fixture: String,
+        plugins: Vec<String>,
+        max_abs_err: f32,
+    },
+    /// Sequences of different lengths and at different points run in one batched forward
+    /// give each the logits it gets alone: prefills of the prompt and of two cuts of it side
+    /// by side, then a decode step of all three, then a decode step beside a prefill chunk.
+    BatchEqualsSingle {
         fixture: String,
         plugins: Vec<String>,
         max_abs_err: f32,
@@ -162,6 +171,7 @@ impl SpecCases {
                 | Check::ReferenceLongPrompt { plugins, .. }
                 | Check::ReferenceGreedy { plugins, .. }
                 | Check::IncrementalEqualsFull { plugins, .. }
+                | Check::BatchEqualsSingle { plugins, .. }
                 | Check::ReferenceDecodeLogits { plugins, .. }
                 | Check::Rejects { plugins, .. }
                 | Check::ParameterCount { plugins, .. }
@@ -370,6 +380,16 @@ fn run_check(
             let full = full_logits(&engine, &reference.prompt_ids)?;
             let stepped = stepped_logits(&engine, &reference.prompt_ids)?;
             Ok(compare(&stepped, &full.data, *max_abs_err))
+        }
+        Check::BatchEqualsSingle {
+            fixture,
+            plugins,
+            max_abs_err,
+        } => {
+            let reference = Reference::load(&root.join(fixture))?;
+            let engine = load(fixture, plugins)?;
+            let (batched, alone) = batch_and_alone(&engine.model, &reference.prompt_ids)?;
+            Ok(compare(&batched, &alone, *max_abs_err))
         }
         Check::ReferenceDecodeLogits {
             fixture,
@@ -882,6 +902,44 @@ fn stepped_logits(engine: &Engine, prompt: &[u32]) -> anyhow::Result<Vec<f32>> {
         stepped.extend(engine.model.forward(&[token], kv.as_mut(), false)?.data);
     }
     Ok(stepped)
+}
+
+/// Every logit of the schedule [`Check::BatchEqualsSingle`] describes, from batched forwards
+/// and from each sequence run alone.
+fn batch_and_alone(model: &Model, prompt: &[u32]) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+    let n = prompt.len();
+    let (short, late) = (&prompt[..n / 2], &prompt[n / 3..]);
+    // Each step: per sequence, the tokens it feeds (none: it sits the step out).
+    let next = [prompt[n - 1], prompt[0], prompt[1]];
+    let steps: Vec<[&[u32]; 3]> = vec![
+        [prompt, short, late],
+        [&next[..1], &next[1..2], &next[2..]],
+        [&next[1..2], &[], &prompt[..3]],
+    ];
+    let mut batched_kv: Vec<_> = (0..3).map(|_| model.new_sequence()).collect();
+    let mut alone_kv: Vec<_> = (0..3).map(|_| model.new_sequence()).collect();
+    let (mut batched, mut alone) = (Vec::new(), Vec::new());
+    for step in &steps {
+        let mut entries: Vec<BatchEntry<'_>> = batched_kv
+            .iter_mut()
+            .zip(step)
+            .filter(|(_, tokens)| !tokens.is_empty())
+            .map(|(kv, tokens)| BatchEntry {
+                tokens,
+                kv: kv.as_mut(),
+                logits: Wanted::All,
+            })
+            .collect();
+        for logits in model.forward_batch(&mut entries)? {
+            batched.extend(logits.data);
+        }
+        for (kv, tokens) in alone_kv.iter_mut().zip(step) {
+            if !tokens.is_empty() {
+                alone.extend(model.forward(tokens, kv.as_mut(), true)?.data);
+            }
+        }
+    }
+    Ok((batched, alone))
 }
 
 fn compare(got: &[f32], expected: &[f32], tolerance: f32) -> Outcome {

@@ -320,6 +320,19 @@ impl Model {
         kv: &mut dyn SequenceKv,
         all_logits: bool,
     ) -> anyhow::Result<Matrix> {
+        let logits = if all_logits {
+            Wanted::All
+        } else {
+            Wanted::Last
+        };
+        let mut batch = [BatchEntry { tokens, kv, logits }];
+        let mut out = self.forward_batch(&mut batch)?;
+        Ok(out.pop().expect("one sequence in, one out"))
+    }
+
+    /// Whether `tokens` can follow the `cached` tokens of a sequence: known token ids, and room
+    /// in the model's context.
+    pub fn check_feed(&self, tokens: &[u32], cached: usize) -> anyhow::Result<()> {
         let cfg = &self.config;
         if tokens.is_empty() {
             bail!("forward needs at least one token");
@@ -330,23 +343,47 @@ impl Model {
                 cfg.vocab_size
             );
         }
-        let start = kv.len(0);
-        if start + tokens.len() > cfg.context_length() {
+        if cached + tokens.len() > cfg.context_length() {
             bail!(
                 "sequence of {} tokens exceeds the model's context of {}",
-                start + tokens.len(),
+                cached + tokens.len(),
                 cfg.context_length()
             );
         }
-        let positions: Vec<usize> = (start..start + tokens.len()).collect();
-        let mut x = Matrix::zeros(tokens.len(), cfg.hidden_size);
+        Ok(())
+    }
+
+    /// One forward over every sequence of `batch`: their rows share each product and
+    /// each attends over its own cache, which gains their keys and values. Returns each
+    /// sequence's logits, with the rows it wants (none for [`Wanted::None`]).
+    pub fn forward_batch(&self, batch: &mut [BatchEntry<'_>]) -> anyhow::Result<Vec<Matrix>> {
+        let cfg = &self.config;
+        for (i, entry) in batch.iter().enumerate() {
+            self.check_feed(entry.tokens, entry.kv.len(0))
+                .with_context(|| match batch.len() {
+                    1 => String::new(),
+                    _ => format!("sequence {i} of the batch"),
+                })?;
+        }
+        // Sequence `s` owns rows `spans[s]` of every activation matrix.
+        let mut spans = Vec::with_capacity(batch.len());
+        let mut positions = Vec::new();
+        for entry in batch.iter() {
+            let start = entry.kv.len(0);
+            spans.push(positions.len()..positions.len() + entry.tokens.len());
+            positions.extend(start..start + entry.tokens.len());
+        }
+        let mut x = Matrix::zeros(positions.len(), cfg.hidden_size);
+        let tokens = batch.iter().flat_map(|e| e.tokens.iter());
         for (row, &t) in x.rows_iter_mut().zip(tokens) {
             self.embed.row_to_f32(t as usize, row);
         }
         if let Some(scale) = cfg.embedding_scale {
             x.data.iter_mut().for_each(|v| *v *= scale);
         }
-        self.position.embed(&mut x, &positions);
+        per_sequence(&mut x, &spans, &positions, |m, at| {
+            self.position.embed(m, at)
+        });
         if let Some(norm) = &self.embed_norm {
             x = norm.forward(&x);
         }
@@ -359,7 +396,12 @@ impl Model {
             };
             let mut attention = |h: &Matrix| match &layer.attention {
                 LayerAttention::Block(block) => {
-                    block.forward(h, kv, i, &positions, self.position.as_ref())
+                    let parts = batch.iter_mut().zip(&spans).map(|(entry, span)| {
+                        let rows = h.rows_range(span.clone());
+                        let at = &positions[span.clone()];
+                        block.forward(&rows, &mut *entry.kv, i, at, self.position.as_ref())
+                    });
+                    Matrix::stack(parts.collect(), cfg.hidden_size)
                 }
                 LayerAttention::Projected {
                     qkv,
@@ -376,15 +418,24 @@ impl Model {
                         k = per_head(k_norm.as_ref(), k);
                     }
                     if !self.nope.as_ref().is_some_and(|n| n.skips(i)) {
-                        self.position.apply(&mut q, cfg.num_heads, &positions);
-                        self.position.apply(&mut k, cfg.num_kv_heads, &positions);
+                        per_sequence(&mut q, &spans, &positions, |m, at| {
+                            self.position.apply(m, cfg.num_heads, at)
+                        });
+                        per_sequence(&mut k, &spans, &positions, |m, at| {
+                            self.position.apply(m, cfg.num_kv_heads, at)
+                        });
                     }
-                    kv.append(i, &k, &v);
                     let kernel = self
                         .attention
                         .as_ref()
                         .expect("projected layers have a kernel");
-                    o_proj.forward(&kernel.forward(&q, &kv.view(i), &positions, options))
+                    let parts = batch.iter_mut().zip(&spans).map(|(entry, span)| {
+                        let kv = &mut *entry.kv;
+                        kv.append(i, &k.rows_range(span.clone()), &v.rows_range(span.clone()));
+                        let at = &positions[span.clone()];
+                        kernel.forward(&q.rows_range(span.clone()), &kv.view(i), at, options)
+                    });
+                    o_proj.forward(&Matrix::stack(parts.collect(), q.cols))
                 }
             };
             self.residual.layer(
@@ -394,19 +445,78 @@ impl Model {
                 &|h| layer.ffn.forward(h),
             );
         }
-        if !all_logits {
-            let last = x.row(x.rows - 1).to_vec();
-            x = Matrix::from_vec(1, cfg.hidden_size, last);
+        // Only the rows whose logits are wanted reach the output layer.
+        let wanted: Vec<std::ops::Range<usize>> = batch
+            .iter()
+            .zip(&spans)
+            .map(|(entry, span)| match entry.logits {
+                Wanted::All => span.clone(),
+                Wanted::Last => span.end - 1..span.end,
+                Wanted::None => span.end..span.end,
+            })
+            .collect();
+        if wanted.iter().all(|r| r.is_empty()) {
+            return Ok(vec![Matrix::zeros(0, cfg.vocab_size); batch.len()]);
         }
-        let mut logits = self.lm_head.forward(&self.final_norm.forward(&x));
+        let rows = wanted.iter().map(|r| x.rows_range(r.clone())).collect();
+        let mut logits = self.lm_head.forward(
+            &self
+                .final_norm
+                .forward(&Matrix::stack(rows, cfg.hidden_size)),
+        );
         if let Some(cap) = self.softcap.as_ref().and_then(|s| s.logits()) {
             logits
                 .data
                 .iter_mut()
                 .for_each(|l| *l = crate::cpu::softcap(*l, cap));
         }
-        Ok(logits)
+        let mut first = 0;
+        Ok(wanted
+            .iter()
+            .map(|r| {
+                let out = logits.rows_range(first..first + r.len());
+                first += r.len();
+                out
+            })
+            .collect())
     }
+}
+
+/// Runs `encode` over each sequence's rows of `x` with its positions: position encodings may
+/// depend on how long the sequence is (dynamic NTK, LongRoPE), never on its batch-mates.
+fn per_sequence(
+    x: &mut Matrix,
+    spans: &[std::ops::Range<usize>],
+    positions: &[usize],
+    mut encode: impl FnMut(&mut Matrix, &[usize]),
+) {
+    if let [_] = spans {
+        return encode(x, positions);
+    }
+    for span in spans {
+        let mut rows = x.rows_range(span.clone());
+        encode(&mut rows, &positions[span.clone()]);
+        x.data[span.start * x.cols..span.end * x.cols].copy_from_slice(&rows.data);
+    }
+}
+
+/// Which logits a sequence of a batch wants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wanted {
+    /// The next-token logits: the last row's.
+    Last,
+    /// Every row's (scoring a prompt, verifying a draft).
+    All,
+    /// None (a prefill chunk that is not the prompt's last).
+    None,
+}
+
+/// One sequence's share of a batch, as llama.cpp's `llama_batch` holds it: its next tokens
+/// (at the positions after those its cache holds), its cache, the logits it wants.
+pub struct BatchEntry<'a> {
+    pub tokens: &'a [u32],
+    pub kv: &'a mut dyn SequenceKv,
+    pub logits: Wanted,
 }
 
 /// Splits a fused q/k/v projection output (see [`QkvLayout`]) into its parts.

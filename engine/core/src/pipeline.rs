@@ -13,7 +13,7 @@ use bevy_ecs::prelude::*;
 use crate::app::{App, Stage};
 use crate::config::ModelConfig;
 use crate::external::Deferred;
-use crate::model::Model;
+use crate::model::{BatchEntry, Model, Wanted};
 use crate::ops::SequenceKv;
 use crate::text::TextStream;
 
@@ -200,29 +200,74 @@ fn admit(
     }
 }
 
+/// One running request's share of a step's forward.
+struct Feed<'w> {
+    tokens: Vec<u32>,
+    kv: Mut<'w, Kv>,
+    logits: Mut<'w, Logits>,
+    state: Mut<'w, SeqState>,
+    timing: Mut<'w, Timing>,
+    prefill: bool,
+}
+
+/// One batched forward over every running request's uncached tokens (a prompt being admitted
+/// beside the decode steps of the others); a request whose tokens cannot be fed fails alone.
 fn forward(
     model: Res<ModelResource>,
     mut running: Query<(&Tokens, &mut Kv, &mut Logits, &mut SeqState, &mut Timing)>,
 ) {
-    for (tokens, mut kv, mut logits, mut state, mut timing) in &mut running {
+    let model = &model.0;
+    let mut feeds = Vec::new();
+    for (tokens, kv, logits, mut state, timing) in &mut running {
         if *state != SeqState::Running {
             continue;
         }
         let cached = kv.0.len(0);
         let feed: Vec<u32> = (cached..tokens.len()).map(|i| tokens.get(i)).collect();
-        let started = Instant::now();
-        match model.0.forward(&feed, kv.0.as_mut(), false) {
-            Ok(out) => logits.0 = out.data,
-            Err(e) => {
-                *state = SeqState::Failed(format!("{e:#}"));
-                continue;
+        if let Err(e) = model.check_feed(&feed, cached) {
+            *state = SeqState::Failed(format!("{e:#}"));
+            continue;
+        }
+        feeds.push(Feed {
+            tokens: feed,
+            kv,
+            logits,
+            state,
+            timing,
+            prefill: cached == 0,
+        });
+    }
+    if feeds.is_empty() {
+        return;
+    }
+    let started = Instant::now();
+    let mut batch: Vec<BatchEntry<'_>> = feeds
+        .iter_mut()
+        .map(|Feed { tokens, kv, .. }| BatchEntry {
+            tokens,
+            kv: kv.0.as_mut(),
+            logits: Wanted::Last,
+        })
+        .collect();
+    let result = model.forward_batch(&mut batch);
+    drop(batch);
+    let elapsed = started.elapsed();
+    match result {
+        Ok(outputs) => {
+            for (mut feed, out) in feeds.into_iter().zip(outputs) {
+                feed.logits.0 = out.data;
+                if feed.prefill {
+                    feed.timing.prefill += elapsed;
+                } else {
+                    feed.timing.decode += elapsed;
+                    feed.timing.decode_steps += 1;
+                }
             }
         }
-        if cached == 0 {
-            timing.prefill += started.elapsed();
-        } else {
-            timing.decode += started.elapsed();
-            timing.decode_steps += 1;
+        Err(e) => {
+            for mut feed in feeds {
+                *feed.state = SeqState::Failed(format!("{e:#}"));
+            }
         }
     }
 }

@@ -41,6 +41,26 @@ impl Matrix {
         self.data.chunks_exact_mut(self.cols.max(1))
     }
 
+    /// Rows `range` as a matrix of their own.
+    pub fn rows_range(&self, range: std::ops::Range<usize>) -> Matrix {
+        let data = self.data[range.start * self.cols..range.end * self.cols].to_vec();
+        Matrix::from_vec(range.len(), self.cols, data)
+    }
+
+    /// `parts` one under another (each `cols` wide).
+    pub fn stack(parts: Vec<Matrix>, cols: usize) -> Matrix {
+        if parts.len() == 1 {
+            return parts.into_iter().next().expect("one part");
+        }
+        let rows = parts.iter().map(|m| m.rows).sum();
+        let mut data = Vec::with_capacity(rows * cols);
+        for part in parts {
+            debug_assert_eq!(part.cols, cols);
+            data.extend(part.data);
+        }
+        Matrix::from_vec(rows, cols, data)
+    }
+
     /// Element-wise `self += other` (residual connections).
     pub fn add_assign(&mut self, other: &Matrix) {
         debug_assert_eq!((self.rows, self.cols), (other.rows, other.cols));
