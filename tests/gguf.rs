@@ -141,7 +141,8 @@ fn llama3_and_qwen2_pre_tokenizers_split_as_transformers_gguf_tokenizer_does() {
 /// Each pre-tokenizer name llama.cpp's converter writes for a published byte-level tokenizer
 /// (falcon, mpt, smollm, starcoder, dbrx): that tokenizer's vocabulary cut to its first merges,
 /// against Hugging Face `tokenizers` running the published tokenizer.json on it; and Mistral
-/// NeMo's `tekken` on DOLMA 2's vocabulary against transformers' GGUF tokenizer loader, and
+/// NeMo's `tekken`, and `llama-bpe`/`llama3` and `qwen2`/`deepseek-r1-qwen` once more, on
+/// DOLMA 2's vocabulary against transformers' GGUF tokenizer loader, and
 /// BLOOM's `bloom` and DeepSeek's `deepseek-llm` on it against llama.cpp's own tokenizer
 /// (tests/fixtures/make_pre_tokenizer_fixtures.py).
 #[test]
@@ -173,19 +174,49 @@ fn published_pre_tokenizers_split_as_their_tokenizer_json_does() {
         names.push(name);
     }
     names.sort();
-    assert_eq!(
-        names,
-        [
-            "bloom",
-            "dbrx",
-            "deepseek-llm",
-            "falcon",
-            "mpt",
-            "smollm",
-            "starcoder",
-            "tekken"
-        ]
+    let expected = [
+        "bloom",
+        "dbrx",
+        "deepseek-llm",
+        "deepseek-r1-qwen",
+        "falcon",
+        "llama-bpe",
+        "llama3",
+        "mpt",
+        "qwen2",
+        "smollm",
+        "starcoder",
+        "tekken",
+    ];
+    assert_eq!(names, expected);
+}
+
+/// A byte-level vocabulary under a pre-tokenizer name vibee does not know: refused by name
+/// when text is to be tokenized, while the model still runs on token ids.
+#[test]
+fn an_unknown_pre_tokenizer_is_named_and_token_ids_still_run() {
+    let dir = scratch_copy("gguf-llama-gqa-llama-bpe");
+    let file = dir.path().join("model.gguf");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let name = b"llama-bpe";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap();
+    bytes[at..at + name.len()].copy_from_slice(b"llama-bpX");
+    std::fs::write(&file, &bytes).unwrap();
+    let mut engine = load(&file, "auto").unwrap();
+    assert!(engine.tokenizer.is_none());
+    let why = engine.tokenizer_error.clone().unwrap();
+    assert!(
+        why.contains("pre-tokenizer `llama-bpX` is not supported yet"),
+        "{why}"
     );
+    let params = vibee_core::pipeline::SamplingParams {
+        temperature: 0.0,
+        max_tokens: 4,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let out = vibee_core::runner::generate(&mut engine.app, vec![1, 17, 42], params).unwrap();
+    assert_eq!(out.tokens.len(), 4);
 }
 
 #[test]

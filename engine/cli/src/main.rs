@@ -198,6 +198,10 @@ struct BenchArgs {
     /// Runs to take the best of.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// Requests run at once, one level after another (e.g. `1,8,32`): each level's aggregate
+    /// and per-sequence speeds, the requests sharing every step's batched forward.
+    #[arg(long, value_delimiter = ',')]
+    concurrency: Vec<usize>,
     #[arg(long)]
     json: bool,
 }
@@ -501,9 +505,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 tokenizer.encode_chat(&messages, true)?
             }
             Some(tokenizer) => tokenizer.encode(text)?,
-            None => {
-                bail!("this model has no tokenizer.json; pass --prompt-ids instead of --prompt")
-            }
+            None => match &engine.tokenizer_error {
+                Some(why) => bail!("{why}"),
+                None => {
+                    bail!("this model has no tokenizer.json; pass --prompt-ids instead of --prompt")
+                }
+            },
         },
         (None, None) => bail!("give a prompt with --prompt TEXT or --prompt-ids 1,2,3"),
     };
@@ -763,6 +770,9 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if args.prompt_tokens == 0 || args.gen_tokens < 2 || args.repeat == 0 {
         bail!("--prompt-tokens must be ≥ 1, --gen-tokens ≥ 2 and --repeat ≥ 1");
     }
+    if !args.concurrency.is_empty() {
+        return bench_concurrency(args);
+    }
     let mut engine = load(&args.model)?;
     let config = engine.model.config.clone();
     let prompt = bench_tokens(args.prompt_tokens, config.vocab_size);
@@ -828,6 +838,113 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The most requests one `--concurrency` level may hold.
+const MAX_CONCURRENCY: usize = 4096;
+
+/// `vibee bench --concurrency`: per level, the best of `--repeat` runs of that many requests
+/// at once (distinct prompts of the same length, greedy, the same number of new tokens).
+fn bench_concurrency(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(bad) = args
+        .concurrency
+        .iter()
+        .find(|c| **c == 0 || **c > MAX_CONCURRENCY)
+    {
+        bail!("--concurrency {bad}: each level must be 1 to {MAX_CONCURRENCY} requests");
+    }
+    let mut engine = load(&args.model)?;
+    let vocab = engine.model.config.vocab_size;
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: args.gen_tokens,
+        ignore_eos: true,
+        ..SamplingParams::default()
+    };
+    let mut levels = Vec::new();
+    for &concurrency in &args.concurrency {
+        let mut best: Option<serde_json::Value> = None;
+        for _ in 0..args.repeat {
+            let requests = (0..concurrency)
+                .map(|i| {
+                    let prompt = bench_tokens(args.prompt_tokens + i, vocab)[i..].to_vec();
+                    (prompt, params.clone())
+                })
+                .collect();
+            let outputs = runner::generate_many(&mut engine.app, requests)
+                .into_iter()
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let level = concurrency_report(concurrency, &outputs);
+            let key = |v: &serde_json::Value| v["aggregate_decode_tokens_per_s"].as_f64();
+            if best.as_ref().is_none_or(|b| key(&level) > key(b)) {
+                best = Some(level);
+            }
+        }
+        levels.push(best.expect("at least one run"));
+    }
+    let report = json!({
+        "engine": "vibee",
+        "model": args.model.model.as_deref().map(Path::display).map(|d| d.to_string()),
+        "threads": rayon::current_num_threads(),
+        "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens,
+        "levels": levels,
+        "peak_resident_bytes": peak_resident_bytes(),
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        for level in &levels {
+            println!(
+                "concurrency {:>4}: decode {:.1} tok/s aggregate, {:.2} per sequence · prefill {:.1} tok/s · first token {:.3}s",
+                level["concurrency"],
+                level["aggregate_decode_tokens_per_s"].as_f64().unwrap_or_default(),
+                level["per_sequence_decode_tokens_per_s"].as_f64().unwrap_or_default(),
+                level["aggregate_prefill_tokens_per_s"].as_f64().unwrap_or_default(),
+                level["time_to_first_token_s"].as_f64().unwrap_or_default(),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One level's speeds from its requests' outputs: they ran in lockstep, so the level's decode
+/// (prefill) wall time is the longest any request spent decoding (prefilling).
+fn concurrency_report(concurrency: usize, outputs: &[runner::GenerateOutput]) -> serde_json::Value {
+    // n / rate for a time, n / time for a rate: both zero where the divisor is.
+    let per = |n: f64, by: f64| if by > 0.0 { n / by } else { 0.0 };
+    let seconds = per;
+    let decoded: f64 = outputs.iter().map(|o| o.tokens.len() as f64 - 1.0).sum();
+    let decode_wall = outputs
+        .iter()
+        .map(|o| seconds(o.tokens.len() as f64 - 1.0, o.decode_tokens_per_s))
+        .fold(0.0, f64::max);
+    let prompted: f64 = outputs.iter().map(|o| o.prompt_tokens as f64).sum();
+    let prefill_wall = outputs
+        .iter()
+        .map(|o| seconds(o.prompt_tokens as f64, o.prefill_tokens_per_s))
+        .fold(0.0, f64::max);
+    let per_sequence =
+        outputs.iter().map(|o| o.decode_tokens_per_s).sum::<f64>() / outputs.len() as f64;
+    let first_token = outputs
+        .iter()
+        .map(|o| o.time_to_first_token_s)
+        .fold(0.0, f64::max);
+    json!({
+        "concurrency": concurrency,
+        "aggregate_decode_tokens_per_s": per(decoded, decode_wall),
+        "per_sequence_decode_tokens_per_s": per_sequence,
+        "aggregate_prefill_tokens_per_s": per(prompted, prefill_wall),
+        "time_to_first_token_s": first_token,
+    })
+}
+
+/// The process's peak resident memory (Linux `VmHWM`), when the system says.
+fn peak_resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 fn conformance(args: ConformanceArgs) -> anyhow::Result<()> {

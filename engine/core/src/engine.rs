@@ -20,6 +20,9 @@ pub struct Engine {
     pub model: Arc<Model>,
     /// Absent when the checkpoint ships no tokenizer; token ids still work.
     pub tokenizer: Option<Arc<Tokenizer>>,
+    /// Why a GGUF file's embedded vocabulary could not be read (a form vibee does not run
+    /// yet): the model still runs on token ids.
+    pub tokenizer_error: Option<String>,
 }
 
 /// Expands `auto` into the plugins the checkpoint's config needs.
@@ -55,7 +58,13 @@ impl Engine {
         let config = checkpoint.config()?;
         let names = expand_auto(requested, &config);
         let plugins = resolve(&names, registry, catalog)?;
-        let tokenizer = checkpoint.tokenizer(&config)?.map(Arc::new);
+        let (tokenizer, tokenizer_error) = match checkpoint.tokenizer(&config) {
+            Ok(tokenizer) => (tokenizer.map(Arc::new), None),
+            Err(e) if matches!(checkpoint, Checkpoint::Gguf { .. }) => {
+                (None, Some(format!("{e:#}")))
+            }
+            Err(e) => return Err(e),
+        };
         let mut app = App::new(Pipeline::Serving);
         // Text and third-party extensions come first: plugins' builds may depend on them.
         if let Some(tokenizer) = &tokenizer {
@@ -77,6 +86,7 @@ impl Engine {
             app,
             model,
             tokenizer,
+            tokenizer_error,
         })
     }
 }

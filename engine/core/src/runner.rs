@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use anyhow::bail;
+use bevy_ecs::entity::Entity;
 use serde::Serialize;
 
 use crate::app::App;
@@ -86,6 +87,57 @@ pub fn generate_streaming(
             _ => {}
         }
     };
+    Ok(collect(app, entity, finish))
+}
+
+/// Runs every prompt through the pipeline at once (they share each step's batched forward)
+/// until all are done; each result is its request's own output, or why it failed.
+pub fn generate_many(
+    app: &mut App,
+    requests: Vec<(Vec<u32>, SamplingParams)>,
+) -> Vec<anyhow::Result<GenerateOutput>> {
+    let mut pending: Vec<anyhow::Result<Entity>> = requests
+        .into_iter()
+        .map(|(prompt, params)| {
+            validate(app, &prompt, &params)?;
+            Ok(app.world.spawn(request_bundle(prompt, params)).id())
+        })
+        .collect();
+    let mut results: Vec<Option<anyhow::Result<GenerateOutput>>> =
+        pending.iter().map(|_| None).collect();
+    loop {
+        for (slot, entity) in results.iter_mut().zip(&mut pending) {
+            if slot.is_some() {
+                continue;
+            }
+            let id = match entity {
+                Ok(id) => *id,
+                Err(e) => {
+                    *slot = Some(Err(anyhow::anyhow!("{e:#}")));
+                    continue;
+                }
+            };
+            match app.world.get::<SeqState>(id) {
+                Some(SeqState::Finished(reason)) => {
+                    let reason = *reason;
+                    *slot = Some(Ok(collect(app, id, reason)));
+                }
+                Some(SeqState::Failed(why)) => {
+                    *slot = Some(Err(anyhow::anyhow!("generation failed: {why}")));
+                    app.world.despawn(id);
+                }
+                _ => {}
+            }
+        }
+        if results.iter().all(Option::is_some) {
+            return results.into_iter().map(|r| r.expect("all done")).collect();
+        }
+        app.step();
+    }
+}
+
+/// A finished request's output; the request leaves the world.
+fn collect(app: &mut App, entity: Entity, finish: FinishReason) -> GenerateOutput {
     let tokens = app.world.get::<Tokens>(entity).cloned().unwrap_or_default();
     let timing = app.world.get::<Timing>(entity).cloned().unwrap_or_default();
     let text = app
@@ -102,7 +154,7 @@ pub fn generate_streaming(
             n as f64 / d.as_secs_f64()
         }
     };
-    Ok(GenerateOutput {
+    GenerateOutput {
         prompt_tokens: tokens.prompt.len(),
         prefill_tokens_per_s: rate(tokens.prompt.len(), timing.prefill),
         decode_tokens_per_s: rate(timing.decode_steps, timing.decode),
@@ -111,5 +163,5 @@ pub fn generate_streaming(
         text: has_tokenizer.then_some(text.released),
         flags: text.flags,
         finish_reason: finish,
-    })
+    }
 }
