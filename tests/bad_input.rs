@@ -159,6 +159,18 @@ fn every_unknown_config_key_is_named_in_one_error() {
     for key in ["sliding_window", "attn_temperature", "use_bias"] {
         assert!(err.contains(key), "{key} missing from: {err}");
     }
+    // Keys inside the rope scaling and the quantization config join the same list.
+    let quantized = scratch_copy("llama-gqa-awq-g32");
+    edit_config(quantized.path(), |c| {
+        c["attn_temperature"] = 0.5.into();
+        c["rope_parameters"]["ramp"] = 1.into();
+        c["quantization_config"]["clip"] = true.into();
+    });
+    let err = load_error(quantized.path(), "auto");
+    assert!(
+        err.ends_with(": attn_temperature, rope_parameters.ramp, quantization_config.clip"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -366,6 +378,30 @@ fn nan_or_infinite_scales_of_stored_quantized_layers_are_refused_naming_the_tens
                 && err.contains("at element 3")
                 && err.contains("must be finite"),
             "{fixture}: {err}"
+        );
+    }
+}
+
+/// AWQ and GPTQ layers hold their grouping in their tensors' shapes; a config whose
+/// `group_size` says otherwise (or is larger than the layers) is refused by name.
+#[test]
+fn a_group_size_that_disagrees_with_the_stored_groups_is_refused() {
+    for (fixture, size) in [
+        ("llama-gqa-awq-g32", "4096"),
+        ("llama-gqa-gptq-g32-actorder", "64"),
+        ("llama-gqa-gptq-8bit", "32"),
+    ] {
+        let dir = scratch_copy(fixture);
+        let path = dir.path().join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let before = config["quantization_config"]["group_size"].clone();
+        config["quantization_config"]["group_size"] = serde_json::from_str(size).unwrap();
+        std::fs::write(&path, config.to_string()).unwrap();
+        let err = load_error(dir.path(), "auto");
+        assert!(
+            err.contains(&format!("quantization_config.group_size is {size}, but")),
+            "{fixture} (group_size {before} -> {size}): {err}"
         );
     }
 }

@@ -10,6 +10,8 @@ use super::ConfigError;
 pub struct Fields<'a> {
     map: &'a Map<String, Value>,
     read: BTreeSet<&'a str>,
+    /// Keys of nested objects (`rope_parameters.x`) that their readers did not ask for.
+    nested: Vec<String>,
 }
 
 /// A count: a non-negative integer, also when written as an integral float (`4096.0`, as
@@ -32,6 +34,7 @@ impl<'a> Fields<'a> {
         Self {
             map,
             read: BTreeSet::new(),
+            nested: Vec::new(),
         }
     }
 
@@ -141,12 +144,22 @@ impl<'a> Fields<'a> {
         }
     }
 
-    /// Every key no reader asked for and `inert` does not name, in the file's order.
+    /// Every key no reader asked for and `inert` does not name, in the file's order, then
+    /// those of nested objects.
     pub fn unread(&self, inert: impl Fn(&str) -> bool) -> Vec<String> {
         self.map
             .keys()
             .filter(|k| !self.read.contains(k.as_str()) && !inert(k))
             .cloned()
+            .chain(self.nested.iter().cloned())
             .collect()
+    }
+
+    /// Hands the unread keys of the nested object `inner` (this object's `key`) up to this
+    /// one's report, as `key.inner_key`, so that one error names every unknown key.
+    pub fn adopt(&mut self, key: &str, inner: &Fields<'_>, inert: impl Fn(&str) -> bool) {
+        let unread = inner.unread(inert);
+        self.nested
+            .extend(unread.into_iter().map(|k| format!("{key}.{k}")));
     }
 }

@@ -129,6 +129,9 @@ pub struct ModelConfig {
     pub rope_interleaved: bool,
     /// The quantization plugin the stored weights need (`gguf` for GGUF block types).
     pub quantization: Option<&'static str>,
+    /// `quantization_config.group_size` of an AWQ or GPTQ checkpoint (−1: one group per
+    /// row), which must be the grouping its tensors hold.
+    pub quantization_group_size: Option<i64>,
     /// Per layer: attend with no position encoding at all (NoPE; SmolLM3's `no_rope_layers`).
     pub nope_layers: Vec<bool>,
     /// Attention scores pass through `cap · tanh(score / cap)` (Gemma 2).

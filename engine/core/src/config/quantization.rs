@@ -38,11 +38,13 @@ const GPTQ_PROVENANCE_KEYS: &[&str] = &[
 
 /// Reads `quantization_config`: the plugin the stored tensors need (`awq` for AutoAWQ's GEMM
 /// layout, `gptq` for GPTQ's, `hqq` for the `hqq` package's), after refusing every variant
-/// whose tensors mean something else. Group sizes and bit widths are read again from the
-/// tensors' shapes by the loaders.
-pub fn quantization_config<'a>(f: &mut Fields<'a>) -> Result<Option<&'static str>, ConfigError> {
+/// whose tensors mean something else, and AWQ's and GPTQ's `group_size` (which the loaders
+/// hold to the tensors' grouping; bit widths they read from the tensors' shapes).
+pub fn quantization_config<'a>(
+    f: &mut Fields<'a>,
+) -> Result<(Option<&'static str>, Option<i64>), ConfigError> {
     let Some(value) = f.get("quantization_config") else {
-        return Ok(None);
+        return Ok((None, None));
     };
     let map = value
         .as_object()
@@ -123,17 +125,7 @@ pub fn quantization_config<'a>(f: &mut Fields<'a>) -> Result<Option<&'static str
     } else {
         &[]
     };
-    let unknown = q.unread(|k| provenance.contains(&k));
-    if !unknown.is_empty() {
-        let named: Vec<String> = unknown
-            .iter()
-            .map(|k| format!("quantization_config.{k}"))
-            .collect();
-        return Err(invalid(format!(
-            "{} {} not understood by vibee; refusing to guess",
-            named.join(", "),
-            if named.len() == 1 { "is" } else { "are" }
-        )));
-    }
-    Ok(Some(plugin))
+    f.adopt("quantization_config", &q, |k| provenance.contains(&k));
+    let group = if plugin == "hqq" { None } else { group };
+    Ok((Some(plugin), group))
 }

@@ -150,16 +150,6 @@ pub fn rope<'a>(
         // transformers grows the base past `max_position_embeddings`, whatever this says.
         p.usize("original_max_position_embeddings")?;
     }
-    let extra = p.unread(|_| false);
-    if !extra.is_empty() {
-        return Err(invalid(format!(
-            "`{key}` keys not understood for rope type {kind}: {}",
-            extra
-                .iter()
-                .map(|k| format!("{key}.{k}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    }
+    f.adopt(key, &p, |_| false);
     Ok((theta, scaling, partial))
 }

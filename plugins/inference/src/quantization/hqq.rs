@@ -70,10 +70,12 @@ impl Factory<dyn Quantization> for HalfQuadratic {
         _dim: usize,
     ) -> anyhow::Result<Box<dyn Quantization>> {
         Ok(if cx.config.quantization == Some("hqq") {
+            // Each layer stores its own group size beside its tensors.
             Box::new(StoredLayout {
                 method: "hqq",
                 marker: "W_q",
                 read,
+                group_size: None,
             })
         } else {
             Box::new(self.clone())

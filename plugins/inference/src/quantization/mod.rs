@@ -71,6 +71,8 @@ struct StoredLayout {
     method: &'static str,
     marker: &'static str,
     read: ReadLayer,
+    /// The config's `group_size`, which each layer's grouping must be.
+    group_size: Option<i64>,
 }
 
 /// Registers the loader of `method`'s packed layout, whose layers hold a `qweight`.
@@ -79,6 +81,7 @@ fn register_stored(app: &mut App, method: &'static str, read: ReadLayer) {
         method,
         marker: "qweight",
         read,
+        group_size: None,
     })));
 }
 
@@ -96,11 +99,14 @@ impl Factory<dyn Quantization> for StoredLayout {
 
     fn build(
         &self,
-        _cx: &BuildContext<'_>,
+        cx: &BuildContext<'_>,
         _prefix: &str,
         _dim: usize,
     ) -> anyhow::Result<Box<dyn Quantization>> {
-        Ok(Box::new(*self))
+        Ok(Box::new(StoredLayout {
+            group_size: cx.config.quantization_group_size,
+            ..*self
+        }))
     }
 }
 
@@ -122,6 +128,14 @@ impl Quantization for StoredLayout {
         }
         let layer = (self.read)(weights, prefix, out, inp)
             .with_context(|| format!("cannot read the {} layer `{prefix}`", self.method))?;
+        if let Some(said) = self.group_size {
+            let (groups, held) = (layer.groups(), inp / layer.groups());
+            let size = usize::try_from(said).unwrap_or(inp);
+            anyhow::ensure!(
+                size == held,
+                "quantization_config.group_size is {said}, but `{prefix}` holds {groups} groups of {held} for its {inp} inputs"
+            );
+        }
         layer.into_linear(prefix).map(Some)
     }
 }

@@ -378,6 +378,7 @@ pub fn decoder(
         (None, Some(k)) => k * hidden_size,
         (None, None) => dimension(f, defaults.intermediate_key.unwrap_or("intermediate_size"))?,
     };
+    let (quantization, quantization_group_size) = quantization_config(f)?;
     let dtype = match f.string("dtype")? {
         Some(d) => Some(d),
         None => f.string("torch_dtype")?,
@@ -419,7 +420,8 @@ pub fn decoder(
         moe: None,
         mla: None,
         rope_interleaved: false,
-        quantization: quantization_config(f)?,
+        quantization,
+        quantization_group_size,
         nope_layers: vec![false; num_layers],
         attn_softcap: None,
         final_softcap: None,
