@@ -821,6 +821,31 @@ mod tests {
                 r#"{"type": "linear", "factor": 0}"#,
                 "`factor` must be a positive number",
             ),
+            (
+                "rope_scaling",
+                r#"{"type": "yarn", "factor": 4, "original_max_position_embeddings": 0}"#,
+                "original_max_position_embeddings must be positive",
+            ),
+            (
+                "rope_scaling",
+                r#"{"type": "yarn", "factor": 4, "original_max_position_embeddings": 1024, "beta_fast": -32}"#,
+                "`rope_scaling.beta_fast` must be positive, got -32",
+            ),
+            (
+                "rope_scaling",
+                r#"{"type": "yarn", "factor": 4, "original_max_position_embeddings": 1024, "attention_factor": -1}"#,
+                "`rope_scaling.attention_factor` must be positive",
+            ),
+            (
+                "rope_scaling",
+                r#"{"type": "longrope", "short_factor": [1, 1, 1, 1], "long_factor": [0, 0, 0, 0], "original_max_position_embeddings": 8}"#,
+                "`rope_scaling.long_factor` holds 0: every factor must be positive",
+            ),
+            (
+                "rope_scaling",
+                r#"{"type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 4, "original_max_position_embeddings": 64}"#,
+                "`rope_scaling.high_freq_factor` (4) must exceed low_freq_factor (4)",
+            ),
         ] {
             let e = refusal(&with(key, value));
             assert!(e.contains(expected), "{key}={value}: {e}");

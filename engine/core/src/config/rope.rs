@@ -51,7 +51,20 @@ pub fn rope<'a>(
     // Where neither gives it, transformers takes max_position_embeddings.
     let original = |p: &mut Fields<'a>| -> Result<usize, ConfigError> {
         let inner = p.usize("original_max_position_embeddings")?;
-        Ok(top_original.or(inner).unwrap_or(max_position_embeddings))
+        match top_original.or(inner).unwrap_or(max_position_embeddings) {
+            0 => Err(invalid(
+                "original_max_position_embeddings must be positive".into(),
+            )),
+            n => Ok(n),
+        }
+    };
+    // Scaling settings that no model uses and that turn the frequencies into infinities or
+    // NaNs: refused by name.
+    let positive = |name: &str, value: f64| match value > 0.0 && value.is_finite() {
+        true => Ok(value),
+        false => Err(invalid(format!(
+            "`{key}.{name}` must be positive, got {value}"
+        ))),
     };
     let theta = p
         .positive("rope_theta")?
@@ -86,8 +99,13 @@ pub fn rope<'a>(
                 p.f64(name)?
                     .ok_or_else(|| invalid(format!("`{key}` of type llama3 needs `{name}`")))
             };
-            let low_freq_factor = need("low_freq_factor")?;
-            let high_freq_factor = need("high_freq_factor")?;
+            let low_freq_factor = positive("low_freq_factor", need("low_freq_factor")?)?;
+            let high_freq_factor = positive("high_freq_factor", need("high_freq_factor")?)?;
+            if high_freq_factor <= low_freq_factor {
+                return Err(invalid(format!(
+                    "`{key}.high_freq_factor` ({high_freq_factor}) must exceed low_freq_factor ({low_freq_factor})"
+                )));
+            }
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -102,15 +120,15 @@ pub fn rope<'a>(
             let mscale_all_dim = p.f64("mscale_all_dim")?;
             let get_mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
             let attention_factor = match (p.f64("attention_factor")?, mscale, mscale_all_dim) {
-                (Some(a), ..) => a,
+                (Some(a), ..) => positive("attention_factor", a)?,
                 (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => get_mscale(factor, m) / get_mscale(factor, all),
                 _ => get_mscale(factor, 1.0),
             };
             RopeScaling::Yarn {
                 factor,
                 original_max_position_embeddings: original,
-                beta_fast: p.f64("beta_fast")?.filter(|b| *b != 0.0).unwrap_or(32.0),
-                beta_slow: p.f64("beta_slow")?.filter(|b| *b != 0.0).unwrap_or(1.0),
+                beta_fast: positive("beta_fast", p.f64("beta_fast")?.filter(|b| *b != 0.0).unwrap_or(32.0))?,
+                beta_slow: positive("beta_slow", p.f64("beta_slow")?.filter(|b| *b != 0.0).unwrap_or(1.0))?,
                 truncate: p.bool("truncate")?.unwrap_or(true),
                 attention_factor,
                 // Latent attention scales its softmax by this squared (DeepSeek's yarn_apply_mscale).
@@ -127,9 +145,17 @@ pub fn rope<'a>(
                     .ok_or_else(|| invalid(format!("`{key}.{name}` must be a list of numbers")))
             };
             let (short, long) = (list("short_factor")?, list("long_factor")?);
+            for (name, factors) in [("short_factor", &short), ("long_factor", &long)] {
+                if let Some(bad) = factors.iter().find(|f| !(**f > 0.0 && f.is_finite())) {
+                    return Err(invalid(format!(
+                        "`{key}.{name}` holds {bad}: every factor must be positive"
+                    )));
+                }
+            }
+            let attention = p.f64("attention_factor")?;
             let factor = p.f64("factor")?.unwrap_or(max_position_embeddings as f64 / original as f64);
-            let attention_factor = match p.f64("attention_factor")? {
-                Some(a) => a,
+            let attention_factor = match attention {
+                Some(a) => positive("attention_factor", a)?,
                 None if factor <= 1.0 => 1.0,
                 None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
             };
