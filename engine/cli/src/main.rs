@@ -136,6 +136,11 @@ struct RunArgs {
     /// Prompt text (tokenized with the model's tokenizer).
     #[arg(long, conflicts_with = "prompt_ids")]
     prompt: Option<String>,
+    /// Many requests at once, one JSON object a line: `prompt` (text) or `prompt_ids`, and
+    /// any sampling field (`max_tokens`, `temperature`, `top_p`, `seed`, …; the others come
+    /// from this command's flags). Prints one `--json` result a line, in input order.
+    #[arg(long, conflicts_with_all = ["prompt", "prompt_ids", "chat"])]
+    prompts: Option<PathBuf>,
     /// Prompt as comma-separated token ids.
     #[arg(long, value_delimiter = ',')]
     prompt_ids: Option<Vec<u32>>,
@@ -490,6 +495,9 @@ fn load(args: &ModelArgs) -> anyhow::Result<Engine> {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut engine = load(&args.model)?;
+    if let Some(file) = &args.prompts {
+        return run_many(&mut engine, file, sampling(&args));
+    }
     let prompt = match (&args.prompt, &args.prompt_ids) {
         (_, Some(ids)) => ids.clone(),
         (Some(text), None) if text.is_empty() => bail!("the prompt is empty: give some text"),
@@ -514,16 +522,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         (None, None) => bail!("give a prompt with --prompt TEXT or --prompt-ids 1,2,3"),
     };
-    let params = SamplingParams {
-        temperature: if args.greedy { 0.0 } else { args.temperature },
-        top_k: args.top_k,
-        top_p: args.top_p,
-        min_p: args.min_p,
-        repetition_penalty: args.repetition_penalty,
-        seed: args.seed,
-        max_tokens: args.max_tokens,
-        ignore_eos: args.ignore_eos,
-    };
+    let params = sampling(&args);
     check_sampling(&params)?;
     if args.json {
         let out = runner::generate(&mut engine.app, prompt, params)?;
@@ -553,6 +552,81 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         out.time_to_first_token_s
     );
     Ok(())
+}
+
+fn sampling(args: &RunArgs) -> SamplingParams {
+    SamplingParams {
+        temperature: if args.greedy { 0.0 } else { args.temperature },
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+        max_tokens: args.max_tokens,
+        ignore_eos: args.ignore_eos,
+    }
+}
+
+/// `vibee run --prompts FILE`: every line's request through one engine at once. A line that
+/// cannot be read stops the command before anything runs, naming the line; a request that
+/// fails while running gives its line an `error` and leaves the others be.
+fn run_many(engine: &mut Engine, file: &Path, defaults: SamplingParams) -> anyhow::Result<()> {
+    let text = vibee_core::io::read_regular_text(file, vibee_core::io::LARGE_FILE)?;
+    let mut requests = Vec::new();
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let at = || format!("{}:{}", file.display(), n + 1);
+        let request = parse_request(engine, line, &defaults).with_context(at)?;
+        check_sampling(&request.1).with_context(at)?;
+        requests.push(request);
+    }
+    if requests.is_empty() {
+        bail!("{} holds no requests", file.display());
+    }
+    for result in runner::generate_many(&mut engine.app, requests) {
+        let line = match result {
+            Ok(out) => serde_json::to_value(&out)?,
+            Err(e) => json!({ "error": format!("{e:#}") }),
+        };
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// One line of a `--prompts` file: its prompt's ids and its sampling (the line's fields over
+/// `defaults`).
+fn parse_request(
+    engine: &Engine,
+    line: &str,
+    defaults: &SamplingParams,
+) -> anyhow::Result<(Vec<u32>, SamplingParams)> {
+    let serde_json::Value::Object(mut fields) = serde_json::from_str(line)? else {
+        bail!("a request is a JSON object");
+    };
+    let prompt = match (fields.remove("prompt"), fields.remove("prompt_ids")) {
+        (Some(_), Some(_)) => bail!("give `prompt` or `prompt_ids`, not both"),
+        (None, Some(ids)) => serde_json::from_value(ids).context("`prompt_ids`")?,
+        (Some(serde_json::Value::String(text)), None) => match &engine.tokenizer {
+            Some(tokenizer) => tokenizer.encode(&text)?,
+            None => bail!(
+                "{}",
+                engine
+                    .tokenizer_error
+                    .as_deref()
+                    .unwrap_or("this model has no tokenizer.json; give `prompt_ids`")
+            ),
+        },
+        (Some(other), None) => bail!("`prompt` must be text, got {other}"),
+        (None, None) => bail!("the request has neither `prompt` nor `prompt_ids`"),
+    };
+    let mut params = serde_json::to_value(defaults)?;
+    for (key, value) in fields {
+        params[key] = value;
+    }
+    Ok((prompt, serde_json::from_value(params)?))
 }
 
 /// STREAM-like copy bandwidth (bytes read + written per second) over the worker pool, best of

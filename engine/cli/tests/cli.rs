@@ -143,6 +143,83 @@ fn bench_reports_speeds_as_json() {
 }
 
 #[test]
+fn bench_concurrency_reports_each_level() {
+    let out = vibee(&[
+        "bench",
+        "--model",
+        "tests/fixtures/llama-gqa",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "4",
+        "--repeat",
+        "1",
+        "--concurrency",
+        "1,3",
+        "--json",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let levels = json["levels"].as_array().unwrap();
+    assert_eq!(levels.len(), 2);
+    for (level, concurrency) in levels.iter().zip([1, 3]) {
+        assert_eq!(level["concurrency"], concurrency);
+        assert!(level["aggregate_decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(level["per_sequence_decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    }
+    let err = failure(&vibee(&["bench", "--concurrency", "0"]), 1);
+    assert!(
+        err.contains("--concurrency 0: each level must be 1 to"),
+        "{err}"
+    );
+}
+
+/// Each line of a `--prompts` file gets, in input order, what `run --json` gives it alone; a
+/// line that cannot be read is named before anything runs.
+#[test]
+fn run_prompts_answers_each_line_as_run_alone() {
+    let dir = std::env::temp_dir().join(format!("vibee-prompts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("requests.jsonl");
+    let lines = [
+        r#"{"prompt_ids": [1, 17, 42, 99], "max_tokens": 6}"#,
+        r#"{"prompt": "The lighthouse keeper", "max_tokens": 3}"#,
+        r#"{"prompt_ids": [1, 250], "max_tokens": 5, "temperature": 0.7, "seed": 4}"#,
+    ];
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let model = ["--model", "tests/fixtures/llama-gqa", "--greedy"];
+    let mut args = vec!["run", "--prompts", file.to_str().unwrap()];
+    args.extend(model);
+    let many: Vec<serde_json::Value> = stdout(&vibee(&args))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(many.len(), 3);
+    let alone = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["run", "--json"];
+        args.extend(model);
+        args.extend(extra);
+        serde_json::from_str(&stdout(&vibee(&args))).unwrap()
+    };
+    let expected = [
+        alone(&["--prompt-ids", "1,17,42,99", "--max-tokens", "6"]),
+        alone(&["--prompt", "The lighthouse keeper", "--max-tokens", "3"]),
+    ];
+    for (got, want) in many.iter().zip(&expected) {
+        assert_eq!(got["tokens"], want["tokens"]);
+        assert_eq!(got["text"], want["text"]);
+    }
+    // The line's temperature overrides --greedy: a seeded draw of five tokens.
+    assert_eq!(many[2]["tokens"].as_array().unwrap().len(), 5);
+    std::fs::write(&file, r#"{"prompt_ids": [1], "max_tokenz": 2}"#).unwrap();
+    let err = failure(&vibee(&args), 1);
+    assert!(
+        err.contains("requests.jsonl:1: unknown field `max_tokenz`"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn divergence_measures_quantization_against_the_full_precision_model() {
     let measure = |args: &[&str]| -> serde_json::Value {
         let mut all = vec![

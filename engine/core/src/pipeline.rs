@@ -47,7 +47,7 @@ impl Tokens {
 
 /// How the next token is chosen, in the order Hugging Face applies these: repetition penalty,
 /// temperature, top-k, top-p, min-p, then a draw (or argmax when `temperature` is 0).
-#[derive(Component, Debug, Clone, PartialEq, serde::Deserialize)]
+#[derive(Component, Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SamplingParams {
     pub temperature: f32,
