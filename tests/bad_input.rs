@@ -193,8 +193,14 @@ fn unknown_plugin_suggests_the_closest_name() {
 
 #[test]
 fn planned_plugin_is_reported_as_not_implemented() {
-    let err = load_error(&fixture("llama-gqa"), "gqa,rope,rmsnorm,swiglu,paged-kv");
-    assert!(err.contains("`paged-kv` (v2301) is planned"), "{err}");
+    let err = load_error(
+        &fixture("llama-gqa"),
+        "gqa,rope,rmsnorm,swiglu,continuous-batching",
+    );
+    assert!(
+        err.contains("`continuous-batching` (v2320) is planned"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -60,3 +60,65 @@ fn requests_batched_in_one_engine_generate_what_each_generates_alone() {
         assert_eq!(&tokens.generated, expected);
     }
 }
+
+/// A pool too small for every request at once: the newest give their blocks back and wait,
+/// are recomputed when there is room, and still generate what each generates alone; a request
+/// the whole pool cannot hold fails with the numbers; every block is back in the pool after.
+#[test]
+fn a_full_kv_pool_preempts_the_newest_and_loses_no_request() {
+    let plugins = "gqa,rope,rmsnorm,swiglu,sampler,paged-kv";
+    let configs = vibee_core::external::PluginConfigs(
+        [("paged-kv".to_string(), "block=4,blocks=8".to_string())].into(),
+    );
+    let engine = || {
+        vibee_core::Engine::load(
+            &fixture("llama-gqa"),
+            &vibee_tests::plugins(plugins),
+            &vibee_core::Registry::builtin(),
+            &vibee_cli::builtin_plugins(),
+            &configs,
+        )
+        .unwrap()
+    };
+    let params = |max_tokens| SamplingParams {
+        temperature: 0.0,
+        max_tokens,
+        ignore_eos: true,
+        ..SamplingParams::default()
+    };
+    // 20, 8 and 21 tokens at the end: 5 + 2 + 6 blocks of 4 where the pool holds 8.
+    let requests = vec![
+        (vec![1, 17, 42, 99, 5, 200, 31, 8], params(12)),
+        (vec![1, 250, 3], params(5)),
+        (
+            vec![1, 64, 128, 12, 77, 301, 2, 9, 44, 45, 46, 300],
+            params(9),
+        ),
+    ];
+    let alone: Vec<Vec<u32>> = requests
+        .iter()
+        .map(|(prompt, p)| {
+            let mut e = engine();
+            runner::generate(&mut e.app, prompt.clone(), p.clone())
+                .unwrap()
+                .tokens
+        })
+        .collect();
+    let mut shared = engine();
+    let mut all = requests.clone();
+    // 36 prompt tokens need 9 blocks: never, in a pool of 8.
+    all.push(((1..37).collect(), params(2)));
+    let results = runner::generate_many(&mut shared.app, all);
+    for (result, expected) in results.iter().zip(&alone) {
+        assert_eq!(&result.as_ref().unwrap().tokens, expected);
+    }
+    let refused = format!("{:#}", results[3].as_ref().unwrap_err());
+    assert!(
+        refused.contains("9 more blocks of 4 tokens are needed") && refused.contains("pool's 8"),
+        "{refused}"
+    );
+    let metrics = shared.app.world.resource::<vibee_core::pipeline::Metrics>();
+    assert!(metrics.preempted > 0, "the pool never ran short");
+    let usage = shared.model.kv_usage().unwrap();
+    assert_eq!((usage.blocks_in_use, usage.capacity), (0, 8));
+}

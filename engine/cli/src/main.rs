@@ -964,6 +964,7 @@ fn bench_concurrency(args: BenchArgs) -> anyhow::Result<()> {
         "gen_tokens": args.gen_tokens,
         "levels": levels,
         "peak_resident_bytes": peak_resident_bytes(),
+        "kv": engine.model.kv_usage(),
     });
     if args.json {
         println!("{report}");

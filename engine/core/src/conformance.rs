@@ -76,6 +76,8 @@ pub enum Check {
         fixture: String,
         plugins: Vec<String>,
         max_abs_err: f32,
+        #[serde(default)]
+        configs: BTreeMap<String, String>,
     },
     /// Sequences of different lengths and at different points run in one batched forward
     /// give each the logits it gets alone: prefills of the prompt and of two cuts of it side
@@ -84,6 +86,8 @@ pub enum Check {
         fixture: String,
         plugins: Vec<String>,
         max_abs_err: f32,
+        #[serde(default)]
+        configs: BTreeMap<String, String>,
     },
     /// Two plugin sets give the same logits on one checkpoint.
     SameLogits {
@@ -374,9 +378,10 @@ fn run_check(
             fixture,
             plugins,
             max_abs_err,
+            configs,
         } => {
             let reference = Reference::load(&root.join(fixture))?;
-            let engine = load(fixture, plugins)?;
+            let engine = load_configured(fixture, plugins, configs)?;
             let full = full_logits(&engine, &reference.prompt_ids)?;
             let stepped = stepped_logits(&engine, &reference.prompt_ids)?;
             Ok(compare(&stepped, &full.data, *max_abs_err))
@@ -385,9 +390,10 @@ fn run_check(
             fixture,
             plugins,
             max_abs_err,
+            configs,
         } => {
             let reference = Reference::load(&root.join(fixture))?;
-            let engine = load(fixture, plugins)?;
+            let engine = load_configured(fixture, plugins, configs)?;
             let (batched, alone) = batch_and_alone(&engine.model, &reference.prompt_ids)?;
             Ok(compare(&batched, &alone, *max_abs_err))
         }

@@ -307,6 +307,11 @@ impl Model {
         self.kv_cache.new_sequence(&self.config)
     }
 
+    /// How full the KV pool is, for a layout with a bounded one.
+    pub fn kv_usage(&self) -> Option<crate::ops::KvUsage> {
+        self.kv_cache.usage()
+    }
+
     /// Bytes of weights a decode step streams from memory (norm weights are noise).
     pub fn weight_bytes_per_token(&self) -> usize {
         self.weight_bytes
@@ -358,12 +363,15 @@ impl Model {
     /// sequence's logits, with the rows it wants (none for [`Wanted::None`]).
     pub fn forward_batch(&self, batch: &mut [BatchEntry<'_>]) -> anyhow::Result<Vec<Matrix>> {
         let cfg = &self.config;
-        for (i, entry) in batch.iter().enumerate() {
+        let batch_len = batch.len();
+        for (i, entry) in batch.iter_mut().enumerate() {
+            let which = || match batch_len {
+                1 => String::new(),
+                _ => format!("sequence {i} of the batch"),
+            };
             self.check_feed(entry.tokens, entry.kv.len(0))
-                .with_context(|| match batch.len() {
-                    1 => String::new(),
-                    _ => format!("sequence {i} of the batch"),
-                })?;
+                .with_context(which)?;
+            entry.kv.reserve(entry.tokens.len()).with_context(which)?;
         }
         // Sequence `s` owns rows `spans[s]` of every activation matrix.
         let mut spans = Vec::with_capacity(batch.len());

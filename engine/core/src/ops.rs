@@ -192,10 +192,49 @@ pub trait Ffn: Send + Sync {
 /// A KV-cache layout: makes the per-sequence store.
 pub trait KvCache: Send + Sync {
     fn new_sequence(&self, config: &ModelConfig) -> Box<dyn SequenceKv>;
+    /// Blocks in use and the pool's capacity, for a layout that draws from a bounded pool.
+    fn usage(&self) -> Option<KvUsage> {
+        None
+    }
+}
+
+/// How full a bounded KV pool is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct KvUsage {
+    pub blocks_in_use: usize,
+    /// The most blocks in use at once so far.
+    pub peak_blocks: usize,
+    pub capacity: usize,
+    pub block_tokens: usize,
+}
+
+/// A sequence's next tokens do not fit in the KV pool's free blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the KV pool cannot hold {tokens} more tokens: {needed} more blocks of {block} tokens are needed beside the {holding} this sequence holds, and {free} of the pool's {capacity} are free"
+)]
+pub struct KvFull {
+    pub tokens: usize,
+    pub needed: usize,
+    pub holding: usize,
+    pub free: usize,
+    pub capacity: usize,
+    pub block: usize,
+}
+
+impl KvFull {
+    /// Whether the sequence could not fit even with the whole pool to itself.
+    pub fn never_fits(&self) -> bool {
+        self.holding + self.needed > self.capacity
+    }
 }
 
 /// One sequence's cached keys and values, for every layer.
 pub trait SequenceKv: Send + Sync {
+    /// Makes room for `tokens` more tokens in every layer; a layout without a bound always can.
+    fn reserve(&mut self, _tokens: usize) -> Result<(), KvFull> {
+        Ok(())
+    }
     /// Tokens cached in `layer`.
     fn len(&self, layer: usize) -> usize;
     /// `values` may have no columns: layouts that cache one latent per token store keys only.

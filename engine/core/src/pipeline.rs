@@ -157,6 +157,8 @@ pub struct Metrics {
     pub generated_tokens: u64,
     pub finished: u64,
     pub failed: u64,
+    /// Requests that gave their KV blocks back to wait for room (recomputed when readmitted).
+    pub preempted: u64,
 }
 
 /// Everything a new request entity carries.
@@ -214,6 +216,7 @@ struct Feed<'w> {
 /// beside the decode steps of the others); a request whose tokens cannot be fed fails alone.
 fn forward(
     model: Res<ModelResource>,
+    mut metrics: ResMut<Metrics>,
     mut running: Query<(&Tokens, &mut Kv, &mut Logits, &mut SeqState, &mut Timing)>,
 ) {
     let model = &model.0;
@@ -237,6 +240,7 @@ fn forward(
             prefill: cached == 0,
         });
     }
+    reserve_blocks(model, &mut feeds, &mut metrics);
     if feeds.is_empty() {
         return;
     }
@@ -267,6 +271,32 @@ fn forward(
         Err(e) => {
             for mut feed in feeds {
                 *feed.state = SeqState::Failed(format!("{e:#}"));
+            }
+        }
+    }
+}
+
+/// Room in the KV pool for every feed, oldest request first. When the pool runs short the
+/// newest running request gives its blocks back and waits, to be recomputed when it is
+/// admitted again (its tokens so far kept); a request the whole pool could not hold fails,
+/// with the numbers.
+fn reserve_blocks(model: &Model, feeds: &mut Vec<Feed<'_>>, metrics: &mut Metrics) {
+    feeds.sort_by_key(|f| f.timing.submitted);
+    let mut i = 0;
+    while i < feeds.len() {
+        let feed = &mut feeds[i];
+        match feed.kv.0.reserve(feed.tokens.len()) {
+            Ok(()) => i += 1,
+            Err(full) if full.never_fits() => {
+                let mut feed = feeds.remove(i);
+                feed.kv.0 = model.new_sequence();
+                *feed.state = SeqState::Failed(format!("{full}"));
+            }
+            Err(_) => {
+                let mut newest = feeds.pop().expect("the feed that failed is still here");
+                newest.kv.0 = model.new_sequence();
+                *newest.state = SeqState::Waiting;
+                metrics.preempted += 1;
             }
         }
     }

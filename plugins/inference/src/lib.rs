@@ -11,6 +11,7 @@ use vibee_core::Plugin;
 pub fn plugins() -> Vec<Box<dyn Plugin>> {
     vec![
         Box::new(kv_cache::contiguous::ContiguousKvCache),
+        Box::new(kv_cache::paged::PagedKv),
         Box::new(quantization::gguf::Gguf),
         Box::new(quantization::int8::Int8),
         Box::new(quantization::q4::Q4),

@@ -1,3 +1,4 @@
 //! KV-cache family (v2300–v2319).
 
 pub mod contiguous;
+pub mod paged;

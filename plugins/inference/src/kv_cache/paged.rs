@@ -1,0 +1,354 @@
+//! v2301 `paged-kv`: keys and values in fixed-size blocks of tokens, drawn from one pool of a
+//! fixed number of blocks that every sequence shares. A block holds every layer's keys and
+//! values for its tokens; a sequence holds a table of blocks, gains them as it grows and gives
+//! them back when it ends or is preempted, so the memory in use follows the tokens held, not
+//! the longest a request may grow. Latent attention's compressed cache (keys only) is paged
+//! the same way.
+//!
+//! `--plugin-config paged-kv=block=16,blocks=N` (or `memory=GB` for the pool's size; the
+//! default is 16-token blocks and 1 GiB).
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use anyhow::{bail, Context};
+use vibee_core::config::ModelConfig;
+use vibee_core::external::PluginConfigs;
+use vibee_core::ops::{
+    BuildContext, Factory, KvCache, KvFull, KvUsage, KvView, Operator, SequenceKv,
+};
+use vibee_core::{App, Matrix, Plugin, PluginSpec};
+
+pub struct PagedKv;
+
+/// Tokens per block unless configured.
+const DEFAULT_BLOCK: usize = 16;
+/// The pool's size unless configured.
+const DEFAULT_MEMORY: f64 = 1.0;
+/// The largest block accepted: beyond it a block wastes more than paging saves.
+const MAX_BLOCK: usize = 4096;
+
+impl Plugin for PagedKv {
+    fn spec(&self) -> PluginSpec {
+        PluginSpec {
+            id: "v2301",
+            name: "paged-kv",
+        }
+    }
+
+    fn build(&self, app: &mut App) -> anyhow::Result<()> {
+        let text = app
+            .world
+            .get_resource::<PluginConfigs>()
+            .and_then(|c| c.0.get("paged-kv").cloned())
+            .unwrap_or_default();
+        let layout = PagedLayout::parse(&text)
+            .with_context(|| format!("paged-kv's configuration `{text}`"))?;
+        app.register_operator(Operator::KvCache(Arc::new(layout)));
+        Ok(())
+    }
+}
+
+/// How big the pool is: a number of blocks, or the bytes they may take.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum PoolSize {
+    Blocks(usize),
+    Gigabytes(f64),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct PagedLayout {
+    block: usize,
+    size: PoolSize,
+}
+
+impl PagedLayout {
+    /// `block=T,blocks=N` or `block=T,memory=GB`, any part left out for its default.
+    fn parse(text: &str) -> anyhow::Result<Self> {
+        let mut layout = PagedLayout {
+            block: DEFAULT_BLOCK,
+            size: PoolSize::Gigabytes(DEFAULT_MEMORY),
+        };
+        for part in text.split(',').filter(|p| !p.trim().is_empty()) {
+            let (key, value) = part
+                .split_once('=')
+                .with_context(|| format!("`{part}` is not KEY=VALUE"))?;
+            let whole = || -> anyhow::Result<usize> {
+                match value.trim().parse::<usize>() {
+                    Ok(n) if n > 0 => Ok(n),
+                    _ => bail!("`{key}` must be a positive whole number, got `{value}`"),
+                }
+            };
+            match key.trim() {
+                "block" => layout.block = whole()?,
+                "blocks" => layout.size = PoolSize::Blocks(whole()?),
+                "memory" => match value.trim().parse::<f64>() {
+                    Ok(gb) if gb > 0.0 && gb.is_finite() => layout.size = PoolSize::Gigabytes(gb),
+                    _ => bail!("`memory` must be a positive number of GB, got `{value}`"),
+                },
+                other => bail!("unknown setting `{other}` (block, blocks, memory)"),
+            }
+        }
+        if layout.block > MAX_BLOCK {
+            bail!("`block` is {}: at most {MAX_BLOCK} tokens", layout.block);
+        }
+        Ok(layout)
+    }
+}
+
+impl Factory<dyn KvCache> for PagedLayout {
+    fn check(&self, _config: &ModelConfig) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn build(
+        &self,
+        cx: &BuildContext<'_>,
+        _prefix: &str,
+        _dim: usize,
+    ) -> anyhow::Result<Box<dyn KvCache>> {
+        let config = cx.config;
+        // Latent attention caches one latent per token, no values.
+        let values = config.mla.is_none();
+        let floats = self.block * config.num_layers * config.kv_dim() * if values { 2 } else { 1 };
+        let capacity = match self.size {
+            PoolSize::Blocks(n) => n,
+            PoolSize::Gigabytes(gb) => (gb * 1e9 / (floats * 4) as f64) as usize,
+        };
+        if let Some(total) = machine_memory() {
+            if (capacity * floats * 4) as u64 > total {
+                bail!(
+                    "paged-kv: a pool of {capacity} blocks takes {:.2} GB, more than this machine's {:.2} GB",
+                    (capacity * floats * 4) as f64 / 1e9,
+                    total as f64 / 1e9
+                );
+            }
+        }
+        if capacity == 0 {
+            bail!(
+                "paged-kv: the pool holds no block of {} tokens ({floats} floats each)",
+                self.block
+            );
+        }
+        Ok(Box::new(PagedCache {
+            pool: Arc::new(Pool {
+                block: self.block,
+                floats,
+                capacity,
+                free: Mutex::new(Free::default()),
+            }),
+            values,
+        }))
+    }
+}
+
+/// The machine's memory (Linux `MemTotal`), when the system says.
+fn machine_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[derive(Default)]
+struct Free {
+    /// Blocks given back, kept for the next sequence.
+    blocks: Vec<Box<[f32]>>,
+    in_use: usize,
+    peak: usize,
+}
+
+/// The blocks every sequence draws from.
+struct Pool {
+    block: usize,
+    floats: usize,
+    capacity: usize,
+    free: Mutex<Free>,
+}
+
+impl Pool {
+    fn free(&self) -> std::sync::MutexGuard<'_, Free> {
+        // A panic elsewhere cannot leave the counts half-updated: each update is one statement.
+        self.free.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `count` blocks, all or none.
+    fn take(&self, count: usize, holding: usize, tokens: usize) -> Result<Vec<Box<[f32]>>, KvFull> {
+        let mut free = self.free();
+        let available = self.capacity.saturating_sub(free.in_use);
+        if count > available {
+            return Err(KvFull {
+                tokens,
+                needed: count,
+                holding,
+                free: available,
+                capacity: self.capacity,
+                block: self.block,
+            });
+        }
+        free.in_use += count;
+        free.peak = free.peak.max(free.in_use);
+        let reused = free.blocks.len().min(count);
+        let at = free.blocks.len() - reused;
+        let mut blocks: Vec<Box<[f32]>> = free.blocks.drain(at..).collect();
+        drop(free);
+        blocks.extend((reused..count).map(|_| vec![0.0; self.floats].into_boxed_slice()));
+        Ok(blocks)
+    }
+
+    fn give(&self, blocks: Vec<Box<[f32]>>) {
+        let mut free = self.free();
+        free.in_use -= blocks.len();
+        free.blocks.extend(blocks);
+    }
+}
+
+struct PagedCache {
+    pool: Arc<Pool>,
+    values: bool,
+}
+
+impl KvCache for PagedCache {
+    fn new_sequence(&self, config: &ModelConfig) -> Box<dyn SequenceKv> {
+        Box::new(PagedSequence {
+            pool: self.pool.clone(),
+            blocks: Vec::new(),
+            lens: vec![0; config.num_layers],
+            kv_dim: config.kv_dim(),
+            values: self.values,
+        })
+    }
+
+    fn usage(&self) -> Option<KvUsage> {
+        let free = self.pool.free();
+        Some(KvUsage {
+            blocks_in_use: free.in_use,
+            peak_blocks: free.peak,
+            capacity: self.pool.capacity,
+            block_tokens: self.pool.block,
+        })
+    }
+}
+
+/// A block's floats: every layer's keys (`block` tokens each), then every layer's values.
+struct PagedSequence {
+    pool: Arc<Pool>,
+    blocks: Vec<Box<[f32]>>,
+    lens: Vec<usize>,
+    kv_dim: usize,
+    values: bool,
+}
+
+impl PagedSequence {
+    /// Where layer `layer`'s keys (or values) start in a block.
+    fn run(&self, layer: usize, values: bool) -> usize {
+        let per_layer = self.pool.block * self.kv_dim;
+        let layers = self.lens.len();
+        (if values { layers * per_layer } else { 0 }) + layer * per_layer
+    }
+}
+
+impl SequenceKv for PagedSequence {
+    fn reserve(&mut self, tokens: usize) -> Result<(), KvFull> {
+        let longest = self.lens.iter().copied().max().unwrap_or(0);
+        let blocks = (longest + tokens).div_ceil(self.pool.block);
+        if blocks > self.blocks.len() {
+            let more = self
+                .pool
+                .take(blocks - self.blocks.len(), self.blocks.len(), tokens)?;
+            self.blocks.extend(more);
+        }
+        Ok(())
+    }
+
+    fn len(&self, layer: usize) -> usize {
+        self.lens[layer]
+    }
+
+    fn append(&mut self, layer: usize, keys: &Matrix, values: &Matrix) {
+        let (block, kv_dim) = (self.pool.block, self.kv_dim);
+        // The batched forward reserves before it appends; a caller that did not is given its
+        // blocks here, past the pool's count if need be, rather than lose the tokens.
+        let needed = (self.lens[layer] + keys.rows).div_ceil(block);
+        if needed > self.blocks.len() {
+            let missing = needed - self.blocks.len();
+            let extra = self
+                .pool
+                .take(missing, self.blocks.len(), keys.rows)
+                .unwrap_or_else(|_| {
+                    self.pool.free().in_use += missing;
+                    (0..missing)
+                        .map(|_| vec![0.0; self.pool.floats].into_boxed_slice())
+                        .collect()
+                });
+            self.blocks.extend(extra);
+        }
+        let (key_run, value_run) = (self.run(layer, false), self.run(layer, true));
+        for r in 0..keys.rows {
+            let position = self.lens[layer] + r;
+            let (b, slot) = (position / block, position % block);
+            let at = slot * kv_dim;
+            let data = &mut self.blocks[b];
+            data[key_run + at..key_run + at + kv_dim].copy_from_slice(keys.row(r));
+            if self.values && values.cols > 0 {
+                data[value_run + at..value_run + at + kv_dim].copy_from_slice(values.row(r));
+            }
+        }
+        self.lens[layer] += keys.rows;
+    }
+
+    fn view(&self, layer: usize) -> KvView<'_> {
+        let (block, kv_dim, len) = (self.pool.block, self.kv_dim, self.lens[layer]);
+        let (key_run, value_run) = (self.run(layer, false), self.run(layer, true));
+        let chunks = len.div_ceil(block);
+        let filled = |b: usize| (len - b * block).min(block) * kv_dim;
+        KvView {
+            keys: (0..chunks)
+                .map(|b| &self.blocks[b][key_run..key_run + filled(b)])
+                .collect(),
+            values: (0..chunks)
+                .map(|b| match self.values {
+                    true => &self.blocks[b][value_run..value_run + filled(b)],
+                    false => &self.blocks[b][..0],
+                })
+                .collect(),
+            tokens: len,
+        }
+    }
+}
+
+impl Drop for PagedSequence {
+    fn drop(&mut self) {
+        self.pool.give(std::mem::take(&mut self.blocks));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_parse_and_bad_ones_are_named() {
+        assert_eq!(
+            PagedLayout::parse("block=4,blocks=10").unwrap(),
+            PagedLayout {
+                block: 4,
+                size: PoolSize::Blocks(10)
+            }
+        );
+        assert_eq!(
+            PagedLayout::parse("").unwrap().size,
+            PoolSize::Gigabytes(DEFAULT_MEMORY)
+        );
+        for (text, expected) in [
+            ("block=0", "`block` must be a positive whole number"),
+            ("blocks=-3", "`blocks` must be a positive whole number"),
+            ("memory=nan", "`memory` must be a positive number of GB"),
+            ("pages=3", "unknown setting `pages`"),
+            ("block", "`block` is not KEY=VALUE"),
+            ("block=100000", "at most 4096 tokens"),
+        ] {
+            let e = format!("{:#}", PagedLayout::parse(text).unwrap_err());
+            assert!(e.contains(expected), "{text}: {e}");
+        }
+    }
+}
