@@ -99,6 +99,10 @@ struct ModelArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Keep keys and values in one paged pool of this many GB shared by all requests (the
+    /// `paged-kv` plugin, `memory=GB`).
+    #[arg(long)]
+    kv_memory: Option<f64>,
     #[command(flatten)]
     external: ExternalArgs,
 }
@@ -470,6 +474,17 @@ fn load(args: &ModelArgs) -> anyhow::Result<Engine> {
         plugins.extend(file.plugins);
         configs.0.extend(file.configs);
     }
+    if let Some(gb) = args.kv_memory {
+        if !plugins.iter().any(|p| p == "paged-kv") {
+            plugins.push("paged-kv".into());
+        }
+        let paged = configs.0.entry("paged-kv".into()).or_default();
+        if paged.contains("memory=") || paged.contains("blocks=") {
+            bail!("--kv-memory and --plugin-config paged-kv={paged} both size the pool");
+        }
+        let sep = if paged.is_empty() { "" } else { "," };
+        *paged = format!("{paged}{sep}memory={gb}");
+    }
     if let Some(unknown) = configs.0.keys().find(|name| !plugins.contains(name)) {
         bail!("a configuration names `{unknown}`, which is not among the plugins");
     }
@@ -730,6 +745,7 @@ fn divergence(args: DivergenceArgs) -> anyhow::Result<()> {
         model: Some(args.reference.clone()),
         plugins: args.reference_plugins.clone(),
         threads: None,
+        kv_memory: None,
         external: ExternalArgs {
             configs: Vec::new(),
             ..args.model.external.clone()

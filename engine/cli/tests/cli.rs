@@ -457,3 +457,37 @@ fn chat_prompts_go_through_the_chat_template() {
         hello["ids"].as_array().unwrap().len()
     );
 }
+
+#[test]
+fn kv_memory_sizes_a_paged_pool_and_is_refused_past_the_machine() {
+    let run = |gb: &str| {
+        vibee(&[
+            "run",
+            "--kv-memory",
+            gb,
+            "--prompt-ids",
+            "1,2,3",
+            "--max-tokens",
+            "2",
+            "--json",
+        ])
+    };
+    let json: serde_json::Value = serde_json::from_str(&stdout(&run("0.01"))).unwrap();
+    assert_eq!(json["tokens"].as_array().unwrap().len(), 2);
+    let err = failure(&run("100000"), 1);
+    assert!(err.contains("more than this machine's"), "{err}");
+    // Too small for the prompt: refused with the numbers, not a panic.
+    let err = failure(
+        &vibee(&[
+            "run",
+            "--kv-memory",
+            "0.00001",
+            "--prompt-ids",
+            &(1..40).map(|i| i.to_string()).collect::<Vec<_>>().join(","),
+            "--max-tokens",
+            "2",
+        ]),
+        1,
+    );
+    assert!(err.contains("the KV pool cannot hold"), "{err}");
+}
