@@ -122,3 +122,47 @@ fn a_full_kv_pool_preempts_the_newest_and_loses_no_request() {
     let usage = shared.model.kv_usage().unwrap();
     assert_eq!((usage.blocks_in_use, usage.capacity), (0, 8));
 }
+
+/// Prompts prefilled in chunks under a per-step token budget, beside the others' decode
+/// steps, and at most two requests a step: each request still gets what it gets alone.
+#[test]
+fn chunked_prefill_under_a_step_budget_gives_each_request_its_own_tokens() {
+    let plugins = "gqa,rope,rmsnorm,swiglu,sampler";
+    let params = |max_tokens| SamplingParams {
+        temperature: 0.0,
+        max_tokens,
+        ignore_eos: true,
+        ..SamplingParams::default()
+    };
+    let requests = vec![
+        (vec![1, 17, 42, 99, 5, 200, 31, 8], params(6)),
+        (vec![1, 250, 3], params(4)),
+        (
+            vec![1, 64, 128, 12, 77, 301, 2, 9, 44, 45, 46, 300],
+            params(5),
+        ),
+    ];
+    let alone: Vec<Vec<u32>> = requests
+        .iter()
+        .map(|(prompt, p)| {
+            let mut e = load(&fixture("llama-gqa"), plugins).unwrap();
+            runner::generate(&mut e.app, prompt.clone(), p.clone())
+                .unwrap()
+                .tokens
+        })
+        .collect();
+    let mut shared = load(&fixture("llama-gqa"), plugins).unwrap();
+    shared
+        .app
+        .world
+        .insert_resource(vibee_core::pipeline::StepBudget {
+            max_num_batched_tokens: 5,
+            max_num_seqs: 2,
+        });
+    let results = runner::generate_many(&mut shared.app, requests);
+    for (result, expected) in results.iter().zip(&alone) {
+        assert_eq!(&result.as_ref().unwrap().tokens, expected);
+    }
+    let metrics = shared.app.world.resource::<vibee_core::pipeline::Metrics>();
+    assert_eq!(metrics.largest_step_tokens, 5);
+}

@@ -11,7 +11,7 @@ use serde_json::json;
 use vibee_architectures::arch_search::arch_calc::{self, Dtype};
 use vibee_cli::{builtin_model_dir, catalog, load_external};
 use vibee_core::external::{find_external, PluginConfigs};
-use vibee_core::pipeline::SamplingParams;
+use vibee_core::pipeline::{SamplingParams, StepBudget};
 use vibee_core::registry::{SpecEntry, FAMILIES};
 use vibee_core::reload::{PipelineFile, Reloader, Watch};
 use vibee_core::tokenizer::ChatMessage;
@@ -103,6 +103,12 @@ struct ModelArgs {
     /// `paged-kv` plugin, `memory=GB`).
     #[arg(long)]
     kv_memory: Option<f64>,
+    /// Tokens one engine step runs over all requests; longer prompts are prefilled in chunks.
+    #[arg(long, default_value_t = StepBudget::default().max_num_batched_tokens)]
+    max_num_batched_tokens: usize,
+    /// Requests one engine step runs.
+    #[arg(long, default_value_t = StepBudget::default().max_num_seqs)]
+    max_num_seqs: usize,
     #[command(flatten)]
     external: ExternalArgs,
 }
@@ -489,8 +495,15 @@ fn load(args: &ModelArgs) -> anyhow::Result<Engine> {
         bail!("a configuration names `{unknown}`, which is not among the plugins");
     }
     let (registry, catalog) = catalog(external)?;
+    if args.max_num_batched_tokens == 0 || args.max_num_seqs == 0 {
+        bail!("--max-num-batched-tokens and --max-num-seqs must be at least 1");
+    }
     let mut engine = Engine::load(&dir, &plugins, &registry, &catalog, &configs)
         .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+    engine.app.world.insert_resource(StepBudget {
+        max_num_batched_tokens: args.max_num_batched_tokens,
+        max_num_seqs: args.max_num_seqs,
+    });
     if args.external.watch || args.external.pipeline.is_some() {
         Reloader::new(registry, catalog, watch)?.install(&mut engine.app);
     }
@@ -746,6 +759,8 @@ fn divergence(args: DivergenceArgs) -> anyhow::Result<()> {
         plugins: args.reference_plugins.clone(),
         threads: None,
         kv_memory: None,
+        max_num_batched_tokens: args.model.max_num_batched_tokens,
+        max_num_seqs: args.model.max_num_seqs,
         external: ExternalArgs {
             configs: Vec::new(),
             ..args.model.external.clone()

@@ -159,6 +159,8 @@ pub struct Metrics {
     pub failed: u64,
     /// Requests that gave their KV blocks back to wait for room (recomputed when readmitted).
     pub preempted: u64,
+    /// The most tokens one step's forward has run.
+    pub largest_step_tokens: usize,
 }
 
 /// Everything a new request entity carries.
@@ -181,6 +183,7 @@ pub fn request_bundle(prompt: Vec<u32>, params: SamplingParams) -> impl Bundle {
 pub fn install(app: &mut App, model: Arc<Model>) {
     app.world.insert_resource(ModelResource(model));
     app.world.init_resource::<Metrics>();
+    app.world.init_resource::<StepBudget>();
     app.add_systems(Stage::Admit, admit);
     app.add_systems(Stage::Forward, forward);
     app.add_systems(Stage::Emit, emit);
@@ -202,9 +205,29 @@ fn admit(
     }
 }
 
+/// How much one step may run, named as vLLM names them: tokens over all requests (a long
+/// prompt is prefilled in chunks across steps) and requests.
+#[derive(Resource, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepBudget {
+    pub max_num_batched_tokens: usize,
+    pub max_num_seqs: usize,
+}
+
+impl Default for StepBudget {
+    fn default() -> Self {
+        Self {
+            max_num_batched_tokens: 2048,
+            max_num_seqs: 256,
+        }
+    }
+}
+
 /// One running request's share of a step's forward.
 struct Feed<'w> {
+    /// This step's tokens: all the request has not cached, or a chunk of its prompt.
     tokens: Vec<u32>,
+    /// Whether they are all it has not cached, so that the step gives its next token.
+    complete: bool,
     kv: Mut<'w, Kv>,
     logits: Mut<'w, Logits>,
     state: Mut<'w, SeqState>,
@@ -212,19 +235,23 @@ struct Feed<'w> {
     prefill: bool,
 }
 
-/// One batched forward over every running request's uncached tokens (a prompt being admitted
-/// beside the decode steps of the others); a request whose tokens cannot be fed fails alone.
+/// One batched forward over the running requests' uncached tokens within the step's budget:
+/// decode steps first, then prompts (or chunks of them) oldest first. A request whose
+/// tokens cannot be fed fails alone; one left out of the step, or in the middle of its prompt,
+/// gets no logits and so no token this step.
 fn forward(
     model: Res<ModelResource>,
+    budget: Res<StepBudget>,
     mut metrics: ResMut<Metrics>,
     mut running: Query<(&Tokens, &mut Kv, &mut Logits, &mut SeqState, &mut Timing)>,
 ) {
     let model = &model.0;
     let mut feeds = Vec::new();
-    for (tokens, kv, logits, mut state, timing) in &mut running {
+    for (tokens, kv, mut logits, mut state, timing) in &mut running {
         if *state != SeqState::Running {
             continue;
         }
+        logits.0.clear();
         let cached = kv.0.len(0);
         let feed: Vec<u32> = (cached..tokens.len()).map(|i| tokens.get(i)).collect();
         if let Err(e) = model.check_feed(&feed, cached) {
@@ -233,25 +260,49 @@ fn forward(
         }
         feeds.push(Feed {
             tokens: feed,
+            complete: true,
             kv,
             logits,
             state,
             timing,
-            prefill: cached == 0,
+            prefill: cached < tokens.prompt.len(),
         });
     }
+    feeds.sort_by_key(|f| (f.tokens.len() > 1, f.timing.submitted));
+    feeds.truncate(budget.max_num_seqs);
+    let mut left = budget.max_num_batched_tokens;
+    feeds.retain_mut(|feed| {
+        let take = feed.tokens.len().min(left);
+        left -= take;
+        feed.complete = take == feed.tokens.len();
+        feed.tokens.truncate(take);
+        take > 0
+    });
     reserve_blocks(model, &mut feeds, &mut metrics);
     if feeds.is_empty() {
         return;
     }
+    let step_tokens = feeds.iter().map(|f| f.tokens.len()).sum();
+    metrics.largest_step_tokens = metrics.largest_step_tokens.max(step_tokens);
     let started = Instant::now();
     let mut batch: Vec<BatchEntry<'_>> = feeds
         .iter_mut()
-        .map(|Feed { tokens, kv, .. }| BatchEntry {
-            tokens,
-            kv: kv.0.as_mut(),
-            logits: Wanted::Last,
-        })
+        .map(
+            |Feed {
+                 tokens,
+                 kv,
+                 complete,
+                 ..
+             }| BatchEntry {
+                tokens,
+                kv: kv.0.as_mut(),
+                logits: if *complete {
+                    Wanted::Last
+                } else {
+                    Wanted::None
+                },
+            },
+        )
         .collect();
     let result = model.forward_batch(&mut batch);
     drop(batch);
@@ -323,6 +374,7 @@ pub fn stop_reason(
 /// What Emit touches on each running request.
 type EmitItems<'a> = (
     &'a mut Tokens,
+    &'a Logits,
     &'a mut NextToken,
     &'a SamplingParams,
     &'a mut SeqState,
@@ -333,11 +385,17 @@ type EmitItems<'a> = (
 
 fn emit(model: Res<ModelResource>, mut running: Query<EmitItems>) {
     let config = &model.0.config;
-    for (mut tokens, mut next, params, mut state, mut timing, mut text, stream) in &mut running {
+    for (mut tokens, logits, mut next, params, mut state, mut timing, mut text, stream) in
+        &mut running
+    {
         if *state != SeqState::Running {
             continue;
         }
         let Some(token) = next.0.take() else {
+            if logits.0.is_empty() {
+                // Not run this step, or in the middle of its prompt: no token is due.
+                continue;
+            }
             *state = SeqState::Failed(
                 "no sampler chose a next token (is a `sampler` plugin enabled?)".into(),
             );
