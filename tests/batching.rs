@@ -158,6 +158,7 @@ fn chunked_prefill_under_a_step_budget_gives_each_request_its_own_tokens() {
         .insert_resource(vibee_core::pipeline::StepBudget {
             max_num_batched_tokens: 5,
             max_num_seqs: 2,
+            ..Default::default()
         });
     let results = runner::generate_many(&mut shared.app, requests);
     for (result, expected) in results.iter().zip(&alone) {
@@ -165,4 +166,40 @@ fn chunked_prefill_under_a_step_budget_gives_each_request_its_own_tokens() {
     }
     let metrics = shared.app.world.resource::<vibee_core::pipeline::Metrics>();
     assert_eq!(metrics.largest_step_tokens, 5);
+}
+
+/// One request a step: first come first served runs the first request's whole generation
+/// before the second starts; the priority policy runs the lower `priority` first.
+#[test]
+fn the_priority_policy_serves_lower_priority_values_first() {
+    use vibee_core::pipeline::{SchedulingPolicy, StepBudget};
+    let params = |priority| SamplingParams {
+        temperature: 0.0,
+        max_tokens: 6,
+        ignore_eos: true,
+        priority,
+        ..SamplingParams::default()
+    };
+    let order = |policy| {
+        let mut engine = load(&fixture("llama-gqa"), "gqa,rope,rmsnorm,swiglu,sampler").unwrap();
+        engine.app.world.insert_resource(StepBudget {
+            max_num_seqs: 1,
+            policy,
+            ..StepBudget::default()
+        });
+        let requests = vec![(vec![1, 17, 42], params(5)), (vec![1, 250, 3], params(-1))];
+        let out: Vec<_> = runner::generate_many(&mut engine.app, requests)
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        out[0].time_to_first_token_s < out[1].time_to_first_token_s
+    };
+    assert!(
+        order(SchedulingPolicy::Fcfs),
+        "FCFS serves the first request first"
+    );
+    assert!(
+        !order(SchedulingPolicy::Priority),
+        "priority -1 goes before 5"
+    );
 }

@@ -11,7 +11,7 @@ use serde_json::json;
 use vibee_architectures::arch_search::arch_calc::{self, Dtype};
 use vibee_cli::{builtin_model_dir, catalog, load_external};
 use vibee_core::external::{find_external, PluginConfigs};
-use vibee_core::pipeline::{SamplingParams, StepBudget};
+use vibee_core::pipeline::{SamplingParams, SchedulingPolicy, StepBudget};
 use vibee_core::registry::{SpecEntry, FAMILIES};
 use vibee_core::reload::{PipelineFile, Reloader, Watch};
 use vibee_core::tokenizer::ChatMessage;
@@ -109,6 +109,10 @@ struct ModelArgs {
     /// Requests one engine step runs.
     #[arg(long, default_value_t = StepBudget::default().max_num_seqs)]
     max_num_seqs: usize,
+    /// Which requests a step serves first: `fcfs`, or `priority` (each request's `priority`,
+    /// lower first, then first come).
+    #[arg(long, default_value = "fcfs", value_parser = parse_policy)]
+    scheduling_policy: SchedulingPolicy,
     #[command(flatten)]
     external: ExternalArgs,
 }
@@ -131,6 +135,16 @@ struct ExternalArgs {
     /// engine step.
     #[arg(long)]
     pipeline: Option<PathBuf>,
+}
+
+fn parse_policy(text: &str) -> Result<SchedulingPolicy, String> {
+    match text {
+        "fcfs" => Ok(SchedulingPolicy::Fcfs),
+        "priority" => Ok(SchedulingPolicy::Priority),
+        other => Err(format!(
+            "`{other}` is not a scheduling policy (fcfs, priority)"
+        )),
+    }
 }
 
 fn parse_plugin_config(text: &str) -> Result<(String, String), String> {
@@ -503,6 +517,7 @@ fn load(args: &ModelArgs) -> anyhow::Result<Engine> {
     engine.app.world.insert_resource(StepBudget {
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_num_seqs: args.max_num_seqs,
+        policy: args.scheduling_policy,
     });
     if args.external.watch || args.external.pipeline.is_some() {
         Reloader::new(registry, catalog, watch)?.install(&mut engine.app);
@@ -592,6 +607,7 @@ fn sampling(args: &RunArgs) -> SamplingParams {
         seed: args.seed,
         max_tokens: args.max_tokens,
         ignore_eos: args.ignore_eos,
+        priority: 0,
     }
 }
 
@@ -761,6 +777,7 @@ fn divergence(args: DivergenceArgs) -> anyhow::Result<()> {
         kv_memory: None,
         max_num_batched_tokens: args.model.max_num_batched_tokens,
         max_num_seqs: args.model.max_num_seqs,
+        scheduling_policy: args.model.scheduling_policy,
         external: ExternalArgs {
             configs: Vec::new(),
             ..args.model.external.clone()

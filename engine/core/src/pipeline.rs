@@ -63,6 +63,9 @@ pub struct SamplingParams {
     pub max_tokens: usize,
     /// Keep generating past end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// Under the priority policy, requests with lower values are scheduled first and
+    /// preempted last (vLLM's `priority`).
+    pub priority: i64,
 }
 
 impl Default for SamplingParams {
@@ -76,6 +79,7 @@ impl Default for SamplingParams {
             seed: 0,
             max_tokens: 64,
             ignore_eos: false,
+            priority: 0,
         }
     }
 }
@@ -206,11 +210,12 @@ fn admit(
 }
 
 /// How much one step may run, named as vLLM names them: tokens over all requests (a long
-/// prompt is prefilled in chunks across steps) and requests.
+/// prompt is prefilled in chunks across steps) and requests, and in which order.
 #[derive(Resource, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StepBudget {
     pub max_num_batched_tokens: usize,
     pub max_num_seqs: usize,
+    pub policy: SchedulingPolicy,
 }
 
 impl Default for StepBudget {
@@ -218,8 +223,18 @@ impl Default for StepBudget {
         Self {
             max_num_batched_tokens: 2048,
             max_num_seqs: 256,
+            policy: SchedulingPolicy::Fcfs,
         }
     }
+}
+
+/// Which running requests a step serves first (and preempts last).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchedulingPolicy {
+    /// First come, first served.
+    Fcfs,
+    /// By each request's `priority` (lower first), then first come.
+    Priority,
 }
 
 /// One running request's share of a step's forward.
@@ -228,6 +243,7 @@ struct Feed<'w> {
     tokens: Vec<u32>,
     /// Whether they are all it has not cached, so that the step gives its next token.
     complete: bool,
+    priority: i64,
     kv: Mut<'w, Kv>,
     logits: Mut<'w, Logits>,
     state: Mut<'w, SeqState>,
@@ -243,11 +259,18 @@ fn forward(
     model: Res<ModelResource>,
     budget: Res<StepBudget>,
     mut metrics: ResMut<Metrics>,
-    mut running: Query<(&Tokens, &mut Kv, &mut Logits, &mut SeqState, &mut Timing)>,
+    mut running: Query<(
+        &Tokens,
+        &SamplingParams,
+        &mut Kv,
+        &mut Logits,
+        &mut SeqState,
+        &mut Timing,
+    )>,
 ) {
     let model = &model.0;
     let mut feeds = Vec::new();
-    for (tokens, kv, mut logits, mut state, timing) in &mut running {
+    for (tokens, params, kv, mut logits, mut state, timing) in &mut running {
         if *state != SeqState::Running {
             continue;
         }
@@ -261,6 +284,7 @@ fn forward(
         feeds.push(Feed {
             tokens: feed,
             complete: true,
+            priority: params.priority,
             kv,
             logits,
             state,
@@ -268,7 +292,11 @@ fn forward(
             prefill: cached < tokens.prompt.len(),
         });
     }
-    feeds.sort_by_key(|f| (f.tokens.len() > 1, f.timing.submitted));
+    let rank = |f: &Feed<'_>| match budget.policy {
+        SchedulingPolicy::Fcfs => (0, f.timing.submitted),
+        SchedulingPolicy::Priority => (f.priority, f.timing.submitted),
+    };
+    feeds.sort_by_key(|f| (f.tokens.len() > 1, rank(f)));
     feeds.truncate(budget.max_num_seqs);
     let mut left = budget.max_num_batched_tokens;
     feeds.retain_mut(|feed| {
@@ -278,6 +306,7 @@ fn forward(
         feed.tokens.truncate(take);
         take > 0
     });
+    feeds.sort_by_key(rank);
     reserve_blocks(model, &mut feeds, &mut metrics);
     if feeds.is_empty() {
         return;
@@ -327,12 +356,11 @@ fn forward(
     }
 }
 
-/// Room in the KV pool for every feed, oldest request first. When the pool runs short the
-/// newest running request gives its blocks back and waits, to be recomputed when it is
+/// Room in the KV pool for every feed, in scheduling order. When the pool runs short the
+/// last-scheduled running request gives its blocks back and waits, to be recomputed when it is
 /// admitted again (its tokens so far kept); a request the whole pool could not hold fails,
 /// with the numbers.
 fn reserve_blocks(model: &Model, feeds: &mut Vec<Feed<'_>>, metrics: &mut Metrics) {
-    feeds.sort_by_key(|f| f.timing.submitted);
     let mut i = 0;
     while i < feeds.len() {
         let feed = &mut feeds[i];
