@@ -5,40 +5,72 @@ use vibee_core::pipeline::{request_bundle, SamplingParams, SeqState, Tokens};
 use vibee_core::runner;
 use vibee_tests::{fixture, load};
 
-#[test]
-fn requests_batched_in_one_engine_generate_what_each_generates_alone() {
-    let plugins = "gqa,rope,rmsnorm,swiglu,sampler";
-    let prompts: Vec<Vec<u32>> = vec![
-        vec![1, 17, 42, 99, 5, 200, 31, 8],
-        vec![1, 250, 3],
-        vec![1, 64, 128, 12, 77, 301, 2, 9, 44, 45, 46, 300],
-    ];
-    let params = |max_tokens| SamplingParams {
+const PLUGINS: &str = "gqa,rope,rmsnorm,swiglu,sampler";
+
+/// Greedy decoding of `max_tokens` new tokens, past end-of-sequence tokens.
+fn greedy(max_tokens: usize) -> SamplingParams {
+    SamplingParams {
         temperature: 0.0,
         max_tokens,
         ignore_eos: true,
         ..SamplingParams::default()
-    };
-    // Different lengths, so requests finish at different steps and the others go on.
-    let lengths = [12, 5, 9];
-    let mut alone = Vec::new();
-    for (prompt, &n) in prompts.iter().zip(&lengths) {
-        let mut engine = load(&fixture("llama-gqa"), plugins).unwrap();
-        alone.push(
-            runner::generate(&mut engine.app, prompt.clone(), params(n))
-                .unwrap()
-                .tokens,
-        );
     }
-    let mut engine = load(&fixture("llama-gqa"), plugins).unwrap();
-    let first = request_bundle(prompts[0].clone(), params(lengths[0]));
-    let mut entities = vec![engine.app.world.spawn(first).id()];
+}
+
+/// Three prompts of 8, 3 and 12 tokens, generating `lengths` tokens.
+fn three(lengths: [usize; 3]) -> Vec<(Vec<u32>, SamplingParams)> {
+    let prompts = [
+        vec![1, 17, 42, 99, 5, 200, 31, 8],
+        vec![1, 250, 3],
+        vec![1, 64, 128, 12, 77, 301, 2, 9, 44, 45, 46, 300],
+    ];
+    prompts.into_iter().zip(lengths.map(greedy)).collect()
+}
+
+/// Each request's tokens when it runs alone, in an engine of its own.
+fn alone(requests: &[(Vec<u32>, SamplingParams)]) -> Vec<Vec<u32>> {
+    requests
+        .iter()
+        .map(|(prompt, params)| {
+            let mut engine = load(&fixture("llama-gqa"), PLUGINS).unwrap();
+            runner::generate(&mut engine.app, prompt.clone(), params.clone())
+                .unwrap()
+                .tokens
+        })
+        .collect()
+}
+
+/// llama-gqa with the KV-cache plugin `kv` configured as `config`.
+fn with_kv(kv: &str, config: &str) -> vibee_core::Engine {
+    let configs =
+        vibee_core::external::PluginConfigs([(kv.to_string(), config.to_string())].into());
+    vibee_core::Engine::load(
+        &fixture("llama-gqa"),
+        &vibee_tests::plugins(&format!("{PLUGINS},{kv}")),
+        &vibee_core::Registry::builtin(),
+        &vibee_cli::builtin_plugins(),
+        &configs,
+    )
+    .unwrap()
+}
+
+#[test]
+fn requests_batched_in_one_engine_generate_what_each_generates_alone() {
+    // Different lengths, so requests finish at different steps and the others go on.
+    let requests = three([12, 5, 9]);
+    let alone = alone(&requests);
+    let mut engine = load(&fixture("llama-gqa"), PLUGINS).unwrap();
+    let mut entities = vec![engine
+        .app
+        .world
+        .spawn(request_bundle(requests[0].0.clone(), requests[0].1.clone()))
+        .id()];
     // The others join while the first decodes.
     for _ in 0..2 {
         engine.app.step();
     }
-    for (prompt, &n) in prompts.iter().zip(&lengths).skip(1) {
-        let bundle = request_bundle(prompt.clone(), params(n));
+    for (prompt, params) in requests.iter().skip(1) {
+        let bundle = request_bundle(prompt.clone(), params.clone());
         entities.push(engine.app.world.spawn(bundle).id());
     }
     for _ in 0..64 {
@@ -66,48 +98,14 @@ fn requests_batched_in_one_engine_generate_what_each_generates_alone() {
 /// the whole pool cannot hold fails with the numbers; every block is back in the pool after.
 #[test]
 fn a_full_kv_pool_preempts_the_newest_and_loses_no_request() {
-    let plugins = "gqa,rope,rmsnorm,swiglu,sampler,paged-kv";
-    let configs = vibee_core::external::PluginConfigs(
-        [("paged-kv".to_string(), "block=4,blocks=8".to_string())].into(),
-    );
-    let engine = || {
-        vibee_core::Engine::load(
-            &fixture("llama-gqa"),
-            &vibee_tests::plugins(plugins),
-            &vibee_core::Registry::builtin(),
-            &vibee_cli::builtin_plugins(),
-            &configs,
-        )
-        .unwrap()
-    };
-    let params = |max_tokens| SamplingParams {
-        temperature: 0.0,
-        max_tokens,
-        ignore_eos: true,
-        ..SamplingParams::default()
-    };
+    let engine = || with_kv("paged-kv", "block=4,blocks=8");
     // 20, 8 and 21 tokens at the end: 5 + 2 + 6 blocks of 4 where the pool holds 8.
-    let requests = vec![
-        (vec![1, 17, 42, 99, 5, 200, 31, 8], params(12)),
-        (vec![1, 250, 3], params(5)),
-        (
-            vec![1, 64, 128, 12, 77, 301, 2, 9, 44, 45, 46, 300],
-            params(9),
-        ),
-    ];
-    let alone: Vec<Vec<u32>> = requests
-        .iter()
-        .map(|(prompt, p)| {
-            let mut e = engine();
-            runner::generate(&mut e.app, prompt.clone(), p.clone())
-                .unwrap()
-                .tokens
-        })
-        .collect();
+    let requests = three([12, 5, 9]);
+    let alone = alone(&requests);
     let mut shared = engine();
     let mut all = requests.clone();
     // 36 prompt tokens need 9 blocks: never, in a pool of 8.
-    all.push(((1..37).collect(), params(2)));
+    all.push(((1..37).collect(), greedy(2)));
     let results = runner::generate_many(&mut shared.app, all);
     for (result, expected) in results.iter().zip(&alone) {
         assert_eq!(&result.as_ref().unwrap().tokens, expected);
@@ -127,31 +125,9 @@ fn a_full_kv_pool_preempts_the_newest_and_loses_no_request() {
 /// steps, and at most two requests a step: each request still gets what it gets alone.
 #[test]
 fn chunked_prefill_under_a_step_budget_gives_each_request_its_own_tokens() {
-    let plugins = "gqa,rope,rmsnorm,swiglu,sampler";
-    let params = |max_tokens| SamplingParams {
-        temperature: 0.0,
-        max_tokens,
-        ignore_eos: true,
-        ..SamplingParams::default()
-    };
-    let requests = vec![
-        (vec![1, 17, 42, 99, 5, 200, 31, 8], params(6)),
-        (vec![1, 250, 3], params(4)),
-        (
-            vec![1, 64, 128, 12, 77, 301, 2, 9, 44, 45, 46, 300],
-            params(5),
-        ),
-    ];
-    let alone: Vec<Vec<u32>> = requests
-        .iter()
-        .map(|(prompt, p)| {
-            let mut e = load(&fixture("llama-gqa"), plugins).unwrap();
-            runner::generate(&mut e.app, prompt.clone(), p.clone())
-                .unwrap()
-                .tokens
-        })
-        .collect();
-    let mut shared = load(&fixture("llama-gqa"), plugins).unwrap();
+    let requests = three([6, 4, 5]);
+    let alone = alone(&requests);
+    let mut shared = load(&fixture("llama-gqa"), PLUGINS).unwrap();
     shared
         .app
         .world
@@ -181,7 +157,7 @@ fn the_priority_policy_serves_lower_priority_values_first() {
         ..SamplingParams::default()
     };
     let order = |policy| {
-        let mut engine = load(&fixture("llama-gqa"), "gqa,rope,rmsnorm,swiglu,sampler").unwrap();
+        let mut engine = load(&fixture("llama-gqa"), PLUGINS).unwrap();
         engine.app.world.insert_resource(StepBudget {
             max_num_seqs: 1,
             policy,
@@ -202,4 +178,28 @@ fn the_priority_policy_serves_lower_priority_values_first() {
         !order(SchedulingPolicy::Priority),
         "priority -1 goes before 5"
     );
+}
+
+/// A request whose prompt starts as an earlier one's takes that request's cached blocks and
+/// generates what it generates alone; in a pool too small to keep them all, cached blocks no
+/// request holds make room (least recently used first) and nothing fails.
+#[test]
+fn a_prefix_cache_hit_generates_what_a_miss_does_and_evicts_when_short() {
+    let shared_prefix: Vec<u32> = vec![1, 17, 42, 99, 5, 200, 31, 8, 64, 128, 12, 77];
+    let mut second = shared_prefix.clone();
+    second.extend([301, 2, 9]);
+    let expected = alone(&[(second.clone(), greedy(6))]).remove(0);
+    for blocks in [64, 6] {
+        let mut cached = with_kv("prefix-cache", &format!("block=4,blocks={blocks}"));
+        runner::generate(&mut cached.app, shared_prefix.clone(), greedy(6)).unwrap();
+        let hit = runner::generate(&mut cached.app, second.clone(), greedy(6)).unwrap();
+        assert_eq!(hit.tokens, expected, "pool of {blocks}");
+        let metrics = cached.app.world.resource::<vibee_core::pipeline::Metrics>();
+        assert_eq!(metrics.prefix_hit_tokens, 12, "pool of {blocks}");
+        // A third, unrelated request needs the room the cache holds.
+        let other: Vec<u32> = (100..118).collect();
+        runner::generate(&mut cached.app, other, greedy(6)).unwrap();
+        let usage = cached.model.kv_usage().unwrap();
+        assert!(usage.blocks_in_use <= blocks, "{usage:?}");
+    }
 }

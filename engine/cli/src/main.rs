@@ -927,20 +927,22 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         });
     }
     let best = best.expect("at least one run");
-    let report = json!({
-        "engine": "vibee",
-        "model": args.model.model.as_deref().map(Path::display).map(|d| d.to_string()),
-        "threads": rayon::current_num_threads(),
-        "prompt_tokens": args.prompt_tokens,
-        "gen_tokens": args.gen_tokens,
-        "prefill_tokens_per_s": best.prefill_tokens_per_s,
-        "decode_tokens_per_s": best.decode_tokens_per_s,
-        "time_to_first_token_s": best.time_to_first_token_s,
-        "weight_bytes": weight_bytes,
-        "decode_weight_gb_per_s": weight_bytes as f64 * best.decode_tokens_per_s / 1e9,
-        "copy_gb_per_s": bandwidth_at_best / 1e9,
-        "decode_fraction_of_bandwidth_bound": best_fraction,
-    });
+    let mut report = bench_header(&args);
+    report.extend(
+        json!({
+            "prefill_tokens_per_s": best.prefill_tokens_per_s,
+            "decode_tokens_per_s": best.decode_tokens_per_s,
+            "time_to_first_token_s": best.time_to_first_token_s,
+            "weight_bytes": weight_bytes,
+            "decode_weight_gb_per_s": weight_bytes as f64 * best.decode_tokens_per_s / 1e9,
+            "copy_gb_per_s": bandwidth_at_best / 1e9,
+            "decode_fraction_of_bandwidth_bound": best_fraction,
+        })
+        .as_object()
+        .cloned()
+        .expect("an object"),
+    );
+    let report = serde_json::Value::Object(report);
     if args.json {
         println!("{report}");
     } else {
@@ -960,6 +962,18 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// What every `vibee bench` report starts with: the engine, the model and the run's shape.
+fn bench_header(args: &BenchArgs) -> serde_json::Map<String, serde_json::Value> {
+    let header = json!({
+        "engine": "vibee",
+        "model": args.model.model.as_deref().map(Path::display).map(|d| d.to_string()),
+        "threads": rayon::current_num_threads(),
+        "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens,
+    });
+    header.as_object().cloned().expect("an object")
 }
 
 /// The most requests one `--concurrency` level may hold.
@@ -1004,16 +1018,11 @@ fn bench_concurrency(args: BenchArgs) -> anyhow::Result<()> {
         }
         levels.push(best.expect("at least one run"));
     }
-    let report = json!({
-        "engine": "vibee",
-        "model": args.model.model.as_deref().map(Path::display).map(|d| d.to_string()),
-        "threads": rayon::current_num_threads(),
-        "prompt_tokens": args.prompt_tokens,
-        "gen_tokens": args.gen_tokens,
-        "levels": levels,
-        "peak_resident_bytes": peak_resident_bytes(),
-        "kv": engine.model.kv_usage(),
-    });
+    let mut report = bench_header(&args);
+    report.insert("levels".into(), json!(levels));
+    report.insert("peak_resident_bytes".into(), json!(peak_resident_bytes()));
+    report.insert("kv".into(), json!(engine.model.kv_usage()));
+    let report = serde_json::Value::Object(report);
     if args.json {
         println!("{report}");
     } else {

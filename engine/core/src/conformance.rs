@@ -89,6 +89,15 @@ pub enum Check {
         #[serde(default)]
         configs: BTreeMap<String, String>,
     },
+    /// A second sequence with the same prompt takes the first one's cached blocks (a prefix
+    /// cache hit) and gets, for the tokens it still runs, the logits the first one got.
+    PrefixHitEqualsMiss {
+        fixture: String,
+        plugins: Vec<String>,
+        max_abs_err: f32,
+        #[serde(default)]
+        configs: BTreeMap<String, String>,
+    },
     /// Two plugin sets give the same logits on one checkpoint.
     SameLogits {
         fixture: String,
@@ -176,6 +185,7 @@ impl SpecCases {
                 | Check::ReferenceGreedy { plugins, .. }
                 | Check::IncrementalEqualsFull { plugins, .. }
                 | Check::BatchEqualsSingle { plugins, .. }
+                | Check::PrefixHitEqualsMiss { plugins, .. }
                 | Check::ReferenceDecodeLogits { plugins, .. }
                 | Check::Rejects { plugins, .. }
                 | Check::ParameterCount { plugins, .. }
@@ -396,6 +406,36 @@ fn run_check(
             let engine = load_configured(fixture, plugins, configs)?;
             let (batched, alone) = batch_and_alone(&engine.model, &reference.prompt_ids)?;
             Ok(compare(&batched, &alone, *max_abs_err))
+        }
+        Check::PrefixHitEqualsMiss {
+            fixture,
+            plugins,
+            max_abs_err,
+            configs,
+        } => {
+            let reference = Reference::load(&root.join(fixture))?;
+            let engine = load_configured(fixture, plugins, configs)?;
+            let prompt = &reference.prompt_ids;
+            let mut first = engine.model.new_sequence();
+            let miss = engine.model.forward(prompt, first.as_mut(), true)?;
+            drop(first);
+            let mut second = engine.model.new_sequence();
+            let reused = second.reuse_prefix(prompt);
+            if reused == 0 {
+                return Ok((
+                    None,
+                    Some("the second sequence reused no cached block".into()),
+                ));
+            }
+            let hit = engine
+                .model
+                .forward(&prompt[reused..], second.as_mut(), true)?;
+            let cols = miss.cols;
+            Ok(compare(
+                &hit.data,
+                &miss.data[reused * cols..],
+                *max_abs_err,
+            ))
         }
         Check::ReferenceDecodeLogits {
             fixture,

@@ -371,7 +371,7 @@ impl Model {
             };
             self.check_feed(entry.tokens, entry.kv.len(0))
                 .with_context(which)?;
-            entry.kv.reserve(entry.tokens.len()).with_context(which)?;
+            entry.kv.reserve(entry.tokens).with_context(which)?;
         }
         // Sequence `s` owns rows `spans[s]` of every activation matrix.
         let mut spans = Vec::with_capacity(batch.len());

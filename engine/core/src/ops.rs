@@ -231,9 +231,16 @@ impl KvFull {
 
 /// One sequence's cached keys and values, for every layer.
 pub trait SequenceKv: Send + Sync {
-    /// Makes room for `tokens` more tokens in every layer; a layout without a bound always can.
-    fn reserve(&mut self, _tokens: usize) -> Result<(), KvFull> {
+    /// Makes room for the next `tokens` in every layer; a layout without a bound always can.
+    fn reserve(&mut self, _tokens: &[u32]) -> Result<(), KvFull> {
         Ok(())
+    }
+    /// For an empty sequence about to take `tokens`: takes the cached keys and values of the
+    /// longest prefix of them another sequence computed (whole blocks, leaving at least the
+    /// last token to run) and returns how many tokens that is. Layouts without a prefix
+    /// cache reuse nothing.
+    fn reuse_prefix(&mut self, _tokens: &[u32]) -> usize {
+        0
     }
     /// Tokens cached in `layer`.
     fn len(&self, layer: usize) -> usize;

@@ -165,6 +165,8 @@ pub struct Metrics {
     pub preempted: u64,
     /// The most tokens one step's forward has run.
     pub largest_step_tokens: usize,
+    /// Prompt tokens whose keys and values came from the prefix cache instead of a forward.
+    pub prefix_hit_tokens: u64,
 }
 
 /// Everything a new request entity carries.
@@ -270,11 +272,15 @@ fn forward(
 ) {
     let model = &model.0;
     let mut feeds = Vec::new();
-    for (tokens, params, kv, mut logits, mut state, timing) in &mut running {
+    for (tokens, params, mut kv, mut logits, mut state, timing) in &mut running {
         if *state != SeqState::Running {
             continue;
         }
         logits.0.clear();
+        if kv.0.len(0) == 0 {
+            let all: Vec<u32> = (0..tokens.len()).map(|i| tokens.get(i)).collect();
+            metrics.prefix_hit_tokens += kv.0.reuse_prefix(&all) as u64;
+        }
         let cached = kv.0.len(0);
         let feed: Vec<u32> = (cached..tokens.len()).map(|i| tokens.get(i)).collect();
         if let Err(e) = model.check_feed(&feed, cached) {
@@ -364,7 +370,7 @@ fn reserve_blocks(model: &Model, feeds: &mut Vec<Feed<'_>>, metrics: &mut Metric
     let mut i = 0;
     while i < feeds.len() {
         let feed = &mut feeds[i];
-        match feed.kv.0.reserve(feed.tokens.len()) {
+        match feed.kv.0.reserve(&feed.tokens) {
             Ok(()) => i += 1,
             Err(full) if full.never_fits() => {
                 let mut feed = feeds.remove(i);

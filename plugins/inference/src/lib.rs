@@ -12,6 +12,7 @@ pub fn plugins() -> Vec<Box<dyn Plugin>> {
     vec![
         Box::new(kv_cache::contiguous::ContiguousKvCache),
         Box::new(kv_cache::paged::PagedKv),
+        Box::new(kv_cache::prefix_cache::PrefixCache),
         Box::new(quantization::gguf::Gguf),
         Box::new(quantization::int8::Int8),
         Box::new(quantization::q4::Q4),

@@ -2,3 +2,4 @@
 
 pub mod contiguous;
 pub mod paged;
+pub mod prefix_cache;

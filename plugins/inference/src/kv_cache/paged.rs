@@ -8,6 +8,7 @@
 //! `--plugin-config paged-kv=block=16,blocks=N` (or `memory=GB` for the pool's size; the
 //! default is 16-token blocks and 1 GiB).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{bail, Context};
@@ -36,16 +37,21 @@ impl Plugin for PagedKv {
     }
 
     fn build(&self, app: &mut App) -> anyhow::Result<()> {
-        let text = app
-            .world
-            .get_resource::<PluginConfigs>()
-            .and_then(|c| c.0.get("paged-kv").cloned())
-            .unwrap_or_default();
-        let layout = PagedLayout::parse(&text)
-            .with_context(|| format!("paged-kv's configuration `{text}`"))?;
-        app.register_operator(Operator::KvCache(Arc::new(layout)));
-        Ok(())
+        register(app, "paged-kv", false)
     }
+}
+
+/// Registers the paged layout `plugin`'s configuration describes.
+pub fn register(app: &mut App, plugin: &str, prefix_cache: bool) -> anyhow::Result<()> {
+    let text = app
+        .world
+        .get_resource::<PluginConfigs>()
+        .and_then(|c| c.0.get(plugin).cloned())
+        .unwrap_or_default();
+    let layout = PagedLayout::parse(&text, prefix_cache)
+        .with_context(|| format!("{plugin}'s configuration `{text}`"))?;
+    app.register_operator(Operator::KvCache(Arc::new(layout)));
+    Ok(())
 }
 
 /// How big the pool is: a number of blocks, or the bytes they may take.
@@ -56,17 +62,20 @@ enum PoolSize {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
-struct PagedLayout {
+pub struct PagedLayout {
     block: usize,
     size: PoolSize,
+    /// Full blocks are kept, keyed by their tokens, for later sequences with the same prefix.
+    prefix_cache: bool,
 }
 
 impl PagedLayout {
     /// `block=T,blocks=N` or `block=T,memory=GB`, any part left out for its default.
-    fn parse(text: &str) -> anyhow::Result<Self> {
+    pub fn parse(text: &str, prefix_cache: bool) -> anyhow::Result<Self> {
         let mut layout = PagedLayout {
             block: DEFAULT_BLOCK,
             size: PoolSize::Gigabytes(DEFAULT_MEMORY),
+            prefix_cache,
         };
         for part in text.split(',').filter(|p| !p.trim().is_empty()) {
             let (key, value) = part
@@ -134,6 +143,7 @@ impl Factory<dyn KvCache> for PagedLayout {
                 block: self.block,
                 floats,
                 capacity,
+                prefix_cache: self.prefix_cache,
                 free: Mutex::new(Free::default()),
             }),
             values,
@@ -149,12 +159,48 @@ fn machine_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// A block of every layer's keys and values for its tokens; shared (read-only) once full and
+/// cached.
+type Block = Arc<Box<[f32]>>;
+
 #[derive(Default)]
 struct Free {
     /// Blocks given back, kept for the next sequence.
     blocks: Vec<Box<[f32]>>,
+    /// Blocks held by a sequence or the prefix cache.
     in_use: usize,
     peak: usize,
+    /// Full blocks by the hash of their tokens and every token before them, with when each
+    /// was last used; those no sequence holds are evicted, least recently used first.
+    cached: HashMap<u64, (Block, u64)>,
+    clock: u64,
+}
+
+impl Free {
+    /// Cached blocks no sequence holds.
+    fn evictable(&self) -> usize {
+        self.cached
+            .values()
+            .filter(|(b, _)| Arc::strong_count(b) == 1)
+            .count()
+    }
+
+    /// Drops the least recently used cached block no sequence holds; false if there is none.
+    fn evict_one(&mut self) -> bool {
+        let oldest = self
+            .cached
+            .iter()
+            .filter(|(_, (b, _))| Arc::strong_count(b) == 1)
+            .min_by_key(|(_, (_, used))| *used)
+            .map(|(hash, _)| *hash);
+        let Some(hash) = oldest else { return false };
+        let (block, _) = self.cached.remove(&hash).expect("just found");
+        if let Ok(data) = Arc::try_unwrap(block) {
+            self.blocks.push(data);
+            self.in_use -= 1;
+        }
+        true
+    }
 }
 
 /// The blocks every sequence draws from.
@@ -162,6 +208,7 @@ struct Pool {
     block: usize,
     floats: usize,
     capacity: usize,
+    prefix_cache: bool,
     free: Mutex<Free>,
 }
 
@@ -171,10 +218,10 @@ impl Pool {
         self.free.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// `count` blocks, all or none.
-    fn take(&self, count: usize, holding: usize, tokens: usize) -> Result<Vec<Box<[f32]>>, KvFull> {
+    /// `count` blocks, all or none, evicting cached blocks no sequence holds to make room.
+    fn take(&self, count: usize, holding: usize, tokens: usize) -> Result<Vec<Block>, KvFull> {
         let mut free = self.free();
-        let available = self.capacity.saturating_sub(free.in_use);
+        let available = self.capacity.saturating_sub(free.in_use) + free.evictable();
         if count > available {
             return Err(KvFull {
                 tokens,
@@ -185,21 +232,36 @@ impl Pool {
                 block: self.block,
             });
         }
+        while self.capacity.saturating_sub(free.in_use) < count && free.evict_one() {}
         free.in_use += count;
         free.peak = free.peak.max(free.in_use);
         let reused = free.blocks.len().min(count);
         let at = free.blocks.len() - reused;
-        let mut blocks: Vec<Box<[f32]>> = free.blocks.drain(at..).collect();
+        let mut blocks: Vec<Block> = free.blocks.drain(at..).map(Arc::new).collect();
         drop(free);
-        blocks.extend((reused..count).map(|_| vec![0.0; self.floats].into_boxed_slice()));
+        blocks.extend((reused..count).map(|_| Arc::new(vec![0.0; self.floats].into_boxed_slice())));
         Ok(blocks)
     }
 
-    fn give(&self, blocks: Vec<Box<[f32]>>) {
+    /// A sequence's blocks back: those the cache also holds stay there.
+    fn give(&self, blocks: Vec<Block>) {
         let mut free = self.free();
-        free.in_use -= blocks.len();
-        free.blocks.extend(blocks);
+        for block in blocks {
+            if let Ok(data) = Arc::try_unwrap(block) {
+                free.blocks.push(data);
+                free.in_use -= 1;
+            }
+        }
     }
+}
+
+/// The hash of a block's tokens chained to the hash of everything before them.
+fn chain(previous: u64, tokens: &[u32]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    previous.hash(&mut hasher);
+    tokens.hash(&mut hasher);
+    hasher.finish()
 }
 
 struct PagedCache {
@@ -215,6 +277,8 @@ impl KvCache for PagedCache {
             lens: vec![0; config.num_layers],
             kv_dim: config.kv_dim(),
             values: self.values,
+            tokens: Vec::new(),
+            hashes: Vec::new(),
         })
     }
 
@@ -232,10 +296,14 @@ impl KvCache for PagedCache {
 /// A block's floats: every layer's keys (`block` tokens each), then every layer's values.
 struct PagedSequence {
     pool: Arc<Pool>,
-    blocks: Vec<Box<[f32]>>,
+    blocks: Vec<Block>,
     lens: Vec<usize>,
     kv_dim: usize,
     values: bool,
+    /// The tokens reserved so far (with a prefix cache: the keys of its full blocks).
+    tokens: Vec<u32>,
+    /// The chained hash of each full block already offered to the cache.
+    hashes: Vec<u64>,
 }
 
 impl PagedSequence {
@@ -245,19 +313,69 @@ impl PagedSequence {
         let layers = self.lens.len();
         (if values { layers * per_layer } else { 0 }) + layer * per_layer
     }
+
+    /// Offers the blocks every layer has filled since the last call to the prefix cache.
+    fn cache_full_blocks(&mut self) {
+        let block = self.pool.block;
+        let full = self.lens.iter().copied().min().unwrap_or(0) / block;
+        if !self.pool.prefix_cache || full <= self.hashes.len() {
+            return;
+        }
+        let mut free = self.pool.free();
+        free.clock += 1;
+        let now = free.clock;
+        for b in self.hashes.len()..full {
+            let previous = b.checked_sub(1).map_or(0, |p| self.hashes[p]);
+            let hash = chain(previous, &self.tokens[b * block..(b + 1) * block]);
+            free.cached
+                .entry(hash)
+                .or_insert_with(|| (self.blocks[b].clone(), now));
+            self.hashes.push(hash);
+        }
+    }
 }
 
 impl SequenceKv for PagedSequence {
-    fn reserve(&mut self, tokens: usize) -> Result<(), KvFull> {
+    fn reserve(&mut self, tokens: &[u32]) -> Result<(), KvFull> {
+        self.cache_full_blocks();
         let longest = self.lens.iter().copied().max().unwrap_or(0);
-        let blocks = (longest + tokens).div_ceil(self.pool.block);
+        let blocks = (longest + tokens.len()).div_ceil(self.pool.block);
         if blocks > self.blocks.len() {
-            let more = self
-                .pool
-                .take(blocks - self.blocks.len(), self.blocks.len(), tokens)?;
+            let more =
+                self.pool
+                    .take(blocks - self.blocks.len(), self.blocks.len(), tokens.len())?;
             self.blocks.extend(more);
         }
+        if self.pool.prefix_cache {
+            self.tokens.extend_from_slice(tokens);
+        }
         Ok(())
+    }
+
+    fn reuse_prefix(&mut self, tokens: &[u32]) -> usize {
+        let block = self.pool.block;
+        if !self.pool.prefix_cache || !self.blocks.is_empty() || tokens.is_empty() {
+            return 0;
+        }
+        let mut free = self.pool.free();
+        free.clock += 1;
+        let now = free.clock;
+        let mut previous = 0;
+        // The last token always runs: its logits are the request's first.
+        for piece in tokens[..tokens.len() - 1].chunks_exact(block) {
+            let hash = chain(previous, piece);
+            let Some((shared, used)) = free.cached.get_mut(&hash) else {
+                break;
+            };
+            *used = now;
+            self.blocks.push(shared.clone());
+            self.hashes.push(hash);
+            self.tokens.extend_from_slice(piece);
+            previous = hash;
+        }
+        let reused = self.blocks.len() * block;
+        self.lens.iter_mut().for_each(|l| *l = reused);
+        reused
     }
 
     fn len(&self, layer: usize) -> usize {
@@ -277,7 +395,7 @@ impl SequenceKv for PagedSequence {
                 .unwrap_or_else(|_| {
                     self.pool.free().in_use += missing;
                     (0..missing)
-                        .map(|_| vec![0.0; self.pool.floats].into_boxed_slice())
+                        .map(|_| Arc::new(vec![0.0; self.pool.floats].into_boxed_slice()))
                         .collect()
                 });
             self.blocks.extend(extra);
@@ -287,7 +405,9 @@ impl SequenceKv for PagedSequence {
             let position = self.lens[layer] + r;
             let (b, slot) = (position / block, position % block);
             let at = slot * kv_dim;
-            let data = &mut self.blocks[b];
+            // Blocks are written only while partly filled, and only full ones are shared, so
+            // this never copies.
+            let data = Arc::make_mut(&mut self.blocks[b]);
             data[key_run + at..key_run + at + kv_dim].copy_from_slice(keys.row(r));
             if self.values && values.cols > 0 {
                 data[value_run + at..value_run + at + kv_dim].copy_from_slice(values.row(r));
@@ -318,6 +438,7 @@ impl SequenceKv for PagedSequence {
 
 impl Drop for PagedSequence {
     fn drop(&mut self) {
+        self.cache_full_blocks();
         self.pool.give(std::mem::take(&mut self.blocks));
     }
 }
@@ -329,14 +450,15 @@ mod tests {
     #[test]
     fn settings_parse_and_bad_ones_are_named() {
         assert_eq!(
-            PagedLayout::parse("block=4,blocks=10").unwrap(),
+            PagedLayout::parse("block=4,blocks=10", false).unwrap(),
             PagedLayout {
                 block: 4,
-                size: PoolSize::Blocks(10)
+                size: PoolSize::Blocks(10),
+                prefix_cache: false,
             }
         );
         assert_eq!(
-            PagedLayout::parse("").unwrap().size,
+            PagedLayout::parse("", true).unwrap().size,
             PoolSize::Gigabytes(DEFAULT_MEMORY)
         );
         for (text, expected) in [
@@ -347,7 +469,7 @@ mod tests {
             ("block", "`block` is not KEY=VALUE"),
             ("block=100000", "at most 4096 tokens"),
         ] {
-            let e = format!("{:#}", PagedLayout::parse(text).unwrap_err());
+            let e = format!("{:#}", PagedLayout::parse(text, false).unwrap_err());
             assert!(e.contains(expected), "{text}: {e}");
         }
     }
