@@ -476,6 +476,18 @@ fn kv_memory_sizes_a_paged_pool_and_is_refused_past_the_machine() {
     assert_eq!(json["tokens"].as_array().unwrap().len(), 2);
     let err = failure(&run("100000"), 1);
     assert!(err.contains("more than this machine's"), "{err}");
+    // A block count whose bytes overflow 64 bits is measured, not wrapped.
+    let huge = vibee(&[
+        "run",
+        "--plugins",
+        "auto,paged-kv",
+        "--plugin-config",
+        "paged-kv=blocks=18446744073709551615",
+        "--prompt-ids",
+        "1,2",
+    ]);
+    let err = failure(&huge, 1);
+    assert!(err.contains("more than this machine's"), "{err}");
     // Too small for the prompt: refused with the numbers, not a panic.
     let err = failure(
         &vibee(&[

@@ -123,11 +123,13 @@ impl Factory<dyn KvCache> for PagedLayout {
             PoolSize::Blocks(n) => n,
             PoolSize::Gigabytes(gb) => (gb * 1e9 / (floats * 4) as f64) as usize,
         };
+        // In f64: a hostile block count must not overflow the product.
+        let bytes = capacity as f64 * floats as f64 * 4.0;
         if let Some(total) = machine_memory() {
-            if (capacity * floats * 4) as u64 > total {
+            if bytes > total as f64 {
                 bail!(
                     "paged-kv: a pool of {capacity} blocks takes {:.2} GB, more than this machine's {:.2} GB",
-                    (capacity * floats * 4) as f64 / 1e9,
+                    bytes / 1e9,
                     total as f64 / 1e9
                 );
             }
