@@ -202,4 +202,23 @@ fn a_prefix_cache_hit_generates_what_a_miss_does_and_evicts_when_short() {
         let usage = cached.model.kv_usage().unwrap();
         assert!(usage.blocks_in_use <= blocks, "{usage:?}");
     }
+    // Another tenant's salt shares nothing, the same salt does.
+    let mut cached = with_kv("prefix-cache", "block=4,blocks=64");
+    let salted = |salt: &str| SamplingParams {
+        cache_salt: Some(salt.into()),
+        ..greedy(6)
+    };
+    runner::generate(&mut cached.app, shared_prefix.clone(), salted("a")).unwrap();
+    let hit_tokens = |app: &vibee_core::App| {
+        app.world
+            .resource::<vibee_core::pipeline::Metrics>()
+            .prefix_hit_tokens
+    };
+    let other = runner::generate(&mut cached.app, second.clone(), salted("b")).unwrap();
+    assert_eq!(
+        (other.tokens.clone(), hit_tokens(&cached.app)),
+        (expected.clone(), 0)
+    );
+    runner::generate(&mut cached.app, second.clone(), salted("a")).unwrap();
+    assert_eq!(hit_tokens(&cached.app), 12);
 }

@@ -608,6 +608,7 @@ fn sampling(args: &RunArgs) -> SamplingParams {
         max_tokens: args.max_tokens,
         ignore_eos: args.ignore_eos,
         priority: 0,
+        cache_salt: None,
     }
 }
 
@@ -997,8 +998,18 @@ fn bench_concurrency(args: BenchArgs) -> anyhow::Result<()> {
         ignore_eos: true,
         ..SamplingParams::default()
     };
+    let configured = *engine.app.world.resource::<StepBudget>();
     let mut levels = Vec::new();
     for &concurrency in &args.concurrency {
+        // Every prompt in the first step, as llama-batched-bench runs them: the decode steps
+        // measured after it are decode alone.
+        engine.app.world.insert_resource(StepBudget {
+            max_num_batched_tokens: configured
+                .max_num_batched_tokens
+                .max(concurrency * (args.prompt_tokens + concurrency)),
+            max_num_seqs: configured.max_num_seqs.max(concurrency),
+            ..configured
+        });
         let mut best: Option<serde_json::Value> = None;
         for _ in 0..args.repeat {
             let requests = (0..concurrency)

@@ -236,10 +236,11 @@ pub trait SequenceKv: Send + Sync {
         Ok(())
     }
     /// For an empty sequence about to take `tokens`: takes the cached keys and values of the
-    /// longest prefix of them another sequence computed (whole blocks, leaving at least the
-    /// last token to run) and returns how many tokens that is. Layouts without a prefix
-    /// cache reuse nothing.
-    fn reuse_prefix(&mut self, _tokens: &[u32]) -> usize {
+    /// longest prefix of them another sequence with the same `salt` computed (whole blocks,
+    /// leaving at least the last token to run) and returns how many tokens that is; the
+    /// sequence's own blocks are cached under `salt` too. Layouts without a prefix cache
+    /// reuse nothing.
+    fn reuse_prefix(&mut self, _tokens: &[u32], _salt: u64) -> usize {
         0
     }
     /// Tokens cached in `layer`.

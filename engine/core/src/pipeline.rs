@@ -66,6 +66,9 @@ pub struct SamplingParams {
     /// Under the priority policy, requests with lower values are scheduled first and
     /// preempted last (vLLM's `priority`).
     pub priority: i64,
+    /// Only requests with the same salt share prefix-cache blocks (vLLM's `cache_salt`),
+    /// so that one tenant cannot learn from timing what another's prompts began with.
+    pub cache_salt: Option<String>,
 }
 
 impl Default for SamplingParams {
@@ -80,6 +83,7 @@ impl Default for SamplingParams {
             max_tokens: 64,
             ignore_eos: false,
             priority: 0,
+            cache_salt: None,
         }
     }
 }
@@ -279,7 +283,8 @@ fn forward(
         logits.0.clear();
         if kv.0.len(0) == 0 {
             let all: Vec<u32> = (0..tokens.len()).map(|i| tokens.get(i)).collect();
-            metrics.prefix_hit_tokens += kv.0.reuse_prefix(&all) as u64;
+            let salt = params.cache_salt.as_deref().map_or(0, salt_hash);
+            metrics.prefix_hit_tokens += kv.0.reuse_prefix(&all, salt) as u64;
         }
         let cached = kv.0.len(0);
         let feed: Vec<u32> = (cached..tokens.len()).map(|i| tokens.get(i)).collect();
@@ -360,6 +365,14 @@ fn forward(
             }
         }
     }
+}
+
+/// A request's cache salt as the seed of its blocks' hash chain (0 is no salt).
+fn salt_hash(salt: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    salt.hash(&mut hasher);
+    hasher.finish() | 1
 }
 
 /// Room in the KV pool for every feed, in scheduling order. When the pool runs short the

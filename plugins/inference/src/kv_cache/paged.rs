@@ -281,6 +281,7 @@ impl KvCache for PagedCache {
             values: self.values,
             tokens: Vec::new(),
             hashes: Vec::new(),
+            salt: 0,
         })
     }
 
@@ -306,6 +307,8 @@ struct PagedSequence {
     tokens: Vec<u32>,
     /// The chained hash of each full block already offered to the cache.
     hashes: Vec<u64>,
+    /// The seed of the chain: only sequences with the same salt share blocks.
+    salt: u64,
 }
 
 impl PagedSequence {
@@ -327,7 +330,7 @@ impl PagedSequence {
         free.clock += 1;
         let now = free.clock;
         for b in self.hashes.len()..full {
-            let previous = b.checked_sub(1).map_or(0, |p| self.hashes[p]);
+            let previous = b.checked_sub(1).map_or(self.salt, |p| self.hashes[p]);
             let hash = chain(previous, &self.tokens[b * block..(b + 1) * block]);
             free.cached
                 .entry(hash)
@@ -354,15 +357,16 @@ impl SequenceKv for PagedSequence {
         Ok(())
     }
 
-    fn reuse_prefix(&mut self, tokens: &[u32]) -> usize {
+    fn reuse_prefix(&mut self, tokens: &[u32], salt: u64) -> usize {
         let block = self.pool.block;
         if !self.pool.prefix_cache || !self.blocks.is_empty() || tokens.is_empty() {
             return 0;
         }
+        self.salt = salt;
         let mut free = self.pool.free();
         free.clock += 1;
         let now = free.clock;
-        let mut previous = 0;
+        let mut previous = salt;
         // The last token always runs: its logits are the request's first.
         for piece in tokens[..tokens.len() - 1].chunks_exact(block) {
             let hash = chain(previous, piece);
