@@ -222,3 +222,33 @@ fn a_prefix_cache_hit_generates_what_a_miss_does_and_evicts_when_short() {
     runner::generate(&mut cached.app, second.clone(), salted("a")).unwrap();
     assert_eq!(hit_tokens(&cached.app), 12);
 }
+
+/// A request cancelled between steps (its entity despawned, as a server does when the client
+/// goes away) gives its blocks back at once; the others go on.
+#[test]
+fn a_cancelled_request_frees_its_blocks_at_the_step_boundary() {
+    let mut engine = with_kv("paged-kv", "block=4,blocks=32");
+    let requests = three([20, 20, 20]);
+    let ids: Vec<_> = requests
+        .iter()
+        .map(|(prompt, params)| {
+            let bundle = request_bundle(prompt.clone(), params.clone());
+            engine.app.world.spawn(bundle).id()
+        })
+        .collect();
+    for _ in 0..3 {
+        engine.app.step();
+    }
+    let held = engine.model.kv_usage().unwrap().blocks_in_use;
+    engine.app.world.despawn(ids[2]);
+    let after = engine.model.kv_usage().unwrap().blocks_in_use;
+    // The third request held its 12 prompt tokens and 2 new ones: 4 blocks.
+    assert_eq!(held - after, 4);
+    for _ in 0..40 {
+        engine.app.step();
+    }
+    for id in &ids[..2] {
+        let state = engine.app.world.get::<SeqState>(*id).unwrap();
+        assert!(matches!(state, SeqState::Finished(_)), "{state:?}");
+    }
+}
