@@ -202,6 +202,17 @@ fn a_prefix_cache_hit_generates_what_a_miss_does_and_evicts_when_short() {
         let usage = cached.model.kv_usage().unwrap();
         assert!(usage.blocks_in_use <= blocks, "{usage:?}");
     }
+    // Blocks that hold generated tokens are cached under those tokens too.
+    let mut cached = with_kv("prefix-cache", "block=4,blocks=64");
+    let first = runner::generate(&mut cached.app, shared_prefix.clone(), greedy(6)).unwrap();
+    let mut continued = shared_prefix.clone();
+    continued.extend(&first.tokens[..4]);
+    continued.push(7);
+    let expected_continued = alone(&[(continued.clone(), greedy(3))]).remove(0);
+    let hit = runner::generate(&mut cached.app, continued, greedy(3)).unwrap();
+    assert_eq!(hit.tokens, expected_continued);
+    let metrics = cached.app.world.resource::<vibee_core::pipeline::Metrics>();
+    assert_eq!(metrics.prefix_hit_tokens, 16);
     // Another tenant's salt shares nothing, the same salt does.
     let mut cached = with_kv("prefix-cache", "block=4,blocks=64");
     let salted = |salt: &str| SamplingParams {

@@ -420,7 +420,7 @@ fn run_check(
             let miss = engine.model.forward(prompt, first.as_mut(), true)?;
             drop(first);
             let mut second = engine.model.new_sequence();
-            let reused = second.reuse_prefix(prompt, 0);
+            let reused = second.reuse_prefix(prompt, None);
             if reused == 0 {
                 return Ok((
                     None,

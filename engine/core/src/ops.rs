@@ -240,7 +240,7 @@ pub trait SequenceKv: Send + Sync {
     /// leaving at least the last token to run) and returns how many tokens that is; the
     /// sequence's own blocks are cached under `salt` too. Layouts without a prefix cache
     /// reuse nothing.
-    fn reuse_prefix(&mut self, _tokens: &[u32], _salt: u64) -> usize {
+    fn reuse_prefix(&mut self, _tokens: &[u32], _salt: Option<&str>) -> usize {
         0
     }
     /// Tokens cached in `layer`.

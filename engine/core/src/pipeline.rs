@@ -283,8 +283,8 @@ fn forward(
         logits.0.clear();
         if kv.0.len(0) == 0 {
             let all: Vec<u32> = (0..tokens.len()).map(|i| tokens.get(i)).collect();
-            let salt = params.cache_salt.as_deref().map_or(0, salt_hash);
-            metrics.prefix_hit_tokens += kv.0.reuse_prefix(&all, salt) as u64;
+            let reused = kv.0.reuse_prefix(&all, params.cache_salt.as_deref());
+            metrics.prefix_hit_tokens += reused as u64;
         }
         let cached = kv.0.len(0);
         let feed: Vec<u32> = (cached..tokens.len()).map(|i| tokens.get(i)).collect();
@@ -365,14 +365,6 @@ fn forward(
             }
         }
     }
-}
-
-/// A request's cache salt as the seed of its blocks' hash chain (0 is no salt).
-fn salt_hash(salt: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    salt.hash(&mut hasher);
-    hasher.finish() | 1
 }
 
 /// Room in the KV pool for every feed, in scheduling order. When the pool runs short the

@@ -257,12 +257,13 @@ impl Pool {
     }
 }
 
-/// The hash of a block's tokens chained to the hash of everything before them.
-fn chain(previous: u64, tokens: &[u32]) -> u64 {
+/// The hash of a block's tokens (or of a salt's bytes) chained to the hash of everything
+/// before them.
+fn chain<T: std::hash::Hash>(previous: u64, items: &[T]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     previous.hash(&mut hasher);
-    tokens.hash(&mut hasher);
+    items.hash(&mut hasher);
     hasher.finish()
 }
 
@@ -352,16 +353,21 @@ impl SequenceKv for PagedSequence {
             self.blocks.extend(more);
         }
         if self.pool.prefix_cache {
+            // By position: reserving the same next tokens twice (the scheduler, then the
+            // forward) records them once.
+            self.tokens.truncate(longest);
             self.tokens.extend_from_slice(tokens);
         }
         Ok(())
     }
 
-    fn reuse_prefix(&mut self, tokens: &[u32], salt: u64) -> usize {
+    fn reuse_prefix(&mut self, tokens: &[u32], salt: Option<&str>) -> usize {
         let block = self.pool.block;
         if !self.pool.prefix_cache || !self.blocks.is_empty() || tokens.is_empty() {
             return 0;
         }
+        // A salted chain never meets the unsalted one, whose seed is 0.
+        let salt = salt.map_or(0, |s| chain(0, s.as_bytes()) | 1);
         self.salt = salt;
         let mut free = self.pool.free();
         free.clock += 1;
