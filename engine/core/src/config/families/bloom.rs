@@ -33,10 +33,6 @@ pub static FAMILY: Family = Family {
     // keys, then all values (GPT-2's order).
     gguf: Some(GgufForm {
         architecture: "bloom",
-        when: None,
-        flags: &[],
-        norms: &[],
-        metadata: &[],
         stored: |config| config.layout.qkv = QkvLayout::Concat("query_key_value"),
         ..GgufForm::PLAIN
     }),

@@ -26,7 +26,6 @@ pub static FAMILY: Family = Family {
     // MLP norm is then `attn_norm`.
     gguf: Some(GgufForm {
         architecture: "falcon",
-        when: None,
         metadata: &[("feed_forward_length", "ffn_hidden_size")],
         flags: &[("attn_norm_2", "new_decoder_architecture")],
         norms: &[("attn_norm", "ln_mlp"), ("attn_norm_2", "ln_attn")],

@@ -12,10 +12,6 @@ pub static FAMILY: Family = Family {
     // The converter stores every norm gain as 1 + w, a plain RMSNorm's gain.
     gguf: Some(GgufForm {
         architecture: "gemma",
-        when: None,
-        flags: &[],
-        norms: &[],
-        metadata: &[],
         stored: |config| config.norm = NormKind::Rms,
         ..GgufForm::PLAIN
     }),

@@ -12,9 +12,6 @@ pub static FAMILY: Family = Family {
     read,
     gguf: Some(GgufForm {
         architecture: "gemma2",
-        when: None,
-        flags: &[],
-        norms: &[],
         metadata: &[
             ("attn_logit_softcapping", "attn_logit_softcapping"),
             ("final_logit_softcapping", "final_logit_softcapping"),

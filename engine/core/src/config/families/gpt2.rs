@@ -31,9 +31,6 @@ pub static FAMILY: Family = Family {
     // The converter stores the Conv1D weights transposed, as every other linear weight is.
     gguf: Some(GgufForm {
         architecture: "gpt2",
-        when: None,
-        flags: &[],
-        norms: &[],
         metadata: &[("feed_forward_length", "n_inner")],
         stored: |config| config.layout.transposed = false,
         ..GgufForm::PLAIN

@@ -18,9 +18,6 @@ pub static FAMILY: Family = Family {
     // keys, then all values; the rotary width is `rope.dimension_count`.
     gguf: Some(GgufForm {
         architecture: "gptneox",
-        when: None,
-        flags: &[],
-        norms: &[],
         metadata: &[("use_parallel_residual", "use_parallel_residual")],
         stored: |config| config.layout.qkv = QkvLayout::Concat("query_key_value"),
         ..GgufForm::PLAIN

@@ -18,10 +18,6 @@ pub static FAMILY: Family = Family {
     // rotating neighbouring pairs gives the same attention scores.
     gguf: Some(GgufForm {
         architecture: "llama",
-        when: None,
-        flags: &[],
-        norms: &[],
-        metadata: &[],
         stored: |config| config.rope_interleaved = true,
         ..GgufForm::PLAIN
     }),

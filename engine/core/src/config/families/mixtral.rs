@@ -16,8 +16,6 @@ pub static FAMILY: Family = Family {
     gguf: Some(GgufForm {
         architecture: "llama",
         when: Some("expert_count"),
-        flags: &[],
-        norms: &[],
         metadata: &[
             ("expert_count", "num_local_experts"),
             ("expert_used_count", "num_experts_per_tok"),

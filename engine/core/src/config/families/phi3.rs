@@ -13,11 +13,7 @@ pub static FAMILY: Family = Family {
     // first), and writes the long-context factors as tensors.
     gguf: Some(GgufForm {
         architecture: "phi3",
-        when: None,
-        flags: &[],
-        norms: &[],
         metadata: &[("attention.sliding_window", "sliding_window")],
-        stored: |_| {},
         ..GgufForm::PLAIN
     }),
 };

@@ -11,9 +11,6 @@ pub static FAMILY: Family = Family {
     read,
     gguf: Some(GgufForm {
         architecture: "qwen2moe",
-        when: None,
-        flags: &[],
-        norms: &[],
         metadata: &[
             ("expert_count", "num_experts"),
             ("expert_used_count", "num_experts_per_tok"),
@@ -23,7 +20,6 @@ pub static FAMILY: Family = Family {
                 "shared_expert_intermediate_size",
             ),
         ],
-        stored: |_| {},
         ..GgufForm::PLAIN
     }),
 };

@@ -11,9 +11,6 @@ pub static FAMILY: Family = Family {
     read,
     gguf: Some(GgufForm {
         architecture: "qwen3moe",
-        when: None,
-        flags: &[],
-        norms: &[],
         metadata: &[
             ("expert_count", "num_experts"),
             ("expert_used_count", "num_experts_per_tok"),

@@ -14,10 +14,6 @@ pub static FAMILY: Family = Family {
     read,
     gguf: Some(GgufForm {
         architecture: "smollm3",
-        when: None,
-        flags: &[],
-        norms: &[],
-        metadata: &[],
         stored,
         ..GgufForm::PLAIN
     }),
