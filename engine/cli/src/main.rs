@@ -544,8 +544,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let prompt = match (&args.prompt, &args.prompt_ids) {
         (_, Some(ids)) => ids.clone(),
         (Some(text), None) if text.is_empty() => bail!("the prompt is empty: give some text"),
-        (Some(text), None) => match &engine.tokenizer {
-            Some(tokenizer) if args.chat => {
+        (Some(text), None) => {
+            let tokenizer = text_tokenizer(&engine, "pass --prompt-ids instead of --prompt")?;
+            if args.chat {
                 let message = |role: &str, content: &str| ChatMessage {
                     role: role.into(),
                     content: content.into(),
@@ -554,15 +555,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     args.system.iter().map(|s| message("system", s)).collect();
                 messages.push(message("user", text));
                 tokenizer.encode_chat(&messages, true)?
+            } else {
+                tokenizer.encode(text)?
             }
-            Some(tokenizer) => tokenizer.encode(text)?,
-            None => match &engine.tokenizer_error {
-                Some(why) => bail!("{why}"),
-                None => {
-                    bail!("this model has no tokenizer.json; pass --prompt-ids instead of --prompt")
-                }
-            },
-        },
+        }
         (None, None) => bail!("give a prompt with --prompt TEXT or --prompt-ids 1,2,3"),
     };
     let params = sampling(&args);
@@ -595,6 +591,18 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         out.time_to_first_token_s
     );
     Ok(())
+}
+
+/// The model's tokenizer, or why text cannot be tokenized (`instead`: what to give instead).
+fn text_tokenizer<'e>(
+    engine: &'e Engine,
+    instead: &str,
+) -> anyhow::Result<&'e vibee_core::tokenizer::Tokenizer> {
+    match (&engine.tokenizer, &engine.tokenizer_error) {
+        (Some(tokenizer), _) => Ok(tokenizer),
+        (None, Some(why)) => bail!("{why}"),
+        (None, None) => bail!("this model has no tokenizer.json; {instead}"),
+    }
 }
 
 fn sampling(args: &RunArgs) -> SamplingParams {
@@ -654,16 +662,9 @@ fn parse_request(
     let prompt = match (fields.remove("prompt"), fields.remove("prompt_ids")) {
         (Some(_), Some(_)) => bail!("give `prompt` or `prompt_ids`, not both"),
         (None, Some(ids)) => serde_json::from_value(ids).context("`prompt_ids`")?,
-        (Some(serde_json::Value::String(text)), None) => match &engine.tokenizer {
-            Some(tokenizer) => tokenizer.encode(&text)?,
-            None => bail!(
-                "{}",
-                engine
-                    .tokenizer_error
-                    .as_deref()
-                    .unwrap_or("this model has no tokenizer.json; give `prompt_ids`")
-            ),
-        },
+        (Some(serde_json::Value::String(text)), None) => {
+            text_tokenizer(engine, "give `prompt_ids`")?.encode(&text)?
+        }
         (Some(other), None) => bail!("`prompt` must be text, got {other}"),
         (None, None) => bail!("the request has neither `prompt` nor `prompt_ids`"),
     };
