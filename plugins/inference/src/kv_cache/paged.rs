@@ -223,7 +223,12 @@ impl Pool {
     /// `count` blocks, all or none, evicting cached blocks no sequence holds to make room.
     fn take(&self, count: usize, holding: usize, tokens: usize) -> Result<Vec<Block>, KvFull> {
         let mut free = self.free();
-        let available = self.capacity.saturating_sub(free.in_use) + free.evictable();
+        let unused = self.capacity.saturating_sub(free.in_use);
+        // Cached blocks are counted (a scan) only when the unused ones do not suffice.
+        let available = match count > unused {
+            true => unused + free.evictable(),
+            false => unused,
+        };
         if count > available {
             return Err(KvFull {
                 tokens,
