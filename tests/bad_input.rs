@@ -1,7 +1,7 @@
 //! Bad input gets a clear error, never a panic.
 
-use vibee_core::pipeline::SamplingParams;
-use vibee_core::runner;
+use vibee_core::serving::pipeline::SamplingParams;
+use vibee_core::serving::runner;
 use vibee_tests::{fixture, load, scratch_copy};
 
 const PLUGINS: &str = "gqa,rope,rmsnorm,swiglu";
@@ -91,7 +91,7 @@ fn unsupported_tensor_dtype_is_named() {
         err.contains("`model.embed_tokens.weight` has dtype I64"),
         "{err}"
     );
-    let weights = vibee_core::weights::Weights::open(dir.path()).unwrap();
+    let weights = vibee_core::io::weights::Weights::open(dir.path()).unwrap();
     let err = weights
         .get("model.embed_tokens.weight", &[384, 64])
         .err()
@@ -280,7 +280,7 @@ fn generation_stops_at_the_context_limit() {
     assert_eq!(out.tokens.len(), 8);
     assert_eq!(
         out.finish_reason,
-        vibee_core::pipeline::FinishReason::Context
+        vibee_core::serving::pipeline::FinishReason::Context
     );
 }
 

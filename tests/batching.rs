@@ -1,8 +1,8 @@
 //! Requests that share the engine's steps (one batched forward a step, a prompt's prefill
 //! beside the others' decode steps) get the tokens each gets alone.
 
-use vibee_core::pipeline::{request_bundle, SamplingParams, SeqState, Tokens};
-use vibee_core::runner;
+use vibee_core::serving::pipeline::{request_bundle, SamplingParams, SeqState, Tokens};
+use vibee_core::serving::runner;
 use vibee_tests::{fixture, load};
 
 const PLUGINS: &str = "gqa,rope,rmsnorm,swiglu,sampler";
@@ -43,7 +43,7 @@ fn alone(requests: &[(Vec<u32>, SamplingParams)]) -> Vec<Vec<u32>> {
 /// llama-gqa with the KV-cache plugin `kv` configured as `config`.
 fn with_kv(kv: &str, config: &str) -> vibee_core::Engine {
     let configs =
-        vibee_core::external::PluginConfigs([(kv.to_string(), config.to_string())].into());
+        vibee_core::app::external::PluginConfigs([(kv.to_string(), config.to_string())].into());
     vibee_core::Engine::load(
         &fixture("llama-gqa"),
         &vibee_tests::plugins(&format!("{PLUGINS},{kv}")),
@@ -115,7 +115,10 @@ fn a_full_kv_pool_preempts_the_newest_and_loses_no_request() {
         refused.contains("9 more blocks of 4 tokens are needed") && refused.contains("pool's 8"),
         "{refused}"
     );
-    let metrics = shared.app.world.resource::<vibee_core::pipeline::Metrics>();
+    let metrics = shared
+        .app
+        .world
+        .resource::<vibee_core::serving::pipeline::Metrics>();
     assert!(metrics.preempted > 0, "the pool never ran short");
     let usage = shared.model.kv_usage().unwrap();
     assert_eq!((usage.blocks_in_use, usage.capacity), (0, 8));
@@ -131,7 +134,7 @@ fn chunked_prefill_under_a_step_budget_gives_each_request_its_own_tokens() {
     shared
         .app
         .world
-        .insert_resource(vibee_core::pipeline::StepBudget {
+        .insert_resource(vibee_core::serving::pipeline::StepBudget {
             max_num_batched_tokens: 5,
             max_num_seqs: 2,
             ..Default::default()
@@ -140,7 +143,10 @@ fn chunked_prefill_under_a_step_budget_gives_each_request_its_own_tokens() {
     for (result, expected) in results.iter().zip(&alone) {
         assert_eq!(&result.as_ref().unwrap().tokens, expected);
     }
-    let metrics = shared.app.world.resource::<vibee_core::pipeline::Metrics>();
+    let metrics = shared
+        .app
+        .world
+        .resource::<vibee_core::serving::pipeline::Metrics>();
     assert_eq!(metrics.largest_step_tokens, 5);
 }
 
@@ -148,7 +154,7 @@ fn chunked_prefill_under_a_step_budget_gives_each_request_its_own_tokens() {
 /// before the second starts; the priority policy runs the lower `priority` first.
 #[test]
 fn the_priority_policy_serves_lower_priority_values_first() {
-    use vibee_core::pipeline::{SchedulingPolicy, StepBudget};
+    use vibee_core::serving::pipeline::{SchedulingPolicy, StepBudget};
     let params = |priority| SamplingParams {
         temperature: 0.0,
         max_tokens: 6,
@@ -194,7 +200,10 @@ fn a_prefix_cache_hit_generates_what_a_miss_does_and_evicts_when_short() {
         runner::generate(&mut cached.app, shared_prefix.clone(), greedy(6)).unwrap();
         let hit = runner::generate(&mut cached.app, second.clone(), greedy(6)).unwrap();
         assert_eq!(hit.tokens, expected, "pool of {blocks}");
-        let metrics = cached.app.world.resource::<vibee_core::pipeline::Metrics>();
+        let metrics = cached
+            .app
+            .world
+            .resource::<vibee_core::serving::pipeline::Metrics>();
         assert_eq!(metrics.prefix_hit_tokens, 12, "pool of {blocks}");
         // A third, unrelated request needs the room the cache holds.
         let other: Vec<u32> = (100..118).collect();
@@ -211,7 +220,10 @@ fn a_prefix_cache_hit_generates_what_a_miss_does_and_evicts_when_short() {
     let expected_continued = alone(&[(continued.clone(), greedy(3))]).remove(0);
     let hit = runner::generate(&mut cached.app, continued, greedy(3)).unwrap();
     assert_eq!(hit.tokens, expected_continued);
-    let metrics = cached.app.world.resource::<vibee_core::pipeline::Metrics>();
+    let metrics = cached
+        .app
+        .world
+        .resource::<vibee_core::serving::pipeline::Metrics>();
     assert_eq!(metrics.prefix_hit_tokens, 16);
     // Another tenant's salt shares nothing, the same salt does.
     let mut cached = with_kv("prefix-cache", "block=4,blocks=64");
@@ -222,7 +234,7 @@ fn a_prefix_cache_hit_generates_what_a_miss_does_and_evicts_when_short() {
     runner::generate(&mut cached.app, shared_prefix.clone(), salted("a")).unwrap();
     let hit_tokens = |app: &vibee_core::App| {
         app.world
-            .resource::<vibee_core::pipeline::Metrics>()
+            .resource::<vibee_core::serving::pipeline::Metrics>()
             .prefix_hit_tokens
     };
     let other = runner::generate(&mut cached.app, second.clone(), salted("b")).unwrap();

@@ -2,7 +2,7 @@
 //! (references: tests/fixtures/chat.json, from tests/fixtures/make_chat_fixtures.py).
 
 use serde::Deserialize;
-use vibee_core::tokenizer::{ChatMessage, Tokenizer};
+use vibee_core::io::tokenizer::{ChatMessage, Tokenizer};
 use vibee_tests::fixture;
 
 #[derive(Deserialize)]

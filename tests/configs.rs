@@ -3,9 +3,9 @@
 
 use std::collections::BTreeMap;
 
+use vibee_core::app::registry::Registry;
 use vibee_core::config::families;
 use vibee_core::config::{NormKind, PositionKind, QkNormScope, Residual};
-use vibee_core::registry::Registry;
 use vibee_core::ModelConfig;
 use vibee_tests::repo_root;
 

@@ -1,8 +1,8 @@
 //! Every implemented spec's conformance cases pass on the CPU backend, and the registry agrees
 //! with the compiled plugins and the spec files.
 
-use vibee_core::conformance::{load_cases, run_cases};
-use vibee_core::registry::{Registry, Status};
+use vibee_core::app::registry::{Registry, Status};
+use vibee_core::tools::conformance::{load_cases, run_cases};
 use vibee_tests::repo_root;
 
 #[test]

@@ -20,11 +20,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use vibee_core::config::ModelConfig;
-use vibee_core::gguf::Gguf;
-use vibee_core::pipeline::SamplingParams;
-use vibee_core::tokenizer::Tokenizer;
-use vibee_core::weights::Weights;
-use vibee_core::{engine, runner};
+use vibee_core::io::gguf::Gguf;
+use vibee_core::io::tokenizer::Tokenizer;
+use vibee_core::io::weights::Weights;
+use vibee_core::serving::pipeline::SamplingParams;
+use vibee_core::serving::{engine, runner};
 use vibee_tests::{fixture, load};
 
 /// Cases per family unless `VIBEE_FUZZ_CASES` says otherwise.

@@ -6,9 +6,9 @@
 //! logits are conformance cases of v2345 (specs/v2345-gguf.ron), as those of the int8 and q4
 //! quantizers are of v2340 and v2341; here, their configurations are checked.
 
-use vibee_core::gguf::{Gguf, Value};
-use vibee_core::tokenizer::Tokenizer;
-use vibee_core::weights::DType;
+use vibee_core::io::gguf::{Gguf, Value};
+use vibee_core::io::tokenizer::Tokenizer;
+use vibee_core::io::weights::DType;
 use vibee_tests::{fixture, load, scratch_copy};
 
 #[test]
@@ -112,7 +112,7 @@ fn the_embedded_tokenizer_encodes_as_transformers_gguf_tokenizer_does() {
     }
     let chat = tokenizer
         .apply_chat_template(
-            &[vibee_core::tokenizer::ChatMessage {
+            &[vibee_core::io::tokenizer::ChatMessage {
                 role: "user".into(),
                 content: "hi".into(),
             }],
@@ -209,13 +209,14 @@ fn an_unknown_pre_tokenizer_is_named_and_token_ids_still_run() {
         why.contains("pre-tokenizer `llama-bpX` is not supported yet"),
         "{why}"
     );
-    let params = vibee_core::pipeline::SamplingParams {
+    let params = vibee_core::serving::pipeline::SamplingParams {
         temperature: 0.0,
         max_tokens: 4,
         ignore_eos: true,
         ..Default::default()
     };
-    let out = vibee_core::runner::generate(&mut engine.app, vec![1, 17, 42], params).unwrap();
+    let out =
+        vibee_core::serving::runner::generate(&mut engine.app, vec![1, 17, 42], params).unwrap();
     assert_eq!(out.tokens.len(), 4);
 }
 
@@ -342,9 +343,9 @@ fn quantizing_reproduces_the_gguf_packages_blocks() {
     for (name, quantize) in [
         (
             "Q8_0",
-            vibee_core::quant::quantize_q8_0 as fn(&[f32]) -> Vec<u8>,
+            vibee_core::backend::quant::quantize_q8_0 as fn(&[f32]) -> Vec<u8>,
         ),
-        ("Q4_0", vibee_core::quant::quantize_q4_0),
+        ("Q4_0", vibee_core::backend::quant::quantize_q4_0),
     ] {
         let stored = file.data(file.tensor(name).unwrap());
         // The gguf package's own dequantization of its blocks quantizes back to them.
@@ -356,7 +357,7 @@ fn quantizing_reproduces_the_gguf_packages_blocks() {
 #[test]
 fn quantizer_configurations_are_checked() {
     let configs = |config: &str| {
-        vibee_core::external::PluginConfigs([("q4".to_string(), config.to_string())].into())
+        vibee_core::app::external::PluginConfigs([("q4".to_string(), config.to_string())].into())
     };
     let error = |config: &str| {
         let result = vibee_core::Engine::load(

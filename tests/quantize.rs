@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
-use vibee_core::conformance::Reference;
+use vibee_core::tools::conformance::Reference;
 use vibee_inference::quantization::offline::{quantize_checkpoint, Method, Options};
 use vibee_tests::{fixture, load};
 

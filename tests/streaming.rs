@@ -2,8 +2,8 @@
 //! across byte-level tokens, and runs of SentencePiece byte-fallback tokens, which decode
 //! together), joined, is the tokenizer's decoding of the whole continuation.
 
-use vibee_core::pipeline::SamplingParams;
-use vibee_core::runner;
+use vibee_core::serving::pipeline::SamplingParams;
+use vibee_core::serving::runner;
 use vibee_tests::{fixture, load};
 
 #[test]

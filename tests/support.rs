@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use vibee_core::registry::Registry;
+use vibee_core::app::registry::Registry;
 use vibee_core::Engine;
 
 pub fn repo_root() -> PathBuf {

@@ -10,14 +10,14 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use vibee_architectures::arch_search::arch_calc::{self, Dtype};
 use vibee_cli::{builtin_model_dir, catalog, load_external};
-use vibee_core::external::{find_external, PluginConfigs};
-use vibee_core::pipeline::{SamplingParams, SchedulingPolicy, StepBudget};
-use vibee_core::registry::{SpecEntry, FAMILIES};
-use vibee_core::reload::{PipelineFile, Reloader, Watch};
-use vibee_core::tokenizer::ChatMessage;
+use vibee_core::app::external::{find_external, PluginConfigs};
+use vibee_core::app::registry::{SpecEntry, FAMILIES};
+use vibee_core::app::reload::{PipelineFile, Reloader, Watch};
+use vibee_core::io::tokenizer::ChatMessage;
+use vibee_core::serving::pipeline::{SamplingParams, SchedulingPolicy, StepBudget};
 use vibee_core::Plugin;
 use vibee_core::Registry;
-use vibee_core::{runner, Engine};
+use vibee_core::{serving::runner, Engine};
 
 #[derive(Parser)]
 #[command(
@@ -444,7 +444,7 @@ fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
         if threads == 0 {
             bail!("--threads must be at least 1");
         }
-        let cores = vibee_core::parallel::available_cores();
+        let cores = vibee_core::backend::cpu::pool::available_cores();
         let limit = cores * MAX_THREADS_PER_CORE;
         if threads > limit {
             bail!(
@@ -597,7 +597,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 fn text_tokenizer<'e>(
     engine: &'e Engine,
     instead: &str,
-) -> anyhow::Result<&'e vibee_core::tokenizer::Tokenizer> {
+) -> anyhow::Result<&'e vibee_core::io::tokenizer::Tokenizer> {
     match (&engine.tokenizer, &engine.tokenizer_error) {
         (Some(tokenizer), _) => Ok(tokenizer),
         (None, Some(why)) => bail!("{why}"),
@@ -681,7 +681,7 @@ fn copy_bandwidth() -> f64 {
     const LEN: usize = 1 << 27;
     let src = vec![1.0f32; LEN];
     let mut dst = vec![0.0f32; LEN];
-    let pool = vibee_core::parallel::pool();
+    let pool = vibee_core::backend::cpu::pool::pool();
     let chunk = LEN.div_ceil(pool.threads());
     (0..3)
         .map(|_| {
@@ -809,7 +809,7 @@ fn divergence(args: DivergenceArgs) -> anyhow::Result<()> {
         let mut kv = engine.model.new_sequence();
         engine.model.forward(&tokens, kv.as_mut(), true)
     };
-    let d = vibee_core::divergence::divergence(&logits(&reference)?, &logits(&engine)?);
+    let d = vibee_core::tools::divergence::divergence(&logits(&reference)?, &logits(&engine)?);
     if args.json {
         println!("{}", serde_json::to_string(&d)?);
     } else {
@@ -1092,8 +1092,8 @@ fn peak_resident_bytes() -> Option<u64> {
 }
 
 fn conformance(args: ConformanceArgs) -> anyhow::Result<()> {
-    use vibee_core::conformance::{load_cases, parse_cases, run_cases, CaseResult};
-    use vibee_core::registry::Status;
+    use vibee_core::app::registry::Status;
+    use vibee_core::tools::conformance::{load_cases, parse_cases, run_cases, CaseResult};
 
     if args.device != "cpu" && args.device != "all" {
         bail!(
@@ -1336,7 +1336,7 @@ fn arch(args: ArchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn junit(results: &[vibee_core::conformance::CaseResult]) -> String {
+fn junit(results: &[vibee_core::tools::conformance::CaseResult]) -> String {
     let escape = |s: &str| {
         s.replace('&', "&amp;")
             .replace('<', "&lt;")

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::{failure, stdout, vibee};
 
 fn cores() -> usize {
-    vibee_core::parallel::available_cores()
+    vibee_core::backend::cpu::pool::available_cores()
 }
 
 /// `vibee args`, which must finish within `limit`.

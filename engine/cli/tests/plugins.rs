@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use common::{failure, repo, stdout, vibee};
-use vibee_core::external::{PluginConfigs, PluginFaults};
-use vibee_core::pipeline::SamplingParams;
-use vibee_core::{runner, Engine};
+use vibee_core::app::external::{PluginConfigs, PluginFaults};
+use vibee_core::serving::pipeline::SamplingParams;
+use vibee_core::{serving::runner, Engine};
 
 /// Builds the plugin libraries (cargo does nothing when they are fresh) and returns the
 /// directory they are in: the one holding this test's own profile.
@@ -306,8 +306,8 @@ fn replace(source: &std::path::Path, dest: &std::path::Path) {
 
 #[test]
 fn rebuilt_plugins_pipeline_edits_and_admin_commands_take_effect_mid_generation() {
-    use vibee_core::pipeline::{request_bundle, SeqState, Tokens};
-    use vibee_core::reload::{Admin, ReloadLog, Reloader, Watch};
+    use vibee_core::app::reload::{Admin, ReloadLog, Reloader, Watch};
+    use vibee_core::serving::pipeline::{request_bundle, SeqState, Tokens};
 
     let dir = std::env::temp_dir().join(format!("vibee-reload-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -462,7 +462,7 @@ fn rebuilt_plugins_pipeline_edits_and_admin_commands_take_effect_mid_generation(
         assert_eq!(
             app.world.get::<SeqState>(request),
             Some(&SeqState::Finished(
-                vibee_core::pipeline::FinishReason::Length
+                vibee_core::serving::pipeline::FinishReason::Length
             ))
         );
         assert_eq!(

@@ -10,11 +10,11 @@
 use std::time::Instant;
 
 use half::bf16;
-use vibee_core::cpu::linear;
-use vibee_core::ops::Linear;
-use vibee_core::quant;
-use vibee_core::quant::packed::{PackedLinear, PackedMatrix};
-use vibee_core::weights::{DType, Weight};
+use vibee_core::backend::cpu::kernels::linear;
+use vibee_core::backend::quant;
+use vibee_core::backend::quant::packed::{PackedLinear, PackedMatrix};
+use vibee_core::io::weights::{DType, Weight};
+use vibee_core::model::ops::Linear;
 use vibee_core::Matrix;
 
 fn weight(out: usize, inp: usize, dtype: DType) -> Weight {
@@ -71,7 +71,7 @@ fn main() {
         .unwrap();
     println!("{threads} threads");
     if let Some(dir) = std::env::args().nth(2) {
-        let weights = vibee_core::weights::Weights::open(std::path::Path::new(&dir)).unwrap();
+        let weights = vibee_core::io::weights::Weights::open(std::path::Path::new(&dir)).unwrap();
         for (name, out, inp) in [
             ("model.layers.0.mlp.gate_proj.weight", 5632, 2048),
             ("model.layers.0.mlp.down_proj.weight", 2048, 5632),

@@ -1,34 +1,24 @@
-//! vibee engine core: the ECS `App` and `Plugin`s, the spec registry, tensors and the CPU
-//! backend, operator traits and the model builder, checkpoint loaders, and the serving pipeline.
+//! vibee engine core. Each folder has one job:
+//! - `app`: the ECS `App`, `Plugin`s, the spec registry, third-party libraries, hot reload;
+//! - `config`: `config.json` and the model families;
+//! - `io`: files the user brings (safetensors, GGUF, tokenizers, pipeline files);
+//! - `backend`: the `Backend` operations operators are written in, and the CPU backend;
+//! - `model`: operator traits, the model builder and the batched forward;
+//! - `serving`: request components, the pipeline systems and the loaded `Engine`;
+//! - `tools`: spec conformance and divergence.
 
 pub mod app;
-pub mod checkpoint;
+pub mod backend;
 pub mod config;
-pub mod conformance;
-pub mod cpu;
-pub mod divergence;
-pub mod engine;
-pub mod external;
-pub mod gguf;
 pub mod io;
 pub mod model;
-pub mod ops;
-pub mod parallel;
-pub mod pipeline;
-pub mod plugin;
-pub mod quant;
-pub mod registry;
-pub mod reload;
-pub mod runner;
-pub mod tensor;
-pub mod text;
-pub mod tokenizer;
-pub mod weights;
+pub mod serving;
+pub mod tools;
 
+pub use app::plugin::{Plugin, PluginSpec};
+pub use app::registry::Registry;
 pub use app::{App, Pipeline, Stage};
+pub use backend::tensor::Matrix;
 pub use config::ModelConfig;
-pub use engine::Engine;
 pub use model::Model;
-pub use plugin::{Plugin, PluginSpec};
-pub use registry::Registry;
-pub use tensor::Matrix;
+pub use serving::engine::Engine;

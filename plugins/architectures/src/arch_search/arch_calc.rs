@@ -31,7 +31,7 @@ use std::str::FromStr;
 use anyhow::{anyhow, bail, Context};
 use serde::Serialize;
 use vibee_core::config::{FfnKind, Lenient, NormKind, PositionKind, QkNormScope};
-use vibee_core::conformance::ParameterCounter;
+use vibee_core::tools::conformance::ParameterCounter;
 use vibee_core::ModelConfig;
 use vibee_core::{App, Plugin, PluginSpec};
 

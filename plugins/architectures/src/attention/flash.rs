@@ -3,7 +3,7 @@
 //! softmax so no query ever holds its full row of scores.
 
 use vibee_core::config::ModelConfig;
-use vibee_core::ops::{Attention, BuildContext, Factory};
+use vibee_core::model::ops::{Attention, BuildContext, Factory};
 
 use super::causal::CausalAttention;
 
@@ -25,6 +25,6 @@ impl Factory<dyn Attention> for FlashAttention {
         _prefix: &str,
         _dim: usize,
     ) -> anyhow::Result<Box<dyn Attention>> {
-        Ok(Box::new(CausalAttention::new(cx.config).tiled(TILE)))
+        Ok(Box::new(CausalAttention::new(cx).tiled(TILE)))
     }
 }

@@ -2,7 +2,7 @@
 //! It generalises `mha` (groups of one) and `mqa` (one group), so it fits both.
 
 use vibee_core::config::ModelConfig;
-use vibee_core::ops::{Attention, BuildContext, Factory};
+use vibee_core::model::ops::{Attention, BuildContext, Factory};
 
 use super::causal::CausalAttention;
 
@@ -29,6 +29,6 @@ impl Factory<dyn Attention> for Gqa {
         _prefix: &str,
         _dim: usize,
     ) -> anyhow::Result<Box<dyn Attention>> {
-        Ok(Box::new(CausalAttention::new(cx.config)))
+        Ok(Box::new(CausalAttention::new(cx)))
     }
 }

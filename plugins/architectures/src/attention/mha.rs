@@ -1,7 +1,7 @@
 //! v2200 `mha`: multi-head attention, one key/value head per query head.
 
 use vibee_core::config::ModelConfig;
-use vibee_core::ops::{Attention, BuildContext, Factory};
+use vibee_core::model::ops::{Attention, BuildContext, Factory};
 
 use super::causal::CausalAttention;
 
@@ -28,6 +28,6 @@ impl Factory<dyn Attention> for Mha {
         _prefix: &str,
         _dim: usize,
     ) -> anyhow::Result<Box<dyn Attention>> {
-        Ok(Box::new(CausalAttention::new(cx.config)))
+        Ok(Box::new(CausalAttention::new(cx)))
     }
 }

@@ -8,12 +8,15 @@
 //! weighted sum of latents, so no per-head key or value is ever materialised — the decode path
 //! reads the compressed cache directly.
 
+use std::sync::Arc;
+
+use vibee_core::backend::math::{axpy, dot, softmax};
+use vibee_core::backend::Backend;
 use vibee_core::config::{MlaConfig, ModelConfig, RopeScaling};
-use vibee_core::cpu::{axpy, dot, softmax};
-use vibee_core::ops::{
+use vibee_core::model::ops::{
     AttentionBlock, BuildContext, Factory, Linear, Norm, PositionEncoding, SequenceKv,
 };
-use vibee_core::{parallel, Matrix};
+use vibee_core::Matrix;
 
 use crate::norm::rmsnorm::RmsNormOp;
 
@@ -75,6 +78,7 @@ impl Factory<dyn AttentionBlock> for Mla {
             kv_up: kv_up.to_f32_vec(),
             o_proj: cx.linear(&format!("{prefix}.o_proj.weight"), hidden, heads * m.v_dim)?,
             scale: mscale * mscale / (qk as f32).sqrt(),
+            backend: cx.backend.clone(),
         }))
     }
 }
@@ -100,6 +104,7 @@ struct LatentAttention {
     kv_up_bytes: usize,
     o_proj: Box<dyn Linear>,
     scale: f32,
+    backend: Arc<dyn Backend>,
 }
 
 impl LatentAttention {
@@ -161,7 +166,7 @@ impl AttentionBlock for LatentAttention {
         kv.append(layer, &cached, &Matrix::zeros(n, 0));
         let view = kv.view(layer);
         let mut out = Matrix::zeros(n, heads * v_dim);
-        parallel::pool().for_each_chunk(&mut out.data, v_dim, |index, out_head| {
+        let absorbed = |index: usize, out_head: &mut [f32]| {
             let (row, head) = (index / heads, index % heads);
             let q_nope = &q.row(row)[head * qk..head * qk + nope];
             let q_pe = &q_rope.row(row)[head * rope..(head + 1) * rope];
@@ -191,7 +196,9 @@ impl AttentionBlock for LatentAttention {
             {
                 *o = dot(w_row, &mixed);
             }
-        });
+        };
+        self.backend
+            .custom("mla-absorbed-attention", &mut out, v_dim, &absorbed);
         self.o_proj.forward(&out)
     }
 

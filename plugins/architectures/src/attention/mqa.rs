@@ -1,7 +1,7 @@
 //! v2201 `mqa`: multi-query attention, one key/value head shared by all query heads.
 
 use vibee_core::config::ModelConfig;
-use vibee_core::ops::{Attention, BuildContext, Factory};
+use vibee_core::model::ops::{Attention, BuildContext, Factory};
 
 use super::causal::CausalAttention;
 
@@ -28,6 +28,6 @@ impl Factory<dyn Attention> for Mqa {
         _prefix: &str,
         _dim: usize,
     ) -> anyhow::Result<Box<dyn Attention>> {
-        Ok(Box::new(CausalAttention::new(cx.config)))
+        Ok(Box::new(CausalAttention::new(cx)))
     }
 }

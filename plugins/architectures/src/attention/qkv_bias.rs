@@ -1,8 +1,11 @@
 //! v2206 `qkv-bias`: learned biases added to the query, key and value projections (Qwen2), and
 //! to the output projection where the checkpoint has one (StarCoder2).
 
+use std::sync::Arc;
+
+use vibee_core::backend::Backend;
 use vibee_core::config::ModelConfig;
-use vibee_core::ops::{Bias, BuildContext, Factory};
+use vibee_core::model::ops::{Bias, BuildContext, Factory};
 use vibee_core::Matrix;
 
 pub struct QkvBias;
@@ -29,18 +32,15 @@ impl Factory<dyn Bias> for QkvBias {
     ) -> anyhow::Result<Box<dyn Bias>> {
         Ok(Box::new(VectorBias(
             cx.vector(&format!("{prefix}.bias"), dim)?,
+            cx.backend.clone(),
         )))
     }
 }
 
-struct VectorBias(Vec<f32>);
+struct VectorBias(Vec<f32>, Arc<dyn Backend>);
 
 impl Bias for VectorBias {
     fn apply(&self, x: &mut Matrix) {
-        for row in x.rows_iter_mut() {
-            for (v, b) in row.iter_mut().zip(&self.0) {
-                *v += b;
-            }
-        }
+        self.1.add_row(x, &self.0);
     }
 }

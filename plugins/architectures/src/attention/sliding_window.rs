@@ -3,7 +3,7 @@
 //! `max_window_layers` on, or as `layer_types` lists).
 
 use vibee_core::config::ModelConfig;
-use vibee_core::ops::{AttentionWindow, BuildContext, Factory};
+use vibee_core::model::ops::{AttentionWindow, BuildContext, Factory};
 
 pub struct SlidingWindow;
 

@@ -2,7 +2,7 @@
 //! the caps the checkpoint sets (Gemma 2: `attn_logit_softcapping`, `final_logit_softcapping`).
 
 use vibee_core::config::ModelConfig;
-use vibee_core::ops::{BuildContext, Factory, Softcap as Caps};
+use vibee_core::model::ops::{BuildContext, Factory, Softcap as Caps};
 
 pub struct Softcap;
 

@@ -1,13 +1,17 @@
 //! The gated feed-forward kernel shared by `swiglu` and `geglu`:
 //! `down(act(gate(x)) · up(x))`; they differ only in the activation.
 
-use vibee_core::ops::{BuildContext, Ffn, Linear};
+use std::sync::Arc;
+
+use vibee_core::backend::{Activation, Backend, GateUp as Input};
+use vibee_core::model::ops::{BuildContext, Ffn, Linear};
 use vibee_core::Matrix;
 
 pub struct GatedFfn {
     gate_up: GateUp,
     down: Box<dyn Linear>,
-    act: fn(f32) -> f32,
+    act: Activation,
+    backend: Arc<dyn Backend>,
 }
 
 /// The gate and up projections, stored apart or fused as `[gate; up]` rows.
@@ -19,7 +23,7 @@ enum GateUp {
 impl GatedFfn {
     /// Binds `{prefix}.gate_proj`, `.up_proj` (or the family's fused gate/up) and `.down_proj`
     /// of the config's width.
-    pub fn build(cx: &BuildContext<'_>, prefix: &str, act: fn(f32) -> f32) -> anyhow::Result<Self> {
+    pub fn build(cx: &BuildContext<'_>, prefix: &str, act: Activation) -> anyhow::Result<Self> {
         let (hidden, inter) = (cx.config.hidden_size, cx.config.intermediate_size);
         if let Some(fused) = cx.config.layout.gate_up {
             return Ok(Self {
@@ -30,6 +34,7 @@ impl GatedFfn {
                 )?),
                 down: cx.linear(&format!("{prefix}.down_proj.weight"), hidden, inter)?,
                 act,
+                backend: cx.backend.clone(),
             });
         }
         let [gate, up, down] =
@@ -42,7 +47,7 @@ impl GatedFfn {
         cx: &BuildContext<'_>,
         [gate, up, down]: [&str; 3],
         width: usize,
-        act: fn(f32) -> f32,
+        act: Activation,
     ) -> anyhow::Result<Self> {
         let hidden = cx.config.hidden_size;
         Ok(Self {
@@ -52,6 +57,7 @@ impl GatedFfn {
             ),
             down: cx.linear(down, hidden, width)?,
             act,
+            backend: cx.backend.clone(),
         })
     }
 }
@@ -60,25 +66,18 @@ impl Ffn for GatedFfn {
     fn forward(&self, x: &Matrix) -> Matrix {
         let gated = match &self.gate_up {
             GateUp::Separate(gate, up) => {
-                let mut gated = gate.forward(x);
-                let up = up.forward(x);
-                for (g, u) in gated.data.iter_mut().zip(&up.data) {
-                    *g = (self.act)(*g) * u;
-                }
-                gated
+                let (gate, up) = (gate.forward(x), up.forward(x));
+                self.backend.gated(
+                    Input::Separate {
+                        gate: &gate,
+                        up: &up,
+                    },
+                    self.act,
+                )
             }
-            GateUp::Fused(fused) => {
-                let both = fused.forward(x);
-                let width = both.cols / 2;
-                let mut gated = Matrix::zeros(x.rows, width);
-                for (out, row) in gated.rows_iter_mut().zip(both.rows_iter()) {
-                    let (gate, up) = row.split_at(width);
-                    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
-                        *o = (self.act)(*g) * u;
-                    }
-                }
-                gated
-            }
+            GateUp::Fused(fused) => self
+                .backend
+                .gated(Input::Halves(&fused.forward(x)), self.act),
         };
         self.down.forward(&gated)
     }

@@ -8,9 +8,11 @@
 //! costs one matmul per expert, not one per token, and the layout splits across devices by
 //! expert.
 
+use std::sync::Arc;
+
+use vibee_core::backend::{Activation, Backend};
 use vibee_core::config::{ModelConfig, MoeConfig};
-use vibee_core::cpu::{axpy, silu, softmax};
-use vibee_core::ops::{BuildContext, Factory, Ffn, Linear};
+use vibee_core::model::ops::{BuildContext, Factory, Ffn, Linear};
 use vibee_core::Matrix;
 
 use super::gated::GatedFfn;
@@ -38,7 +40,7 @@ impl Factory<dyn Ffn> for Moe {
     ) -> anyhow::Result<Box<dyn Ffn>> {
         let moe = cx.config.moe.as_ref().expect("checked before building");
         if !moe.sparse_layers[cx.layer] {
-            return Ok(Box::new(GatedFfn::build(cx, prefix, silu)?));
+            return Ok(Box::new(GatedFfn::build(cx, prefix, Activation::Silu)?));
         }
         Ok(Box::new(build_experts(cx, moe)?))
     }
@@ -53,7 +55,7 @@ fn build_experts(cx: &BuildContext<'_>, moe: &MoeConfig) -> anyhow::Result<MoeOp
     let experts = (0..moe.experts)
         .map(|e| {
             let [g, u, d] = [gate, up, down].map(|n| format!("{block}.experts.{e}.{n}.weight"));
-            GatedFfn::from_names(cx, [&g, &u, &d], moe.expert_intermediate, silu)
+            GatedFfn::from_names(cx, [&g, &u, &d], moe.expert_intermediate, Activation::Silu)
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let shared = match moe.shared_intermediate {
@@ -64,7 +66,10 @@ fn build_experts(cx: &BuildContext<'_>, moe: &MoeConfig) -> anyhow::Result<MoeOp
                 .shared_gate
                 .then(|| cx.linear(&format!("{block}.shared_expert_gate.weight"), 1, hidden))
                 .transpose()?;
-            Some((GatedFfn::from_names(cx, [&g, &u, &d], width, silu)?, gate))
+            Some((
+                GatedFfn::from_names(cx, [&g, &u, &d], width, Activation::Silu)?,
+                gate,
+            ))
         }
         None => None,
     };
@@ -76,6 +81,7 @@ fn build_experts(cx: &BuildContext<'_>, moe: &MoeConfig) -> anyhow::Result<MoeOp
         scale: moe.routed_scale,
         group_limit: moe.group_limit,
         shared,
+        backend: cx.backend.clone(),
     })
 }
 
@@ -88,27 +94,26 @@ struct MoeOp {
     group_limit: Option<(usize, usize)>,
     /// The shared expert, and its sigmoid gate where the family has one.
     shared: Option<(GatedFfn, Option<Box<dyn Linear>>)>,
+    backend: Arc<dyn Backend>,
 }
 
 impl MoeOp {
     /// For each expert, the tokens routed to it and their routing weights.
     fn route(&self, x: &Matrix) -> Vec<Vec<(usize, f32)>> {
-        let mut logits = self.router.forward(x);
+        let mut probs = self.router.forward(x);
+        self.backend.softmax_rows(&mut probs);
         let mut assigned = vec![Vec::new(); self.experts.len()];
-        for (token, probs) in logits.rows_iter_mut().enumerate() {
-            softmax(probs);
+        for (token, probs) in probs.rows_iter_mut().enumerate() {
             if let Some((groups, top_groups)) = self.group_limit {
                 restrict_to_best_groups(probs, groups, top_groups);
             }
-            let mut order: Vec<usize> = (0..probs.len()).collect();
-            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
-            let chosen = &order[..self.top_k];
+            let chosen = self.backend.top_k(probs, self.top_k);
             let total: f32 = if self.normalize {
                 chosen.iter().map(|&e| probs[e]).sum()
             } else {
                 1.0
             };
-            for &e in chosen {
+            for e in chosen {
                 assigned[e].push((token, probs[e] / total * self.scale));
             }
         }
@@ -132,29 +137,29 @@ fn restrict_to_best_groups(probs: &mut [f32], groups: usize, top_groups: usize) 
 
 impl Ffn for MoeOp {
     fn forward(&self, x: &Matrix) -> Matrix {
+        let backend = &self.backend;
         let mut out = Matrix::zeros(x.rows, x.cols);
-        for (expert, tokens) in self.experts.iter().zip(self.route(x)) {
-            if tokens.is_empty() {
+        for (expert, routed) in self.experts.iter().zip(self.route(x)) {
+            if routed.is_empty() {
                 continue;
             }
-            let mut batch = Matrix::zeros(tokens.len(), x.cols);
-            for (row, (token, _)) in batch.rows_iter_mut().zip(&tokens) {
-                row.copy_from_slice(x.row(*token));
-            }
-            let y = expert.forward(&batch);
-            for (row, (token, weight)) in y.rows_iter().zip(&tokens) {
-                axpy(*weight, row, out.row_mut(*token));
-            }
+            let (tokens, weights): (Vec<usize>, Vec<f32>) = routed.into_iter().unzip();
+            let y = expert.forward(&backend.gather_rows(x, &tokens));
+            backend.scatter_add_rows(&mut out, &tokens, &y, &weights);
         }
         if let Some((shared, gate)) = &self.shared {
             let y = shared.forward(x);
-            let g = gate.as_ref().map(|g| g.forward(x));
-            for (token, row) in y.rows_iter().enumerate() {
-                let scale = g
-                    .as_ref()
-                    .map_or(1.0, |g| 1.0 / (1.0 + (-g.data[token]).exp()));
-                axpy(scale, row, out.row_mut(token));
-            }
+            let scales: Vec<f32> = match gate {
+                Some(gate) => gate
+                    .forward(x)
+                    .data
+                    .iter()
+                    .map(|g| 1.0 / (1.0 + (-g).exp()))
+                    .collect(),
+                None => vec![1.0; x.rows],
+            };
+            let every: Vec<usize> = (0..x.rows).collect();
+            backend.scatter_add_rows(&mut out, &every, &y, &scales);
         }
         out
     }

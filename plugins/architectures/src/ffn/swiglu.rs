@@ -1,8 +1,8 @@
 //! v2260 `swiglu`: the gated SiLU feed-forward, `down(silu(gate(x)) · up(x))`.
 
+use vibee_core::backend::Activation;
 use vibee_core::config::ModelConfig;
-use vibee_core::cpu::silu;
-use vibee_core::ops::{BuildContext, Factory, Ffn};
+use vibee_core::model::ops::{BuildContext, Factory, Ffn};
 
 use super::gated::GatedFfn;
 
@@ -28,6 +28,6 @@ impl Factory<dyn Ffn> for SwiGlu {
         prefix: &str,
         _dim: usize,
     ) -> anyhow::Result<Box<dyn Ffn>> {
-        Ok(Box::new(GatedFfn::build(cx, prefix, silu)?))
+        Ok(Box::new(GatedFfn::build(cx, prefix, Activation::Silu)?))
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use vibee_core::config::{ModelConfig, NormSite, Residual};
-use vibee_core::ops::{BuildContext, Factory, Operator, Residual as Layer};
+use vibee_core::model::ops::{BuildContext, Factory, Operator, Residual as Layer};
 use vibee_core::{App, Matrix, Plugin, PluginSpec};
 
 /// One layer: `x` in place, with the layer's norms by site, its attention and feed-forward.

@@ -1,9 +1,11 @@
 //! v2241 `layernorm`: `(x − mean) / sqrt(var + eps) · weight + bias` over each row, with or
 //! without the bias (StarCoder2, GPT-2, GPT-NeoX, Falcon, BLOOM).
 
-use rayon::prelude::*;
+use std::sync::Arc;
+
+use vibee_core::backend::Backend;
 use vibee_core::config::{ModelConfig, NormKind};
-use vibee_core::ops::{BuildContext, Factory, Norm};
+use vibee_core::model::ops::{BuildContext, Factory, Norm};
 use vibee_core::Matrix;
 
 pub struct LayerNorm;
@@ -32,6 +34,7 @@ impl Factory<dyn Norm> for LayerNorm {
             weight: cx.vector(&format!("{prefix}.weight"), dim)?,
             bias,
             eps: cx.config.rms_norm_eps as f32,
+            backend: cx.backend.clone(),
         }))
     }
 }
@@ -40,25 +43,13 @@ struct LayerNormOp {
     weight: Vec<f32>,
     bias: Option<Vec<f32>>,
     eps: f32,
+    backend: Arc<dyn Backend>,
 }
 
 impl Norm for LayerNormOp {
     fn forward(&self, x: &Matrix) -> Matrix {
-        let mut out = x.clone();
-        out.data
-            .par_chunks_mut(x.cols)
-            .with_min_len(64)
-            .for_each(|row| {
-                let n = row.len() as f32;
-                let mean = row.iter().sum::<f32>() / n;
-                let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
-                let inv = 1.0 / (var + self.eps).sqrt();
-                for (i, v) in row.iter_mut().enumerate() {
-                    *v = (*v - mean) * inv * self.weight[i]
-                        + self.bias.as_ref().map_or(0.0, |b| b[i]);
-                }
-            });
-        out
+        let bias = self.bias.as_deref();
+        self.backend.layer_norm(x, &self.weight, bias, self.eps)
     }
 
     fn dim(&self) -> usize {

@@ -2,7 +2,7 @@
 //! `x / sqrt(mean(x²) + eps) · (1 + weight)` (Gemma). The offset is folded in at load time.
 
 use vibee_core::config::{ModelConfig, NormKind};
-use vibee_core::ops::{BuildContext, Factory, Norm};
+use vibee_core::model::ops::{BuildContext, Factory, Norm};
 
 use super::rmsnorm::RmsNormOp;
 

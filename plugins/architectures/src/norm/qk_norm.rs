@@ -2,7 +2,7 @@
 //! learned gains: per head (Qwen3) or over the whole projection (OLMo 2).
 
 use vibee_core::config::ModelConfig;
-use vibee_core::ops::{BuildContext, Factory, Norm};
+use vibee_core::model::ops::{BuildContext, Factory, Norm};
 
 use super::rmsnorm::RmsNormOp;
 

@@ -1,8 +1,10 @@
 //! v2240 `rmsnorm`: root-mean-square layer norm, `x / sqrt(mean(x²) + eps) · weight`.
 
-use rayon::prelude::*;
+use std::sync::Arc;
+
+use vibee_core::backend::Backend;
 use vibee_core::config::{ModelConfig, NormKind};
-use vibee_core::ops::{BuildContext, Factory, Norm};
+use vibee_core::model::ops::{BuildContext, Factory, Norm};
 use vibee_core::Matrix;
 
 pub struct RmsNorm;
@@ -31,6 +33,7 @@ impl Factory<dyn Norm> for RmsNorm {
 pub struct RmsNormOp {
     gain: Vec<f32>,
     eps: f32,
+    backend: Arc<dyn Backend>,
 }
 
 impl RmsNormOp {
@@ -50,22 +53,14 @@ impl RmsNormOp {
         Ok(Self {
             gain,
             eps: cx.config.rms_norm_eps as f32,
+            backend: cx.backend.clone(),
         })
     }
 }
 
 impl Norm for RmsNormOp {
     fn forward(&self, x: &Matrix) -> Matrix {
-        let mut out = x.clone();
-        let rows = out.data.par_chunks_mut(x.cols);
-        rows.with_min_len(64).for_each(|row| {
-            let mean_square = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
-            let inv = 1.0 / (mean_square + self.eps).sqrt();
-            for (v, g) in row.iter_mut().zip(&self.gain) {
-                *v = g * (*v * inv);
-            }
-        });
-        out
+        self.backend.rms_norm(x, &self.gain, self.eps)
     }
 
     fn dim(&self) -> usize {

@@ -4,7 +4,7 @@
 //! power of two not above the head count, interleaved extras for the remaining heads.
 
 use vibee_core::config::{ModelConfig, PositionKind};
-use vibee_core::ops::{BuildContext, Factory, PositionEncoding};
+use vibee_core::model::ops::{BuildContext, Factory, PositionEncoding};
 use vibee_core::Matrix;
 
 pub struct Alibi;

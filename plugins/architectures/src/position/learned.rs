@@ -1,9 +1,12 @@
 //! v2222 `learned-position`: a learned embedding per absolute position, added to the token
 //! embeddings (GPT-2). Queries and keys are left as they are.
 
+use std::sync::Arc;
+
+use vibee_core::backend::Backend;
 use vibee_core::config::{ModelConfig, PositionKind};
-use vibee_core::ops::{BuildContext, Factory, PositionEncoding};
-use vibee_core::weights::Weight;
+use vibee_core::io::weights::Weight;
+use vibee_core::model::ops::{BuildContext, Factory, PositionEncoding};
 use vibee_core::Matrix;
 
 pub struct LearnedPosition;
@@ -36,20 +39,18 @@ impl Factory<dyn PositionEncoding> for LearnedPosition {
         let shape = [cx.config.max_position_embeddings, cx.config.hidden_size];
         Ok(Box::new(PositionTable(
             cx.weight(&format!("{name}.weight"), &shape)?,
+            cx.backend.clone(),
         )))
     }
 }
 
-struct PositionTable(Weight);
+struct PositionTable(Weight, Arc<dyn Backend>);
 
 impl PositionEncoding for PositionTable {
     fn apply(&self, _x: &mut Matrix, _heads: usize, _positions: &[usize]) {}
 
     fn embed(&self, x: &mut Matrix, positions: &[usize]) {
-        let mut row = vec![0.0; x.cols];
-        for (i, &p) in positions.iter().enumerate() {
-            self.0.row_to_f32(p, &mut row);
-            x.row_mut(i).iter_mut().zip(&row).for_each(|(v, e)| *v += e);
-        }
+        let positions: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        self.1.add(x, &self.1.embed(&self.0, &positions));
     }
 }

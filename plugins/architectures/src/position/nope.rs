@@ -3,7 +3,7 @@
 //! layers keep the model's position encoding.
 
 use vibee_core::config::ModelConfig;
-use vibee_core::ops::{BuildContext, Factory, NoPosition};
+use vibee_core::model::ops::{BuildContext, Factory, NoPosition};
 
 pub struct Nope;
 

@@ -8,9 +8,11 @@
 
 use std::f64::consts::PI;
 
-use rayon::prelude::*;
+use std::sync::Arc;
+
+use vibee_core::backend::{Backend, Rotary};
 use vibee_core::config::{ModelConfig, PositionKind, RopeScaling};
-use vibee_core::ops::{BuildContext, Factory, PositionEncoding};
+use vibee_core::model::ops::{BuildContext, Factory, PositionEncoding};
 use vibee_core::Matrix;
 
 pub struct Rope;
@@ -63,6 +65,7 @@ impl Factory<dyn PositionEncoding> for Rope {
             theta: config.rope_theta as f32,
             scaling: config.rope_scaling.clone(),
             max_position_embeddings: config.max_position_embeddings,
+            backend: cx.backend.clone(),
         }))
     }
 }
@@ -170,6 +173,7 @@ struct RotaryEmbedding {
     theta: f32,
     scaling: RopeScaling,
     max_position_embeddings: usize,
+    backend: Arc<dyn Backend>,
 }
 
 impl RotaryEmbedding {
@@ -219,32 +223,14 @@ impl RotaryEmbedding {
 impl PositionEncoding for RotaryEmbedding {
     fn apply(&self, x: &mut Matrix, heads: usize, positions: &[usize]) {
         let (inv_freq, magnitude) = self.frequencies(positions);
-        let half = self.dim / 2;
-        x.data
-            .par_chunks_mut(x.cols)
-            .zip(positions)
-            .for_each(|(row, &pos)| {
-                let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
-                    .iter()
-                    .map(|f| {
-                        let angle = pos as f32 * f;
-                        (angle.cos() * magnitude, angle.sin() * magnitude)
-                    })
-                    .unzip();
-                for head in row.chunks_exact_mut(self.head_dim).take(heads) {
-                    for i in 0..half {
-                        // Pair i is (i, i + half), or (2i, 2i + 1) in the interleaved layout.
-                        let (x, y) = if self.interleaved {
-                            (2 * i, 2 * i + 1)
-                        } else {
-                            (i, i + half)
-                        };
-                        let (a, b) = (head[x], head[y]);
-                        head[x] = a * cos[i] - b * sin[i];
-                        head[y] = b * cos[i] + a * sin[i];
-                    }
-                }
-            });
+        let rotary = Rotary {
+            heads,
+            head_dim: self.head_dim,
+            inv_freq: &inv_freq,
+            magnitude,
+            interleaved: self.interleaved,
+        };
+        self.backend.rotary(x, &rotary, positions);
     }
 }
 

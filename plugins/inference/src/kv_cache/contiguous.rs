@@ -1,7 +1,7 @@
 //! v2300 `kv-cache`: one contiguous, growing buffer of keys and one of values per layer.
 
 use vibee_core::config::ModelConfig;
-use vibee_core::ops::{BuildContext, Factory, KvCache, KvView, SequenceKv};
+use vibee_core::model::ops::{BuildContext, Factory, KvCache, KvView, SequenceKv};
 use vibee_core::Matrix;
 
 pub struct ContiguousKvCache;

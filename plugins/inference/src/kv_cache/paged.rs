@@ -12,9 +12,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{bail, Context};
+use vibee_core::app::external::PluginConfigs;
 use vibee_core::config::ModelConfig;
-use vibee_core::external::PluginConfigs;
-use vibee_core::ops::{
+use vibee_core::model::ops::{
     BuildContext, Factory, KvCache, KvFull, KvUsage, KvView, Operator, SequenceKv,
 };
 use vibee_core::{App, Matrix, Plugin, PluginSpec};

@@ -7,7 +7,7 @@
 use anyhow::{bail, ensure};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, Par};
-use vibee_core::weights::Weights;
+use vibee_core::io::weights::Weights;
 use vibee_core::{App, Plugin, PluginSpec};
 
 use super::calibration::InputStats;

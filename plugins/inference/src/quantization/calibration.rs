@@ -10,9 +10,10 @@ use std::sync::{Arc, Mutex};
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
-use vibee_core::ops::{DenseLinear, Linear, Quantization};
-use vibee_core::tensor::Matrix;
-use vibee_core::weights::Weight;
+use vibee_core::backend::tensor::Matrix;
+use vibee_core::backend::{Backend, LinearWeight};
+use vibee_core::io::weights::Weight;
+use vibee_core::model::ops::{Linear, Quantization};
 
 /// What the inputs of one projection (or of projections sharing an input) looked like.
 pub struct InputStats {
@@ -146,7 +147,12 @@ fn fingerprint(x: &Matrix) -> u64 {
 }
 
 impl Quantization for Recorder {
-    fn linear(&self, name: &str, weight: Weight) -> anyhow::Result<Box<dyn Linear>> {
+    fn linear(
+        &self,
+        backend: &dyn Backend,
+        name: &str,
+        weight: Weight,
+    ) -> anyhow::Result<Box<dyn Linear>> {
         self.records
             .lock()
             .expect("no recording panicked")
@@ -154,7 +160,7 @@ impl Quantization for Recorder {
             .push((name.to_string(), weight.shape.clone()));
         Ok(Box::new(Recording {
             name: name.to_string(),
-            dense: DenseLinear(weight),
+            dense: backend.linear(LinearWeight::Dense(weight)),
             recorder: self.clone(),
         }))
     }
@@ -162,7 +168,7 @@ impl Quantization for Recorder {
 
 struct Recording {
     name: String,
-    dense: DenseLinear,
+    dense: Box<dyn Linear>,
     recorder: Recorder,
 }
 

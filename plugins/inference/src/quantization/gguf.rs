@@ -3,10 +3,11 @@
 //! int8 per 32-element block and take integer dot products with the weight blocks; long
 //! prompts widen blocks of rows for a GEMM.
 
+use vibee_core::backend::quant::packed::PackedMatrix;
+use vibee_core::backend::{Backend, LinearWeight};
 use vibee_core::config::ModelConfig;
-use vibee_core::ops::{BuildContext, DenseLinear, Factory, Linear, Quantization};
-use vibee_core::quant::packed::{PackedLinear, PackedMatrix};
-use vibee_core::weights::Weight;
+use vibee_core::io::weights::Weight;
+use vibee_core::model::ops::{BuildContext, Factory, Linear, Quantization};
 
 pub struct Gguf;
 
@@ -37,10 +38,15 @@ impl Quantization for Gguf {
     /// Quantized matrices are repacked, weight for weight, for the SIMD integer kernels (a
     /// copy: the file's interleaved scales would cost the kernels a load per block); f32/f16
     /// matrices of a mixed file run in place through the float kernels.
-    fn linear(&self, _name: &str, weight: Weight) -> anyhow::Result<Box<dyn Linear>> {
+    fn linear(
+        &self,
+        backend: &dyn Backend,
+        _name: &str,
+        weight: Weight,
+    ) -> anyhow::Result<Box<dyn Linear>> {
         Ok(match PackedMatrix::from_gguf(&weight) {
-            Some(packed) => Box::new(PackedLinear(packed)),
-            None => Box::new(DenseLinear(weight)),
+            Some(packed) => backend.linear(LinearWeight::Packed(packed)),
+            None => backend.linear(LinearWeight::Dense(weight)),
         })
     }
 }

@@ -9,7 +9,7 @@ use anyhow::{bail, ensure};
 use faer::linalg::matmul::matmul;
 use faer::linalg::solvers::DenseSolveCore;
 use faer::{Accum, Mat, Par, Side};
-use vibee_core::weights::Weights;
+use vibee_core::io::weights::Weights;
 use vibee_core::{App, Plugin, PluginSpec};
 
 use super::integer::{

@@ -15,9 +15,10 @@
 
 use anyhow::{bail, ensure, Context};
 use rayon::prelude::*;
+use vibee_core::backend::Backend;
 use vibee_core::config::ModelConfig;
-use vibee_core::ops::{BuildContext, Factory, Linear, Operator, Quantization};
-use vibee_core::weights::{DType, Weight, Weights};
+use vibee_core::io::weights::{DType, Weight, Weights};
+use vibee_core::model::ops::{BuildContext, Factory, Linear, Operator, Quantization};
 use vibee_core::{App, Plugin, PluginSpec};
 
 use super::integer::{check_finite, IntegerWeights, StoredTensor};
@@ -191,10 +192,15 @@ pub fn quantize(weight: &[f32], out: usize, inp: usize, group: usize) -> Integer
 }
 
 impl Quantization for HalfQuadratic {
-    fn linear(&self, name: &str, weight: Weight) -> anyhow::Result<Box<dyn Linear>> {
+    fn linear(
+        &self,
+        backend: &dyn Backend,
+        name: &str,
+        weight: Weight,
+    ) -> anyhow::Result<Box<dyn Linear>> {
         whole_blocks(name, &weight, self.group)?;
         let (out, inp) = (weight.shape[0], weight.shape[1]);
-        quantize(&weight.to_f32_vec(), out, inp, self.group).into_linear(name)
+        quantize(&weight.to_f32_vec(), out, inp, self.group).into_linear(backend, name)
     }
 }
 

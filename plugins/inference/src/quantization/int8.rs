@@ -3,9 +3,10 @@
 //! model loads; decode multiplies the int8 weights by int8 activations (one scale per 32
 //! activations) with the packed SIMD kernels, prefill widens them for the GEMM.
 
-use vibee_core::ops::{Linear, Quantization};
-use vibee_core::quant::packed::{Bits, PackedLinear, PackedMatrix};
-use vibee_core::weights::Weight;
+use vibee_core::backend::quant::packed::{Bits, PackedMatrix};
+use vibee_core::backend::{Backend, LinearWeight};
+use vibee_core::io::weights::Weight;
+use vibee_core::model::ops::{Linear, Quantization};
 use vibee_core::{App, Plugin, PluginSpec};
 
 use super::{register, whole_blocks};
@@ -31,7 +32,12 @@ impl Plugin for Int8 {
 }
 
 impl Quantization for PerChannel {
-    fn linear(&self, name: &str, weight: Weight) -> anyhow::Result<Box<dyn Linear>> {
+    fn linear(
+        &self,
+        backend: &dyn Backend,
+        name: &str,
+        weight: Weight,
+    ) -> anyhow::Result<Box<dyn Linear>> {
         whole_blocks(name, &weight, 32)?;
         let packed = PackedMatrix::quantize(&weight, Bits::Eight, false, |_, row, blocks| {
             let scale = row.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
@@ -46,6 +52,6 @@ impl Quantization for PerChannel {
                 }
             }
         });
-        Ok(Box::new(PackedLinear(packed)))
+        Ok(backend.linear(LinearWeight::Packed(packed)))
     }
 }

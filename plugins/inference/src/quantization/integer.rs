@@ -6,10 +6,11 @@
 
 use anyhow::{bail, ensure};
 use half::{bf16, f16};
-use vibee_core::ops::Linear;
-use vibee_core::quant::packed::{Bits, PackedLinear, PackedMatrix, QuantBlock};
-use vibee_core::tensor::Matrix;
-use vibee_core::weights::{DType, Weights};
+use vibee_core::backend::quant::packed::{Bits, PackedMatrix, QuantBlock};
+use vibee_core::backend::tensor::Matrix;
+use vibee_core::backend::{Backend, LinearWeight};
+use vibee_core::io::weights::{DType, Weights};
+use vibee_core::model::ops::Linear;
 
 const BLOCK: usize = 32;
 
@@ -157,7 +158,7 @@ impl IntegerWeights {
 
     /// The layer for the SIMD kernels: blocks of 32 columns (in group order) with the group's
     /// scale and `min = −scale · zero`; 8-bit quants move to signed storage.
-    pub fn into_linear(self, name: &str) -> anyhow::Result<Box<dyn Linear>> {
+    pub fn into_linear(self, backend: &dyn Backend, name: &str) -> anyhow::Result<Box<dyn Linear>> {
         self.validate(name)?;
         let order = self.column_order();
         let column = |j: usize| order.as_ref().map_or(j, |o| o[j] as usize);
@@ -191,13 +192,13 @@ impl IntegerWeights {
             });
         // Scales that are f16 values (AutoAWQ and GPTQ store f16) are kept so: fewer bytes.
         let exact = self.scales.iter().all(|s| f16::from_f32(*s).to_f32() == *s);
-        let linear = PackedLinear(if exact {
+        let linear = backend.linear(LinearWeight::Packed(if exact {
             packed.with_half_scales()
         } else {
             packed
-        });
+        }));
         Ok(match order {
-            None => Box::new(linear),
+            None => linear,
             Some(order) => Box::new(PermutedInput { order, linear }),
         })
     }
@@ -206,7 +207,7 @@ impl IntegerWeights {
 /// A packed layer whose columns were sorted by group: inputs are permuted the same way.
 struct PermutedInput {
     order: Vec<u32>,
-    linear: PackedLinear,
+    linear: Box<dyn Linear>,
 }
 
 impl Linear for PermutedInput {

@@ -15,10 +15,11 @@ use std::sync::Arc;
 use integer::IntegerWeights;
 
 use anyhow::{bail, Context};
+use vibee_core::app::external::PluginConfigs;
+use vibee_core::backend::{Backend, LinearWeight};
 use vibee_core::config::ModelConfig;
-use vibee_core::external::PluginConfigs;
-use vibee_core::ops::{BuildContext, DenseLinear, Factory, Linear, Operator, Quantization};
-use vibee_core::weights::{Weight, Weights};
+use vibee_core::io::weights::{Weight, Weights};
+use vibee_core::model::ops::{BuildContext, Factory, Linear, Operator, Quantization};
 use vibee_core::App;
 
 /// The factory of a quantizer that starts from full-precision weights.
@@ -111,12 +112,18 @@ impl Factory<dyn Quantization> for StoredLayout {
 }
 
 impl Quantization for StoredLayout {
-    fn linear(&self, _name: &str, weight: Weight) -> anyhow::Result<Box<dyn Linear>> {
-        Ok(Box::new(DenseLinear(weight)))
+    fn linear(
+        &self,
+        backend: &dyn Backend,
+        _name: &str,
+        weight: Weight,
+    ) -> anyhow::Result<Box<dyn Linear>> {
+        Ok(backend.linear(LinearWeight::Dense(weight)))
     }
 
     fn stored_linear(
         &self,
+        backend: &dyn Backend,
         weights: &Weights,
         name: &str,
         out: usize,
@@ -136,7 +143,7 @@ impl Quantization for StoredLayout {
                 "quantization_config.group_size is {said}, but `{prefix}` holds {groups} groups of {held} for its {inp} inputs"
             );
         }
-        layer.into_linear(prefix).map(Some)
+        layer.into_linear(backend, prefix).map(Some)
     }
 }
 

@@ -11,13 +11,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{bail, ensure, Context};
 use safetensors::tensor::TensorView;
+use vibee_core::app::plugin::resolve;
 use vibee_core::app::{App, Pipeline};
-use vibee_core::checkpoint::Checkpoint;
 use vibee_core::config::{FfnKind, ModelConfig, NormKind, NormSite, QkvLayout, Residual};
-use vibee_core::engine::expand_auto;
-use vibee_core::ops::{BuildContext, Factory, Operator, Operators, Quantization};
-use vibee_core::plugin::resolve;
-use vibee_core::weights::{WeightError, Weights};
+use vibee_core::io::checkpoint::Checkpoint;
+use vibee_core::io::weights::{WeightError, Weights};
+use vibee_core::model::ops::{BuildContext, Factory, Operator, Operators, Quantization};
+use vibee_core::serving::engine::expand_auto;
 use vibee_core::{Model, Plugin, Registry};
 
 use super::calibration::{InputStats, Recorder};
@@ -550,7 +550,12 @@ fn build_recording(
         "calibration",
         Operator::Quantization(Arc::new(Recording(recorder.clone()))),
     );
-    Model::build(config.clone(), weights, app.world.resource::<Operators>())
+    Model::build(
+        config.clone(),
+        weights,
+        app.world.resource::<Operators>(),
+        vibee_core::backend::default_backend(),
+    )
 }
 
 struct Recording(Recorder);

@@ -4,9 +4,10 @@
 //! `z = clamp(−round(min / scale), 0, 15)`, and each weight `q = clamp(round(w / scale) + z,
 //! 0, 15)`, so `w ≈ scale · (q − z)`. Decode runs the packed 4-bit SIMD kernels.
 
-use vibee_core::ops::{Linear, Quantization};
-use vibee_core::quant::packed::{Bits, PackedLinear, PackedMatrix};
-use vibee_core::weights::Weight;
+use vibee_core::backend::quant::packed::{Bits, PackedMatrix};
+use vibee_core::backend::{Backend, LinearWeight};
+use vibee_core::io::weights::Weight;
+use vibee_core::model::ops::{Linear, Quantization};
 use vibee_core::{App, Plugin, PluginSpec};
 
 use super::{configured_group, register, whole_blocks};
@@ -35,7 +36,12 @@ impl Plugin for Q4 {
 }
 
 impl Quantization for GroupWise {
-    fn linear(&self, name: &str, weight: Weight) -> anyhow::Result<Box<dyn Linear>> {
+    fn linear(
+        &self,
+        backend: &dyn Backend,
+        name: &str,
+        weight: Weight,
+    ) -> anyhow::Result<Box<dyn Linear>> {
         whole_blocks(name, &weight, self.group)?;
         let blocks_per_group = self.group / 32;
         let packed = PackedMatrix::quantize(&weight, Bits::Four, true, |_, row, blocks| {
@@ -56,6 +62,6 @@ impl Quantization for GroupWise {
                 }
             }
         });
-        Ok(Box::new(PackedLinear(packed)))
+        Ok(backend.linear(LinearWeight::Packed(packed)))
     }
 }

@@ -6,8 +6,8 @@ use bevy_ecs::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use vibee_core::app::Stage;
-use vibee_core::cpu::softmax;
-use vibee_core::pipeline::{Logits, NextToken, SamplingParams, SeqState, Tokens};
+use vibee_core::backend::math::softmax;
+use vibee_core::serving::pipeline::{Logits, NextToken, SamplingParams, SeqState, Tokens};
 use vibee_core::{App, Plugin, PluginSpec};
 
 pub struct Sampler;

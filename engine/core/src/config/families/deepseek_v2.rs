@@ -37,7 +37,7 @@ pub static FAMILY: Family = Family {
 /// The converter writes latent attention in its absorbed form's shapes: one key head of
 /// `kv_lora_rank + rope_dim` shared by every query head. The per-head widths are the `_mla`
 /// lengths.
-fn translate(file: &crate::gguf::Gguf, config: &mut Value) -> anyhow::Result<()> {
+fn translate(file: &crate::io::gguf::Gguf, config: &mut Value) -> anyhow::Result<()> {
     let key = |name: &str| format!("deepseek2.{name}");
     let number = |name: &str| {
         file.number(&key(name))
@@ -56,7 +56,7 @@ fn translate(file: &crate::gguf::Gguf, config: &mut Value) -> anyhow::Result<()>
             bail!("expert_gating_func {gating}: only DeepSeek-V2's softmax gating is supported");
         }
     }
-    if file.get(&key("expert_weights_norm")) == Some(&crate::gguf::Value::Bool(true)) {
+    if file.get(&key("expert_weights_norm")) == Some(&crate::io::gguf::Value::Bool(true)) {
         bail!("expert_weights_norm: DeepSeek-V2 scales its top-k weights, it does not renormalise them");
     }
     if file.string(&key("rope.scaling.type")) == Some("yarn") {

@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use crate::gguf::Gguf;
+use crate::io::gguf::Gguf;
 
 use super::fields::{invalid, Fields};
 use super::quantization::quantization_config;

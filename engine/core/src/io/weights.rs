@@ -12,9 +12,9 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use crate::backend::quant;
 use crate::config::ModelConfig;
-use crate::gguf::{self, Gguf, HfTensor, TensorInfo};
-use crate::quant;
+use crate::io::gguf::{self, Gguf, HfTensor, TensorInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightError {

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::tensor::Matrix;
+use crate::backend::tensor::Matrix;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Divergence {

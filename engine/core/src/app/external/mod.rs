@@ -17,10 +17,10 @@ use vibee_sdk::abi_stable::library::{lib_header_from_raw_library, LibraryError, 
 use vibee_sdk::abi_stable::std_types::{RResult, RStr};
 use vibee_sdk::{EvalMetricBox, Fault, Manifest, PluginModuleRef};
 
+use crate::app::plugin::{Plugin, PluginSpec};
+use crate::app::registry::{SpecEntry, Status, FAMILIES};
 use crate::app::App;
-use crate::plugin::{Plugin, PluginSpec};
-use crate::registry::{SpecEntry, Status, FAMILIES};
-use crate::text::TokenizerResource;
+use crate::serving::text::TokenizerResource;
 
 /// Configuration strings for third-party plugins, by plugin name (`--plugin-config`).
 #[derive(Resource, Debug, Default, Clone)]

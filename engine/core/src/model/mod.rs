@@ -1,15 +1,20 @@
 //! The model builder and the transformer forward pass composed from registered operators.
 
+pub mod ops;
+
+use std::sync::Arc;
+
 use anyhow::{bail, Context};
 
+use crate::backend::tensor::Matrix;
+use crate::backend::Backend;
 use crate::config::{ModelConfig, NormSite, QkNormScope, QkvLayout};
-use crate::ops::{
+use crate::io::weights::{Weight, Weights};
+use crate::model::ops::{
     AttendOptions, Attention, AttentionBlock, AttentionWindow, Bias, BuildContext, Ffn, KvCache,
     Linear, NoPosition, Norm, Operator, Operators, PositionEncoding, Residual, SequenceKv, Slot,
     Softcap,
 };
-use crate::tensor::Matrix;
-use crate::weights::{Weight, Weights};
 
 /// A projection with its optional bias.
 struct Projection {
@@ -88,6 +93,7 @@ pub struct Model {
     nope: Option<Box<dyn NoPosition>>,
     kv_cache: Box<dyn KvCache>,
     weight_bytes: usize,
+    backend: Arc<dyn Backend>,
 }
 
 /// Picks the operator for every slot: each slot the checkpoint needs must be filled by an
@@ -134,10 +140,12 @@ macro_rules! operator {
 }
 
 impl Model {
+    /// Binds the operators chosen for `config` to `weights`, on `backend`.
     pub fn build(
         config: ModelConfig,
         weights: &Weights,
         operators: &Operators,
+        backend: Arc<dyn Backend>,
     ) -> anyhow::Result<Self> {
         let chosen = choose(&config, operators)?;
         // Sizes come from the config, which may claim anything: check them against the
@@ -164,6 +172,7 @@ impl Model {
                         weights,
                         layer: 0,
                         quantization: None,
+                        backend: &backend,
                     },
                     "",
                     0,
@@ -175,6 +184,7 @@ impl Model {
             weights,
             layer: 0,
             quantization: quantization.as_deref(),
+            backend: &backend,
         };
         let required = "checked by choose";
         let kernel = operator!(chosen, Attention);
@@ -300,6 +310,7 @@ impl Model {
             kv_cache: kv.build(&cx, "", 0)?,
             weight_bytes,
             config,
+            backend,
         })
     }
 
@@ -308,7 +319,7 @@ impl Model {
     }
 
     /// How full the KV pool is, for a layout with a bounded one.
-    pub fn kv_usage(&self) -> Option<crate::ops::KvUsage> {
+    pub fn kv_usage(&self) -> Option<crate::model::ops::KvUsage> {
         self.kv_cache.usage()
     }
 
@@ -381,13 +392,10 @@ impl Model {
             spans.push(positions.len()..positions.len() + entry.tokens.len());
             positions.extend(start..start + entry.tokens.len());
         }
-        let mut x = Matrix::zeros(positions.len(), cfg.hidden_size);
-        let tokens = batch.iter().flat_map(|e| e.tokens.iter());
-        for (row, &t) in x.rows_iter_mut().zip(tokens) {
-            self.embed.row_to_f32(t as usize, row);
-        }
+        let tokens: Vec<u32> = batch.iter().flat_map(|e| e.tokens).copied().collect();
+        let mut x = self.backend.embed(&self.embed, &tokens);
         if let Some(scale) = cfg.embedding_scale {
-            x.data.iter_mut().for_each(|v| *v *= scale);
+            self.backend.scale(&mut x, scale);
         }
         per_sequence(&mut x, &spans, &positions, |m, at| {
             self.position.embed(m, at)
@@ -473,10 +481,7 @@ impl Model {
                 .forward(&Matrix::stack(rows, cfg.hidden_size)),
         );
         if let Some(cap) = self.softcap.as_ref().and_then(|s| s.logits()) {
-            logits
-                .data
-                .iter_mut()
-                .for_each(|l| *l = crate::cpu::softcap(*l, cap));
+            self.backend.softcap(&mut logits, cap);
         }
         let mut first = 0;
         Ok(wanted

@@ -6,8 +6,10 @@ use std::sync::Arc;
 use bevy_ecs::prelude::*;
 
 use crate::app::{App, Order, Stage};
-use crate::pipeline::{stop_reason, ModelResource, NextToken, SamplingParams, SeqState, Tokens};
-use crate::tokenizer::Tokenizer;
+use crate::io::tokenizer::Tokenizer;
+use crate::serving::pipeline::{
+    stop_reason, ModelResource, NextToken, SamplingParams, SeqState, Tokens,
+};
 
 #[derive(Resource, Clone)]
 pub struct TokenizerResource(pub Arc<Tokenizer>);

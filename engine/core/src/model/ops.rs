@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use bevy_ecs::prelude::Resource;
 
+use crate::backend::tensor::Matrix;
+use crate::backend::{Backend, LinearWeight};
 use crate::config::{ModelConfig, NormSite};
-use crate::cpu;
-use crate::tensor::Matrix;
-use crate::weights::{Weight, Weights};
+use crate::io::weights::{Weight, Weights};
 
 /// The operator slots a decoder-only transformer is built from. The first five are filled for
 /// every model; the others only when the checkpoint uses that technique.
@@ -65,14 +65,21 @@ impl Slot {
 
 /// How linear layers hold and multiply their weights: a quantization scheme.
 pub trait Quantization: Send + Sync {
-    /// The linear layer over the checkpoint's weight `name`, stored `[out, in]`.
-    fn linear(&self, name: &str, weight: Weight) -> anyhow::Result<Box<dyn Linear>>;
+    /// The linear layer over the checkpoint's weight `name`, stored `[out, in]`, packed as the
+    /// scheme packs it and uploaded to `backend`.
+    fn linear(
+        &self,
+        backend: &dyn Backend,
+        name: &str,
+        weight: Weight,
+    ) -> anyhow::Result<Box<dyn Linear>>;
 
     /// The linear layer `name` (its `.weight` name) of shape `[out, in]`, for checkpoints that
     /// store it in tensors of their own (AutoAWQ's and GPTQ's `qweight`, `qzeros`, `scales`);
     /// `None` where the checkpoint holds a plain weight under `name`.
     fn stored_linear(
         &self,
+        _backend: &dyn Backend,
         _weights: &Weights,
         _name: &str,
         _out: usize,
@@ -266,6 +273,8 @@ pub struct BuildContext<'a> {
     pub layer: usize,
     /// The quantization plugin's scheme, when one is enabled.
     pub quantization: Option<&'a dyn Quantization>,
+    /// The backend the model runs on: operators keep it, and upload their weights to it.
+    pub backend: &'a Arc<dyn Backend>,
 }
 
 impl BuildContext<'_> {
@@ -280,7 +289,9 @@ impl BuildContext<'_> {
 
     pub fn linear(&self, name: &str, out: usize, inp: usize) -> anyhow::Result<Box<dyn Linear>> {
         if let Some(scheme) = self.quantization {
-            if let Some(linear) = scheme.stored_linear(self.weights, name, out, inp)? {
+            if let Some(linear) =
+                scheme.stored_linear(self.backend.as_ref(), self.weights, name, out, inp)?
+            {
                 return Ok(linear);
             }
         }
@@ -295,26 +306,13 @@ impl BuildContext<'_> {
     /// The linear layer over a weight already read (`name` is its checkpoint name).
     pub fn linear_over(&self, name: &str, weight: Weight) -> anyhow::Result<Box<dyn Linear>> {
         match self.quantization {
-            Some(scheme) => scheme.linear(name, weight),
+            Some(scheme) => scheme.linear(self.backend.as_ref(), name, weight),
             None if weight.dtype.is_quantized() => anyhow::bail!(
                 "tensor `{name}` is stored as {}, and no quantization plugin is enabled",
                 weight.dtype
             ),
-            None => Ok(Box::new(DenseLinear(weight))),
+            None => Ok(self.backend.linear(LinearWeight::Dense(weight))),
         }
-    }
-}
-
-/// A full-precision linear layer over a mapped weight.
-pub struct DenseLinear(pub Weight);
-
-impl Linear for DenseLinear {
-    fn forward(&self, x: &Matrix) -> Matrix {
-        cpu::linear(x, &self.0)
-    }
-
-    fn weight_bytes(&self) -> usize {
-        self.0.bytes()
     }
 }
 

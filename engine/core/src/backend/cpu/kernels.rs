@@ -8,10 +8,10 @@
 
 use rayon::prelude::*;
 
-use crate::parallel;
-use crate::quant;
-use crate::tensor::Matrix;
-use crate::weights::{Weight, WeightData};
+use crate::backend::cpu::pool;
+use crate::backend::quant;
+use crate::backend::tensor::Matrix;
+use crate::io::weights::{Weight, WeightData};
 
 /// Up to this many activation rows, a row-parallel GEMV beats GEMM: it streams the weight once.
 pub const GEMV_MAX_ROWS: usize = 4;
@@ -81,9 +81,9 @@ pub fn gemv_rows<S>(
     let mut transposed = vec![0.0f32; out_features * n];
     // One contiguous block of rows per thread: each streams its part of the weight in order.
     let rows_per_task = out_features
-        .div_ceil(parallel::pool().threads())
+        .div_ceil(pool::pool().threads())
         .next_multiple_of(tile);
-    parallel::pool().for_each_chunk(&mut transposed, rows_per_task * n, |task, chunk| {
+    pool::pool().for_each_chunk(&mut transposed, rows_per_task * n, |task, chunk| {
         let first = task * rows_per_task;
         let mut state = scratch();
         for (t, dst) in chunk.chunks_mut(tile * n).enumerate() {
@@ -321,41 +321,10 @@ fn dot_body<T: Widen, const FMA: bool, const ALIGN: bool, const LANES: usize>(
     sum + acc.iter().sum::<f32>()
 }
 
-/// `y += a · x` over equal-length slices.
-#[inline]
-pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
-    }
-}
-
-/// In-place softmax of one row of scores.
-pub fn softmax(scores: &mut [f32]) {
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    let inv = 1.0 / sum;
-    for s in scores.iter_mut() {
-        *s *= inv;
-    }
-}
-
-/// `cap · tanh(x / cap)`: bounds `x` smoothly to (−cap, cap).
-pub fn softcap(x: f32, cap: f32) -> f32 {
-    cap * (x / cap).tanh()
-}
-
-pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::weights::{DType, Weight};
+    use crate::io::weights::{DType, Weight};
 
     fn naive(x: &Matrix, w: &[f32], out_f: usize) -> Vec<f32> {
         let k = x.cols;
@@ -415,13 +384,5 @@ mod tests {
             .zip(b)
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f32::max)
-    }
-
-    #[test]
-    fn softmax_sums_to_one_and_keeps_order() {
-        let mut s = vec![1.0, 3.0, -2.0, 3.5];
-        softmax(&mut s);
-        assert!((s.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert!(s[3] > s[1] && s[1] > s[0] && s[0] > s[2]);
     }
 }

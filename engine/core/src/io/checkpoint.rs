@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 
 use crate::config::{ModelConfig, QkvLayout};
-use crate::gguf::Gguf;
-use crate::tokenizer::Tokenizer;
-use crate::weights::Weights;
+use crate::io::gguf::Gguf;
+use crate::io::tokenizer::Tokenizer;
+use crate::io::weights::Weights;
 
 pub enum Checkpoint {
     Hf(PathBuf),

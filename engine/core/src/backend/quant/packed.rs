@@ -9,10 +9,10 @@
 use half::f16;
 
 use super::{grouped_index, half_index, KBlock, QuantizedRow, BLOCK, GROUP};
-use crate::cpu;
-use crate::ops::Linear;
-use crate::tensor::Matrix;
-use crate::weights::{DType, Weight, WeightData};
+use crate::backend::cpu::kernels;
+use crate::backend::tensor::Matrix;
+use crate::io::weights::{DType, Weight, WeightData};
+use crate::model::ops::Linear;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Bits {
@@ -450,7 +450,7 @@ impl PackedLinear {
     /// `x · Wᵀ` on the integer kernels.
     fn integer(&self, x: &Matrix, out: &mut Matrix) {
         let quantized: Vec<QuantizedRow> = x.rows_iter().map(QuantizedRow::new).collect();
-        cpu::gemv_rows(
+        kernels::gemv_rows(
             out,
             TILE_ROWS,
             || (),
@@ -462,7 +462,7 @@ impl PackedLinear {
     /// activations.
     fn widened(&self, x: &Matrix, out: &mut Matrix) {
         let rounded = super::round_activations(x);
-        cpu::gemm_widened(&rounded, out, |r, row| self.0.row_to_f32(r, row));
+        kernels::gemm_widened(&rounded, out, |r, row| self.0.row_to_f32(r, row));
     }
 }
 
@@ -802,7 +802,7 @@ mod tests {
     use half::f16;
 
     use super::*;
-    use crate::quant::{dequantize, quantize_q4_0, quantize_q8_0};
+    use crate::backend::quant::{dequantize, quantize_q4_0, quantize_q8_0};
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed;

@@ -3,17 +3,17 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::app::external::{self, PluginConfigs};
+use crate::app::plugin::{resolve, Plugin};
+use crate::app::registry::Registry;
 use crate::app::{App, Pipeline};
-use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
-use crate::external::{self, PluginConfigs};
+use crate::io::checkpoint::Checkpoint;
+use crate::io::tokenizer::Tokenizer;
+use crate::model::ops::Operators;
 use crate::model::Model;
-use crate::ops::Operators;
-use crate::pipeline;
-use crate::plugin::{resolve, Plugin};
-use crate::registry::Registry;
-use crate::text;
-use crate::tokenizer::Tokenizer;
+use crate::serving::pipeline;
+use crate::serving::text;
 
 pub struct Engine {
     pub app: App,
@@ -80,6 +80,7 @@ impl Engine {
             config,
             &weights,
             app.world.resource::<Operators>(),
+            crate::backend::default_backend(),
         )?);
         pipeline::install(&mut app, model.clone());
         Ok(Self {

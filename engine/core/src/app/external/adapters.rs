@@ -17,8 +17,10 @@ use vibee_sdk::{
 
 use super::{fault_text, PluginConfigs};
 use crate::app::{App, EnabledPlugins, Order, Stage};
-use crate::pipeline::{Logits, Metrics, NextToken, SamplingParams, SeqState, Timing, Tokens};
-use crate::text::TextStream;
+use crate::serving::pipeline::{
+    Logits, Metrics, NextToken, SamplingParams, SeqState, Timing, Tokens,
+};
+use crate::serving::text::TextStream;
 
 pub(super) enum Extension {
     LogitsProcessor(LogitsProcessorBox),

@@ -1,13 +1,18 @@
 //! The `App`: one bevy_ecs `World`, the pipeline schedules, and the enabled plugins.
 
+pub mod external;
+pub mod plugin;
+pub mod registry;
+pub mod reload;
+
 use std::collections::BTreeSet;
 
 use bevy_ecs::prelude::*;
 use bevy_ecs::schedule::{ExecutorKind, IntoScheduleConfigs, ScheduleLabel, SystemSet};
 use bevy_ecs::system::ScheduleSystem;
 
-use crate::ops::{Operator, Operators};
-use crate::plugin::{Plugin, PluginSpec};
+use crate::app::plugin::{Plugin, PluginSpec};
+use crate::model::ops::{Operator, Operators};
 
 /// The stages of the engine's pipelines, each a schedule.
 #[derive(ScheduleLabel, Clone, Copy, Debug, PartialEq, Eq, Hash)]

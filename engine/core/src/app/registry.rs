@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::plugin::PluginSpec;
+use crate::app::plugin::PluginSpec;
 
 /// Each family owns a range of ids: five branches of five families of 20 (v2200–v2699), and
 /// the training family of its own (v2100–v2199).
@@ -109,7 +109,7 @@ pub struct Registry {
 }
 
 /// The registry compiled into vibee.
-pub const BUILTIN_REGISTRY: &str = include_str!("../../../registry.ron");
+pub const BUILTIN_REGISTRY: &str = include_str!("../../../../registry.ron");
 
 impl Registry {
     pub fn parse(text: &str) -> Result<Self, RegistryError> {

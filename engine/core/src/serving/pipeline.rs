@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use bevy_ecs::prelude::*;
 
+use crate::app::external::Deferred;
 use crate::app::{App, Stage};
 use crate::config::ModelConfig;
-use crate::external::Deferred;
+use crate::model::ops::SequenceKv;
 use crate::model::{BatchEntry, Model, Wanted};
-use crate::ops::SequenceKv;
-use crate::text::TextStream;
+use crate::serving::text::TextStream;
 
 #[derive(Resource, Clone)]
 pub struct ModelResource(pub Arc<Model>);

@@ -11,8 +11,8 @@ pub mod packed;
 
 use half::{bf16, f16};
 
-use crate::tensor::Matrix;
-use crate::weights::DType;
+use crate::backend::tensor::Matrix;
+use crate::io::weights::DType;
 
 /// Elements per block of the 32-element types and of quantized activations.
 pub const BLOCK: usize = 32;

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use memmap2::Mmap;
 
+use crate::backend::quant;
 use crate::config::{families, FfnKind, ModelConfig, QkvLayout};
-use crate::quant;
-use crate::weights::DType;
+use crate::io::weights::DType;
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]

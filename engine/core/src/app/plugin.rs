@@ -5,9 +5,9 @@
 
 use std::collections::BTreeSet;
 
+use crate::app::external::ExternalPlugin;
+use crate::app::registry::{Registry, Status};
 use crate::app::App;
-use crate::external::ExternalPlugin;
-use crate::registry::{Registry, Status};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PluginSpec {
@@ -42,9 +42,9 @@ macro_rules! operator_plugin {
             }
 
             fn build(&self, app: &mut $crate::App) -> ::anyhow::Result<()> {
-                app.register_operator($crate::ops::Operator::$variant(::std::sync::Arc::new(
-                    $plugin,
-                )));
+                app.register_operator($crate::model::ops::Operator::$variant(
+                    ::std::sync::Arc::new($plugin),
+                ));
                 Ok(())
             }
         }
@@ -167,7 +167,7 @@ pub fn resolve<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::SpecEntry;
+    use crate::app::registry::SpecEntry;
 
     struct Named(&'static str);
 

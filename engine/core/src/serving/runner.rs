@@ -7,11 +7,11 @@ use bevy_ecs::entity::Entity;
 use serde::Serialize;
 
 use crate::app::App;
-use crate::pipeline::{
+use crate::serving::pipeline::{
     request_bundle, FinishReason, ModelResource, SamplingParams, SeqState, StreamTx, Streamed,
     Timing, Tokens,
 };
-use crate::text::{TextStream, TokenizerResource};
+use crate::serving::text::{TextStream, TokenizerResource};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct GenerateOutput {

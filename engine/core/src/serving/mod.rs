@@ -1,0 +1,7 @@
+//! Serving: requests as entities, the pipeline's own systems, streaming text, the loaded
+//! `Engine`, and the runner that drives requests to completion.
+
+pub mod engine;
+pub mod pipeline;
+pub mod runner;
+pub mod text;
