@@ -43,7 +43,7 @@ fn alone(requests: &[(Vec<u32>, SamplingParams)]) -> Vec<Vec<u32>> {
 /// llama-gqa with the KV-cache plugin `kv` configured as `config`.
 fn with_kv(kv: &str, config: &str) -> vibee_core::Engine {
     let configs =
-        vibee_core::app::external::PluginConfigs([(kv.to_string(), config.to_string())].into());
+        vibee_core::serving::external::PluginConfigs([(kv.to_string(), config.to_string())].into());
     vibee_core::Engine::load(
         &fixture("llama-gqa"),
         &vibee_tests::plugins(&format!("{PLUGINS},{kv}")),

@@ -343,9 +343,9 @@ fn quantizing_reproduces_the_gguf_packages_blocks() {
     for (name, quantize) in [
         (
             "Q8_0",
-            vibee_core::backend::quant::quantize_q8_0 as fn(&[f32]) -> Vec<u8>,
+            vibee_core::io::blocks::quantize_q8_0 as fn(&[f32]) -> Vec<u8>,
         ),
-        ("Q4_0", vibee_core::backend::quant::quantize_q4_0),
+        ("Q4_0", vibee_core::io::blocks::quantize_q4_0),
     ] {
         let stored = file.data(file.tensor(name).unwrap());
         // The gguf package's own dequantization of its blocks quantizes back to them.
@@ -357,7 +357,9 @@ fn quantizing_reproduces_the_gguf_packages_blocks() {
 #[test]
 fn quantizer_configurations_are_checked() {
     let configs = |config: &str| {
-        vibee_core::app::external::PluginConfigs([("q4".to_string(), config.to_string())].into())
+        vibee_core::serving::external::PluginConfigs(
+            [("q4".to_string(), config.to_string())].into(),
+        )
     };
     let error = |config: &str| {
         let result = vibee_core::Engine::load(

@@ -5,7 +5,7 @@ pub mod scaffold;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use vibee_core::app::external::{self, ExternalPlugin};
+use vibee_core::serving::external::{self, ExternalPlugin};
 use vibee_core::{Plugin, Registry};
 
 /// Every plugin compiled into vibee.

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use common::{failure, repo, stdout, vibee};
-use vibee_core::app::external::{PluginConfigs, PluginFaults};
+use vibee_core::serving::external::{PluginConfigs, PluginFaults};
 use vibee_core::serving::pipeline::SamplingParams;
 use vibee_core::{serving::runner, Engine};
 
@@ -306,8 +306,8 @@ fn replace(source: &std::path::Path, dest: &std::path::Path) {
 
 #[test]
 fn rebuilt_plugins_pipeline_edits_and_admin_commands_take_effect_mid_generation() {
-    use vibee_core::app::reload::{Admin, ReloadLog, Reloader, Watch};
     use vibee_core::serving::pipeline::{request_bundle, SeqState, Tokens};
+    use vibee_core::serving::reload::{Admin, ReloadLog, Reloader, Watch};
 
     let dir = std::env::temp_dir().join(format!("vibee-reload-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use half::bf16;
 use vibee_core::backend::cpu::kernels::linear;
-use vibee_core::backend::quant;
 use vibee_core::backend::quant::packed::{PackedLinear, PackedMatrix};
+use vibee_core::io::blocks;
 use vibee_core::io::weights::{DType, Weight};
 use vibee_core::model::ops::Linear;
 use vibee_core::Matrix;
@@ -23,8 +23,8 @@ fn weight(out: usize, inp: usize, dtype: DType) -> Weight {
         .collect();
     match dtype {
         DType::F32 => Weight::from_f32(&values, vec![out, inp]),
-        DType::Q8_0 => Weight::from_bytes(quant::quantize_q8_0(&values), dtype, vec![out, inp]),
-        DType::Q4_0 => Weight::from_bytes(quant::quantize_q4_0(&values), dtype, vec![out, inp]),
+        DType::Q8_0 => Weight::from_bytes(blocks::quantize_q8_0(&values), dtype, vec![out, inp]),
+        DType::Q4_0 => Weight::from_bytes(blocks::quantize_q4_0(&values), dtype, vec![out, inp]),
         DType::Q4K | DType::Q6K => {
             // Random super-blocks with a small finite f16 scale (every bit pattern is valid).
             let (per_block, block_bytes) = dtype.block();

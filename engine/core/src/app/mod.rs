@@ -1,9 +1,7 @@
 //! The `App`: one bevy_ecs `World`, the pipeline schedules, and the enabled plugins.
 
-pub mod external;
 pub mod plugin;
 pub mod registry;
-pub mod reload;
 
 use std::collections::BTreeSet;
 

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeSet;
 
-use crate::app::external::ExternalPlugin;
 use crate::app::registry::{Registry, Status};
 use crate::app::App;
 
@@ -21,9 +20,9 @@ pub trait Plugin: Send + Sync + 'static {
     /// plugin refusing its configuration) leaves the plugin disabled.
     fn build(&self, app: &mut App) -> anyhow::Result<()>;
 
-    /// The library behind a third-party plugin, for what it offers outside the pipeline (an
-    /// eval metric).
-    fn external(&self) -> Option<&ExternalPlugin> {
+    /// The library behind a third-party plugin (a `serving::external::ExternalPlugin`), for
+    /// what it offers outside the pipeline (an eval metric).
+    fn library(&self) -> Option<&dyn std::any::Any> {
         None
     }
 }

@@ -14,9 +14,34 @@ pub mod tensor;
 use std::sync::Arc;
 
 use crate::io::weights::Weight;
-use crate::model::ops::{AttendOptions, KvView, Linear};
 use quant::packed::PackedMatrix;
 use tensor::Matrix;
+
+/// A linear layer uploaded to a backend.
+pub trait Linear: Send + Sync {
+    /// `x · Wᵀ`: `[n, in]` → `[n, out]`.
+    fn forward(&self, x: &Matrix) -> Matrix;
+    fn weight_bytes(&self) -> usize;
+}
+
+/// Per-call attention options beyond causality.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttendOptions<'a> {
+    /// `Some(w)`: a query at position `p` sees only positions `p + 1 - w ..= p`.
+    pub window: Option<usize>,
+    /// Scores pass through `c · tanh(score / c)`.
+    pub softcap: Option<f32>,
+    /// Scores of head `h` gain `alibi[h] · key_position`.
+    pub alibi: Option<&'a [f32]>,
+}
+
+/// The keys and values of one layer as a list of chunks, each holding whole tokens of
+/// `kv_heads·head_dim` floats: one chunk for a contiguous cache, one per block for a paged one.
+pub struct KvView<'a> {
+    pub keys: Vec<&'a [f32]>,
+    pub values: Vec<&'a [f32]>,
+    pub tokens: usize,
+}
 
 /// The operations of the vocabulary, for [`Backend::supports`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,7 +211,10 @@ mod tests {
         assert_eq!((relu.apply(-2.0), relu.apply(3.0)), (0.0, 3.0));
         let silu = Activation::from_name("silu").unwrap();
         assert!((silu.apply(1.0) - 0.731_058_6).abs() < 1e-6);
-        assert_eq!(Activation::from_name("gelu_new"), Some(Activation::GeluTanh));
+        assert_eq!(
+            Activation::from_name("gelu_new"),
+            Some(Activation::GeluTanh)
+        );
         assert_eq!(Activation::from_name("gelu"), Some(Activation::GeluErf));
         assert_eq!(Activation::from_name("swish7"), None);
     }

@@ -7,6 +7,7 @@
 
 pub mod families;
 mod fields;
+pub mod gguf;
 mod quantization;
 mod rope;
 

@@ -3,7 +3,7 @@
 //! Only regular files are read, and only up to a size limit: `/dev/zero` would be read until
 //! memory ran out, and opening a FIFO blocks until something writes to it.
 
-pub mod checkpoint;
+pub mod blocks;
 pub mod gguf;
 pub mod tokenizer;
 pub mod weights;

@@ -4,7 +4,6 @@
 //! never copies weights. Only a tensor whose data is misaligned for its element type is copied.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -12,9 +11,8 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::backend::quant;
-use crate::config::ModelConfig;
-use crate::io::gguf::{self, Gguf, HfTensor, TensorInfo};
+use crate::io::blocks;
+pub use crate::io::blocks::DType;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightError {
@@ -45,108 +43,8 @@ pub enum WeightError {
     Dtype { name: String, dtype: String },
 }
 
-/// A weight's element type: plain floats, or one of llama.cpp's block-quantized types (GGUF),
-/// whose rows are sequences of fixed-size blocks, each holding its own scale(s).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DType {
-    F32,
-    F16,
-    BF16,
-    Q8_0,
-    Q4_0,
-    Q4_1,
-    Q5_0,
-    Q5_1,
-    Q2K,
-    Q3K,
-    Q4K,
-    Q5K,
-    Q6K,
-}
-
-impl DType {
-    /// The type with GGML number `id` (as GGUF files store it).
-    pub fn from_ggml(id: u32) -> Option<Self> {
-        Some(match id {
-            0 => Self::F32,
-            1 => Self::F16,
-            2 => Self::Q4_0,
-            3 => Self::Q4_1,
-            6 => Self::Q5_0,
-            7 => Self::Q5_1,
-            8 => Self::Q8_0,
-            10 => Self::Q2K,
-            11 => Self::Q3K,
-            12 => Self::Q4K,
-            13 => Self::Q5K,
-            14 => Self::Q6K,
-            30 => Self::BF16,
-            _ => return None,
-        })
-    }
-
-    /// Elements per block and bytes per block (1 element for the float types).
-    pub fn block(self) -> (usize, usize) {
-        match self {
-            Self::F32 => (1, 4),
-            Self::F16 | Self::BF16 => (1, 2),
-            Self::Q4_0 => (32, 18),
-            Self::Q4_1 => (32, 20),
-            Self::Q5_0 => (32, 22),
-            Self::Q5_1 => (32, 24),
-            Self::Q8_0 => (32, 34),
-            Self::Q2K => (256, 84),
-            Self::Q3K => (256, 110),
-            Self::Q4K => (256, 144),
-            Self::Q5K => (256, 176),
-            Self::Q6K => (256, 210),
-        }
-    }
-
-    pub fn is_quantized(self) -> bool {
-        !matches!(self, Self::F32 | Self::F16 | Self::BF16)
-    }
-
-    /// Bytes of `elements` elements, or `None` when they do not fill whole blocks.
-    pub fn bytes_for(self, elements: usize) -> Option<usize> {
-        let (per_block, block_bytes) = self.block();
-        elements
-            .is_multiple_of(per_block)
-            .then(|| elements / per_block * block_bytes)
-    }
-
-    /// The alignment the kernels need: element size for floats; blocks are read bytewise.
-    fn alignment(self) -> usize {
-        if self.is_quantized() {
-            1
-        } else {
-            self.block().1
-        }
-    }
-}
-
-impl fmt::Display for DType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-            DType::BF16 => "bf16",
-            DType::Q8_0 => "q8_0",
-            DType::Q4_0 => "q4_0",
-            DType::Q4_1 => "q4_1",
-            DType::Q5_0 => "q5_0",
-            DType::Q5_1 => "q5_1",
-            DType::Q2K => "q2_k",
-            DType::Q3K => "q3_k",
-            DType::Q4K => "q4_k",
-            DType::Q5K => "q5_k",
-            DType::Q6K => "q6_k",
-        })
-    }
-}
-
 #[derive(Clone)]
-enum Storage {
+pub(crate) enum Storage {
     Mapped(Arc<Mmap>),
     /// u64 words keep any element type aligned.
     Owned(Arc<Vec<u64>>),
@@ -165,7 +63,7 @@ impl Storage {
 }
 
 /// An aligned private copy of `bytes`.
-fn owned(bytes: &[u8]) -> Storage {
+pub(crate) fn owned(bytes: &[u8]) -> Storage {
     let mut words = vec![0u64; bytes.len().div_ceil(8)];
     // SAFETY: the destination holds at least `bytes.len()` bytes.
     unsafe {
@@ -286,7 +184,7 @@ impl Weight {
         match self.data() {
             WeightData::Blocks(blocks) => {
                 let row_bytes = self.dtype.bytes_for(cols).expect("rows are whole blocks");
-                quant::dequantize(self.dtype, &blocks[i * row_bytes..][..row_bytes], out)
+                blocks::dequantize(self.dtype, &blocks[i * row_bytes..][..row_bytes], out)
             }
             WeightData::F32(w) => out.copy_from_slice(&w[range]),
             WeightData::F16(w) => {
@@ -306,23 +204,23 @@ impl Weight {
     }
 }
 
-struct Entry {
-    file: usize,
-    start: usize,
-    len: usize,
-    dtype: Result<DType, String>,
-    shape: Vec<usize>,
+pub(crate) struct Entry {
+    pub(crate) file: usize,
+    pub(crate) start: usize,
+    pub(crate) len: usize,
+    pub(crate) dtype: Result<DType, String>,
+    pub(crate) shape: Vec<usize>,
 }
 
 /// All tensors of a checkpoint directory, by name.
 pub struct Weights {
     /// Mapped checkpoint files, and tensors vibee assembled from a file's parts.
-    files: Vec<(PathBuf, Storage)>,
-    entries: HashMap<String, Entry>,
+    pub(crate) files: Vec<(PathBuf, Storage)>,
+    pub(crate) entries: HashMap<String, Entry>,
     /// GGML writes a tensor without its trailing dimensions of 1 (`ggml_n_dims`: llama-quantize
     /// stores Qwen2-MoE's `[1, hidden]` shared-expert gate as `[hidden]`), so a GGUF tensor's
     /// shape matches without leading ones.
-    ggml_shapes: bool,
+    pub(crate) ggml_shapes: bool,
 }
 
 impl Weights {
@@ -349,78 +247,6 @@ impl Weights {
             weights.add_file(path)?;
         }
         Ok(weights)
-    }
-
-    /// The tensors of a GGUF file, under their Hugging Face names in `config`'s layout, read
-    /// in place; a layer's stacked experts become one entry per expert.
-    pub fn from_gguf(path: &Path, file: &Gguf, config: &ModelConfig) -> anyhow::Result<Self> {
-        let mut entries = HashMap::new();
-        let mut latent: HashMap<String, [Option<&TensorInfo>; 2]> = HashMap::new();
-        for t in &file.tensors {
-            // GGML lists the contiguous dimension first.
-            let shape: Vec<usize> = t.dims.iter().rev().map(|d| *d as usize).collect();
-            let entry = |start, len, shape| Entry {
-                file: 0,
-                start,
-                len,
-                dtype: Ok(t.kind),
-                shape,
-            };
-            match gguf::hf_name(&t.name, config) {
-                None => {}
-                Some(HfTensor::One(name)) => {
-                    entries.insert(name, entry(t.start, t.len, shape));
-                }
-                Some(HfTensor::LatentUp { name, half }) => {
-                    latent.entry(name).or_default()[half as usize] = Some(t);
-                }
-                Some(HfTensor::PerExpert {
-                    prefix,
-                    suffix,
-                    experts,
-                }) => {
-                    // Checked before any entry is made: the count comes from the metadata.
-                    if shape.len() != 3 || shape[0] != experts || !t.len.is_multiple_of(experts) {
-                        anyhow::bail!(
-                            "GGUF tensor `{}` has shape {:?}: it should stack {experts} experts",
-                            t.name,
-                            t.dims
-                        );
-                    }
-                    let len = t.len / experts;
-                    for e in 0..experts {
-                        let name = format!("{prefix}{e}{suffix}");
-                        entries.insert(name, entry(t.start + e * len, len, shape[1..].to_vec()));
-                    }
-                }
-            }
-        }
-        let mut files = vec![(path.to_path_buf(), Storage::Mapped(file.map.clone()))];
-        for (name, halves) in latent {
-            let [Some(key), Some(value)] = halves else {
-                anyhow::bail!(
-                    "GGUF file has one half of `{name}` (attn_k_b and attn_v_b go together)"
-                );
-            };
-            let (rows, values) = latent_up_projection(file, key, value, config)?;
-            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            entries.insert(
-                name,
-                Entry {
-                    file: files.len(),
-                    start: 0,
-                    len: bytes.len(),
-                    dtype: Ok(DType::F32),
-                    shape: vec![rows, values.len() / rows],
-                },
-            );
-            files.push((path.to_path_buf(), owned(&bytes)));
-        }
-        Ok(Self {
-            files,
-            entries,
-            ggml_shapes: true,
-        })
     }
 
     fn add_file(&mut self, path: PathBuf) -> Result<(), WeightError> {
@@ -546,45 +372,6 @@ impl Weights {
             expected.to_vec(),
         ))
     }
-}
-
-/// DeepSeek-V2's `kv_b_proj` (per head, `nope_dim` key rows then `v_dim` value rows of
-/// `kv_lora_rank` columns) from the converter's per-head halves: the key half transposed
-/// (`[heads, kv_lora_rank, nope_dim]`), the value half as it was. Quantized halves are
-/// dequantized: latent attention multiplies this matrix in f32 however it is stored.
-fn latent_up_projection(
-    file: &Gguf,
-    key: &TensorInfo,
-    value: &TensorInfo,
-    config: &ModelConfig,
-) -> anyhow::Result<(usize, Vec<f32>)> {
-    let m = config
-        .mla
-        .expect("latent halves are named only for latent attention");
-    let heads = config.num_heads as u64;
-    let (rank, nope, v) = (m.kv_lora_rank as u64, m.nope_dim as u64, m.v_dim as u64);
-    for (t, want) in [(key, [nope, rank, heads]), (value, [rank, v, heads])] {
-        if t.dims != want {
-            anyhow::bail!(
-                "GGUF tensor `{}` has dimensions {:?}; the metadata implies {want:?}",
-                t.name,
-                t.dims
-            );
-        }
-    }
-    let (key, value) = (file.dequantize(key), file.dequantize(value));
-    let (rank, nope, v) = (rank as usize, nope as usize, v as usize);
-    let mut rows = Vec::with_capacity(key.len() + value.len());
-    for (key_head, value_head) in key
-        .chunks_exact(rank * nope)
-        .zip(value.chunks_exact(v * rank))
-    {
-        for i in 0..nope {
-            rows.extend((0..rank).map(|r| key_head[r * nope + i]));
-        }
-        rows.extend_from_slice(value_head);
-    }
-    Ok((config.num_heads * (nope + v), rows))
 }
 
 fn shard_files(index: &Path) -> Result<Vec<String>, WeightError> {

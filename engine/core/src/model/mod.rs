@@ -1,5 +1,6 @@
 //! The model builder and the transformer forward pass composed from registered operators.
 
+pub mod checkpoint;
 pub mod ops;
 
 use std::sync::Arc;

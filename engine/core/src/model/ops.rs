@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bevy_ecs::prelude::Resource;
 
 use crate::backend::tensor::Matrix;
+pub use crate::backend::{AttendOptions, KvView, Linear};
 use crate::backend::{Backend, LinearWeight};
 use crate::config::{ModelConfig, NormSite};
 use crate::io::weights::{Weight, Weights};
@@ -89,12 +90,6 @@ pub trait Quantization: Send + Sync {
     }
 }
 
-pub trait Linear: Send + Sync {
-    /// `x · Wᵀ`: `[n, in]` → `[n, out]`.
-    fn forward(&self, x: &Matrix) -> Matrix;
-    fn weight_bytes(&self) -> usize;
-}
-
 /// Normalises each row of its input (rows of `dim()` features).
 pub trait Norm: Send + Sync {
     fn forward(&self, x: &Matrix) -> Matrix;
@@ -129,17 +124,6 @@ pub trait NoPosition: Send + Sync {
 pub trait Softcap: Send + Sync {
     fn attention(&self) -> Option<f32>;
     fn logits(&self) -> Option<f32>;
-}
-
-/// Per-call attention options beyond causality.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct AttendOptions<'a> {
-    /// `Some(w)`: a query at position `p` sees only positions `p + 1 - w ..= p`.
-    pub window: Option<usize>,
-    /// Scores pass through `c · tanh(score / c)`.
-    pub softcap: Option<f32>,
-    /// Scores of head `h` gain `alibi[h] · key_position`.
-    pub alibi: Option<&'a [f32]>,
 }
 
 /// Which earlier tokens a layer's queries may see, beyond causality.
@@ -255,14 +239,6 @@ pub trait SequenceKv: Send + Sync {
     /// `values` may have no columns: layouts that cache one latent per token store keys only.
     fn append(&mut self, layer: usize, keys: &Matrix, values: &Matrix);
     fn view(&self, layer: usize) -> KvView<'_>;
-}
-
-/// The keys and values of one layer as a list of chunks, each holding whole tokens of
-/// `kv_heads·head_dim` floats: one chunk for a contiguous cache, one per block for a paged one.
-pub struct KvView<'a> {
-    pub keys: Vec<&'a [f32]>,
-    pub values: Vec<&'a [f32]>,
-    pub tokens: usize,
 }
 
 /// What a factory can read while binding an operator to a checkpoint.

@@ -3,15 +3,15 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::app::external::{self, PluginConfigs};
 use crate::app::plugin::{resolve, Plugin};
 use crate::app::registry::Registry;
 use crate::app::{App, Pipeline};
 use crate::config::ModelConfig;
-use crate::io::checkpoint::Checkpoint;
 use crate::io::tokenizer::Tokenizer;
+use crate::model::checkpoint::Checkpoint;
 use crate::model::ops::Operators;
 use crate::model::Model;
+use crate::serving::external::{self, PluginConfigs};
 use crate::serving::pipeline;
 use crate::serving::text;
 

@@ -2,6 +2,8 @@
 //! `Engine`, and the runner that drives requests to completion.
 
 pub mod engine;
+pub mod external;
 pub mod pipeline;
+pub mod reload;
 pub mod runner;
 pub mod text;

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use bevy_ecs::prelude::*;
 
-use crate::app::external::Deferred;
 use crate::app::{App, Stage};
 use crate::config::ModelConfig;
 use crate::model::ops::SequenceKv;
 use crate::model::{BatchEntry, Model, Wanted};
+use crate::serving::external::Deferred;
 use crate::serving::text::TextStream;
 
 #[derive(Resource, Clone)]

@@ -11,13 +11,13 @@ use anyhow::{bail, Context};
 use bevy_ecs::prelude::{Entity, Resource};
 use serde::{Deserialize, Serialize};
 
-use crate::app::external::{find_external, PluginConfigs};
 use crate::app::plugin::{resolve, Plugin};
 use crate::app::registry::Registry;
 use crate::app::{App, Pipeline, Stage};
 use crate::backend::tensor::Matrix;
 use crate::model::{BatchEntry, Model, Wanted};
 use crate::serving::engine::Engine;
+use crate::serving::external::{find_external, PluginConfigs};
 use crate::serving::pipeline::{
     request_bundle, FinishReason, Logits, NextToken, SamplingParams, SeqState, Tokens,
 };
@@ -649,7 +649,7 @@ fn stage_app(
     catalog: &[Box<dyn Plugin>],
 ) -> anyhow::Result<App> {
     let mut app = App::new(Pipeline::Serving);
-    crate::app::external::install(&mut app);
+    crate::serving::external::install(&mut app);
     app.world.insert_resource(PluginConfigs(configs.clone()));
     for plugin in resolve(plugins, registry, catalog)? {
         app.add_plugin(plugin)?;

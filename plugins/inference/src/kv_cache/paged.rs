@@ -12,11 +12,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{bail, Context};
-use vibee_core::app::external::PluginConfigs;
 use vibee_core::config::ModelConfig;
 use vibee_core::model::ops::{
     BuildContext, Factory, KvCache, KvFull, KvUsage, KvView, Operator, SequenceKv,
 };
+use vibee_core::serving::external::PluginConfigs;
 use vibee_core::{App, Matrix, Plugin, PluginSpec};
 
 pub struct PagedKv;

@@ -15,11 +15,11 @@ use std::sync::Arc;
 use integer::IntegerWeights;
 
 use anyhow::{bail, Context};
-use vibee_core::app::external::PluginConfigs;
 use vibee_core::backend::{Backend, LinearWeight};
 use vibee_core::config::ModelConfig;
 use vibee_core::io::weights::{Weight, Weights};
 use vibee_core::model::ops::{BuildContext, Factory, Linear, Operator, Quantization};
+use vibee_core::serving::external::PluginConfigs;
 use vibee_core::App;
 
 /// The factory of a quantizer that starts from full-precision weights.

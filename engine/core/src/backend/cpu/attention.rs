@@ -6,7 +6,7 @@ use super::pool;
 use crate::backend::math::{axpy, dot, softcap, softmax};
 use crate::backend::tensor::Matrix;
 use crate::backend::AttentionShape;
-use crate::model::ops::{AttendOptions, KvView};
+use crate::backend::{AttendOptions, KvView};
 
 pub fn attention(
     q: &Matrix,

@@ -58,7 +58,7 @@ fn gemv(x: &Matrix, w: &Weight, out: &mut Matrix) {
             WeightData::Blocks(blocks) => {
                 let bytes = &blocks[row * row_bytes..(row + 1) * row_bytes];
                 dequantized.resize(k, 0.0);
-                quant::dequantize(w.dtype, bytes, dequantized);
+                crate::io::blocks::dequantize(w.dtype, bytes, dequantized);
                 dot_rows(dequantized, x, dst);
             }
         }

@@ -12,8 +12,8 @@ use super::math::{axpy, softcap, softmax};
 use super::quant::packed::PackedLinear;
 use super::tensor::Matrix;
 use super::{Activation, AttentionShape, Backend, GateUp, LinearWeight, Op, Rotary};
+use super::{AttendOptions, KvView, Linear};
 use crate::io::weights::Weight;
-use crate::model::ops::{AttendOptions, KvView, Linear};
 
 /// Rows per rayon task of row-wise operations: below this, splitting costs more than it saves.
 const MIN_ROWS_PER_TASK: usize = 64;

@@ -8,11 +8,12 @@
 
 use half::f16;
 
-use super::{grouped_index, half_index, KBlock, QuantizedRow, BLOCK, GROUP};
+use super::{grouped_index, half_index, QuantizedRow, BLOCK, GROUP};
 use crate::backend::cpu::kernels;
 use crate::backend::tensor::Matrix;
+use crate::backend::Linear;
+use crate::io::blocks::KBlock;
 use crate::io::weights::{DType, Weight, WeightData};
-use crate::model::ops::Linear;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Bits {
@@ -93,7 +94,7 @@ impl PackedMatrix {
             let mut mins = Vec::new();
             let mut values = [0i8; BLOCK];
             for (i, block) in data.chunks_exact(block_bytes).enumerate() {
-                super::unpack(weight.dtype, block, &mut values);
+                crate::io::blocks::unpack(weight.dtype, block, &mut values);
                 scales.push(half(block));
                 if matches!(weight.dtype, DType::Q4_1 | DType::Q5_1) {
                     mins.push(half(&block[2..]));
@@ -802,7 +803,7 @@ mod tests {
     use half::f16;
 
     use super::*;
-    use crate::backend::quant::{dequantize, quantize_q4_0, quantize_q8_0};
+    use crate::io::blocks::{dequantize, quantize_q4_0, quantize_q8_0};
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed;

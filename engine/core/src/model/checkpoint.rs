@@ -68,9 +68,10 @@ impl Checkpoint {
         match self {
             Checkpoint::Hf(dir) => Ok(ModelConfig::from_dir(dir)?),
             Checkpoint::Gguf { file, .. } => {
-                let mut config = ModelConfig::from_json(&file.hf_config()?.to_string())
-                    .context("the file's metadata does not make a valid config")?;
-                let form = file.family().and_then(|f| f.gguf.as_ref());
+                let mut config =
+                    ModelConfig::from_json(&crate::config::gguf::hf_config(file)?.to_string())
+                        .context("the file's metadata does not make a valid config")?;
+                let form = crate::config::gguf::family(file).and_then(|f| f.gguf.as_ref());
                 let form = form.expect("checked by hf_config");
                 (form.stored)(&mut config);
                 let fused = file
@@ -96,7 +97,7 @@ impl Checkpoint {
     pub fn weights(&self, config: &ModelConfig) -> anyhow::Result<Weights> {
         Ok(match self {
             Checkpoint::Hf(dir) => Weights::open(dir)?,
-            Checkpoint::Gguf { path, file } => Weights::from_gguf(path, file, config)?,
+            Checkpoint::Gguf { path, file } => crate::config::gguf::weights(path, file, config)?,
         })
     }
 

@@ -18,11 +18,11 @@ use bevy_ecs::prelude::Resource;
 use notify::{RecursiveMode, Watcher};
 use serde::Deserialize;
 
-use crate::app::external::{ExternalPlugin, PluginConfigs};
 use crate::app::plugin::{resolve, Plugin};
 use crate::app::registry::Registry;
 use crate::app::App;
 use crate::model::ops::Operators;
+use crate::serving::external::{ExternalPlugin, PluginConfigs};
 
 /// What the pipeline file says.
 #[derive(Debug, Deserialize, PartialEq)]

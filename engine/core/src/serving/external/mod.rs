@@ -65,7 +65,7 @@ pub fn find_external<'a>(catalog: &'a [Box<dyn Plugin>], name: &str) -> Option<&
     catalog
         .iter()
         .find(|p| p.spec().name == name)
-        .and_then(|p| p.external())
+        .and_then(|p| p.library()?.downcast_ref())
 }
 
 /// Loads every plugin library in `path` (a library file, or a directory of them).
@@ -337,7 +337,7 @@ impl Plugin for ExternalPlugin {
         }
     }
 
-    fn external(&self) -> Option<&ExternalPlugin> {
+    fn library(&self) -> Option<&dyn std::any::Any> {
         Some(self)
     }
 
