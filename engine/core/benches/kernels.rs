@@ -61,16 +61,18 @@ fn best_of<F: FnMut()>(runs: usize, mut f: F) -> f64 {
 }
 
 fn main() {
-    let threads = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(2);
+    // `cargo bench` appends `--bench`: only the positional arguments are ours.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let threads = args.first().and_then(|a| a.parse().ok()).unwrap_or(2);
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global()
         .unwrap();
     println!("{threads} threads");
-    if let Some(dir) = std::env::args().nth(2) {
+    if let Some(dir) = args.get(1) {
         let weights = vibee_core::io::weights::Weights::open(std::path::Path::new(&dir)).unwrap();
         for (name, out, inp) in [
             ("model.layers.0.mlp.gate_proj.weight", 5632, 2048),

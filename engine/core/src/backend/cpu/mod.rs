@@ -5,6 +5,7 @@
 mod attention;
 pub mod kernels;
 pub mod pool;
+pub(crate) mod product;
 
 use rayon::prelude::*;
 

@@ -421,27 +421,12 @@ impl PackedMatrix {
 /// Weight rows per tile of the AVX-512 kernel.
 const TILE_ROWS: usize = 2;
 
-/// Without AVX-512 VNNI, products of up to this many rows run on the integer kernels and
-/// longer ones on the widened GEMM: widening a whole matrix costs about as much as 30 rows of
-/// one-row integer dot products (TinyLlama shapes, 2 threads).
-pub const INTEGER_MAX_ROWS: usize = 24;
-
 /// One quantized block of 32 weights: `weight = scale · quant + min`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct QuantBlock {
     pub quants: [i8; BLOCK],
     pub scale: f32,
     pub min: f32,
-}
-
-/// Whether prompts of any length take the integer kernels (AVX-512 VNNI: tiles of weight rows
-/// × activation rows), rather than widening weights for the f32 GEMM beyond
-/// [`INTEGER_MAX_ROWS`] rows.
-fn integer_prefill() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return x86::has_avx512();
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 /// A linear layer over a packed weight.
@@ -458,30 +443,17 @@ impl PackedLinear {
             |_, first, dst| self.0.dot_rows(first, &quantized, dst),
         );
     }
-
-    /// `x · Wᵀ` on the f32 GEMM, blocks of weight rows widened, with the same int8-rounded
-    /// activations.
-    fn widened(&self, x: &Matrix, out: &mut Matrix) {
-        let rounded = super::round_activations(x);
-        kernels::gemm_widened(&rounded, out, |r, row| self.0.row_to_f32(r, row));
-    }
 }
 
 impl Linear for PackedLinear {
     /// Activations are rounded to int8 per block of 32 for any number of rows, as llama.cpp
-    /// does, so a token's result does not depend on how many rows share its product. With
-    /// AVX-512 VNNI every product takes the integer kernels; otherwise more than
-    /// [`INTEGER_MAX_ROWS`] rows widen blocks of weight rows to f32 for the GEMM (with the
-    /// rounded activations), which the widening then pays for.
+    /// does, and every product takes the integer kernels, whose per-element sums do not depend
+    /// on the tile: a token's result does not depend on how many rows share its product.
     fn forward(&self, x: &Matrix) -> Matrix {
         let w = &self.0;
         assert_eq!(x.cols, w.cols, "linear: input width does not match weight");
         let mut out = Matrix::zeros(x.rows, w.rows);
-        if x.rows <= INTEGER_MAX_ROWS || integer_prefill() {
-            self.integer(x, &mut out);
-        } else {
-            self.widened(x, &mut out);
-        }
+        self.integer(x, &mut out);
         out
     }
 
@@ -919,7 +891,7 @@ mod tests {
         // run as 3 × 8 + 4 + 1 + 1; 11 blocks per row leave 3 outside the groups of four (the
         // 32-element types; K-quant rows are whole super-blocks). Offsets (Q4_0), minimums
         // (Q4_1, Q4_K, Q2_K) and half-block scales (Q6_K, Q2_K) all take the tiled path.
-        let (rows, n) = (41, INTEGER_MAX_ROWS + 6);
+        let (rows, n) = (41, 30);
         for (dtype, cols) in [
             (DType::Q4_0, 11 * BLOCK),
             (DType::Q4_1, 11 * BLOCK),
@@ -936,18 +908,11 @@ mod tests {
             let x = Matrix::from_vec(n, cols, values(n * cols, 8));
             let weight = Weight::from_bytes(bytes, dtype, vec![rows, cols]);
             let linear = PackedLinear(PackedMatrix::from_gguf(&weight).unwrap());
-            // Both many-row paths (tiles of weight × activation rows; widened weights for the
-            // GEMM) against the one-row integer path, row by row.
-            let (mut integer, mut widened) = (Matrix::zeros(n, rows), Matrix::zeros(n, rows));
-            linear.integer(&x, &mut integer);
-            linear.widened(&x, &mut widened);
+            // The tiles of weight × activation rows against the one-row path, bit for bit.
+            let many = linear.forward(&x);
             for (j, row) in x.rows_iter().enumerate() {
                 let one = linear.forward(&Matrix::from_vec(1, cols, row.to_vec()));
-                for ((a, c), b) in integer.row(j).iter().zip(widened.row(j)).zip(&one.data) {
-                    let tolerance = 1e-4 * b.abs().max(1.0);
-                    assert!((a - b).abs() <= tolerance, "{dtype} row {j}: {a} vs {b}");
-                    assert!((c - b).abs() <= tolerance, "{dtype} row {j}: {c} vs {b}");
-                }
+                assert_eq!(many.row(j), one.row(0), "{dtype} row {j}");
             }
         }
     }
