@@ -1,6 +1,9 @@
 //! Requests that share the engine's steps (one batched forward a step, a prompt's prefill
 //! beside the others' decode steps) get the tokens each gets alone.
 
+use bevy_ecs::entity::Entity;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use vibee_core::serving::pipeline::{request_bundle, SamplingParams, SeqState, Tokens};
 use vibee_core::serving::runner;
 use vibee_tests::{fixture, load};
@@ -274,4 +277,166 @@ fn a_cancelled_request_frees_its_blocks_at_the_step_boundary() {
         let state = engine.app.world.get::<SeqState>(*id).unwrap();
         assert!(matches!(state, SeqState::Finished(_)), "{state:?}");
     }
+}
+
+/// One request of a schedule: its prompt and length, the step it arrives at, and the step the
+/// client goes away at, if it does.
+struct Planned {
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    arrives: usize,
+    cancelled: Option<usize>,
+}
+
+/// The logits each generated token was sampled from, and the tokens, as the engine steps.
+#[derive(Default, Clone)]
+struct Trace {
+    tokens: Vec<u32>,
+    logits: Vec<Vec<f32>>,
+}
+
+/// Records the token and logits of every request that gained a token this step.
+fn record(app: &vibee_core::App, ids: &[Option<Entity>], traces: &mut [Trace]) {
+    use vibee_core::serving::pipeline::Logits;
+    for (id, trace) in ids.iter().zip(traces.iter_mut()) {
+        let Some(id) = id else { continue };
+        let Some(tokens) = app.world.get::<Tokens>(*id) else {
+            continue;
+        };
+        if tokens.generated.len() > trace.tokens.len() {
+            assert_eq!(
+                tokens.generated.len(),
+                trace.tokens.len() + 1,
+                "one token a step"
+            );
+            trace.tokens = tokens.generated.clone();
+            trace
+                .logits
+                .push(app.world.get::<Logits>(*id).unwrap().0.clone());
+        }
+    }
+}
+
+fn finished(app: &vibee_core::App, id: Entity) -> bool {
+    matches!(
+        app.world.get::<SeqState>(id),
+        Some(SeqState::Finished(_) | SeqState::Failed(_))
+    )
+}
+
+/// Batch invariance over seeded random schedules: requests of random lengths arrive at random
+/// steps, some share a prefix, some are cancelled; a small pool forces preemption and a small
+/// step budget chunks prefills. Every request's tokens and the logits each was sampled from are
+/// bit-identical to the request run alone, and afterwards every block is back in the pool.
+#[test]
+fn random_schedules_give_every_request_its_own_tokens_and_logits_bit_for_bit() {
+    let mut alone_engine = load(&fixture("llama-gqa"), PLUGINS).unwrap();
+    let mut alone = |prompt: &[u32], params: &SamplingParams| {
+        let app = &mut alone_engine.app;
+        let id = app
+            .world
+            .spawn(request_bundle(prompt.to_vec(), params.clone()))
+            .id();
+        let mut trace = [Trace::default()];
+        while !finished(app, id) {
+            app.step();
+            record(app, &[Some(id)], &mut trace);
+        }
+        app.world.despawn(id);
+        trace[0].clone()
+    };
+    let (mut preempted, mut hits, mut cancelled) = (0, 0, 0);
+    for seed in 0..40u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut below = |n: usize| rng.random_range(0..n);
+        let kv = ["paged-kv", "prefix-cache"][below(2)];
+        let blocks = 8 + below(12);
+        let shared_prefix: Vec<u32> = (0..8).map(|_| 1 + below(380) as u32).collect();
+        let planned: Vec<Planned> = (0..3 + below(5))
+            .map(|_| {
+                let mut prompt: Vec<u32> = match below(2) {
+                    0 => shared_prefix[..1 + below(8)].to_vec(),
+                    _ => Vec::new(),
+                };
+                prompt.extend((0..1 + below(8)).map(|_| 1 + below(380) as u32));
+                Planned {
+                    prompt,
+                    params: greedy(1 + below(8)),
+                    arrives: below(6),
+                    cancelled: (below(5) == 0).then(|| 1 + below(10)),
+                }
+            })
+            .collect();
+        let mut engine = with_kv(kv, &format!("block=4,blocks={blocks}"));
+        engine
+            .app
+            .world
+            .insert_resource(vibee_core::serving::pipeline::StepBudget {
+                max_num_batched_tokens: 4 + below(24),
+                max_num_seqs: 1 + below(4),
+                ..Default::default()
+            });
+        let mut ids = vec![None; planned.len()];
+        let mut traces = vec![Trace::default(); planned.len()];
+        for step in 0..400 {
+            for (p, id) in planned.iter().zip(ids.iter_mut()) {
+                if p.arrives == step {
+                    let bundle = request_bundle(p.prompt.clone(), p.params.clone());
+                    *id = Some(engine.app.world.spawn(bundle).id());
+                }
+                if p.cancelled == Some(step) {
+                    if let Some(id) = id.take() {
+                        engine.app.world.despawn(id);
+                    }
+                }
+            }
+            let arrived = planned.iter().all(|p| p.arrives <= step);
+            let done = ids.iter().flatten().all(|id| finished(&engine.app, *id));
+            if arrived && done {
+                break;
+            }
+            engine.app.step();
+            record(&engine.app, &ids, &mut traces);
+        }
+        for (i, (p, got)) in planned.iter().zip(&traces).enumerate() {
+            let want = alone(&p.prompt, &p.params);
+            let context = format!("seed {seed}, request {i} ({kv}, {blocks} blocks)");
+            if let Some(id) = ids[i] {
+                let state = engine.app.world.get::<SeqState>(id).unwrap();
+                assert!(
+                    matches!(state, SeqState::Finished(_)),
+                    "{context}: {state:?}"
+                );
+                assert_eq!(got.tokens, want.tokens, "{context}");
+            }
+            // A cancelled request got the first tokens it gets alone, from the same logits.
+            assert_eq!(got.tokens[..], want.tokens[..got.tokens.len()], "{context}");
+            for (j, logits) in got.logits.iter().enumerate() {
+                assert!(logits == &want.logits[j], "{context}: logits of token {j}");
+            }
+        }
+        let metrics = engine
+            .app
+            .world
+            .resource::<vibee_core::serving::pipeline::Metrics>();
+        preempted += metrics.preempted;
+        hits += metrics.prefix_hit_tokens;
+        cancelled += ids.iter().filter(|id| id.is_none()).count();
+        for id in ids.into_iter().flatten() {
+            engine.app.world.despawn(id);
+        }
+        let usage = engine.model.kv_usage().unwrap();
+        if kv == "paged-kv" {
+            assert_eq!(usage.blocks_in_use, 0, "seed {seed}: {usage:?}");
+        }
+        // Every block can be had again: a request as long as the whole pool runs.
+        let whole: Vec<u32> = (1..(blocks * 4) as u32).collect();
+        let result = runner::generate(&mut engine.app, whole, greedy(1));
+        assert!(result.is_ok(), "seed {seed}: {result:?}");
+    }
+    // The schedules did what they are for.
+    assert!(
+        preempted > 0 && hits > 0 && cancelled > 0,
+        "{preempted} {hits} {cancelled}"
+    );
 }

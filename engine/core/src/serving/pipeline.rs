@@ -308,17 +308,24 @@ fn forward(
         SchedulingPolicy::Priority => (f.priority, f.timing.submitted),
     };
     feeds.sort_by_key(|f| (f.tokens.len() > 1, rank(f)));
-    feeds.truncate(budget.max_num_seqs);
+    // The requests this step leaves out still hold blocks that a scheduled one may need.
+    let mut idle = feeds.split_off(budget.max_num_seqs.min(feeds.len()));
     let mut left = budget.max_num_batched_tokens;
-    feeds.retain_mut(|feed| {
+    let mut i = 0;
+    while i < feeds.len() {
+        let feed = &mut feeds[i];
         let take = feed.tokens.len().min(left);
         left -= take;
         feed.complete = take == feed.tokens.len();
         feed.tokens.truncate(take);
-        take > 0
-    });
+        if take == 0 {
+            idle.push(feeds.remove(i));
+        } else {
+            i += 1;
+        }
+    }
     feeds.sort_by_key(rank);
-    reserve_blocks(model, &mut feeds, &mut metrics);
+    reserve_blocks(model, &mut feeds, &mut idle, rank, &mut metrics);
     if feeds.is_empty() {
         return;
     }
@@ -368,27 +375,48 @@ fn forward(
 }
 
 /// Room in the KV pool for every feed, in scheduling order. When the pool runs short the
-/// last-scheduled running request gives its blocks back and waits, to be recomputed when it is
-/// admitted again (its tokens so far kept); a request the whole pool could not hold fails,
-/// with the numbers.
-fn reserve_blocks(model: &Model, feeds: &mut Vec<Feed<'_>>, metrics: &mut Metrics) {
+/// newest running request that holds blocks — scheduled this step or not — or the feed itself
+/// gives its blocks back and waits, to be recomputed when it is admitted again (its tokens so
+/// far kept); a request the whole pool could not hold fails, with the numbers.
+fn reserve_blocks<R: Ord>(
+    model: &Model,
+    feeds: &mut Vec<Feed<'_>>,
+    idle: &mut Vec<Feed<'_>>,
+    rank: impl Fn(&Feed<'_>) -> R,
+    metrics: &mut Metrics,
+) {
+    let holds_blocks = |f: &Feed<'_>| f.kv.0.len(0) > 0;
     let mut i = 0;
     while i < feeds.len() {
         let feed = &mut feeds[i];
-        match feed.kv.0.reserve(&feed.tokens) {
-            Ok(()) => i += 1,
+        let mut victim = match feed.kv.0.reserve(&feed.tokens) {
+            Ok(()) => {
+                i += 1;
+                continue;
+            }
             Err(full) if full.never_fits() => {
                 let mut feed = feeds.remove(i);
                 feed.kv.0 = model.new_sequence();
                 *feed.state = SeqState::Failed(format!("{full}"));
+                continue;
             }
             Err(_) => {
-                let mut newest = feeds.pop().expect("the feed that failed is still here");
-                newest.kv.0 = model.new_sequence();
-                *newest.state = SeqState::Waiting;
-                metrics.preempted += 1;
+                let scheduled = (i..feeds.len())
+                    .filter(|&j| j == i || holds_blocks(&feeds[j]))
+                    .max_by_key(|&j| rank(&feeds[j]))
+                    .expect("the feed that failed is a candidate");
+                let waiting = (0..idle.len())
+                    .filter(|&j| holds_blocks(&idle[j]))
+                    .max_by_key(|&j| rank(&idle[j]));
+                match waiting {
+                    Some(j) if rank(&idle[j]) > rank(&feeds[scheduled]) => idle.swap_remove(j),
+                    _ => feeds.remove(scheduled),
+                }
             }
-        }
+        };
+        victim.kv.0 = model.new_sequence();
+        *victim.state = SeqState::Waiting;
+        metrics.preempted += 1;
     }
 }
 
@@ -461,17 +489,29 @@ fn emit(model: Res<ModelResource>, mut running: Query<EmitItems>) {
     }
 }
 
-fn monitor(mut metrics: ResMut<Metrics>, changed: Query<(&Tokens, &SeqState), Changed<SeqState>>) {
+/// Counts what changed this step, and takes the KV cache of every request that ended, so its
+/// blocks go back to the pool at once however long the entity is kept (a server streams the
+/// last chunk, a client reads the result).
+fn monitor(
+    mut commands: Commands,
+    mut metrics: ResMut<Metrics>,
+    arrived: Query<&Tokens, Added<SeqState>>,
+    changed: Query<(Entity, &Tokens, &SeqState), Changed<SeqState>>,
+) {
     metrics.steps += 1;
-    for (tokens, state) in &changed {
+    // Counted once per request, not again when a preempted one is readmitted.
+    for tokens in &arrived {
+        metrics.prompt_tokens += tokens.prompt.len() as u64;
+    }
+    for (entity, tokens, state) in &changed {
         match state {
-            SeqState::Running => metrics.prompt_tokens += tokens.prompt.len() as u64,
             SeqState::Finished(_) => {
                 metrics.finished += 1;
                 metrics.generated_tokens += tokens.generated.len() as u64;
             }
             SeqState::Failed(_) => metrics.failed += 1,
-            SeqState::Waiting => {}
+            SeqState::Running | SeqState::Waiting => continue,
         }
+        commands.entity(entity).remove::<Kv>();
     }
 }
