@@ -440,3 +440,36 @@ fn random_schedules_give_every_request_its_own_tokens_and_logits_bit_for_bit() {
         "{preempted} {hits} {cancelled}"
     );
 }
+
+/// Truncation gives back the blocks past the cut; a fork shares every block and takes one of
+/// its own only when it writes into a shared, partly filled one; all come back at the end.
+#[test]
+fn truncating_and_forking_count_the_blocks_each_sequence_holds() {
+    let engine = with_kv("paged-kv", "block=4,blocks=16");
+    let model = &engine.model;
+    let used = || model.kv_usage().unwrap().blocks_in_use;
+    let mut kv = model.new_sequence();
+    let prompt: Vec<u32> = (1..11).collect();
+    model.forward(&prompt, kv.as_mut(), false).unwrap();
+    assert_eq!(used(), 3, "10 tokens in blocks of 4");
+    kv.truncate(5);
+    assert_eq!((used(), kv.len(0)), (2, 5));
+    let mut child = kv.fork();
+    assert_eq!((used(), child.len(0)), (2, 5));
+    model.forward(&[7], child.as_mut(), false).unwrap();
+    assert_eq!(
+        used(),
+        3,
+        "the fork copied the partly filled block it wrote into"
+    );
+    model.forward(&[8, 9, 10], kv.as_mut(), false).unwrap();
+    assert_eq!(
+        used(),
+        3,
+        "the original's partly filled block is its own again"
+    );
+    drop(child);
+    assert_eq!(used(), 2);
+    drop(kv);
+    assert_eq!(used(), 0);
+}

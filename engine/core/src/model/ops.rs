@@ -234,6 +234,13 @@ pub trait SequenceKv: Send + Sync {
     fn reuse_prefix(&mut self, _tokens: &[u32], _salt: Option<&str>) -> usize {
         0
     }
+    /// Forgets every token from position `tokens` on, in every layer (a rejected speculative
+    /// draft); blocks no longer needed go back to the pool.
+    fn truncate(&mut self, tokens: usize);
+    /// A second sequence holding the same tokens, which then goes its own way (parallel
+    /// samples of one prompt, beams): blocks are shared, and copied only when one of the two
+    /// writes into a shared, partly filled block.
+    fn fork(&self) -> Box<dyn SequenceKv>;
     /// Tokens cached in `layer`.
     fn len(&self, layer: usize) -> usize;
     /// `values` may have no columns: layouts that cache one latent per token store keys only.

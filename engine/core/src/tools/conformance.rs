@@ -98,12 +98,23 @@ pub enum Check {
         #[serde(default)]
         configs: BTreeMap<String, String>,
     },
+    /// A cache truncated after a rejected draft, and a fork of it that goes its own way, give
+    /// the logits of sequences that never held the draft or the other branch.
+    RollbackAndFork {
+        fixture: String,
+        plugins: Vec<String>,
+        max_abs_err: f32,
+        #[serde(default)]
+        configs: BTreeMap<String, String>,
+    },
     /// Two plugin sets give the same logits on one checkpoint.
     SameLogits {
         fixture: String,
         a: Vec<String>,
         b: Vec<String>,
         max_abs_err: f32,
+        #[serde(default)]
+        configs: BTreeMap<String, String>,
     },
     /// Loading with these plugins fails with an error mentioning `mentions`.
     Rejects {
@@ -186,6 +197,7 @@ impl SpecCases {
                 | Check::IncrementalEqualsFull { plugins, .. }
                 | Check::BatchEqualsSingle { plugins, .. }
                 | Check::PrefixHitEqualsMiss { plugins, .. }
+                | Check::RollbackAndFork { plugins, .. }
                 | Check::ReferenceDecodeLogits { plugins, .. }
                 | Check::Rejects { plugins, .. }
                 | Check::ParameterCount { plugins, .. }
@@ -407,6 +419,17 @@ fn run_check(
             let (batched, alone) = batch_and_alone(&engine.model, &reference.prompt_ids)?;
             Ok(compare(&batched, &alone, *max_abs_err))
         }
+        Check::RollbackAndFork {
+            fixture,
+            plugins,
+            max_abs_err,
+            configs,
+        } => {
+            let reference = Reference::load(&root.join(fixture))?;
+            let engine = load_configured(fixture, plugins, configs)?;
+            let (got, straight) = rollback_and_fork(&engine.model, &reference.prompt_ids)?;
+            Ok(compare(&got, &straight, *max_abs_err))
+        }
         Check::PrefixHitEqualsMiss {
             fixture,
             plugins,
@@ -457,11 +480,17 @@ fn run_check(
             a,
             b,
             max_abs_err,
+            configs,
         } => {
             let reference = Reference::load(&root.join(fixture))?;
-            let la = full_logits(&load(fixture, a)?, &reference.prompt_ids)?;
-            let lb = full_logits(&load(fixture, b)?, &reference.prompt_ids)?;
-            Ok(compare(&la.data, &lb.data, *max_abs_err))
+            // One forward over the prompt, then token by token: both ways through the cache.
+            let logits = |plugins| -> anyhow::Result<Vec<f32>> {
+                let engine = load_configured(fixture, plugins, configs)?;
+                let mut all = full_logits(&engine, &reference.prompt_ids)?.data;
+                all.extend(stepped_logits(&engine, &reference.prompt_ids)?);
+                Ok(all)
+            };
+            Ok(compare(&logits(a)?, &logits(b)?, *max_abs_err))
         }
         Check::ParameterCount {
             config,
@@ -948,6 +977,38 @@ fn stepped_logits(engine: &Engine, prompt: &[u32]) -> anyhow::Result<Vec<f32>> {
         stepped.extend(engine.model.forward(&[token], kv.as_mut(), false)?.data);
     }
     Ok(stepped)
+}
+
+/// The logits of [`Check::RollbackAndFork`]'s schedule, and of the same tokens run straight:
+/// half the prompt, a draft of wrong tokens truncated away, the rest of the prompt; and a fork
+/// after half the prompt that runs the rest while the original runs other tokens first.
+fn rollback_and_fork(model: &Model, prompt: &[u32]) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+    let half = prompt.len() / 2;
+    let (head, rest) = prompt.split_at(half);
+    let draft: Vec<u32> = rest.iter().rev().copied().collect();
+    let other: Vec<u32> = head.iter().chain(&draft).copied().collect();
+    let straight = |tokens: &[u32]| -> anyhow::Result<Vec<f32>> {
+        let mut kv = model.new_sequence();
+        let all = model.forward(tokens, kv.as_mut(), true)?;
+        Ok(all.rows_range(half..tokens.len()).data)
+    };
+    let mut expected = straight(prompt)?;
+    expected.extend(straight(prompt)?);
+    expected.extend(straight(&other)?);
+    let mut got = Vec::new();
+    let mut kv = model.new_sequence();
+    model.forward(head, kv.as_mut(), false)?;
+    model.forward(&draft, kv.as_mut(), false)?;
+    kv.truncate(half);
+    got.extend(model.forward(rest, kv.as_mut(), true)?.data);
+    let mut parent = model.new_sequence();
+    model.forward(head, parent.as_mut(), false)?;
+    let mut child = parent.fork();
+    // The original writes first, into the blocks the fork shares.
+    let parent_logits = model.forward(&draft, parent.as_mut(), true)?;
+    got.extend(model.forward(rest, child.as_mut(), true)?.data);
+    got.extend(parent_logits.data);
+    Ok((got, expected))
 }
 
 /// Every logit of the schedule [`Check::BatchEqualsSingle`] describes, from batched forwards

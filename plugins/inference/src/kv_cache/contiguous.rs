@@ -32,12 +32,24 @@ impl KvCache for ContiguousKvCache {
     }
 }
 
+#[derive(Clone)]
 struct ContiguousSequence {
     kv_dim: usize,
     layers: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
 impl SequenceKv for ContiguousSequence {
+    fn truncate(&mut self, tokens: usize) {
+        for (k, v) in &mut self.layers {
+            k.truncate(tokens * self.kv_dim);
+            v.truncate(tokens * self.kv_dim);
+        }
+    }
+
+    fn fork(&self) -> Box<dyn SequenceKv> {
+        Box::new(self.clone())
+    }
+
     fn len(&self, layer: usize) -> usize {
         self.layers[layer].0.len() / self.kv_dim
     }

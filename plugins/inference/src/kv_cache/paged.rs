@@ -303,6 +303,8 @@ impl KvCache for PagedCache {
 }
 
 /// A block's floats: every layer's keys (`block` tokens each), then every layer's values.
+/// A clone (a fork) shares every block.
+#[derive(Clone)]
 struct PagedSequence {
     pool: Arc<Pool>,
     blocks: Vec<Block>,
@@ -350,6 +352,21 @@ impl SequenceKv for PagedSequence {
     fn reserve(&mut self, tokens: &[u32]) -> Result<(), KvFull> {
         self.cache_full_blocks();
         let longest = self.lens.iter().copied().max().unwrap_or(0);
+        // The next token lands in a block another sequence or the cache shares (after a fork
+        // or a truncation): this sequence writes its own copy.
+        let last = longest / self.pool.block;
+        if !longest.is_multiple_of(self.pool.block) && Arc::strong_count(&self.blocks[last]) > 1 {
+            let mut copy = self
+                .pool
+                .take(1, self.blocks.len(), tokens.len())?
+                .pop()
+                .expect("one block");
+            Arc::get_mut(&mut copy)
+                .expect("a block just taken is this sequence's")
+                .copy_from_slice(&self.blocks[last]);
+            let shared = std::mem::replace(&mut self.blocks[last], copy);
+            self.pool.give(vec![shared]);
+        }
         let blocks = (longest + tokens.len()).div_ceil(self.pool.block);
         if blocks > self.blocks.len() {
             let more =
@@ -395,6 +412,23 @@ impl SequenceKv for PagedSequence {
         reused
     }
 
+    fn truncate(&mut self, tokens: usize) {
+        let block = self.pool.block;
+        self.lens.iter_mut().for_each(|l| *l = (*l).min(tokens));
+        let longest = self.lens.iter().copied().max().unwrap_or(0);
+        let gone = self
+            .blocks
+            .split_off(longest.div_ceil(block).min(self.blocks.len()));
+        self.pool.give(gone);
+        // A block cut short is no longer this sequence's to offer; the cache keeps its copy.
+        self.hashes.truncate(longest / block);
+        self.tokens.truncate(longest);
+    }
+
+    fn fork(&self) -> Box<dyn SequenceKv> {
+        Box::new(self.clone())
+    }
+
     fn len(&self, layer: usize) -> usize {
         self.lens[layer]
     }
@@ -422,8 +456,10 @@ impl SequenceKv for PagedSequence {
             let position = self.lens[layer] + r;
             let (b, slot) = (position / block, position % block);
             let at = slot * kv_dim;
-            // Blocks are written only while partly filled, and only full ones are shared, so
-            // this never copies.
+            if Arc::strong_count(&self.blocks[b]) > 1 {
+                // Not reserved first: the copy is counted past the pool rather than lost.
+                self.pool.free().in_use += 1;
+            }
             let data = Arc::make_mut(&mut self.blocks[b]);
             data[key_run + at..key_run + at + kv_dim].copy_from_slice(keys.row(r));
             if self.values && values.cols > 0 {
