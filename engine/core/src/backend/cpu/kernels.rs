@@ -42,10 +42,11 @@ pub fn linear(x: &Matrix, w: &Weight) -> Matrix {
     out
 }
 
-/// A matrix-vector product (or a few) split over threads by output rows, `tile` weight rows at
-/// a time: `tile_dots(state, first, dst)` writes the products of the `dst.len() / n` weight
-/// rows from `first` (`tile`, or fewer at the end) with each of the `n` activation rows into
-/// `dst`, one weight row after another; each thread has its own `state` from `scratch`.
+/// A product split over threads by weight (output) rows, `tile` weight rows at a time:
+/// `tile_dots(state, first, dst)` writes the products of the `dst.len() / n` weight rows from
+/// `first` (`tile`, or fewer at the end) with each of the `n` activation rows into `dst`, one
+/// weight row after another; each thread has its own `state` from `scratch` and writes its
+/// columns of `out` itself.
 pub fn gemv_rows<S>(
     out: &mut Matrix,
     tile: usize,
@@ -53,25 +54,32 @@ pub fn gemv_rows<S>(
     tile_dots: impl Fn(&mut S, usize, &mut [f32]) + Sync,
 ) {
     let (n, out_features) = (out.rows, out.cols);
-    // Results are computed transposed (one weight row serves every activation row) and
-    // scattered after, so each thread writes a disjoint slice.
-    let mut transposed = vec![0.0f32; out_features * n];
+    let pool = pool::pool();
     // One contiguous block of rows per thread: each streams its part of the weight in order.
-    let rows_per_task = out_features
-        .div_ceil(pool::pool().threads())
-        .next_multiple_of(tile);
-    pool::pool().for_each_chunk(&mut transposed, rows_per_task * n, |task, chunk| {
-        let first = task * rows_per_task;
+    let rows_per_task = out_features.div_ceil(pool.threads()).next_multiple_of(tile);
+    let tasks = out_features.div_ceil(rows_per_task);
+    let base = pool::SendPtr(out.data.as_mut_ptr());
+    pool.for_each_task(tasks, |task| {
+        let base = &base;
+        let (start, end) = (
+            task * rows_per_task,
+            ((task + 1) * rows_per_task).min(out_features),
+        );
         let mut state = scratch();
-        for (t, dst) in chunk.chunks_mut(tile * n).enumerate() {
-            tile_dots(&mut state, first + t * tile, dst);
+        let mut dst = vec![0.0f32; tile * n];
+        for first in (start..end).step_by(tile) {
+            let count = tile.min(end - first);
+            let dst = &mut dst[..count * n];
+            tile_dots(&mut state, first, dst);
+            for (c, column) in dst.chunks_exact(n).enumerate() {
+                for (j, v) in column.iter().enumerate() {
+                    // SAFETY: element (j, first + c) is inside `out`, and each task writes only
+                    // its own columns while `out` stays mutably borrowed.
+                    unsafe { *base.0.add(j * out_features + first + c) = *v };
+                }
+            }
         }
     });
-    for (row, values) in transposed.chunks_exact(n).enumerate() {
-        for (j, v) in values.iter().enumerate() {
-            out.data[j * out_features + row] = *v;
-        }
-    }
 }
 
 /// Dot product, using the widest vectors the CPU has. The summation order depends only on

@@ -128,6 +128,12 @@ impl Pool {
         }
     }
 
+    /// Runs `f(task)` for every task in `0..tasks`, spread over the pool's threads.
+    pub fn for_each_task(&self, tasks: usize, f: impl Fn(usize) + Sync) {
+        let threads = self.threads();
+        self.broadcast(&|thread| (thread..tasks).step_by(threads).for_each(&f));
+    }
+
     /// Splits `data` into chunks of `chunk_len` and runs `f(chunk_index, chunk)` on each, in
     /// parallel.
     pub fn for_each_chunk<T: Send>(
@@ -156,8 +162,9 @@ impl Pool {
     }
 }
 
-struct SendPtr<T>(*mut T);
-// SAFETY: used only to hand disjoint sub-slices of one `&mut [T]` to pool threads.
+/// A pointer into one `&mut [T]` that pool threads write disjoint parts of.
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: used only to hand disjoint parts of one `&mut [T]` to pool threads.
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 
 /// Worker `index`'s loop: run each new section, then spin for `spin` before parking.

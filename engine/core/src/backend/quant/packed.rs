@@ -435,7 +435,7 @@ pub struct PackedLinear(pub PackedMatrix);
 impl PackedLinear {
     /// `x · Wᵀ` on the integer kernels.
     fn integer(&self, x: &Matrix, out: &mut Matrix) {
-        let quantized: Vec<QuantizedRow> = x.rows_iter().map(QuantizedRow::new).collect();
+        let quantized = super::quantize_rows(x);
         kernels::gemv_rows(
             out,
             TILE_ROWS,
@@ -564,6 +564,25 @@ mod x86 {
         first: usize,
         xs: [&QuantizedRow; N],
     ) -> [[f32; N]; R] {
+        // The layout is fixed per weight: a kernel for each keeps the inner loops free of
+        // its branches.
+        match (w.bits, w.halves) {
+            (Bits::Four, false) => dot_layout::<R, N, true, false>(w, first, xs),
+            (Bits::Four, true) => dot_layout::<R, N, true, true>(w, first, xs),
+            (Bits::Eight, false) => dot_layout::<R, N, false, false>(w, first, xs),
+            (Bits::Eight, true) => dot_layout::<R, N, false, true>(w, first, xs),
+        }
+    }
+
+    /// [`dot_avx512`] for 4-bit (`FOUR`) or 8-bit weights, with or without half-block
+    /// scales (`HALVES`).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+    #[inline]
+    unsafe fn dot_layout<const R: usize, const N: usize, const FOUR: bool, const HALVES: bool>(
+        w: &PackedMatrix,
+        first: usize,
+        xs: [&QuantizedRow; N],
+    ) -> [[f32; N]; R] {
         let blocks = w.blocks();
         let groups = blocks / GROUP;
         let mut quants = [std::ptr::null(); R];
@@ -585,8 +604,8 @@ mod x86 {
             // these target features is not inlined here, and its intrinsics became calls
             // (measured twice as slow).
             for (j, row) in rows.iter_mut().enumerate() {
-                let (a, b, negative_a, negative_b) = match w.bits {
-                    Bits::Four => {
+                let (a, b, negative_a, negative_b) = match FOUR {
+                    true => {
                         let packed = _mm512_loadu_si512(quants[j].add(64 * g).cast());
                         let high = _mm512_srli_epi16(packed, 4);
                         (
@@ -596,14 +615,14 @@ mod x86 {
                             0,
                         )
                     }
-                    Bits::Eight => {
+                    false => {
                         let a = _mm512_loadu_si512(quants[j].add(128 * g).cast());
                         let b = _mm512_loadu_si512(quants[j].add(128 * g + 64).cast());
                         let (na, nb) = (_mm512_movepi8_mask(a), _mm512_movepi8_mask(b));
                         (_mm512_abs_epi8(a), _mm512_abs_epi8(b), na, nb)
                     }
                 };
-                let (da, db) = if w.halves {
+                let (da, db) = if HALVES {
                     let at = 2 * ((first + j) * blocks + g * GROUP);
                     (load4(&w.scales, at), load4(&w.scales, at + GROUP))
                 } else {
@@ -618,15 +637,15 @@ mod x86 {
                 let xb = _mm512_loadu_si512(xq.add(64).cast());
                 let dx = spread(_mm_loadu_ps(xs[k].scales.as_ptr().add(g * GROUP)));
                 for (j, &(a, b, negative_a, negative_b, da, db)) in rows.iter().enumerate() {
-                    let (xa, xb) = match w.bits {
-                        Bits::Four => (xa, xb),
-                        Bits::Eight => (
+                    let (xa, xb) = match FOUR {
+                        true => (xa, xb),
+                        false => (
                             _mm512_mask_sub_epi8(xa, negative_a, zero, xa),
                             _mm512_mask_sub_epi8(xb, negative_b, zero, xb),
                         ),
                     };
                     let acc = &mut acc[j][k];
-                    if w.halves {
+                    if HALVES {
                         let pa = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, a, xa));
                         let pb = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, b, xb));
                         *acc = _mm512_fmadd_ps(pa, _mm512_mul_ps(da, dx), *acc);
@@ -643,10 +662,12 @@ mod x86 {
         for (j, row) in dots.iter_mut().enumerate() {
             let r = first + j;
             let offsets = offsets_avx512(w, r, xs, groups * GROUP);
+            let rest = groups * GROUP..w.blocks();
             for (k, dot) in row.iter_mut().enumerate() {
-                *dot = _mm512_reduce_add_ps(acc[j][k])
-                    + offsets[k]
-                    + w.dot_blocks(r, xs[k], groups * GROUP..w.blocks());
+                *dot = _mm512_reduce_add_ps(acc[j][k]) + offsets[k];
+                if !rest.is_empty() {
+                    *dot += w.dot_blocks(r, xs[k], rest.clone());
+                }
             }
         }
         dots
