@@ -4,8 +4,9 @@
 //!
 //! With a model directory, the weights are also read in place from its memory-mapped
 //! safetensors (layer 0's MLP and the LM head), as decode reads them.
-//! Prints, per weight dtype and shape, the time of one GEMV (decode) and one 128-row GEMM
-//! (prefill), and the weight bytes streamed per second during the GEMV.
+//! Prints, per weight dtype and shape, the time of one GEMV (decode), one 32-row product (a
+//! batched decode step) and one 128-row GEMM (prefill), and the weight bytes streamed per
+//! second during the GEMV.
 
 use std::time::Instant;
 
@@ -196,19 +197,27 @@ fn main() {
                 None => linear(x, &w),
             };
             let x1 = Matrix::from_vec(1, inp, vec![0.5; inp]);
+            let x32 = Matrix::from_vec(32, inp, vec![0.5; 32 * inp]);
             let x128 = Matrix::from_vec(128, inp, vec![0.5; 128 * inp]);
             let gemv = best_of(20, || {
                 std::hint::black_box(product(&x1));
             });
+            // 32 rows: a batched decode step of 32 sequences.
+            let batch = best_of(5, || {
+                std::hint::black_box(product(&x32));
+            });
             let gemm = best_of(3, || {
                 std::hint::black_box(product(&x128));
             });
+            let gflops = |rows: f64, t: f64| 2.0 * rows * (out * inp) as f64 / t / 1e9;
             println!(
-                "{dtype:>4} {out:>5}x{inp:<5} gemv {:>7.3} ms ({:>5.1} GB/s)  gemm128 {:>7.2} ms ({:>6.1} GFLOP/s)",
+                "{dtype:>4} {out:>5}x{inp:<5} gemv {:>7.3} ms ({:>5.1} GB/s)  x32 {:>6.2} ms ({:>6.1} GFLOP/s)  gemm128 {:>7.2} ms ({:>6.1} GFLOP/s)",
                 gemv * 1e3,
                 packed.as_ref().map_or(w.bytes(), |p| p.weight_bytes()) as f64 / gemv / 1e9,
+                batch * 1e3,
+                gflops(32.0, batch),
                 gemm * 1e3,
-                2.0 * 128.0 * (out * inp) as f64 / gemm / 1e9
+                gflops(128.0, gemm),
             );
         }
     }

@@ -32,6 +32,9 @@ pub struct QuantizedRow {
     sums: Vec<f32>,
     /// The same over each half block, in the order of [`half_index`].
     half_sums: Vec<f32>,
+    /// Each whole group's four scales, each repeated over the four lanes of products its block
+    /// fills in a 16-lane vector: what the AVX-512 kernel multiplies by, loaded as it is.
+    lane_scales: Vec<f32>,
 }
 
 /// Where the value of half `h` (0 or 1) of block `b` lives, in a row of `blocks` blocks, in an
@@ -63,6 +66,7 @@ impl QuantizedRow {
             scales: Vec::with_capacity(blocks),
             sums: Vec::with_capacity(blocks),
             half_sums: vec![0.0; 2 * blocks],
+            lane_scales: Vec::with_capacity(blocks * 4),
         };
         for (b, values) in x.chunks_exact(BLOCK).enumerate() {
             let max = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -79,6 +83,9 @@ impl QuantizedRow {
                 sums[h] = run.iter().map(|q| *q as i32).sum();
             }
             row.scales.push(scale);
+            if b < blocks / GROUP * GROUP {
+                row.lane_scales.extend([scale; 4]);
+            }
             row.sums.push(scale * (sums[0] + sums[1]) as f32);
             for (h, sum) in sums.iter().enumerate() {
                 row.half_sums[half_index(blocks, b, h)] = scale * *sum as f32;

@@ -635,7 +635,7 @@ mod x86 {
                 let xq = xs[k].quants.as_ptr().add(GROUP * BLOCK * g);
                 let xa = _mm512_loadu_si512(xq.cast());
                 let xb = _mm512_loadu_si512(xq.add(64).cast());
-                let dx = spread(_mm_loadu_ps(xs[k].scales.as_ptr().add(g * GROUP)));
+                let dx = _mm512_loadu_ps(xs[k].lane_scales.as_ptr().add(16 * g));
                 for (j, &(a, b, negative_a, negative_b, da, db)) in rows.iter().enumerate() {
                     let (xa, xb) = match FOUR {
                         true => (xa, xb),
