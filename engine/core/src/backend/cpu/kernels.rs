@@ -5,6 +5,8 @@
 //! widening the others a few rows at a time, on the row-invariant kernels of
 //! [`super::product`], split over threads by output rows.
 
+use std::ops::Range;
+
 use super::product::{product, WeightRows};
 use crate::backend::cpu::pool;
 use crate::backend::quant;
@@ -42,23 +44,32 @@ pub fn linear(x: &Matrix, w: &Weight) -> Matrix {
     out
 }
 
-/// A product split over threads by weight (output) rows, `tile` weight rows at a time:
-/// `tile_dots(state, first, dst)` writes the products of the `dst.len() / n` weight rows from
-/// `first` (`tile`, or fewer at the end) with each of the `n` activation rows into `dst`, one
-/// weight row after another; each thread has its own `state` from `scratch` and writes its
-/// columns of `out` itself.
+/// Bytes of activation rows one block of a product holds: a block stays in L2 while every
+/// weight row of a thread's share passes over it, so a long prompt's activations are not
+/// streamed from memory once per weight tile.
+pub const ROW_BLOCK_BYTES: usize = 256 * 1024;
+
+/// A product split over threads by weight (output) rows, `tile` weight rows at a time, over
+/// blocks of `row_block` activation rows: `tile_dots(state, first, rows, dst)` writes the
+/// products of the `dst.len() / rows.len()` weight rows from `first` (`tile`, or fewer at the
+/// end) with activation rows `rows` into `dst`, one weight row after another; each thread has
+/// its own `state` from `scratch` and writes its columns of `out` itself.
 pub fn gemv_rows<S>(
     out: &mut Matrix,
     tile: usize,
+    row_block: usize,
     scratch: impl Fn() -> S + Sync,
-    tile_dots: impl Fn(&mut S, usize, &mut [f32]) + Sync,
+    tile_dots: impl Fn(&mut S, usize, Range<usize>, &mut [f32]) + Sync,
 ) {
     let (n, out_features) = (out.rows, out.cols);
     let pool = pool::pool();
     // One contiguous block of rows per thread: each streams its part of the weight in order.
     let rows_per_task = out_features.div_ceil(pool.threads()).next_multiple_of(tile);
     let tasks = out_features.div_ceil(rows_per_task);
+    let row_block = row_block.clamp(1, n.max(1));
     let base = pool::SendPtr(out.data.as_mut_ptr());
+    // Weight rows per pass over a block: their results fill whole cache lines of `out`.
+    let span = 16usize.next_multiple_of(tile);
     pool.for_each_task(tasks, |task| {
         let base = &base;
         let (start, end) = (
@@ -66,16 +77,34 @@ pub fn gemv_rows<S>(
             ((task + 1) * rows_per_task).min(out_features),
         );
         let mut state = scratch();
-        let mut dst = vec![0.0f32; tile * n];
-        for first in (start..end).step_by(tile) {
-            let count = tile.min(end - first);
-            let dst = &mut dst[..count * n];
-            tile_dots(&mut state, first, dst);
-            for (c, column) in dst.chunks_exact(n).enumerate() {
-                for (j, v) in column.iter().enumerate() {
-                    // SAFETY: element (j, first + c) is inside `out`, and each task writes only
-                    // its own columns while `out` stays mutably borrowed.
-                    unsafe { *base.0.add(j * out_features + first + c) = *v };
+        let mut dst = vec![0.0f32; span * row_block];
+        let mut line = vec![0.0f32; span];
+        for block in (0..n).step_by(row_block) {
+            let rows = block..(block + row_block).min(n);
+            let m = rows.len();
+            for from in (start..end).step_by(span) {
+                let columns = span.min(end - from);
+                for first in (from..from + columns).step_by(tile) {
+                    let count = tile.min(from + columns - first);
+                    let at = (first - from) * m;
+                    tile_dots(
+                        &mut state,
+                        first,
+                        rows.clone(),
+                        &mut dst[at..at + count * m],
+                    );
+                }
+                for j in 0..m {
+                    for (c, v) in line[..columns].iter_mut().enumerate() {
+                        *v = dst[c * m + j];
+                    }
+                    // SAFETY: row `block + j`, columns `from..from + columns`, are inside
+                    // `out`, and each task writes only its own columns while `out` stays
+                    // mutably borrowed.
+                    unsafe {
+                        let to = base.0.add((block + j) * out_features + from);
+                        std::ptr::copy_nonoverlapping(line.as_ptr(), to, columns);
+                    }
                 }
             }
         }
@@ -115,7 +144,7 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 /// `LANES` independent accumulators keep two vector FMA chains in flight for the target's
 /// vector width; `FMA` selects fused multiply-add, which is only fast where the target has it.
 #[inline(always)]
-fn dot_body<const FMA: bool, const LANES: usize>(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn dot_body<const FMA: bool, const LANES: usize>(a: &[f32], b: &[f32]) -> f32 {
     let len = a.len().min(b.len());
     let (a, b) = (&a[..len], &b[..len]);
     let mut acc = [0.0f32; LANES];

@@ -9,6 +9,7 @@
 //! once the weight is in cache (prefill) and streams it once at one row (decode).
 
 use std::array::from_fn;
+use std::ops::Range;
 
 use crate::backend::tensor::Matrix;
 
@@ -29,30 +30,42 @@ pub enum WeightRows<'a> {
 pub fn product(x: &Matrix, rows: WeightRows<'_>, out: &mut Matrix) {
     let k = x.cols;
     let scratch = || vec![0.0f32; COLS * k];
-    super::kernels::gemv_rows(out, COLS, scratch, |widened, first, dst| {
-        let count = dst.len() / x.rows;
-        match &rows {
-            WeightRows::F32(w) => tile_rows(x, |c| &w[(first + c) * k..][..k], count, dst),
-            WeightRows::BF16(w) => tile_rows(x, |c| &w[(first + c) * k..][..k], count, dst),
-            WeightRows::Widened(widen) => {
-                for (c, row) in widened.chunks_exact_mut(k).take(count).enumerate() {
-                    widen(first + c, row);
+    let row_block = (super::kernels::ROW_BLOCK_BYTES / (4 * k.max(1))).next_multiple_of(ROWS);
+    super::kernels::gemv_rows(
+        out,
+        COLS,
+        row_block,
+        scratch,
+        |widened, first, block, dst| {
+            let count = dst.len() / block.len();
+            match &rows {
+                WeightRows::F32(w) => {
+                    tile_rows(x, block, |c| &w[(first + c) * k..][..k], count, dst)
                 }
-                tile_rows(x, |c| &widened[c * k..][..k], count, dst);
+                WeightRows::BF16(w) => {
+                    tile_rows(x, block, |c| &w[(first + c) * k..][..k], count, dst)
+                }
+                WeightRows::Widened(widen) => {
+                    for (c, row) in widened.chunks_exact_mut(k).take(count).enumerate() {
+                        widen(first + c, row);
+                    }
+                    tile_rows(x, block, |c| &widened[c * k..][..k], count, dst);
+                }
             }
-        }
-    });
+        },
+    );
 }
 
-/// The dot products of `count` weight rows (`row(c)`) with every row of `x`, into `dst`, one
-/// weight row after another.
+/// The dot products of `count` weight rows (`row(c)`) with rows `block` of `x`, into `dst`,
+/// one weight row after another.
 fn tile_rows<'w, T: Element + 'w>(
     x: &Matrix,
+    block: Range<usize>,
     row: impl Fn(usize) -> &'w [T],
     count: usize,
     dst: &mut [f32],
 ) {
-    let n = x.rows;
+    let n = block.len();
     // The lanes of an element start where its weight row is aligned to a whole vector; rows
     // aligned alike share a tile (all of them, unless a row's length is odd).
     let head = |c: usize| row(c).as_ptr().align_offset(T::VECTOR_BYTES).min(x.cols);
@@ -63,7 +76,7 @@ fn tile_rows<'w, T: Element + 'w>(
         let mut r = 0;
         while r < n {
             let rows = if n - r >= ROWS { ROWS } else { 1 };
-            let xs = |i: usize| x.row(r + i);
+            let xs = |i: usize| x.row(block.start + r + i);
             let ws = |c: usize| row(first + c);
             let mut results = [[0.0f32; COLS]; ROWS];
             let out = &mut results;
@@ -261,20 +274,27 @@ mod tests {
     /// bf16 weights at every alignment and widths that leave heads and tails.
     #[test]
     fn each_row_is_the_same_alone_or_with_others() {
-        for (out_features, k, offset) in [(37, 100, 0), (9, 1030, 3), (12, 64, 1), (5, 7, 2)] {
+        // 140 rows of 2048 span five blocks of activation rows.
+        let shapes = [
+            (37, 100, 0, 11),
+            (9, 1030, 3, 11),
+            (12, 64, 1, 11),
+            (5, 7, 2, 11),
+        ];
+        for (out_features, k, offset, n) in shapes.into_iter().chain([(6, 2048, 0, 140)]) {
             let storage = values(out_features * k + offset, 1);
             let halves: Vec<half::bf16> =
                 storage.iter().map(|v| half::bf16::from_f32(*v)).collect();
             let (f32s, bf16s) = (&storage[offset..], &halves[offset..]);
-            let x = Matrix::from_vec(11, k, values(11 * k, 2));
+            let x = Matrix::from_vec(n, k, values(n * k, 2));
             for bf16 in [false, true] {
                 let rows = || match bf16 {
                     false => WeightRows::F32(f32s),
                     true => WeightRows::BF16(bf16s),
                 };
-                let mut all = Matrix::zeros(11, out_features);
+                let mut all = Matrix::zeros(n, out_features);
                 product(&x, rows(), &mut all);
-                for i in 0..11 {
+                for i in 0..n {
                     let mut one = Matrix::zeros(1, out_features);
                     product(&x.rows_range(i..i + 1), rows(), &mut one);
                     assert_eq!(one.row(0), all.row(i), "row {i}, k {k}, offset {offset}");

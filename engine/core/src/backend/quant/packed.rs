@@ -436,11 +436,14 @@ impl PackedLinear {
     /// `x · Wᵀ` on the integer kernels.
     fn integer(&self, x: &Matrix, out: &mut Matrix) {
         let quantized = super::quantize_rows(x);
+        // Activation rows take about a byte an element.
+        let row_block = (kernels::ROW_BLOCK_BYTES / x.cols.max(1)).next_multiple_of(8);
         kernels::gemv_rows(
             out,
             TILE_ROWS,
+            row_block,
             || (),
-            |_, first, dst| self.0.dot_rows(first, &quantized, dst),
+            |_, first, rows, dst| self.0.dot_rows(first, &quantized[rows], dst),
         );
     }
 }
@@ -912,7 +915,7 @@ mod tests {
         // run as 3 × 8 + 4 + 1 + 1; 11 blocks per row leave 3 outside the groups of four (the
         // 32-element types; K-quant rows are whole super-blocks). Offsets (Q4_0), minimums
         // (Q4_1, Q4_K, Q2_K) and half-block scales (Q6_K, Q2_K) all take the tiled path.
-        let (rows, n) = (41, 30);
+        let rows = 41;
         for (dtype, cols) in [
             (DType::Q4_0, 11 * BLOCK),
             (DType::Q4_1, 11 * BLOCK),
@@ -926,6 +929,8 @@ mod tests {
                 DType::Q8_0 => quantize_q8_0(&values(rows * cols, 6)),
                 _ => random_blocks(dtype, rows * cols / dtype.block().0, 7),
             };
+            // 800 rows of Q4_0 span two blocks of activation rows.
+            let n = if dtype == DType::Q4_0 { 800 } else { 30 };
             let x = Matrix::from_vec(n, cols, values(n * cols, 8));
             let weight = Weight::from_bytes(bytes, dtype, vec![rows, cols]);
             let linear = PackedLinear(PackedMatrix::from_gguf(&weight).unwrap());
