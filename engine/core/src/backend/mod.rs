@@ -201,6 +201,18 @@ pub fn default_backend() -> Arc<dyn Backend> {
     Arc::new(cpu::CpuBackend)
 }
 
+/// Reproducible values in [−0.5, 0.5) for the kernels' tests (a linear congruential generator).
+#[cfg(test)]
+pub(crate) fn test_values(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+            (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::Activation;

@@ -179,22 +179,12 @@ mod tests {
         out
     }
 
-    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-                (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
-
     #[test]
     fn linear_matches_naive_for_gemv_and_gemm_in_every_dtype() {
         let (out_f, k) = (300, 1030);
-        let wf = pseudo_random(out_f * k, 1);
+        let wf = crate::backend::test_values(out_f * k, 1);
         for rows in [1, 3, 17] {
-            let x = Matrix::from_vec(rows, k, pseudo_random(rows * k, 2 + rows as u32));
+            let x = Matrix::from_vec(rows, k, crate::backend::test_values(rows * k, 2 + rows as u32));
             let expected = naive(&x, &wf, out_f);
             let f32w = Weight::from_f32(&wf, vec![out_f, k]);
             let got = linear(&x, &f32w);

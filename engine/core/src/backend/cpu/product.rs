@@ -259,16 +259,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-                (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
+    use crate::backend::test_values as values;
 
     /// Every row's results are bit-identical whichever rows share the product, for f32 and
     /// bf16 weights at every alignment and widths that leave heads and tails.

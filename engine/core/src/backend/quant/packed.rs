@@ -801,14 +801,10 @@ mod tests {
     use super::*;
     use crate::io::blocks::{dequantize, quantize_q4_0, quantize_q8_0};
 
+    /// Reproducible values in [−1, 1).
     fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-                (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
+        let halves = crate::backend::test_values(n, seed);
+        halves.iter().map(|v| 2.0 * v).collect()
     }
 
     /// A Q4_1 weight from values, by its definition (min and range per block).
