@@ -184,7 +184,11 @@ mod tests {
         let (out_f, k) = (300, 1030);
         let wf = crate::backend::test_values(out_f * k, 1);
         for rows in [1, 3, 17] {
-            let x = Matrix::from_vec(rows, k, crate::backend::test_values(rows * k, 2 + rows as u32));
+            let x = Matrix::from_vec(
+                rows,
+                k,
+                crate::backend::test_values(rows * k, 2 + rows as u32),
+            );
             let expected = naive(&x, &wf, out_f);
             let f32w = Weight::from_f32(&wf, vec![out_f, k]);
             let got = linear(&x, &f32w);

@@ -130,14 +130,19 @@ fn tile<T: Element, const R: usize, const C: usize>(
     out: &mut [[f32; COLS]; ROWS],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the feature was just detected; every row is `xs[0].len()` long.
-        return unsafe { x86::tile_avx512::<T, R, C>(xs, ws, head, out) };
+    {
+        // SAFETY (both): the features were just detected; every row is `xs[0].len()` long.
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
+            return unsafe { x86::tile_avx512::<T, R, C>(xs, ws, head, out) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return unsafe { x86::tile_avx2::<T, R, C>(xs, ws, head, out) };
+        }
     }
     tile_portable::<T, R, C>(xs, ws, head, out);
 }
 
-/// Lanes per element accumulator of the portable kernel (one AVX2 vector).
+/// Lanes per element accumulator of the portable kernel.
 const PORTABLE_LANES: usize = 8;
 
 /// The portable kernel: per element, a scalar head up to the weight's alignment, lanes of
@@ -189,6 +194,62 @@ mod x86 {
         } else {
             let halves = _mm256_maskz_loadu_epi16(mask, w.cast());
             _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16))
+        }
+    }
+
+    /// Eight weight elements widened to f32 lanes.
+    ///
+    /// # Safety
+    /// AVX2; eight elements from `w` must be inside the row.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn load_weights8<T: Element>(w: *const T) -> __m256 {
+        if size_of::<T>() == 4 {
+            _mm256_loadu_ps(w.cast())
+        } else {
+            let halves = _mm_loadu_si128(w.cast());
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16))
+        }
+    }
+
+    /// Per element: the head (up to the weight's alignment) and the tail one product at a
+    /// time, eight lanes at a time in input order between them, the lanes summed in order.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be present and every row `xs[0].len()` long.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile_avx2<T: Element, const R: usize, const C: usize>(
+        xs: [&[f32]; R],
+        ws: [&[T]; C],
+        head: usize,
+        out: &mut [[f32; COLS]; ROWS],
+    ) {
+        let len = xs[0].len();
+        let body = head + (len - head) / 8 * 8;
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        for start in (head..body).step_by(8) {
+            let mut wv = [_mm256_setzero_ps(); C];
+            for c in 0..C {
+                wv[c] = load_weights8(ws[c].as_ptr().add(start));
+            }
+            for r in 0..R {
+                let xv = _mm256_loadu_ps(xs[r].as_ptr().add(start));
+                for c in 0..C {
+                    acc[r][c] = _mm256_fmadd_ps(wv[c], xv, acc[r][c]);
+                }
+            }
+        }
+        for r in 0..R {
+            for c in 0..C {
+                let (x, w) = (xs[r], ws[c]);
+                let mut sum = 0.0f32;
+                for i in (0..head).chain(body..len) {
+                    sum = w[i].widen().mul_add(x[i], sum);
+                }
+                let mut lanes = [0.0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][c]);
+                out[r][c] = lanes.iter().fold(sum, |s, l| s + l);
+            }
         }
     }
 
@@ -296,6 +357,44 @@ mod tests {
                         };
                         let exact: f64 = (0..k).map(|j| w(j) * x.row(i)[j] as f64).sum();
                         assert!((*v as f64 - exact).abs() < 1e-4, "value");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The narrower kernels this host does not pick: a 4×4 tile gives each element what a
+    /// tile of one gives, near the exact dot product.
+    #[test]
+    fn the_avx2_and_portable_kernels_are_row_invariant_too() {
+        let k = 203;
+        let storage = values(4 * k + 3, 5);
+        let x = values(4 * k, 6);
+        let xs: [&[f32]; 4] = from_fn(|r| &x[r * k..(r + 1) * k]);
+        let ws: [&[f32]; 4] = from_fn(|c| &storage[3 + c * k..3 + (c + 1) * k]);
+        type Kernel<const R: usize, const C: usize> =
+            fn([&[f32]; R], [&[f32]; C], usize, &mut [[f32; COLS]; ROWS]);
+        let mut kernels: Vec<(Kernel<4, 4>, Kernel<1, 1>)> =
+            vec![(tile_portable::<f32, 4, 4>, tile_portable::<f32, 1, 1>)];
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected; the rows are `k` long.
+            kernels.push((
+                |x, w, h, o| unsafe { x86::tile_avx2::<f32, 4, 4>(x, w, h, o) },
+                |x, w, h, o| unsafe { x86::tile_avx2::<f32, 1, 1>(x, w, h, o) },
+            ));
+        }
+        for (tiled, single) in kernels {
+            for head in [0, 5] {
+                let mut all = [[0.0; COLS]; ROWS];
+                tiled(xs, ws, head, &mut all);
+                for r in 0..4 {
+                    for c in 0..4 {
+                        let mut one = [[0.0; COLS]; ROWS];
+                        single([xs[r]], [ws[c]], head, &mut one);
+                        assert_eq!(one[0][0], all[r][c], "head {head}");
+                        let exact: f64 = (0..k).map(|i| xs[r][i] as f64 * ws[c][i] as f64).sum();
+                        assert!((all[r][c] as f64 - exact).abs() < 1e-4);
                     }
                 }
             }
