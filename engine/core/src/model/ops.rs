@@ -78,6 +78,16 @@ pub trait Quantization: Send + Sync {
     /// The linear layer `name` (its `.weight` name) of shape `[out, in]`, for checkpoints that
     /// store it in tensors of their own (AutoAWQ's and GPTQ's `qweight`, `qzeros`, `scales`);
     /// `None` where the checkpoint holds a plain weight under `name`.
+    /// One linear layer over the rows of `weights` stacked, in order (q, k and v; gate and
+    /// up), when the scheme packs them all alike; `None` keeps them apart.
+    fn stacked_linear(
+        &self,
+        _backend: &dyn Backend,
+        _weights: Vec<Weight>,
+    ) -> anyhow::Result<Option<Box<dyn Linear>>> {
+        Ok(None)
+    }
+
     fn stored_linear(
         &self,
         _backend: &dyn Backend,
@@ -284,6 +294,31 @@ impl BuildContext<'_> {
             self.weight(name, &[out, inp])?
         };
         self.linear_over(name, weight)
+    }
+
+    /// One linear layer over the weights `names` (each `[outs[i], inp]`) stacked by rows, when
+    /// the quantization scheme can stack them; `None` where they stay apart.
+    pub fn stacked_linear(
+        &self,
+        names: &[&str],
+        outs: &[usize],
+        inp: usize,
+    ) -> anyhow::Result<Option<Box<dyn Linear>>> {
+        let Some(scheme) = self.quantization else {
+            return Ok(None);
+        };
+        let mut weights = Vec::with_capacity(names.len());
+        for (name, &out) in names.iter().zip(outs) {
+            if scheme
+                .stored_linear(self.backend.as_ref(), self.weights, name, out, inp)?
+                .is_some()
+                || self.config.layout.transposed
+            {
+                return Ok(None);
+            }
+            weights.push(self.weight(name, &[out, inp])?);
+        }
+        scheme.stacked_linear(self.backend.as_ref(), weights)
     }
 
     /// The linear layer over a weight already read (`name` is its checkpoint name).

@@ -50,11 +50,16 @@ impl GatedFfn {
         act: Activation,
     ) -> anyhow::Result<Self> {
         let hidden = cx.config.hidden_size;
-        Ok(Self {
-            gate_up: GateUp::Separate(
+        let gate_up = match cx.stacked_linear(&[gate, up], &[width, width], hidden)? {
+            // One product gives both halves.
+            Some(both) => GateUp::Fused(both),
+            None => GateUp::Separate(
                 cx.linear(gate, width, hidden)?,
                 cx.linear(up, width, hidden)?,
             ),
+        };
+        Ok(Self {
+            gate_up,
             down: cx.linear(down, hidden, width)?,
             act,
             backend: cx.backend.clone(),

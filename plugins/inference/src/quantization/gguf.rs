@@ -49,4 +49,17 @@ impl Quantization for Gguf {
             None => backend.linear(LinearWeight::Dense(weight)),
         })
     }
+
+    /// Quantized matrices of one layout stack into one packed product.
+    fn stacked_linear(
+        &self,
+        backend: &dyn Backend,
+        weights: Vec<Weight>,
+    ) -> anyhow::Result<Option<Box<dyn Linear>>> {
+        let packed: Option<Vec<PackedMatrix>> =
+            weights.iter().map(PackedMatrix::from_gguf).collect();
+        Ok(packed
+            .and_then(PackedMatrix::stack)
+            .map(|stacked| backend.linear(LinearWeight::Packed(stacked))))
+    }
 }

@@ -203,6 +203,68 @@ impl PackedMatrix {
         self
     }
 
+    /// The rows of `parts` one after another (q, k and v; gate and up), so one product serves
+    /// them all: one quantization of the activations and one parallel section, and each
+    /// element computed as in its own matrix. `None` when the parts are not packed alike.
+    pub fn stack(parts: Vec<PackedMatrix>) -> Option<Self> {
+        let first = parts.first()?;
+        let numbers_alike = |a: &Numbers, b: &Numbers| {
+            matches!(
+                (a, b),
+                (Numbers::Half(_), Numbers::Half(_)) | (Numbers::Full(_), Numbers::Full(_))
+            )
+        };
+        let alike = parts.iter().all(|p| {
+            p.bits == first.bits
+                && p.cols == first.cols
+                && p.halves == first.halves
+                && p.offset == first.offset
+                && numbers_alike(&p.scales, &first.scales)
+                && match (&p.mins, &first.mins) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => numbers_alike(a, b),
+                    _ => false,
+                }
+        });
+        if !alike {
+            return None;
+        }
+        let concat = |all: Vec<&Numbers>| match all[0] {
+            Numbers::Half(_) => Numbers::Half(
+                all.iter()
+                    .flat_map(|n| match n {
+                        Numbers::Half(v) => v.clone(),
+                        Numbers::Full(_) => unreachable!("checked alike"),
+                    })
+                    .collect(),
+            ),
+            Numbers::Full(_) => Numbers::Full(
+                all.iter()
+                    .flat_map(|n| match n {
+                        Numbers::Full(v) => v.clone(),
+                        Numbers::Half(_) => unreachable!("checked alike"),
+                    })
+                    .collect(),
+            ),
+        };
+        Some(Self {
+            bits: first.bits,
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: first.cols,
+            quants: parts
+                .iter()
+                .flat_map(|p| p.quants.iter().copied())
+                .collect(),
+            scales: concat(parts.iter().map(|p| &p.scales).collect()),
+            halves: first.halves,
+            mins: first
+                .mins
+                .as_ref()
+                .map(|_| concat(parts.iter().filter_map(|p| p.mins.as_ref()).collect())),
+            offset: first.offset,
+        })
+    }
+
     /// A matrix with zeroed quants, whose scales and minimums the constructor fills in.
     fn empty(bits: Bits, rows: usize, cols: usize, halves: bool, offset: f32) -> Self {
         Self {
@@ -903,6 +965,27 @@ mod tests {
         for dtype in [DType::Q2K, DType::Q3K, DType::Q4K, DType::Q5K, DType::Q6K] {
             check_packed(dtype, random_blocks(dtype, rows * cols / 256, 21), rows, &x);
         }
+    }
+
+    #[test]
+    fn stacked_matrices_give_each_part_its_own_products() {
+        let cols = 8 * BLOCK;
+        let part = |rows: usize, seed| {
+            let bytes = quantize_q4_0(&values(rows * cols, seed));
+            PackedMatrix::from_gguf(&Weight::from_bytes(bytes, DType::Q4_0, vec![rows, cols]))
+                .unwrap()
+        };
+        let x = Matrix::from_vec(5, cols, values(5 * cols, 9));
+        let (gate, up) = (PackedLinear(part(7, 1)), PackedLinear(part(3, 2)));
+        let both = PackedLinear(PackedMatrix::stack(vec![part(7, 1), part(3, 2)]).unwrap());
+        let (g, u, b) = (gate.forward(&x), up.forward(&x), both.forward(&x));
+        for r in 0..5 {
+            assert_eq!(&b.row(r)[..7], g.row(r));
+            assert_eq!(&b.row(r)[7..], u.row(r));
+        }
+        let q8 = quantize_q8_0(&values(2 * cols, 3));
+        let eight = PackedMatrix::from_gguf(&Weight::from_bytes(q8, DType::Q8_0, vec![2, cols]));
+        assert!(PackedMatrix::stack(vec![part(2, 4), eight.unwrap()]).is_none());
     }
 
     #[test]
