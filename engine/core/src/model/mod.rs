@@ -45,6 +45,8 @@ enum LayerAttention {
     Projected {
         /// One projection per entry: q, k, v separately, or one fused.
         qkv: Vec<Projection>,
+        /// How a single projection's output holds q, k and v.
+        split: QkvLayout,
         qk_norm: Option<(Box<dyn Norm>, Box<dyn Norm>)>,
         o_proj: Projection,
     },
@@ -244,11 +246,27 @@ impl Model {
                 }
                 None => LayerAttention::Projected {
                     qkv: match layout.qkv {
-                        QkvLayout::Separate => vec![
-                            projection(&format!("{a}.q_proj"), q_dim, hidden, qkv_bias)?,
-                            projection(&format!("{a}.k_proj"), kv_dim, hidden, qkv_bias)?,
-                            projection(&format!("{a}.v_proj"), kv_dim, hidden, qkv_bias)?,
-                        ],
+                        QkvLayout::Separate => {
+                            let [q, k, v] =
+                                ["q_proj", "k_proj", "v_proj"].map(|n| format!("{a}.{n}.weight"));
+                            // Unbiased q, k and v packed alike run as one product.
+                            let stacked = match qkv_bias {
+                                true => None,
+                                false => cx.stacked_linear(
+                                    &[&q, &k, &v],
+                                    &[q_dim, kv_dim, kv_dim],
+                                    hidden,
+                                )?,
+                            };
+                            match stacked {
+                                Some(linear) => vec![Projection { linear, bias: None }],
+                                None => vec![
+                                    projection(&format!("{a}.q_proj"), q_dim, hidden, qkv_bias)?,
+                                    projection(&format!("{a}.k_proj"), kv_dim, hidden, qkv_bias)?,
+                                    projection(&format!("{a}.v_proj"), kv_dim, hidden, qkv_bias)?,
+                                ],
+                            }
+                        }
                         QkvLayout::Fused(name) | QkvLayout::Concat(name) => {
                             vec![projection(
                                 &format!("{a}.{name}"),
@@ -257,6 +275,10 @@ impl Model {
                                 qkv_bias,
                             )?]
                         }
+                    },
+                    split: match layout.qkv {
+                        QkvLayout::Separate => QkvLayout::Concat("q_proj, k_proj, v_proj"),
+                        fused => fused,
                     },
                     qk_norm,
                     o_proj: projection(&format!("{a}.{}", layout.o_proj), hidden, q_dim, o_bias)?,
@@ -422,12 +444,13 @@ impl Model {
                 }
                 LayerAttention::Projected {
                     qkv,
+                    split,
                     qk_norm,
                     o_proj,
                 } => {
                     let (mut q, mut k, v) = match qkv.as_slice() {
                         [q, k, v] => (q.forward(h), k.forward(h), v.forward(h)),
-                        [fused] => split_qkv(&fused.forward(h), cfg),
+                        [fused] => split_qkv(&fused.forward(h), cfg, *split),
                         _ => unreachable!("built with one or three projections"),
                     };
                     if let Some((q_norm, k_norm)) = qk_norm {
@@ -533,13 +556,14 @@ pub struct BatchEntry<'a> {
     pub logits: Wanted,
 }
 
-/// Splits a fused q/k/v projection output (see [`QkvLayout`]) into its parts.
-fn split_qkv(fused: &Matrix, cfg: &ModelConfig) -> (Matrix, Matrix, Matrix) {
+/// Splits a fused q/k/v projection output laid out as `split` says (see [`QkvLayout`]; q, k
+/// and v stacked by rows are `Concat`) into its parts.
+fn split_qkv(fused: &Matrix, cfg: &ModelConfig, split: QkvLayout) -> (Matrix, Matrix, Matrix) {
     let (hd, n) = (cfg.head_dim, fused.rows);
     let mut q = Matrix::zeros(n, cfg.q_dim());
     let mut k = Matrix::zeros(n, cfg.kv_dim());
     let mut v = Matrix::zeros(n, cfg.kv_dim());
-    if let QkvLayout::Concat(_) = cfg.layout.qkv {
+    if let QkvLayout::Concat(_) = split {
         let (qd, kd) = (cfg.q_dim(), cfg.kv_dim());
         for r in 0..n {
             let row = fused.row(r);
