@@ -45,8 +45,6 @@ enum LayerAttention {
     Projected {
         /// One projection per entry: q, k, v separately, or one fused.
         qkv: Vec<Projection>,
-        /// How a single projection's output holds q, k and v.
-        split: QkvLayout,
         qk_norm: Option<(Box<dyn Norm>, Box<dyn Norm>)>,
         o_proj: Projection,
     },
@@ -276,10 +274,6 @@ impl Model {
                             )?]
                         }
                     },
-                    split: match layout.qkv {
-                        QkvLayout::Separate => QkvLayout::Concat("q_proj, k_proj, v_proj"),
-                        fused => fused,
-                    },
                     qk_norm,
                     o_proj: projection(&format!("{a}.{}", layout.o_proj), hidden, q_dim, o_bias)?,
                 },
@@ -444,13 +438,12 @@ impl Model {
                 }
                 LayerAttention::Projected {
                     qkv,
-                    split,
                     qk_norm,
                     o_proj,
                 } => {
                     let (mut q, mut k, v) = match qkv.as_slice() {
                         [q, k, v] => (q.forward(h), k.forward(h), v.forward(h)),
-                        [fused] => split_qkv(&fused.forward(h), cfg, *split),
+                        [fused] => split_qkv(&fused.forward(h), cfg),
                         _ => unreachable!("built with one or three projections"),
                     };
                     if let Some((q_norm, k_norm)) = qk_norm {
@@ -556,14 +549,15 @@ pub struct BatchEntry<'a> {
     pub logits: Wanted,
 }
 
-/// Splits a fused q/k/v projection output laid out as `split` says (see [`QkvLayout`]; q, k
-/// and v stacked by rows are `Concat`) into its parts.
-fn split_qkv(fused: &Matrix, cfg: &ModelConfig, split: QkvLayout) -> (Matrix, Matrix, Matrix) {
+/// Splits one q/k/v projection's output into its parts: interleaved per key/value head for
+/// [`QkvLayout::Fused`], else q, k and v side by side ([`QkvLayout::Concat`], or separate
+/// projections stacked into one product).
+fn split_qkv(fused: &Matrix, cfg: &ModelConfig) -> (Matrix, Matrix, Matrix) {
     let (hd, n) = (cfg.head_dim, fused.rows);
     let mut q = Matrix::zeros(n, cfg.q_dim());
     let mut k = Matrix::zeros(n, cfg.kv_dim());
     let mut v = Matrix::zeros(n, cfg.kv_dim());
-    if let QkvLayout::Concat(_) = split {
+    if !matches!(cfg.layout.qkv, QkvLayout::Fused(_)) {
         let (qd, kd) = (cfg.q_dim(), cfg.kv_dim());
         for r in 0..n {
             let row = fused.row(r);

@@ -307,17 +307,16 @@ impl BuildContext<'_> {
         let Some(scheme) = self.quantization else {
             return Ok(None);
         };
-        let mut weights = Vec::with_capacity(names.len());
-        for (name, &out) in names.iter().zip(outs) {
-            if scheme
-                .stored_linear(self.backend.as_ref(), self.weights, name, out, inp)?
-                .is_some()
-                || self.config.layout.transposed
-            {
-                return Ok(None);
-            }
-            weights.push(self.weight(name, &[out, inp])?);
+        // Only plain `[out, in]` tensors stack: a layer stored in tensors of its own (AWQ's
+        // `qweight`) has none under its name, and is not read here to find that out.
+        if self.config.layout.transposed || !names.iter().all(|n| self.weights.contains(n)) {
+            return Ok(None);
         }
+        let weights = names
+            .iter()
+            .zip(outs)
+            .map(|(name, &out)| self.weight(name, &[out, inp]))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         scheme.stacked_linear(self.backend.as_ref(), weights)
     }
 

@@ -346,6 +346,14 @@ fn run_check(
     };
     let load =
         |fixture: &str, plugins: &[String]| load_configured(fixture, plugins, &BTreeMap::new());
+    // A property of the model on the fixture's prompt: the logits `pair` computes two ways.
+    type Pair = fn(&Engine, &[u32]) -> anyhow::Result<(Vec<f32>, Vec<f32>)>;
+    let property = |fixture: &str, plugins: &[String], configs, max_abs_err, pair: Pair| {
+        let reference = Reference::load(&root.join(fixture))?;
+        let engine = load_configured(fixture, plugins, configs)?;
+        let (got, expected) = pair(&engine, &reference.prompt_ids)?;
+        anyhow::Ok(compare(&got, &expected, max_abs_err))
+    };
     match check {
         Check::ReferenceLogits {
             fixture,
@@ -401,35 +409,28 @@ fn run_check(
             plugins,
             max_abs_err,
             configs,
-        } => {
-            let reference = Reference::load(&root.join(fixture))?;
-            let engine = load_configured(fixture, plugins, configs)?;
-            let full = full_logits(&engine, &reference.prompt_ids)?;
-            let stepped = stepped_logits(&engine, &reference.prompt_ids)?;
-            Ok(compare(&stepped, &full.data, *max_abs_err))
-        }
+        } => property(fixture, plugins, configs, *max_abs_err, |engine, prompt| {
+            Ok((
+                stepped_logits(engine, prompt)?,
+                full_logits(engine, prompt)?.data,
+            ))
+        }),
         Check::BatchEqualsSingle {
             fixture,
             plugins,
             max_abs_err,
             configs,
-        } => {
-            let reference = Reference::load(&root.join(fixture))?;
-            let engine = load_configured(fixture, plugins, configs)?;
-            let (batched, alone) = batch_and_alone(&engine.model, &reference.prompt_ids)?;
-            Ok(compare(&batched, &alone, *max_abs_err))
-        }
+        } => property(fixture, plugins, configs, *max_abs_err, |engine, prompt| {
+            batch_and_alone(&engine.model, prompt)
+        }),
         Check::RollbackAndFork {
             fixture,
             plugins,
             max_abs_err,
             configs,
-        } => {
-            let reference = Reference::load(&root.join(fixture))?;
-            let engine = load_configured(fixture, plugins, configs)?;
-            let (got, straight) = rollback_and_fork(&engine.model, &reference.prompt_ids)?;
-            Ok(compare(&got, &straight, *max_abs_err))
-        }
+        } => property(fixture, plugins, configs, *max_abs_err, |engine, prompt| {
+            rollback_and_fork(&engine.model, prompt)
+        }),
         Check::PrefixHitEqualsMiss {
             fixture,
             plugins,

@@ -21,23 +21,17 @@ pub fn linear(x: &Matrix, w: &Weight) -> Matrix {
         "linear: input width does not match weight"
     );
     let mut out = Matrix::zeros(x.rows, out_features);
-    let rows = match w.data() {
-        WeightData::F32(data) => WeightRows::F32(data),
-        WeightData::BF16(data) => WeightRows::BF16(data),
-        WeightData::F16(_) | WeightData::Blocks(_) => {
+    let widen = |r: usize, row: &mut [f32]| w.row_to_f32(r, row);
+    let rounded;
+    let (x, rows) = match w.data() {
+        WeightData::F32(data) => (x, WeightRows::F32(data)),
+        WeightData::BF16(data) => (x, WeightRows::BF16(data)),
+        WeightData::F16(_) => (x, WeightRows::Widened(&widen)),
+        WeightData::Blocks(_) => {
             // As in the packed kernels, quantized weights see activations rounded to int8 per
             // block.
-            let x = if w.dtype.is_quantized() {
-                &quant::round_activations(x)
-            } else {
-                x
-            };
-            product(
-                x,
-                WeightRows::Widened(&|r, row| w.row_to_f32(r, row)),
-                &mut out,
-            );
-            return out;
+            rounded = quant::round_activations(x);
+            (&rounded, WeightRows::Widened(&widen))
         }
     };
     product(x, rows, &mut out);
