@@ -13,6 +13,8 @@ pub fn plugins() -> Vec<Box<dyn Plugin>> {
         Box::new(kv_cache::contiguous::ContiguousKvCache),
         Box::new(kv_cache::paged::PagedKv),
         Box::new(kv_cache::prefix_cache::PrefixCache),
+        Box::new(kv_cache::int8::KvInt8),
+        Box::new(kv_cache::fp8::KvFp8),
         Box::new(quantization::gguf::Gguf),
         Box::new(quantization::int8::Int8),
         Box::new(quantization::q4::Q4),

@@ -7,6 +7,7 @@
 //! device backend moves them at each operation until device-resident activations exist.
 
 pub mod cpu;
+pub mod kv;
 pub mod math;
 pub mod quant;
 pub mod tensor;
@@ -14,6 +15,7 @@ pub mod tensor;
 use std::sync::Arc;
 
 use crate::io::weights::Weight;
+use kv::{KvChunk, KvDtype};
 use quant::packed::PackedMatrix;
 use tensor::Matrix;
 
@@ -36,11 +38,13 @@ pub struct AttendOptions<'a> {
 }
 
 /// The keys and values of one layer as a list of chunks, each holding whole tokens of
-/// `kv_heads·head_dim` floats: one chunk for a contiguous cache, one per block for a paged one.
+/// `kv_heads·head_dim` elements: one chunk for a contiguous cache, one per block for a paged
+/// one. Every chunk holds `dtype`.
 pub struct KvView<'a> {
-    pub keys: Vec<&'a [f32]>,
-    pub values: Vec<&'a [f32]>,
+    pub keys: Vec<KvChunk<'a>>,
+    pub values: Vec<KvChunk<'a>>,
     pub tokens: usize,
+    pub dtype: KvDtype,
 }
 
 /// The operations of the vocabulary, for [`Backend::supports`].

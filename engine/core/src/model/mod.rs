@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 
+use crate::backend::kv::KvDtype;
 use crate::backend::tensor::Matrix;
 use crate::backend::Backend;
 use crate::config::{ModelConfig, NormSite, QkNormScope, QkvLayout};
@@ -174,19 +175,24 @@ impl Model {
                         layer: 0,
                         quantization: None,
                         backend: &backend,
+                        kv_dtype: KvDtype::F32,
                     },
                     "",
                     0,
                 )
             })
             .transpose()?;
-        let cx = BuildContext {
+        let mut cx = BuildContext {
             config: &config,
             weights,
             layer: 0,
             quantization: quantization.as_deref(),
             backend: &backend,
+            kv_dtype: KvDtype::F32,
         };
+        if let Some(kv_quant) = operator!(chosen, KvQuant) {
+            cx.kv_dtype = kv_quant.build(&cx, "", 0)?.dtype();
+        }
         let required = "checked by choose";
         let kernel = operator!(chosen, Attention);
         let block = operator!(chosen, AttentionBlock);

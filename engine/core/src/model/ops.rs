@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use bevy_ecs::prelude::Resource;
 
+use crate::backend::kv::KvDtype;
 use crate::backend::tensor::Matrix;
 pub use crate::backend::{AttendOptions, KvView, Linear};
 use crate::backend::{Backend, LinearWeight};
@@ -27,10 +28,11 @@ pub enum Slot {
     Softcap,
     Nope,
     Quantization,
+    KvQuant,
 }
 
 impl Slot {
-    pub const ALL: [Slot; 12] = [
+    pub const ALL: [Slot; 13] = [
         Slot::Attention,
         Slot::Position,
         Slot::Norm,
@@ -43,6 +45,7 @@ impl Slot {
         Slot::Softcap,
         Slot::Nope,
         Slot::Quantization,
+        Slot::KvQuant,
     ];
 
     /// The registry's `provides` name of this slot.
@@ -60,6 +63,7 @@ impl Slot {
             Slot::Softcap => "softcap",
             Slot::Nope => "nope",
             Slot::Quantization => "quantization",
+            Slot::KvQuant => "kv-quant",
         }
     }
 }
@@ -199,6 +203,11 @@ pub trait KvCache: Send + Sync {
     }
 }
 
+/// How a KV cache stores its elements: a KV-quantization scheme.
+pub trait KvQuant: Send + Sync {
+    fn dtype(&self) -> KvDtype;
+}
+
 /// How full a bounded KV pool is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct KvUsage {
@@ -268,6 +277,8 @@ pub struct BuildContext<'a> {
     pub quantization: Option<&'a dyn Quantization>,
     /// The backend the model runs on: operators keep it, and upload their weights to it.
     pub backend: &'a Arc<dyn Backend>,
+    /// How the KV cache stores keys and values (a KV-quantization plugin's choice).
+    pub kv_dtype: KvDtype,
 }
 
 impl BuildContext<'_> {
@@ -358,6 +369,7 @@ pub enum Operator {
     Softcap(Arc<dyn Factory<dyn Softcap>>),
     Nope(Arc<dyn Factory<dyn NoPosition>>),
     Quantization(Arc<dyn Factory<dyn Quantization>>),
+    KvQuant(Arc<dyn Factory<dyn KvQuant>>),
 }
 
 impl Operator {
@@ -375,6 +387,7 @@ impl Operator {
             Operator::QkvBias(_) => Slot::QkvBias,
             Operator::QkNorm(_) => Slot::QkNorm,
             Operator::AttentionWindow(_) => Slot::AttentionWindow,
+            Operator::KvQuant(_) => Slot::KvQuant,
         }
     }
 
@@ -393,6 +406,7 @@ impl Operator {
             Operator::QkvBias(f) => f.check(config),
             Operator::QkNorm(f) => f.check(config),
             Operator::AttentionWindow(f) => f.check(config),
+            Operator::KvQuant(f) => f.check(config),
         }
     }
 }

@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 
+use vibee_core::backend::kv::KvShape;
 use vibee_core::backend::math::{axpy, dot, softmax};
 use vibee_core::backend::Backend;
 use vibee_core::config::{MlaConfig, ModelConfig, RopeScaling};
@@ -165,6 +166,17 @@ impl AttentionBlock for LatentAttention {
         }
         kv.append(layer, &cached, &Matrix::zeros(n, 0));
         let view = kv.view(layer);
+        // One latent group per token: a quantized cache is widened once, not once per head.
+        let latents: Vec<_> = view
+            .keys
+            .iter()
+            .map(|chunk| {
+                chunk.to_f32(KvShape {
+                    heads: 1,
+                    head_dim: rank + rope,
+                })
+            })
+            .collect();
         let mut out = Matrix::zeros(n, heads * v_dim);
         let absorbed = |index: usize, out_head: &mut [f32]| {
             let (row, head) = (index / heads, index % heads);
@@ -176,8 +188,7 @@ impl AttentionBlock for LatentAttention {
                 axpy(*qv, w_row, &mut q_latent);
             }
             let visible = (positions[row] + 1).min(view.tokens);
-            let tokens = view
-                .keys
+            let tokens = latents
                 .iter()
                 .flat_map(|chunk| chunk.chunks_exact(rank + rope))
                 .take(visible);

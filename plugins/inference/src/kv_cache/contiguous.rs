@@ -1,5 +1,6 @@
 //! v2300 `kv-cache`: one contiguous, growing buffer of keys and one of values per layer.
 
+use vibee_core::backend::kv::{KvDtype, KvShape, KvStore};
 use vibee_core::config::ModelConfig;
 use vibee_core::model::ops::{BuildContext, Factory, KvCache, KvView, SequenceKv};
 use vibee_core::Matrix;
@@ -15,34 +16,41 @@ impl Factory<dyn KvCache> for ContiguousKvCache {
 
     fn build(
         &self,
-        _cx: &BuildContext<'_>,
+        cx: &BuildContext<'_>,
         _prefix: &str,
         _dim: usize,
     ) -> anyhow::Result<Box<dyn KvCache>> {
-        Ok(Box::new(ContiguousKvCache))
+        Ok(Box::new(ContiguousCache { dtype: cx.kv_dtype }))
     }
 }
 
-impl KvCache for ContiguousKvCache {
+struct ContiguousCache {
+    dtype: KvDtype,
+}
+
+impl KvCache for ContiguousCache {
     fn new_sequence(&self, config: &ModelConfig) -> Box<dyn SequenceKv> {
+        let shape = KvShape::of(config);
+        let store = KvStore::new(self.dtype, shape, 0);
         Box::new(ContiguousSequence {
-            kv_dim: config.kv_dim(),
-            layers: vec![(Vec::new(), Vec::new()); config.num_layers],
+            dtype: self.dtype,
+            layers: vec![(store.clone(), store); config.num_layers],
         })
     }
 }
 
+/// Each layer's keys and values; latent attention leaves the values empty.
 #[derive(Clone)]
 struct ContiguousSequence {
-    kv_dim: usize,
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    dtype: KvDtype,
+    layers: Vec<(KvStore, KvStore)>,
 }
 
 impl SequenceKv for ContiguousSequence {
     fn truncate(&mut self, tokens: usize) {
         for (k, v) in &mut self.layers {
-            k.truncate(tokens * self.kv_dim);
-            v.truncate(tokens * self.kv_dim);
+            k.resize(k.tokens().min(tokens));
+            v.resize(v.tokens().min(tokens));
         }
     }
 
@@ -51,22 +59,30 @@ impl SequenceKv for ContiguousSequence {
     }
 
     fn len(&self, layer: usize) -> usize {
-        self.layers[layer].0.len() / self.kv_dim
+        self.layers[layer].0.tokens()
     }
 
     fn append(&mut self, layer: usize, keys: &Matrix, values: &Matrix) {
-        debug_assert!(keys.cols == self.kv_dim && (values.cols == self.kv_dim || values.cols == 0));
         let (k, v) = &mut self.layers[layer];
-        k.extend_from_slice(&keys.data);
-        v.extend_from_slice(&values.data);
+        for (store, rows) in [(k, keys), (v, values)] {
+            if rows.cols == 0 {
+                continue;
+            }
+            let at = store.tokens();
+            store.resize(at + rows.rows);
+            for r in 0..rows.rows {
+                store.write(at + r, rows.row(r));
+            }
+        }
     }
 
     fn view(&self, layer: usize) -> KvView<'_> {
         let (k, v) = &self.layers[layer];
         KvView {
-            keys: vec![k.as_slice()],
-            values: vec![v.as_slice()],
-            tokens: k.len() / self.kv_dim,
+            keys: vec![k.chunk(0..k.tokens())],
+            values: vec![v.chunk(0..v.tokens())],
+            tokens: k.tokens(),
+            dtype: self.dtype,
         }
     }
 }

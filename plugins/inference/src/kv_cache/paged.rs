@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{bail, Context};
+use vibee_core::backend::kv::{KvChunk, KvDtype, KvShape, KvStore};
 use vibee_core::config::ModelConfig;
 use vibee_core::model::ops::{
     BuildContext, Factory, KvCache, KvFull, KvUsage, KvView, Operator, SequenceKv,
@@ -118,13 +119,17 @@ impl Factory<dyn KvCache> for PagedLayout {
         let config = cx.config;
         // Latent attention caches one latent per token, no values.
         let values = config.mla.is_none();
-        let floats = self.block * config.num_layers * config.kv_dim() * if values { 2 } else { 1 };
+        let shape = KvShape::of(config);
+        let block_bytes = self.block
+            * config.num_layers
+            * cx.kv_dtype.token_bytes(shape)
+            * if values { 2 } else { 1 };
         let capacity = match self.size {
             PoolSize::Blocks(n) => n,
-            PoolSize::Gigabytes(gb) => (gb * 1e9 / (floats * 4) as f64) as usize,
+            PoolSize::Gigabytes(gb) => (gb * 1e9 / block_bytes as f64) as usize,
         };
         // In f64: a hostile block count must not overflow the product.
-        let bytes = capacity as f64 * floats as f64 * 4.0;
+        let bytes = capacity as f64 * block_bytes as f64;
         if let Some(total) = machine_memory() {
             if bytes > total as f64 {
                 bail!(
@@ -136,19 +141,21 @@ impl Factory<dyn KvCache> for PagedLayout {
         }
         if capacity == 0 {
             bail!(
-                "paged-kv: the pool holds no block of {} tokens ({floats} floats each)",
+                "paged-kv: the pool holds no block of {} tokens ({block_bytes} bytes each)",
                 self.block
             );
         }
         Ok(Box::new(PagedCache {
             pool: Arc::new(Pool {
                 block: self.block,
-                floats,
+                layers: config.num_layers,
+                dtype: cx.kv_dtype,
+                shape,
+                values,
                 capacity,
                 prefix_cache: self.prefix_cache,
                 free: Mutex::new(Free::default()),
             }),
-            values,
         }))
     }
 }
@@ -161,14 +168,21 @@ fn machine_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// A block of every layer's keys and values for its tokens; shared (read-only) once full and
-/// cached.
-type Block = Arc<Box<[f32]>>;
+/// Every layer's keys (and values) for a block's tokens: layer `l`'s token `t` is slot
+/// `l · block + t` of each store.
+#[derive(Clone)]
+struct Slots {
+    keys: KvStore,
+    values: KvStore,
+}
+
+/// A block, shared (read-only) once full and cached.
+type Block = Arc<Slots>;
 
 #[derive(Default)]
 struct Free {
     /// Blocks given back, kept for the next sequence.
-    blocks: Vec<Box<[f32]>>,
+    blocks: Vec<Slots>,
     /// Blocks held by a sequence or the prefix cache.
     in_use: usize,
     peak: usize,
@@ -208,13 +222,25 @@ impl Free {
 /// The blocks every sequence draws from.
 struct Pool {
     block: usize,
-    floats: usize,
+    layers: usize,
+    dtype: KvDtype,
+    shape: KvShape,
+    /// Whether blocks hold values (latent attention caches keys only).
+    values: bool,
     capacity: usize,
     prefix_cache: bool,
     free: Mutex<Free>,
 }
 
 impl Pool {
+    fn fresh(&self) -> Block {
+        let slots = self.layers * self.block;
+        Arc::new(Slots {
+            keys: KvStore::new(self.dtype, self.shape, slots),
+            values: KvStore::new(self.dtype, self.shape, if self.values { slots } else { 0 }),
+        })
+    }
+
     fn free(&self) -> std::sync::MutexGuard<'_, Free> {
         // A panic elsewhere cannot leave the counts half-updated: each update is one statement.
         self.free.lock().unwrap_or_else(PoisonError::into_inner)
@@ -246,7 +272,7 @@ impl Pool {
         let at = free.blocks.len() - reused;
         let mut blocks: Vec<Block> = free.blocks.drain(at..).map(Arc::new).collect();
         drop(free);
-        blocks.extend((reused..count).map(|_| Arc::new(vec![0.0; self.floats].into_boxed_slice())));
+        blocks.extend((reused..count).map(|_| self.fresh()));
         Ok(blocks)
     }
 
@@ -274,7 +300,6 @@ fn chain<T: std::hash::Hash>(previous: u64, items: &[T]) -> u64 {
 
 struct PagedCache {
     pool: Arc<Pool>,
-    values: bool,
 }
 
 impl KvCache for PagedCache {
@@ -283,8 +308,6 @@ impl KvCache for PagedCache {
             pool: self.pool.clone(),
             blocks: Vec::new(),
             lens: vec![0; config.num_layers],
-            kv_dim: config.kv_dim(),
-            values: self.values,
             tokens: Vec::new(),
             hashes: Vec::new(),
             salt: 0,
@@ -302,15 +325,12 @@ impl KvCache for PagedCache {
     }
 }
 
-/// A block's floats: every layer's keys (`block` tokens each), then every layer's values.
 /// A clone (a fork) shares every block.
 #[derive(Clone)]
 struct PagedSequence {
     pool: Arc<Pool>,
     blocks: Vec<Block>,
     lens: Vec<usize>,
-    kv_dim: usize,
-    values: bool,
     /// The tokens reserved so far (with a prefix cache: the keys of its full blocks).
     tokens: Vec<u32>,
     /// The chained hash of each full block already offered to the cache.
@@ -320,13 +340,6 @@ struct PagedSequence {
 }
 
 impl PagedSequence {
-    /// Where layer `layer`'s keys (or values) start in a block.
-    fn run(&self, layer: usize, values: bool) -> usize {
-        let per_layer = self.pool.block * self.kv_dim;
-        let layers = self.lens.len();
-        (if values { layers * per_layer } else { 0 }) + layer * per_layer
-    }
-
     /// Offers the blocks every layer has filled since the last call to the prefix cache.
     fn cache_full_blocks(&mut self) {
         let block = self.pool.block;
@@ -361,9 +374,8 @@ impl SequenceKv for PagedSequence {
                 .take(1, self.blocks.len(), tokens.len())?
                 .pop()
                 .expect("one block");
-            Arc::get_mut(&mut copy)
-                .expect("a block just taken is this sequence's")
-                .copy_from_slice(&self.blocks[last]);
+            *Arc::get_mut(&mut copy).expect("a block just taken is this sequence's") =
+                Slots::clone(&self.blocks[last]);
             let shared = std::mem::replace(&mut self.blocks[last], copy);
             self.pool.give(vec![shared]);
         }
@@ -434,7 +446,7 @@ impl SequenceKv for PagedSequence {
     }
 
     fn append(&mut self, layer: usize, keys: &Matrix, values: &Matrix) {
-        let (block, kv_dim) = (self.pool.block, self.kv_dim);
+        let block = self.pool.block;
         // The batched forward reserves before it appends; a caller that did not is given its
         // blocks here, past the pool's count if need be, rather than lose the tokens.
         let needed = (self.lens[layer] + keys.rows).div_ceil(block);
@@ -445,46 +457,42 @@ impl SequenceKv for PagedSequence {
                 .take(missing, self.blocks.len(), keys.rows)
                 .unwrap_or_else(|_| {
                     self.pool.free().in_use += missing;
-                    (0..missing)
-                        .map(|_| Arc::new(vec![0.0; self.pool.floats].into_boxed_slice()))
-                        .collect()
+                    (0..missing).map(|_| self.pool.fresh()).collect()
                 });
             self.blocks.extend(extra);
         }
-        let (key_run, value_run) = (self.run(layer, false), self.run(layer, true));
         for r in 0..keys.rows {
             let position = self.lens[layer] + r;
-            let (b, slot) = (position / block, position % block);
-            let at = slot * kv_dim;
+            let (b, slot) = (position / block, layer * block + position % block);
             if Arc::strong_count(&self.blocks[b]) > 1 {
                 // Not reserved first: the copy is counted past the pool rather than lost.
                 self.pool.free().in_use += 1;
             }
             let data = Arc::make_mut(&mut self.blocks[b]);
-            data[key_run + at..key_run + at + kv_dim].copy_from_slice(keys.row(r));
-            if self.values && values.cols > 0 {
-                data[value_run + at..value_run + at + kv_dim].copy_from_slice(values.row(r));
+            data.keys.write(slot, keys.row(r));
+            if self.pool.values && values.cols > 0 {
+                data.values.write(slot, values.row(r));
             }
         }
         self.lens[layer] += keys.rows;
     }
 
     fn view(&self, layer: usize) -> KvView<'_> {
-        let (block, kv_dim, len) = (self.pool.block, self.kv_dim, self.lens[layer]);
-        let (key_run, value_run) = (self.run(layer, false), self.run(layer, true));
+        let (block, len) = (self.pool.block, self.lens[layer]);
+        let slots = |b: usize| layer * block..layer * block + (len - b * block).min(block);
         let chunks = len.div_ceil(block);
-        let filled = |b: usize| (len - b * block).min(block) * kv_dim;
         KvView {
             keys: (0..chunks)
-                .map(|b| &self.blocks[b][key_run..key_run + filled(b)])
+                .map(|b| self.blocks[b].keys.chunk(slots(b)))
                 .collect(),
             values: (0..chunks)
-                .map(|b| match self.values {
-                    true => &self.blocks[b][value_run..value_run + filled(b)],
-                    false => &self.blocks[b][..0],
+                .map(|b| match self.pool.values {
+                    true => self.blocks[b].values.chunk(slots(b)),
+                    false => KvChunk::EMPTY,
                 })
                 .collect(),
             tokens: len,
+            dtype: self.pool.dtype,
         }
     }
 }

@@ -1,14 +1,30 @@
 //! Causal scaled-dot-product attention over a sequence's cached keys and values: each query
 //! head materialises its scores, or, with a tile, walks the keys in tiles with an online
-//! softmax that holds one tile of scores at a time.
+//! softmax that holds one tile of scores at a time. A quantized cache is read in place: each
+//! key's score is its codes' dot product times its scale, each value's weight folds in its.
 
 use super::pool;
+use crate::backend::kv::{KvDtype, KvElement, E4M3};
 use crate::backend::math::{softcap, softmax};
 use crate::backend::tensor::Matrix;
 use crate::backend::AttentionShape;
 use crate::backend::{AttendOptions, KvView};
 
 pub fn attention(
+    q: &Matrix,
+    kv: &KvView<'_>,
+    positions: &[usize],
+    shape: &AttentionShape,
+    options: AttendOptions<'_>,
+) -> Matrix {
+    match kv.dtype {
+        KvDtype::F32 => attend::<f32>(q, kv, positions, shape, options),
+        KvDtype::Int8 => attend::<i8>(q, kv, positions, shape, options),
+        KvDtype::Fp8E4M3 => attend::<E4M3>(q, kv, positions, shape, options),
+    }
+}
+
+fn attend<E: KvElement>(
     q: &Matrix,
     kv: &KvView<'_>,
     positions: &[usize],
@@ -34,13 +50,13 @@ pub fn attention(
         {
             // SAFETY (both): the features were detected above.
             if avx512 {
-                return unsafe { head_avx512(&head, out_head) };
+                return unsafe { head_avx512::<E>(&head, out_head) };
             }
             if avx2 {
-                return unsafe { head_avx2(&head, out_head) };
+                return unsafe { head_avx2::<E>(&head, out_head) };
             }
         }
-        head_body::<false, 16>(&head, out_head);
+        head_body::<E, false, 16>(&head, out_head);
     });
     out
 }
@@ -62,8 +78,8 @@ struct Head<'a, 'k> {
 /// AVX-512F must be present.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn head_avx512(head: &Head<'_, '_>, out_head: &mut [f32]) {
-    head_body::<true, 32>(head, out_head);
+unsafe fn head_avx512<E: KvElement>(head: &Head<'_, '_>, out_head: &mut [f32]) {
+    head_body::<E, true, 32>(head, out_head);
 }
 
 /// [`head_body`] compiled for AVX2 and FMA.
@@ -72,15 +88,22 @@ unsafe fn head_avx512(head: &Head<'_, '_>, out_head: &mut [f32]) {
 /// AVX2 and FMA must be present.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn head_avx2(head: &Head<'_, '_>, out_head: &mut [f32]) {
-    head_body::<true, 32>(head, out_head);
+unsafe fn head_avx2<E: KvElement>(head: &Head<'_, '_>, out_head: &mut [f32]) {
+    head_body::<E, true, 32>(head, out_head);
 }
+
+/// A visible token of one head: its key codes and scale, its value codes and scale (1 for an
+/// f32 cache).
+type Visible<'k, E> = (&'k [E], f32, &'k [E], f32);
 
 /// `LANES`-wide accumulators, fused multiply-adds where `FMA` (only fast where the target
 /// has them). Plain loops and `inline(always)` helpers only: a closure that is not inlined is
 /// compiled without the caller's target features, and its `mul_add` becomes a libm call.
 #[inline(always)]
-fn head_body<const FMA: bool, const LANES: usize>(h: &Head<'_, '_>, out_head: &mut [f32]) {
+fn head_body<E: KvElement, const FMA: bool, const LANES: usize>(
+    h: &Head<'_, '_>,
+    out_head: &mut [f32],
+) {
     let AttentionShape {
         heads,
         kv_heads,
@@ -90,7 +113,8 @@ fn head_body<const FMA: bool, const LANES: usize>(h: &Head<'_, '_>, out_head: &m
     } = *h.shape;
     let kv_dim = kv_heads * hd;
     let (row, head) = (h.index / heads, h.index % heads);
-    let offset = (head / (heads / kv_heads)) * hd;
+    let kv_head = head / (heads / kv_heads);
+    let offset = kv_head * hd;
     let query = &h.q.row(row)[head * hd..(head + 1) * hd];
     // A query sees cached tokens up to and including its own position; with a window,
     // only the latest `window` of them.
@@ -102,27 +126,41 @@ fn head_body<const FMA: bool, const LANES: usize>(h: &Head<'_, '_>, out_head: &m
         slope: h.options.alibi.map(|slopes| slopes[head]),
         softcap: h.options.softcap,
     };
-    let mut visible: Vec<(&[f32], &[f32])> = Vec::with_capacity(end - start);
+    let scale_of = |scales: &[f32], token: usize| match scales.is_empty() {
+        true => 1.0,
+        false => scales[token * kv_heads + kv_head],
+    };
+    let mut visible: Vec<Visible<'_, E>> = Vec::with_capacity(end - start);
     let mut position = 0;
     'chunks: for (keys, values) in h.kv.keys.iter().zip(&h.kv.values) {
-        for (key, value) in keys.chunks_exact(kv_dim).zip(values.chunks_exact(kv_dim)) {
+        let (Some((keys, key_scales)), Some((values, value_scales))) = (E::of(keys), E::of(values))
+        else {
+            continue;
+        };
+        let pairs = keys.chunks_exact(kv_dim).zip(values.chunks_exact(kv_dim));
+        for (token, (key, value)) in pairs.enumerate() {
             if position >= end {
                 break 'chunks;
             }
             if position >= start {
-                visible.push((&key[offset..offset + hd], &value[offset..offset + hd]));
+                visible.push((
+                    &key[offset..offset + hd],
+                    scale_of(key_scales, token),
+                    &value[offset..offset + hd],
+                    scale_of(value_scales, token),
+                ));
             }
             position += 1;
         }
     }
     let Some(tile) = tile else {
         let mut scores = Vec::with_capacity(visible.len());
-        for (i, (key, _)) in visible.iter().enumerate() {
-            scores.push(scores_of.score::<FMA, LANES>(start + i, key));
+        for (i, (key, key_scale, _, _)) in visible.iter().enumerate() {
+            scores.push(scores_of.score::<FMA, LANES>(start + i, key, *key_scale));
         }
         softmax(&mut scores);
-        for ((_, value), w) in visible.iter().zip(&scores) {
-            axpy(*w, value, out_head);
+        for ((_, _, value, value_scale), w) in visible.iter().zip(&scores) {
+            axpy(*w * value_scale, value, out_head);
         }
         return;
     };
@@ -132,8 +170,8 @@ fn head_body<const FMA: bool, const LANES: usize>(h: &Head<'_, '_>, out_head: &m
     let mut scores = Vec::with_capacity(tile);
     for (t, pairs) in visible.chunks(tile).enumerate() {
         scores.clear();
-        for (i, (key, _)) in pairs.iter().enumerate() {
-            scores.push(scores_of.score::<FMA, LANES>(start + t * tile + i, key));
+        for (i, (key, key_scale, _, _)) in pairs.iter().enumerate() {
+            scores.push(scores_of.score::<FMA, LANES>(start + t * tile + i, key, *key_scale));
         }
         let tile_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let new_max = max.max(tile_max);
@@ -142,10 +180,10 @@ fn head_body<const FMA: bool, const LANES: usize>(h: &Head<'_, '_>, out_head: &m
         for o in out_head.iter_mut() {
             *o *= correction;
         }
-        for (s, (_, value)) in scores.iter().zip(pairs) {
+        for (s, (_, _, value, value_scale)) in scores.iter().zip(pairs) {
             let w = (s - new_max).exp();
             sum += w;
-            axpy(w, value, out_head);
+            axpy(w * value_scale, value, out_head);
         }
         max = new_max;
     }
@@ -166,8 +204,14 @@ struct Scores<'a> {
 
 impl Scores<'_> {
     #[inline(always)]
-    fn score<const FMA: bool, const LANES: usize>(&self, position: usize, key: &[f32]) -> f32 {
-        let mut score = super::kernels::dot_body::<FMA, LANES>(self.query, key) * self.scale;
+    fn score<const FMA: bool, const LANES: usize>(
+        &self,
+        position: usize,
+        key: &[impl KvElement],
+        key_scale: f32,
+    ) -> f32 {
+        let mut score =
+            super::kernels::dot_body::<FMA, LANES>(self.query, key) * key_scale * self.scale;
         if let Some(slope) = self.slope {
             score += slope * position as f32;
         }
@@ -180,8 +224,8 @@ impl Scores<'_> {
 
 /// `y += a · x`, rounding the product before the sum on every target.
 #[inline(always)]
-fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+fn axpy(a: f32, x: &[impl KvElement], y: &mut [f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
+        *yi += a * xi.widen();
     }
 }

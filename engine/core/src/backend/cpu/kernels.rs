@@ -9,6 +9,7 @@ use std::ops::Range;
 
 use super::product::{product, WeightRows};
 use crate::backend::cpu::pool;
+use crate::backend::kv::KvElement;
 use crate::backend::quant;
 use crate::backend::tensor::Matrix;
 use crate::io::weights::{Weight, WeightData};
@@ -138,7 +139,10 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 /// `LANES` independent accumulators keep two vector FMA chains in flight for the target's
 /// vector width; `FMA` selects fused multiply-add, which is only fast where the target has it.
 #[inline(always)]
-pub(super) fn dot_body<const FMA: bool, const LANES: usize>(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn dot_body<const FMA: bool, const LANES: usize>(
+    a: &[f32],
+    b: &[impl KvElement],
+) -> f32 {
     let len = a.len().min(b.len());
     let (a, b) = (&a[..len], &b[..len]);
     let mut acc = [0.0f32; LANES];
@@ -147,13 +151,13 @@ pub(super) fn dot_body<const FMA: bool, const LANES: usize>(a: &[f32], b: &[f32]
     for (ac, bc) in a_chunks.iter().zip(b_chunks) {
         for j in 0..LANES {
             acc[j] = if FMA {
-                ac[j].mul_add(bc[j], acc[j])
+                ac[j].mul_add(bc[j].widen(), acc[j])
             } else {
-                acc[j] + ac[j] * bc[j]
+                acc[j] + ac[j] * bc[j].widen()
             };
         }
     }
-    let tail: f32 = a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum();
+    let tail: f32 = a_tail.iter().zip(b_tail).map(|(x, y)| x * y.widen()).sum();
     tail + acc.iter().sum::<f32>()
 }
 
