@@ -39,11 +39,14 @@ pub struct AttendOptions<'a> {
 
 /// The keys and values of one layer as a list of chunks, each holding whole tokens of
 /// `kv_heads·head_dim` elements: one chunk for a contiguous cache, one per block for a paged
-/// one. Every chunk holds `dtype`.
+/// one. Every chunk holds `dtype`. The chunks start at position `first`: a layout may give
+/// back what no query can see any more (tokens out of every layer's window).
 pub struct KvView<'a> {
     pub keys: Vec<KvChunk<'a>>,
     pub values: Vec<KvChunk<'a>>,
+    /// Tokens cached, counting from position 0.
     pub tokens: usize,
+    pub first: usize,
     pub dtype: KvDtype,
 }
 

@@ -254,7 +254,9 @@ pub trait SequenceKv: Send + Sync {
         0
     }
     /// Forgets every token from position `tokens` on, in every layer (a rejected speculative
-    /// draft); blocks no longer needed go back to the pool.
+    /// draft); blocks no longer needed go back to the pool. `tokens` is at least the length
+    /// at the last `reserve`: a layout whose layers all have windows may have given back what
+    /// lies before the window of that point.
     fn truncate(&mut self, tokens: usize);
     /// A second sequence holding the same tokens, which then goes its own way (parallel
     /// samples of one prompt, beams): blocks are shared, and copied only when one of the two

@@ -107,6 +107,17 @@ pub enum Check {
         #[serde(default)]
         configs: BTreeMap<String, String>,
     },
+    /// The prompt and its greedy continuation fed one token at a time through a paged cache
+    /// whose layers all have windows never hold more than `max_blocks` blocks at once (those
+    /// out of the window go back to the pool), and give the logits of one full forward.
+    WindowReleasesBlocks {
+        fixture: String,
+        plugins: Vec<String>,
+        max_blocks: usize,
+        max_abs_err: f32,
+        #[serde(default)]
+        configs: BTreeMap<String, String>,
+    },
     /// Two plugin sets give the same logits on one checkpoint.
     SameLogits {
         fixture: String,
@@ -198,6 +209,7 @@ impl SpecCases {
                 | Check::BatchEqualsSingle { plugins, .. }
                 | Check::PrefixHitEqualsMiss { plugins, .. }
                 | Check::RollbackAndFork { plugins, .. }
+                | Check::WindowReleasesBlocks { plugins, .. }
                 | Check::ReferenceDecodeLogits { plugins, .. }
                 | Check::Rejects { plugins, .. }
                 | Check::ParameterCount { plugins, .. }
@@ -431,6 +443,41 @@ fn run_check(
         } => property(fixture, plugins, configs, *max_abs_err, |engine, prompt| {
             rollback_and_fork(&engine.model, prompt)
         }),
+        Check::WindowReleasesBlocks {
+            fixture,
+            plugins,
+            max_blocks,
+            max_abs_err,
+            configs,
+        } => {
+            let reference = Reference::load(&root.join(fixture))?;
+            let engine = load_configured(fixture, plugins, configs)?;
+            let tokens: Vec<u32> = reference
+                .prompt_ids
+                .iter()
+                .chain(&reference.greedy_ids)
+                .copied()
+                .collect();
+            let mut kv = engine.model.new_sequence();
+            let (mut stepped, mut most) = (Vec::new(), 0);
+            for &token in &tokens {
+                stepped.extend(engine.model.forward(&[token], kv.as_mut(), false)?.data);
+                let usage = engine
+                    .model
+                    .kv_usage()
+                    .context("the layout has no block pool")?;
+                most = most.max(usage.blocks_in_use);
+            }
+            drop(kv);
+            let (err, why) = compare(&stepped, &full_logits(&engine, &tokens)?.data, *max_abs_err);
+            let held = (most > *max_blocks).then(|| {
+                format!(
+                    "{} tokens held {most} blocks at once, more than {max_blocks}",
+                    tokens.len()
+                )
+            });
+            Ok((err, why.or(held)))
+        }
         Check::PrefixHitEqualsMiss {
             fixture,
             plugins,

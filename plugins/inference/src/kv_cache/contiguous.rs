@@ -82,6 +82,7 @@ impl SequenceKv for ContiguousSequence {
             keys: vec![k.chunk(0..k.tokens())],
             values: vec![v.chunk(0..v.tokens())],
             tokens: k.tokens(),
+            first: 0,
             dtype: self.dtype,
         }
     }

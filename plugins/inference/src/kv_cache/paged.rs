@@ -152,6 +152,12 @@ impl Factory<dyn KvCache> for PagedLayout {
                 dtype: cx.kv_dtype,
                 shape,
                 values,
+                window: config
+                    .sliding_layers
+                    .iter()
+                    .copied()
+                    .collect::<Option<Vec<usize>>>()
+                    .and_then(|windows| windows.into_iter().max()),
                 capacity,
                 prefix_cache: self.prefix_cache,
                 free: Mutex::new(Free::default()),
@@ -227,6 +233,9 @@ struct Pool {
     shape: KvShape,
     /// Whether blocks hold values (latent attention caches keys only).
     values: bool,
+    /// The widest attention window, when every layer has one: blocks wholly before the
+    /// window of a sequence's next query go back to the pool.
+    window: Option<usize>,
     capacity: usize,
     prefix_cache: bool,
     free: Mutex<Free>,
@@ -307,6 +316,7 @@ impl KvCache for PagedCache {
         Box::new(PagedSequence {
             pool: self.pool.clone(),
             blocks: Vec::new(),
+            released: 0,
             lens: vec![0; config.num_layers],
             tokens: Vec::new(),
             hashes: Vec::new(),
@@ -329,7 +339,9 @@ impl KvCache for PagedCache {
 #[derive(Clone)]
 struct PagedSequence {
     pool: Arc<Pool>,
+    /// The blocks from `released` on: those before fell out of every layer's window.
     blocks: Vec<Block>,
+    released: usize,
     lens: Vec<usize>,
     /// The tokens reserved so far (with a prefix cache: the keys of its full blocks).
     tokens: Vec<u32>,
@@ -355,19 +367,43 @@ impl PagedSequence {
             let hash = chain(previous, &self.tokens[b * block..(b + 1) * block]);
             free.cached
                 .entry(hash)
-                .or_insert_with(|| (self.blocks[b].clone(), now));
+                .or_insert_with(|| (self.blocks[b - self.released].clone(), now));
             self.hashes.push(hash);
+        }
+    }
+
+    /// Blocks up to here are held or were released.
+    fn held(&self) -> usize {
+        self.released + self.blocks.len()
+    }
+
+    /// Gives back the blocks wholly before the window of a query at position `next`. Every
+    /// later query sees less, and so does one after a rollback to `next`: the released tokens
+    /// are never read again.
+    fn release_before_window(&mut self, next: usize) {
+        let Some(window) = self.pool.window else {
+            return;
+        };
+        let first_seen = (next + 1).saturating_sub(window);
+        let gone = (first_seen / self.pool.block)
+            .saturating_sub(self.released)
+            .min(self.blocks.len());
+        if gone > 0 {
+            self.pool.give(self.blocks.drain(..gone).collect());
+            self.released += gone;
         }
     }
 }
 
 impl SequenceKv for PagedSequence {
     fn reserve(&mut self, tokens: &[u32]) -> Result<(), KvFull> {
+        // Full blocks are offered to the prefix cache before any is released.
         self.cache_full_blocks();
         let longest = self.lens.iter().copied().max().unwrap_or(0);
+        self.release_before_window(longest);
         // The next token lands in a block another sequence or the cache shares (after a fork
         // or a truncation): this sequence writes its own copy.
-        let last = longest / self.pool.block;
+        let last = (longest / self.pool.block).saturating_sub(self.released);
         if !longest.is_multiple_of(self.pool.block) && Arc::strong_count(&self.blocks[last]) > 1 {
             let mut copy = self
                 .pool
@@ -380,10 +416,10 @@ impl SequenceKv for PagedSequence {
             self.pool.give(vec![shared]);
         }
         let blocks = (longest + tokens.len()).div_ceil(self.pool.block);
-        if blocks > self.blocks.len() {
-            let more =
-                self.pool
-                    .take(blocks - self.blocks.len(), self.blocks.len(), tokens.len())?;
+        if blocks > self.held() {
+            let more = self
+                .pool
+                .take(blocks - self.held(), self.blocks.len(), tokens.len())?;
             self.blocks.extend(more);
         }
         if self.pool.prefix_cache {
@@ -397,7 +433,7 @@ impl SequenceKv for PagedSequence {
 
     fn reuse_prefix(&mut self, tokens: &[u32], salt: Option<&str>) -> usize {
         let block = self.pool.block;
-        if !self.pool.prefix_cache || !self.blocks.is_empty() || tokens.is_empty() {
+        if !self.pool.prefix_cache || self.held() > 0 || tokens.is_empty() {
             return 0;
         }
         // A salted chain never meets the unsalted one, whose seed is 0.
@@ -426,11 +462,14 @@ impl SequenceKv for PagedSequence {
 
     fn truncate(&mut self, tokens: usize) {
         let block = self.pool.block;
+        debug_assert!(
+            tokens >= self.released * block,
+            "truncated into blocks released out of the window"
+        );
         self.lens.iter_mut().for_each(|l| *l = (*l).min(tokens));
         let longest = self.lens.iter().copied().max().unwrap_or(0);
-        let gone = self
-            .blocks
-            .split_off(longest.div_ceil(block).min(self.blocks.len()));
+        let kept = longest.div_ceil(block).saturating_sub(self.released);
+        let gone = self.blocks.split_off(kept.min(self.blocks.len()));
         self.pool.give(gone);
         // A block cut short is no longer this sequence's to offer; the cache keeps its copy.
         self.hashes.truncate(longest / block);
@@ -450,8 +489,8 @@ impl SequenceKv for PagedSequence {
         // The batched forward reserves before it appends; a caller that did not is given its
         // blocks here, past the pool's count if need be, rather than lose the tokens.
         let needed = (self.lens[layer] + keys.rows).div_ceil(block);
-        if needed > self.blocks.len() {
-            let missing = needed - self.blocks.len();
+        if needed > self.held() {
+            let missing = needed - self.held();
             let extra = self
                 .pool
                 .take(missing, self.blocks.len(), keys.rows)
@@ -463,7 +502,8 @@ impl SequenceKv for PagedSequence {
         }
         for r in 0..keys.rows {
             let position = self.lens[layer] + r;
-            let (b, slot) = (position / block, layer * block + position % block);
+            let b = (position / block).saturating_sub(self.released);
+            let slot = layer * block + position % block;
             if Arc::strong_count(&self.blocks[b]) > 1 {
                 // Not reserved first: the copy is counted past the pool rather than lost.
                 self.pool.free().in_use += 1;
@@ -480,18 +520,20 @@ impl SequenceKv for PagedSequence {
     fn view(&self, layer: usize) -> KvView<'_> {
         let (block, len) = (self.pool.block, self.lens[layer]);
         let slots = |b: usize| layer * block..layer * block + (len - b * block).min(block);
-        let chunks = len.div_ceil(block);
+        let held = self.released..len.div_ceil(block).max(self.released);
+        let blocks = || held.clone().zip(&self.blocks);
         KvView {
-            keys: (0..chunks)
-                .map(|b| self.blocks[b].keys.chunk(slots(b)))
+            keys: blocks()
+                .map(|(b, data)| data.keys.chunk(slots(b)))
                 .collect(),
-            values: (0..chunks)
-                .map(|b| match self.pool.values {
-                    true => self.blocks[b].values.chunk(slots(b)),
+            values: blocks()
+                .map(|(b, data)| match self.pool.values {
+                    true => data.values.chunk(slots(b)),
                     false => KvChunk::EMPTY,
                 })
                 .collect(),
             tokens: len,
+            first: self.released * block,
             dtype: self.pool.dtype,
         }
     }

@@ -131,7 +131,7 @@ fn head_body<E: KvElement, const FMA: bool, const LANES: usize>(
         false => scales[token * kv_heads + kv_head],
     };
     let mut visible: Vec<Visible<'_, E>> = Vec::with_capacity(end - start);
-    let mut position = 0;
+    let mut position = h.kv.first;
     'chunks: for (keys, values) in h.kv.keys.iter().zip(&h.kv.values) {
         let (Some((keys, key_scales)), Some((values, value_scales))) = (E::of(keys), E::of(values))
         else {
