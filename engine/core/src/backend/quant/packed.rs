@@ -363,23 +363,19 @@ impl PackedMatrix {
         // The kernels read whole rows of blocks: a mismatch would read past a buffer.
         assert_eq!(x.blocks(), self.blocks(), "dot: the activation row's width");
         #[cfg(target_arch = "x86_64")]
-        {
-            // SAFETY (both): the features were just detected; the row and `x` hold
+        if let Some(kernel) = x86::Kernel::detect() {
+            // SAFETY: the kernel's features were detected; the row and `x` hold
             // `self.blocks()` blocks each, which is all the kernels read.
-            if x86::has_avx512() {
-                return unsafe { x86::dot_avx512::<1, 1>(self, r, [x]) }[0][0];
-            }
-            if x86::has_avx2() {
-                return unsafe { x86::dot_avx2(self, r, x) };
-            }
+            return unsafe { kernel.dot::<1, 1>(self, r, [x]) }[0][0];
         }
         self.dot_blocks(r, x, 0..self.blocks())
     }
 
     /// The dot products of weight rows `first..` (as many as `out` holds rows of `xs.len()`)
-    /// with every row of `xs`, into `out`, one weight row after another. With AVX-512 a tile
-    /// of [`TILE_ROWS`] weight rows × eight activation rows shares each load of either, which
-    /// makes the integer kernels worth running for prompts of any length.
+    /// with every row of `xs`, into `out`, one weight row after another. A tile of
+    /// [`TILE_ROWS`] weight rows × several activation rows shares each load of either, which
+    /// makes the integer kernels worth running for prompts of any length; every dot product
+    /// is computed the same way whatever tile it falls in.
     pub fn dot_rows(&self, first: usize, xs: &[QuantizedRow], out: &mut [f32]) {
         let n = xs.len();
         // The kernels read whole rows of blocks: a mismatch would read past a buffer.
@@ -392,7 +388,7 @@ impl PackedMatrix {
             "dot_rows: activation rows do not match the weight's width"
         );
         #[cfg(target_arch = "x86_64")]
-        if x86::has_avx512() {
+        if let Some(kernel) = x86::Kernel::detect() {
             // Decode (one activation row, or a few) streams one weight row at a time: two
             // streams measured 18% slower there.
             let tiled = if n >= 4 {
@@ -403,11 +399,11 @@ impl PackedMatrix {
             let (tiles, rows) = out.split_at_mut(tiled * n);
             for (t, tile) in tiles.chunks_exact_mut(TILE_ROWS * n).enumerate() {
                 // SAFETY: as in `dot`; the rows exist (checked above).
-                unsafe { self.tile_avx512::<TILE_ROWS>(first + t * TILE_ROWS, xs, tile) };
+                unsafe { self.tile::<TILE_ROWS>(kernel, first + t * TILE_ROWS, xs, tile) };
             }
             for (j, row) in rows.chunks_exact_mut(n).enumerate() {
                 // SAFETY: as above.
-                unsafe { self.tile_avx512::<1>(first + tiled + j, xs, row) };
+                unsafe { self.tile::<1>(kernel, first + tiled + j, xs, row) };
             }
             return;
         }
@@ -418,33 +414,39 @@ impl PackedMatrix {
         }
     }
 
-    /// Weight rows `first..first + R` with every row of `xs`: eight activation rows at a time,
-    /// then four, then one.
+    /// Weight rows `first..first + R` with every row of `xs`: eight activation rows at a time
+    /// with AVX-512's 32 registers (four with AVX2's 16), then four, then one.
     ///
     /// # Safety
-    /// AVX-512 VNNI must be present, the rows must exist and `xs` must be as wide as they are.
+    /// `kernel`'s features must be present, the rows must exist and `xs` must be as wide as
+    /// they are.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn tile_avx512<const R: usize>(
+    unsafe fn tile<const R: usize>(
         &self,
+        kernel: x86::Kernel,
         first: usize,
         xs: &[QuantizedRow],
         out: &mut [f32],
     ) {
-        let done = self.columns_avx512::<R, 8>(first, xs, 0, out);
-        let done = self.columns_avx512::<R, 4>(first, xs, done, out);
-        self.columns_avx512::<R, 1>(first, xs, done, out);
+        let done = match kernel {
+            x86::Kernel::Avx512 => self.columns::<R, 8>(kernel, first, xs, 0, out),
+            x86::Kernel::Avx2 => 0,
+        };
+        let done = self.columns::<R, 4>(kernel, first, xs, done, out);
+        self.columns::<R, 1>(kernel, first, xs, done, out);
     }
 
     /// Weight rows `first..first + R` with the activation rows from `start`, `N` at a time, as
     /// many as fit; returns where it stopped.
     ///
     /// # Safety
-    /// As for [`Self::tile_avx512`].
+    /// As for [`Self::tile`].
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn columns_avx512<const R: usize, const N: usize>(
+    unsafe fn columns<const R: usize, const N: usize>(
         &self,
+        kernel: x86::Kernel,
         first: usize,
         xs: &[QuantizedRow],
         start: usize,
@@ -454,7 +456,7 @@ impl PackedMatrix {
         let chunks = xs[start..].chunks_exact(N);
         let end = n - chunks.remainder().len();
         for (c, x) in chunks.enumerate() {
-            let dots = x86::dot_avx512::<R, N>(self, first, std::array::from_fn(|i| &x[i]));
+            let dots = kernel.dot::<R, N>(self, first, std::array::from_fn(|i| &x[i]));
             let at = start + c * N;
             for (j, row) in dots.iter().enumerate() {
                 out[j * n + at..j * n + at + N].copy_from_slice(row);
@@ -534,69 +536,45 @@ mod x86 {
 
     use super::{Bits, Numbers, PackedMatrix, QuantizedRow, BLOCK, GROUP};
 
-    pub fn has_avx512() -> bool {
-        std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512vl")
-            && std::is_x86_feature_detected!("avx512vnni")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
+    /// The integer kernels the host runs.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Kernel {
+        Avx512,
+        Avx2,
     }
 
-    pub fn has_avx2() -> bool {
-        std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-    }
-
-    /// The weight scales of group `g` of row `r` times its activation scales, for the first
-    /// and the second halves of its four blocks (the same unless the format has half-block
-    /// scales); the format's offset and minimums go through the activation sums into
-    /// `offsets`.
-    #[inline(always)]
-    unsafe fn group_scales(
-        w: &PackedMatrix,
-        r: usize,
-        g: usize,
-        x: &QuantizedRow,
-        offsets: &mut __m128,
-    ) -> (__m128, __m128) {
-        let blocks = w.blocks();
-        let dx = _mm_loadu_ps(x.scales.as_ptr().add(g * GROUP));
-        let shift = _mm_set1_ps(w.offset);
-        let (da, db) = if w.halves {
-            let at = 2 * (r * blocks + g * GROUP);
-            let sums = x.half_sums.as_ptr().add(2 * g * GROUP);
-            let (da, db) = (load4(&w.scales, at), load4(&w.scales, at + GROUP));
-            *offsets = _mm_fmadd_ps(_mm_mul_ps(da, shift), _mm_loadu_ps(sums), *offsets);
-            *offsets = _mm_fmadd_ps(
-                _mm_mul_ps(db, shift),
-                _mm_loadu_ps(sums.add(GROUP)),
-                *offsets,
-            );
-            (da, db)
-        } else {
-            let d = load4(&w.scales, r * blocks + g * GROUP);
-            let sums = _mm_loadu_ps(x.sums.as_ptr().add(g * GROUP));
-            *offsets = _mm_fmadd_ps(_mm_mul_ps(d, shift), sums, *offsets);
-            (d, d)
-        };
-        match (&w.mins, w.halves) {
-            (None, _) => {}
-            (Some(mins), false) => {
-                let mins = load4(mins, r * blocks + g * GROUP);
-                let sums = _mm_loadu_ps(x.sums.as_ptr().add(g * GROUP));
-                *offsets = _mm_fmadd_ps(mins, sums, *offsets);
-            }
-            (Some(mins), true) => {
-                let at = 2 * (r * blocks + g * GROUP);
-                let sums = x.half_sums.as_ptr().add(2 * g * GROUP);
-                *offsets = _mm_fmadd_ps(load4(mins, at), _mm_loadu_ps(sums), *offsets);
-                let second = load4(mins, at + GROUP);
-                *offsets = _mm_fmadd_ps(second, _mm_loadu_ps(sums.add(GROUP)), *offsets);
+    impl Kernel {
+        pub fn detect() -> Option<Self> {
+            let avx2 = std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c");
+            let avx512 = avx2
+                && std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("avx512vnni");
+            match (avx512, avx2) {
+                (true, _) => Some(Kernel::Avx512),
+                (false, true) => Some(Kernel::Avx2),
+                _ => None,
             }
         }
-        (_mm_mul_ps(da, dx), _mm_mul_ps(db, dx))
+
+        /// # Safety
+        /// The kernel's features must be present, rows `first..first + R` must exist, and
+        /// `xs` must be as wide as they are.
+        #[inline(always)]
+        pub unsafe fn dot<const R: usize, const N: usize>(
+            self,
+            w: &PackedMatrix,
+            first: usize,
+            xs: [&QuantizedRow; N],
+        ) -> [[f32; N]; R] {
+            match self {
+                Kernel::Avx512 => dot_avx512::<R, N>(w, first, xs),
+                Kernel::Avx2 => dot_avx2::<R, N>(w, first, xs),
+            }
+        }
     }
 
     /// Entries `i..i + 4` (`i` a multiple of 4) as f32.
@@ -798,61 +776,198 @@ mod x86 {
         }
     }
 
+    /// Dot products of `R` weight rows from `first` with `N` activation rows, as
+    /// [`dot_avx512`] computes them, in 256-bit halves: each weight group is unpacked and its
+    /// scales spread once for all activation rows.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_avx2<const R: usize, const N: usize>(
+        w: &PackedMatrix,
+        first: usize,
+        xs: [&QuantizedRow; N],
+    ) -> [[f32; N]; R] {
+        match (w.bits, w.halves) {
+            (Bits::Four, false) => layout_avx2::<R, N, true, false>(w, first, xs),
+            (Bits::Four, true) => layout_avx2::<R, N, true, true>(w, first, xs),
+            (Bits::Eight, false) => layout_avx2::<R, N, false, false>(w, first, xs),
+            (Bits::Eight, true) => layout_avx2::<R, N, false, true>(w, first, xs),
+        }
+    }
+
+    /// [`dot_avx2`] for 4-bit (`FOUR`) or 8-bit weights, with or without half-block scales
+    /// (`HALVES`). Lanes 0–3 of a half's products belong to its first block, 4–7 to its
+    /// second: the activations' lane scales line up with them as stored.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn layout_avx2<const R: usize, const N: usize, const FOUR: bool, const HALVES: bool>(
+        w: &PackedMatrix,
+        first: usize,
+        xs: [&QuantizedRow; N],
+    ) -> [[f32; N]; R] {
+        let blocks = w.blocks();
+        let groups = blocks / GROUP;
+        let mut quants = [std::ptr::null(); R];
+        for (j, q) in quants.iter_mut().enumerate() {
+            *q = w.row_quants(first + j).as_ptr();
+        }
+        let spreads = [
+            _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0),
+            _mm256_set_epi32(3, 3, 3, 3, 2, 2, 2, 2),
+        ];
+        let low = _mm256_set1_epi8(0x0F);
+        let zero = _mm256_setzero_si256();
+        let mut acc = [[_mm256_setzero_ps(); N]; R];
+        for g in 0..groups {
+            // Per row and half: the weights of the blocks' first and second halves, and
+            // their scales spread over the lanes. Loops, not closures (see `dot_layout`).
+            let mut rows = [[(zero, zero, _mm256_setzero_ps(), _mm256_setzero_ps()); 2]; R];
+            for (j, row) in rows.iter_mut().enumerate() {
+                let (da, db) = if HALVES {
+                    let at = 2 * ((first + j) * blocks + g * GROUP);
+                    (load4(&w.scales, at), load4(&w.scales, at + GROUP))
+                } else {
+                    let d = load4(&w.scales, (first + j) * blocks + g * GROUP);
+                    (d, d)
+                };
+                let (da, db) = (_mm256_castps128_ps256(da), _mm256_castps128_ps256(db));
+                for (half, entry) in row.iter_mut().enumerate() {
+                    let (a, b) = match FOUR {
+                        true => {
+                            let packed =
+                                _mm256_loadu_si256(quants[j].add(64 * g + 32 * half).cast());
+                            (
+                                _mm256_and_si256(packed, low),
+                                _mm256_and_si256(_mm256_srli_epi16(packed, 4), low),
+                            )
+                        }
+                        false => (
+                            _mm256_loadu_si256(quants[j].add(128 * g + 32 * half).cast()),
+                            _mm256_loadu_si256(quants[j].add(128 * g + 64 + 32 * half).cast()),
+                        ),
+                    };
+                    let spread = spreads[half];
+                    *entry = (
+                        a,
+                        b,
+                        _mm256_permutevar8x32_ps(da, spread),
+                        _mm256_permutevar8x32_ps(db, spread),
+                    );
+                }
+            }
+            for k in 0..N {
+                let xq = xs[k].quants.as_ptr().add(GROUP * BLOCK * g);
+                for half in 0..2 {
+                    let xa = _mm256_loadu_si256(xq.add(32 * half).cast());
+                    let xb = _mm256_loadu_si256(xq.add(64 + 32 * half).cast());
+                    let dx = _mm256_loadu_ps(xs[k].lane_scales.as_ptr().add(16 * g + 8 * half));
+                    for (j, row) in rows.iter().enumerate() {
+                        let (a, b, da, db) = row[half];
+                        let (pa, pb) = (products_avx2::<FOUR>(a, xa), products_avx2::<FOUR>(b, xb));
+                        let acc = &mut acc[j][k];
+                        if HALVES {
+                            *acc = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(pa),
+                                _mm256_mul_ps(da, dx),
+                                *acc,
+                            );
+                            *acc = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(pb),
+                                _mm256_mul_ps(db, dx),
+                                *acc,
+                            );
+                        } else {
+                            let p = _mm256_cvtepi32_ps(_mm256_add_epi32(pa, pb));
+                            *acc = _mm256_fmadd_ps(p, _mm256_mul_ps(da, dx), *acc);
+                        }
+                    }
+                }
+            }
+        }
+        let mut dots = [[0.0; N]; R];
+        for (j, row) in dots.iter_mut().enumerate() {
+            let r = first + j;
+            let offsets = offsets_avx2(w, r, xs, groups * GROUP);
+            let rest = groups * GROUP..w.blocks();
+            for (k, dot) in row.iter_mut().enumerate() {
+                let quad = _mm_add_ps(
+                    _mm256_castps256_ps128(acc[j][k]),
+                    _mm256_extractf128_ps(acc[j][k], 1),
+                );
+                *dot = hsum128(quad) + offsets[k];
+                if !rest.is_empty() {
+                    *dot += w.dot_blocks(r, xs[k], rest.clone());
+                }
+            }
+        }
+        dots
+    }
+
     /// Products of 32 weight bytes with 32 activation bytes, summed in groups of four into
     /// eight i32 lanes. `vpmaddubsw` saturates at 16 bits, so 8-bit weights keep their sign,
     /// moved onto the activations (`|w| · (x · sign w)`); 4-bit ones multiply directly.
     #[inline(always)]
-    unsafe fn products_avx2(bits: Bits, w: __m256i, x: __m256i) -> __m256i {
-        let pairs = match bits {
-            Bits::Four => _mm256_maddubs_epi16(w, x),
-            Bits::Eight => _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)),
+    unsafe fn products_avx2<const FOUR: bool>(w: __m256i, x: __m256i) -> __m256i {
+        let pairs = match FOUR {
+            true => _mm256_maddubs_epi16(w, x),
+            false => _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)),
         };
         _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_avx2(w: &PackedMatrix, r: usize, x: &QuantizedRow) -> f32 {
-        let groups = w.blocks() / GROUP;
-        let quants = w.row_quants(r).as_ptr();
-        let xq = x.quants.as_ptr();
-        let low = _mm256_set1_epi8(0x0F);
-        let pairs = [
-            _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0),
-            _mm256_set_epi32(3, 3, 3, 3, 2, 2, 2, 2),
-        ];
-        let mut acc = _mm256_setzero_ps();
-        let mut offsets = _mm_setzero_ps();
-        for g in 0..groups {
-            let (sa, sb) = group_scales(w, r, g, x, &mut offsets);
-            let (sa, sb) = (_mm256_castps128_ps256(sa), _mm256_castps128_ps256(sb));
-            // Two blocks at a time: their first halves, then their second halves.
-            for (pair, spread) in pairs.iter().enumerate() {
-                let xa = _mm256_loadu_si256(xq.add(GROUP * BLOCK * g + 32 * pair).cast());
-                let xb = _mm256_loadu_si256(xq.add(GROUP * BLOCK * g + 64 + 32 * pair).cast());
-                let (a, b) = match w.bits {
-                    Bits::Four => {
-                        let packed = _mm256_loadu_si256(quants.add(64 * g + 32 * pair).cast());
-                        (
-                            _mm256_and_si256(packed, low),
-                            _mm256_and_si256(_mm256_srli_epi16(packed, 4), low),
-                        )
-                    }
-                    Bits::Eight => (
-                        _mm256_loadu_si256(quants.add(128 * g + 32 * pair).cast()),
-                        _mm256_loadu_si256(quants.add(128 * g + 64 + 32 * pair).cast()),
-                    ),
-                };
-                let pa = _mm256_cvtepi32_ps(products_avx2(w.bits, a, xa));
-                let pb = _mm256_cvtepi32_ps(products_avx2(w.bits, b, xb));
-                let (sa, sb) = (
-                    _mm256_permutevar8x32_ps(sa, *spread),
-                    _mm256_permutevar8x32_ps(sb, *spread),
-                );
-                acc = _mm256_fmadd_ps(pa, sa, _mm256_fmadd_ps(pb, sb, acc));
+    /// [`offsets_avx512`] eight terms at a time, then one at a time.
+    #[inline(always)]
+    unsafe fn offsets_avx2<const N: usize>(
+        w: &PackedMatrix,
+        r: usize,
+        xs: [&QuantizedRow; N],
+        blocks: usize,
+    ) -> [f32; N] {
+        let mut totals = [0.0; N];
+        if w.offset == 0.0 && w.mins.is_none() {
+            return totals;
+        }
+        let per_block = if w.halves { 2 } else { 1 };
+        let mut sums = [std::ptr::null(); N];
+        for (s, x) in sums.iter_mut().zip(xs) {
+            *s = if w.halves {
+                x.half_sums.as_ptr()
+            } else {
+                x.sums.as_ptr()
+            };
+        }
+        let (first, count) = (per_block * r * w.blocks(), per_block * blocks);
+        let shift = _mm256_set1_ps(w.offset);
+        let mut acc = [_mm256_setzero_ps(); N];
+        let whole = count / 8 * 8;
+        for i in (0..whole).step_by(8) {
+            let mut c = _mm256_mul_ps(load8(&w.scales, first + i), shift);
+            if let Some(mins) = &w.mins {
+                c = _mm256_add_ps(c, load8(mins, first + i));
+            }
+            for (a, s) in acc.iter_mut().zip(sums) {
+                *a = _mm256_fmadd_ps(c, _mm256_loadu_ps(s.add(i)), *a);
             }
         }
-        let quad = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        hsum128(quad) + hsum128(offsets) + w.dot_blocks(r, x, groups * GROUP..w.blocks())
+        for ((t, a), s) in totals.iter_mut().zip(acc).zip(sums) {
+            let quad = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+            *t = hsum128(quad);
+            for i in whole..count {
+                let mut c = w.scales.get(first + i) * w.offset;
+                if let Some(mins) = &w.mins {
+                    c += mins.get(first + i);
+                }
+                *t = c.mul_add(*s.add(i), *t);
+            }
+        }
+        totals
+    }
+
+    /// Entries `i..i + 8` as f32.
+    #[inline(always)]
+    unsafe fn load8(numbers: &Numbers, i: usize) -> __m256 {
+        match numbers {
+            Numbers::Half(v) => _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i).cast())),
+            Numbers::Full(v) => _mm256_loadu_ps(v.as_ptr().add(i)),
+        }
     }
 }
 
@@ -929,9 +1044,9 @@ mod tests {
                 "{dtype} row {r}: {simd} vs {reference}"
             );
             #[cfg(target_arch = "x86_64")]
-            if x86::has_avx2() {
-                // SAFETY: detected just above.
-                let avx2 = unsafe { x86::dot_avx2(&packed, r, &quantized) };
+            if x86::Kernel::detect().is_some() {
+                // SAFETY: every kernel detected implies AVX2, FMA and F16C.
+                let avx2 = unsafe { x86::dot_avx2::<1, 1>(&packed, r, [&quantized]) }[0][0];
                 assert!((avx2 - reference).abs() <= 1e-5 * reference.abs().max(1.0));
             }
         }
