@@ -4,24 +4,5 @@
 //! `--plugins paged-kv,kv-fp8`.
 
 use vibee_core::backend::kv::KvDtype;
-use vibee_core::config::ModelConfig;
-use vibee_core::model::ops::{BuildContext, Factory, KvQuant};
 
-pub struct KvFp8;
-
-vibee_core::operator_plugin!(KvFp8, "v2304", "kv-fp8", KvQuant);
-
-impl Factory<dyn KvQuant> for KvFp8 {
-    fn check(&self, config: &ModelConfig) -> Result<(), String> {
-        super::per_head_cache(config, "kv-fp8")
-    }
-
-    fn build(
-        &self,
-        _cx: &BuildContext<'_>,
-        _prefix: &str,
-        _dim: usize,
-    ) -> anyhow::Result<Box<dyn KvQuant>> {
-        Ok(Box::new(super::Stored(KvDtype::Fp8E4M3)))
-    }
-}
+super::kv_quant_plugin!(KvFp8, "v2304", "kv-fp8", KvDtype::Fp8E4M3);

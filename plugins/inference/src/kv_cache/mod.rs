@@ -10,6 +10,31 @@ use vibee_core::backend::kv::KvDtype;
 use vibee_core::config::ModelConfig;
 use vibee_core::model::ops::KvQuant;
 
+/// Declares KV-quantization plugin `$plugin` (spec `$id`, named `$name`), storing `$dtype`.
+macro_rules! kv_quant_plugin {
+    ($plugin:ident, $id:literal, $name:literal, $dtype:expr) => {
+        pub struct $plugin;
+
+        vibee_core::operator_plugin!($plugin, $id, $name, KvQuant);
+
+        impl vibee_core::model::ops::Factory<dyn vibee_core::model::ops::KvQuant> for $plugin {
+            fn check(&self, config: &vibee_core::config::ModelConfig) -> Result<(), String> {
+                super::per_head_cache(config, $name)
+            }
+
+            fn build(
+                &self,
+                _cx: &vibee_core::model::ops::BuildContext<'_>,
+                _prefix: &str,
+                _dim: usize,
+            ) -> anyhow::Result<Box<dyn vibee_core::model::ops::KvQuant>> {
+                Ok(Box::new(super::Stored($dtype)))
+            }
+        }
+    };
+}
+use kv_quant_plugin;
+
 /// A KV-quantization plugin's choice of element type.
 struct Stored(KvDtype);
 

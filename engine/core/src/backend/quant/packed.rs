@@ -728,21 +728,9 @@ mod x86 {
         blocks: usize,
     ) -> [f32; N] {
         let mut totals = [0.0; N];
-        if w.offset == 0.0 && w.mins.is_none() {
+        let Some((first, count, sums)) = offset_terms(w, r, xs, blocks) else {
             return totals;
-        }
-        // Scales, minimums and sums share one layout: per block, or per half in
-        // `half_index` order.
-        let per_block = if w.halves { 2 } else { 1 };
-        let mut sums = [std::ptr::null(); N];
-        for (s, x) in sums.iter_mut().zip(xs) {
-            *s = if w.halves {
-                x.half_sums.as_ptr()
-            } else {
-                x.sums.as_ptr()
-            };
-        }
-        let (first, count) = (per_block * r * w.blocks(), per_block * blocks);
+        };
         let shift = _mm512_set1_ps(w.offset);
         let mut acc = [_mm512_setzero_ps(); N];
         for i in (0..count).step_by(16) {
@@ -763,6 +751,32 @@ mod x86 {
             *t = _mm512_reduce_add_ps(a);
         }
         totals
+    }
+
+    /// The first of row `r`'s offset terms over its first `blocks` blocks, how many there are,
+    /// and where each activation row's matching sums start; `None` for a format with neither
+    /// offset nor minimums. Scales, minimums and sums share one layout: per block, or per half
+    /// in `half_index` order.
+    #[inline(always)]
+    fn offset_terms<const N: usize>(
+        w: &PackedMatrix,
+        r: usize,
+        xs: [&QuantizedRow; N],
+        blocks: usize,
+    ) -> Option<(usize, usize, [*const f32; N])> {
+        if w.offset == 0.0 && w.mins.is_none() {
+            return None;
+        }
+        let per_block = if w.halves { 2 } else { 1 };
+        let mut sums = [std::ptr::null(); N];
+        for (s, x) in sums.iter_mut().zip(xs) {
+            *s = if w.halves {
+                x.half_sums.as_ptr()
+            } else {
+                x.sums.as_ptr()
+            };
+        }
+        Some((per_block * r * w.blocks(), per_block * blocks, sums))
     }
 
     /// Entries `i..i + 16` as f32, those outside `mask` zero (and not read).
@@ -922,19 +936,9 @@ mod x86 {
         blocks: usize,
     ) -> [f32; N] {
         let mut totals = [0.0; N];
-        if w.offset == 0.0 && w.mins.is_none() {
+        let Some((first, count, sums)) = offset_terms(w, r, xs, blocks) else {
             return totals;
-        }
-        let per_block = if w.halves { 2 } else { 1 };
-        let mut sums = [std::ptr::null(); N];
-        for (s, x) in sums.iter_mut().zip(xs) {
-            *s = if w.halves {
-                x.half_sums.as_ptr()
-            } else {
-                x.sums.as_ptr()
-            };
-        }
-        let (first, count) = (per_block * r * w.blocks(), per_block * blocks);
+        };
         let shift = _mm256_set1_ps(w.offset);
         let mut acc = [_mm256_setzero_ps(); N];
         let whole = count / 8 * 8;
