@@ -195,10 +195,10 @@ fn unknown_plugin_suggests_the_closest_name() {
 fn planned_plugin_is_reported_as_not_implemented() {
     let err = load_error(
         &fixture("llama-gqa"),
-        "gqa,rope,rmsnorm,swiglu,continuous-batching",
+        "gqa,rope,rmsnorm,swiglu,draft-speculative",
     );
     assert!(
-        err.contains("`continuous-batching` (v2320) is planned"),
+        err.contains("`draft-speculative` (v2360) is planned"),
         "{err}"
     );
 }

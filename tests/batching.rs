@@ -140,7 +140,6 @@ fn chunked_prefill_under_a_step_budget_gives_each_request_its_own_tokens() {
         .insert_resource(vibee_core::serving::pipeline::StepBudget {
             max_num_batched_tokens: 5,
             max_num_seqs: 2,
-            ..Default::default()
         });
     let results = runner::generate_many(&mut shared.app, requests);
     for (result, expected) in results.iter().zip(&alone) {
@@ -157,7 +156,7 @@ fn chunked_prefill_under_a_step_budget_gives_each_request_its_own_tokens() {
 /// before the second starts; the priority policy runs the lower `priority` first.
 #[test]
 fn the_priority_policy_serves_lower_priority_values_first() {
-    use vibee_core::serving::pipeline::{SchedulingPolicy, StepBudget};
+    use vibee_core::serving::pipeline::StepBudget;
     let params = |priority| SamplingParams {
         temperature: 0.0,
         max_tokens: 6,
@@ -165,11 +164,10 @@ fn the_priority_policy_serves_lower_priority_values_first() {
         priority,
         ..SamplingParams::default()
     };
-    let order = |policy| {
-        let mut engine = load(&fixture("llama-gqa"), PLUGINS).unwrap();
+    let order = |policy: &str| {
+        let mut engine = load(&fixture("llama-gqa"), &format!("{PLUGINS},{policy}")).unwrap();
         engine.app.world.insert_resource(StepBudget {
             max_num_seqs: 1,
-            policy,
             ..StepBudget::default()
         });
         let requests = vec![(vec![1, 17, 42], params(5)), (vec![1, 250, 3], params(-1))];
@@ -179,14 +177,8 @@ fn the_priority_policy_serves_lower_priority_values_first() {
             .collect();
         out[0].time_to_first_token_s < out[1].time_to_first_token_s
     };
-    assert!(
-        order(SchedulingPolicy::Fcfs),
-        "FCFS serves the first request first"
-    );
-    assert!(
-        !order(SchedulingPolicy::Priority),
-        "priority -1 goes before 5"
-    );
+    assert!(order("fcfs"), "FCFS serves the first request first");
+    assert!(!order("priority"), "priority -1 goes before 5");
 }
 
 /// A request whose prompt starts as an earlier one's takes that request's cached blocks and
@@ -374,7 +366,6 @@ fn random_schedules_give_every_request_its_own_tokens_and_logits_bit_for_bit() {
             .insert_resource(vibee_core::serving::pipeline::StepBudget {
                 max_num_batched_tokens: 4 + below(24),
                 max_num_seqs: 1 + below(4),
-                ..Default::default()
             });
         let mut ids = vec![None; planned.len()];
         let mut traces = vec![Trace::default(); planned.len()];

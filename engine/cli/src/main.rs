@@ -13,7 +13,7 @@ use vibee_cli::{builtin_model_dir, catalog, load_external};
 use vibee_core::app::registry::{SpecEntry, FAMILIES};
 use vibee_core::io::tokenizer::ChatMessage;
 use vibee_core::serving::external::{find_external, PluginConfigs};
-use vibee_core::serving::pipeline::{SamplingParams, SchedulingPolicy, StepBudget};
+use vibee_core::serving::pipeline::{SamplingParams, StepBudget};
 use vibee_core::serving::reload::{PipelineFile, Reloader, Watch};
 use vibee_core::Plugin;
 use vibee_core::Registry;
@@ -110,9 +110,9 @@ struct ModelArgs {
     #[arg(long, default_value_t = StepBudget::default().max_num_seqs)]
     max_num_seqs: usize,
     /// Which requests a step serves first: `fcfs`, or `priority` (each request's `priority`,
-    /// lower first, then first come).
-    #[arg(long, default_value = "fcfs", value_parser = parse_policy)]
-    scheduling_policy: SchedulingPolicy,
+    /// lower first, then first come): the plugin of that name.
+    #[arg(long, default_value = "fcfs", value_parser = ["fcfs", "priority"])]
+    scheduling_policy: String,
     #[command(flatten)]
     external: ExternalArgs,
 }
@@ -135,16 +135,6 @@ struct ExternalArgs {
     /// engine step.
     #[arg(long)]
     pipeline: Option<PathBuf>,
-}
-
-fn parse_policy(text: &str) -> Result<SchedulingPolicy, String> {
-    match text {
-        "fcfs" => Ok(SchedulingPolicy::Fcfs),
-        "priority" => Ok(SchedulingPolicy::Priority),
-        other => Err(format!(
-            "`{other}` is not a scheduling policy (fcfs, priority)"
-        )),
-    }
 }
 
 fn parse_plugin_config(text: &str) -> Result<(String, String), String> {
@@ -494,6 +484,10 @@ fn load(args: &ModelArgs) -> anyhow::Result<Engine> {
         plugins.extend(file.plugins);
         configs.0.extend(file.configs);
     }
+    // `fcfs` is the default that fills the slot when nothing else does.
+    if args.scheduling_policy != "fcfs" && !plugins.contains(&args.scheduling_policy) {
+        plugins.push(args.scheduling_policy.clone());
+    }
     if let Some(gb) = args.kv_memory {
         if !plugins.iter().any(|p| p == "paged-kv") {
             plugins.push("paged-kv".into());
@@ -517,7 +511,6 @@ fn load(args: &ModelArgs) -> anyhow::Result<Engine> {
     engine.app.world.insert_resource(StepBudget {
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_num_seqs: args.max_num_seqs,
-        policy: args.scheduling_policy,
     });
     if args.external.watch || args.external.pipeline.is_some() {
         Reloader::new(registry, catalog, watch)?.install(&mut engine.app);
@@ -779,7 +772,7 @@ fn divergence(args: DivergenceArgs) -> anyhow::Result<()> {
         kv_memory: None,
         max_num_batched_tokens: args.model.max_num_batched_tokens,
         max_num_seqs: args.model.max_num_seqs,
-        scheduling_policy: args.model.scheduling_policy,
+        scheduling_policy: args.model.scheduling_policy.clone(),
         external: ExternalArgs {
             configs: Vec::new(),
             ..args.model.external.clone()
@@ -1009,7 +1002,6 @@ fn bench_concurrency(args: BenchArgs) -> anyhow::Result<()> {
                 .max_num_batched_tokens
                 .max(concurrency * (args.prompt_tokens + concurrency)),
             max_num_seqs: configured.max_num_seqs.max(concurrency),
-            ..configured
         });
         let mut best: Option<serde_json::Value> = None;
         for _ in 0..args.repeat {

@@ -1,6 +1,7 @@
 //! Built-in plugins of the Inference branch (v2300–v2399): one module per family, one file per
 //! spec.
 
+pub mod batching;
 pub mod kv_cache;
 pub mod quantization;
 pub mod serving;
@@ -15,6 +16,11 @@ pub fn plugins() -> Vec<Box<dyn Plugin>> {
         Box::new(kv_cache::prefix_cache::PrefixCache),
         Box::new(kv_cache::int8::KvInt8),
         Box::new(kv_cache::fp8::KvFp8),
+        Box::new(batching::continuous::ContinuousBatching),
+        Box::new(batching::chunked_prefill::ChunkedPrefill),
+        Box::new(batching::preemption::Preemption),
+        Box::new(batching::fcfs::Fcfs),
+        Box::new(batching::priority::Priority),
         Box::new(quantization::gguf::Gguf),
         Box::new(quantization::int8::Int8),
         Box::new(quantization::q4::Q4),

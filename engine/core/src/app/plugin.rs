@@ -61,6 +61,8 @@ pub enum ResolveError {
     Planned { name: String, id: String },
     #[error("plugin `{plugin}` requires `{missing}`; add it to --plugins")]
     MissingRequirement { plugin: String, missing: String },
+    #[error("`-{name}` leaves out a default plugin, but `{name}` is not one that is enabled by default (or it is also requested)")]
+    NotDefault { name: String },
     #[error("plugins `{a}` and `{b}` conflict; enable only one")]
     Conflict { a: String, b: String },
     #[error("plugins `{a}` and `{b}` both fill the exclusive `{slot}` slot; choose one")]
@@ -75,7 +77,7 @@ fn suggestion(closest: &Option<String>) -> String {
 }
 
 /// Turns requested plugin names into the plugins to enable, in request order, followed by
-/// defaults for the slots nothing requested fills.
+/// defaults for the slots nothing requested fills. `-NAME` leaves default `NAME` out.
 pub fn resolve<'a>(
     requested: &[String],
     registry: &Registry,
@@ -87,8 +89,24 @@ pub fn resolve<'a>(
             .find(|p| p.spec().name == name)
             .map(|p| p.as_ref())
     };
+    let (left_out, requested): (Vec<&String>, Vec<&String>) =
+        requested.iter().partition(|n| n.starts_with('-'));
+    let left_out: BTreeSet<&str> = left_out.iter().map(|n| &n[1..]).collect();
+    for name in &left_out {
+        match registry.get(name) {
+            Some(entry) if entry.default => {}
+            _ => {
+                return Err(ResolveError::NotDefault {
+                    name: name.to_string(),
+                })
+            }
+        }
+    }
     let mut chosen: Vec<&dyn Plugin> = Vec::new();
     for name in requested {
+        if left_out.contains(name.as_str()) {
+            return Err(ResolveError::NotDefault { name: name.clone() });
+        }
         if chosen.iter().any(|p| p.spec().name == name) {
             continue;
         }
@@ -117,7 +135,11 @@ pub fn resolve<'a>(
     }
     let slot_of = |p: &dyn Plugin| registry.get(p.spec().name).and_then(|e| e.provides.clone());
     let filled: BTreeSet<String> = chosen.iter().filter_map(|p| slot_of(*p)).collect();
-    for entry in registry.specs.iter().filter(|e| e.default) {
+    for entry in registry
+        .specs
+        .iter()
+        .filter(|e| e.default && !left_out.contains(e.name.as_str()))
+    {
         let slot_free = entry.provides.as_ref().is_none_or(|s| !filled.contains(s));
         if let (true, Some(p)) = (slot_free, find(&entry.name)) {
             if !chosen.iter().any(|c| c.spec().name == entry.name) {
@@ -240,6 +262,27 @@ mod tests {
             .map(|p| p.spec().name)
             .collect();
         assert_eq!(chosen, ["muon"]);
+    }
+
+    #[test]
+    fn a_minus_leaves_a_default_out_and_only_a_default() {
+        let (registry, catalog) = setup();
+        let chosen = resolve(&names(&["-adamw"]), &registry, &catalog).unwrap();
+        assert!(chosen.is_empty());
+        for list in [&["-sgd"][..], &["-adamw", "adamw"], &["-nothing"]] {
+            let err = resolve(&names(list), &registry, &catalog).err();
+            assert!(
+                matches!(err, Some(ResolveError::NotDefault { .. })),
+                "{list:?}: {err:?}"
+            );
+        }
+        assert_eq!(
+            resolve(&names(&["lora", "-adamw"]), &registry, &catalog).err(),
+            Some(ResolveError::MissingRequirement {
+                plugin: "lora".into(),
+                missing: "adamw".into()
+            })
+        );
     }
 
     #[test]

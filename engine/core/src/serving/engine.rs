@@ -75,6 +75,11 @@ impl Engine {
         for plugin in plugins {
             app.add_plugin(plugin)?;
         }
+        if !app.world.contains_resource::<pipeline::Scheduler>() {
+            anyhow::bail!(
+                "no plugin fills the `scheduler` slot (`continuous-batching`): no request would ever run"
+            );
+        }
         let weights = checkpoint.weights(&config)?;
         let model = Arc::new(Model::build(
             config,

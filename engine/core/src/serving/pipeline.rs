@@ -13,8 +13,7 @@ use bevy_ecs::prelude::*;
 use crate::app::{App, Stage};
 use crate::config::ModelConfig;
 use crate::model::ops::SequenceKv;
-use crate::model::{BatchEntry, Model, Wanted};
-use crate::serving::external::Deferred;
+use crate::model::Model;
 use crate::serving::text::TextStream;
 
 #[derive(Resource, Clone)]
@@ -189,39 +188,33 @@ pub fn request_bundle(prompt: Vec<u32>, params: SamplingParams) -> impl Bundle {
     )
 }
 
-/// Installs the engine's own serving systems (not a plugin: there is no pipeline without them).
+/// Installs the engine's own serving systems (not a plugin: there is no pipeline without
+/// them). Admission and the forward of each step are the scheduler plugin's.
 pub fn install(app: &mut App, model: Arc<Model>) {
     app.world.insert_resource(ModelResource(model));
     app.world.init_resource::<Metrics>();
     app.world.init_resource::<StepBudget>();
-    app.add_systems(Stage::Admit, admit);
-    app.add_systems(Stage::Forward, forward);
     app.add_systems(Stage::Emit, emit);
     app.add_systems(Stage::Monitor, monitor);
 }
 
-/// First-come, first-served admission: every waiting request gets a fresh cache, unless an
-/// admission-policy plugin deferred it this step.
-fn admit(
-    mut commands: Commands,
-    model: Res<ModelResource>,
-    mut waiting: Query<(Entity, &mut SeqState), Without<Deferred>>,
-) {
-    for (entity, mut state) in &mut waiting {
-        if *state == SeqState::Waiting {
-            commands.entity(entity).insert(Kv(model.0.new_sequence()));
-            *state = SeqState::Running;
-        }
-    }
-}
+/// Put in the world by the plugin that fills the `scheduler` slot (it admits requests and
+/// runs each step's forward): a pipeline without one would never run a request.
+#[derive(Resource, Debug, Clone, Copy)]
+pub struct Scheduler(pub &'static str);
+
+/// The order in which a step serves running requests (and preempts the last of them): the
+/// scheduling-policy plugin's choice. Smaller keys go first.
+#[derive(Resource, Clone, Copy)]
+pub struct Ranking(pub fn(&SamplingParams, &Timing) -> (i64, Instant));
 
 /// How much one step may run, named as vLLM names them: tokens over all requests (a long
-/// prompt is prefilled in chunks across steps) and requests, and in which order.
+/// prompt is prefilled in chunks across steps, with the `chunked-prefill` plugin) and
+/// requests.
 #[derive(Resource, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StepBudget {
     pub max_num_batched_tokens: usize,
     pub max_num_seqs: usize,
-    pub policy: SchedulingPolicy,
 }
 
 impl Default for StepBudget {
@@ -229,194 +222,7 @@ impl Default for StepBudget {
         Self {
             max_num_batched_tokens: 2048,
             max_num_seqs: 256,
-            policy: SchedulingPolicy::Fcfs,
         }
-    }
-}
-
-/// Which running requests a step serves first (and preempts last).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SchedulingPolicy {
-    /// First come, first served.
-    Fcfs,
-    /// By each request's `priority` (lower first), then first come.
-    Priority,
-}
-
-/// One running request's share of a step's forward.
-struct Feed<'w> {
-    /// This step's tokens: all the request has not cached, or a chunk of its prompt.
-    tokens: Vec<u32>,
-    /// Whether they are all it has not cached, so that the step gives its next token.
-    complete: bool,
-    priority: i64,
-    kv: Mut<'w, Kv>,
-    logits: Mut<'w, Logits>,
-    state: Mut<'w, SeqState>,
-    timing: Mut<'w, Timing>,
-    prefill: bool,
-}
-
-/// One batched forward over the running requests' uncached tokens within the step's budget:
-/// decode steps first, then prompts (or chunks of them) oldest first. A request whose
-/// tokens cannot be fed fails alone; one left out of the step, or in the middle of its prompt,
-/// gets no logits and so no token this step.
-fn forward(
-    model: Res<ModelResource>,
-    budget: Res<StepBudget>,
-    mut metrics: ResMut<Metrics>,
-    mut running: Query<(
-        &Tokens,
-        &SamplingParams,
-        &mut Kv,
-        &mut Logits,
-        &mut SeqState,
-        &mut Timing,
-    )>,
-) {
-    let model = &model.0;
-    let mut feeds = Vec::new();
-    for (tokens, params, mut kv, mut logits, mut state, timing) in &mut running {
-        if *state != SeqState::Running {
-            continue;
-        }
-        logits.0.clear();
-        if kv.0.len(0) == 0 {
-            let all: Vec<u32> = (0..tokens.len()).map(|i| tokens.get(i)).collect();
-            let reused = kv.0.reuse_prefix(&all, params.cache_salt.as_deref());
-            metrics.prefix_hit_tokens += reused as u64;
-        }
-        let cached = kv.0.len(0);
-        let feed: Vec<u32> = (cached..tokens.len()).map(|i| tokens.get(i)).collect();
-        if let Err(e) = model.check_feed(&feed, cached) {
-            *state = SeqState::Failed(format!("{e:#}"));
-            continue;
-        }
-        feeds.push(Feed {
-            tokens: feed,
-            complete: true,
-            priority: params.priority,
-            kv,
-            logits,
-            state,
-            timing,
-            prefill: cached < tokens.prompt.len(),
-        });
-    }
-    let rank = |f: &Feed<'_>| match budget.policy {
-        SchedulingPolicy::Fcfs => (0, f.timing.submitted),
-        SchedulingPolicy::Priority => (f.priority, f.timing.submitted),
-    };
-    feeds.sort_by_key(|f| (f.tokens.len() > 1, rank(f)));
-    // The requests this step leaves out still hold blocks that a scheduled one may need.
-    let mut idle = feeds.split_off(budget.max_num_seqs.min(feeds.len()));
-    let mut left = budget.max_num_batched_tokens;
-    let mut i = 0;
-    while i < feeds.len() {
-        let feed = &mut feeds[i];
-        let take = feed.tokens.len().min(left);
-        left -= take;
-        feed.complete = take == feed.tokens.len();
-        feed.tokens.truncate(take);
-        if take == 0 {
-            idle.push(feeds.remove(i));
-        } else {
-            i += 1;
-        }
-    }
-    feeds.sort_by_key(rank);
-    reserve_blocks(model, &mut feeds, &mut idle, rank, &mut metrics);
-    if feeds.is_empty() {
-        return;
-    }
-    let step_tokens = feeds.iter().map(|f| f.tokens.len()).sum();
-    metrics.largest_step_tokens = metrics.largest_step_tokens.max(step_tokens);
-    let started = Instant::now();
-    let mut batch: Vec<BatchEntry<'_>> = feeds
-        .iter_mut()
-        .map(
-            |Feed {
-                 tokens,
-                 kv,
-                 complete,
-                 ..
-             }| BatchEntry {
-                tokens,
-                kv: kv.0.as_mut(),
-                logits: if *complete {
-                    Wanted::Last
-                } else {
-                    Wanted::None
-                },
-            },
-        )
-        .collect();
-    let result = model.forward_batch(&mut batch);
-    drop(batch);
-    let elapsed = started.elapsed();
-    match result {
-        Ok(outputs) => {
-            for (mut feed, out) in feeds.into_iter().zip(outputs) {
-                feed.logits.0 = out.data;
-                if feed.prefill {
-                    feed.timing.prefill += elapsed;
-                } else {
-                    feed.timing.decode += elapsed;
-                    feed.timing.decode_steps += 1;
-                }
-            }
-        }
-        Err(e) => {
-            for mut feed in feeds {
-                *feed.state = SeqState::Failed(format!("{e:#}"));
-            }
-        }
-    }
-}
-
-/// Room in the KV pool for every feed, in scheduling order. When the pool runs short the
-/// newest running request that holds blocks — scheduled this step or not — or the feed itself
-/// gives its blocks back and waits, to be recomputed when it is admitted again (its tokens so
-/// far kept); a request the whole pool could not hold fails, with the numbers.
-fn reserve_blocks<R: Ord>(
-    model: &Model,
-    feeds: &mut Vec<Feed<'_>>,
-    idle: &mut Vec<Feed<'_>>,
-    rank: impl Fn(&Feed<'_>) -> R,
-    metrics: &mut Metrics,
-) {
-    let holds_blocks = |f: &Feed<'_>| f.kv.0.len(0) > 0;
-    let mut i = 0;
-    while i < feeds.len() {
-        let feed = &mut feeds[i];
-        let mut victim = match feed.kv.0.reserve(&feed.tokens) {
-            Ok(()) => {
-                i += 1;
-                continue;
-            }
-            Err(full) if full.never_fits() => {
-                let mut feed = feeds.remove(i);
-                feed.kv.0 = model.new_sequence();
-                *feed.state = SeqState::Failed(format!("{full}"));
-                continue;
-            }
-            Err(_) => {
-                let scheduled = (i..feeds.len())
-                    .filter(|&j| j == i || holds_blocks(&feeds[j]))
-                    .max_by_key(|&j| rank(&feeds[j]))
-                    .expect("the feed that failed is a candidate");
-                let waiting = (0..idle.len())
-                    .filter(|&j| holds_blocks(&idle[j]))
-                    .max_by_key(|&j| rank(&idle[j]));
-                match waiting {
-                    Some(j) if rank(&idle[j]) > rank(&feeds[scheduled]) => idle.swap_remove(j),
-                    _ => feeds.remove(scheduled),
-                }
-            }
-        };
-        victim.kv.0 = model.new_sequence();
-        *victim.state = SeqState::Waiting;
-        metrics.preempted += 1;
     }
 }
 

@@ -19,7 +19,8 @@ use crate::model::{BatchEntry, Model, Wanted};
 use crate::serving::engine::Engine;
 use crate::serving::external::{find_external, PluginConfigs};
 use crate::serving::pipeline::{
-    request_bundle, FinishReason, Logits, NextToken, SamplingParams, SeqState, Tokens,
+    request_bundle, FinishReason, Kv, Logits, Metrics, NextToken, SamplingParams, SeqState,
+    StepBudget, Tokens,
 };
 use crate::serving::runner;
 use crate::serving::text::TextStream;
@@ -182,6 +183,26 @@ pub enum Check {
         max_tokens: usize,
         admitted_at: Vec<Option<u64>>,
     },
+    /// Requests for the fixture's prompt, each submitted before step `arrives` (1 is the
+    /// first), run through an engine with these plugins and step budget. After step `s` request
+    /// `r` holds `cached[s - 1][r]` tokens in its cache (0 before it runs, while it waits, and
+    /// once it has ended); the requests named in `fail` fail and every other one generates
+    /// transformers' greedy tokens; `preempted` requests gave their blocks back; and at the end
+    /// every block is back in the pool.
+    Schedule {
+        fixture: String,
+        plugins: Vec<String>,
+        #[serde(default)]
+        configs: BTreeMap<String, String>,
+        max_num_batched_tokens: usize,
+        max_num_seqs: usize,
+        requests: Vec<ScheduledRequest>,
+        cached: Vec<Vec<usize>>,
+        #[serde(default)]
+        preempted: u64,
+        #[serde(default)]
+        fail: Vec<usize>,
+    },
     /// An eval metric scores each reference case's prediction against its reference as the
     /// reference implementation did.
     ReferenceMetric {
@@ -189,6 +210,16 @@ pub enum Check {
         reference: String,
         max_abs_err: f64,
     },
+}
+
+/// One request of a [`Check::Schedule`] case.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduledRequest {
+    pub arrives: u64,
+    pub max_tokens: usize,
+    #[serde(default)]
+    pub priority: i64,
 }
 
 impl SpecCases {
@@ -213,6 +244,7 @@ impl SpecCases {
                 | Check::ReferenceDecodeLogits { plugins, .. }
                 | Check::Rejects { plugins, .. }
                 | Check::ParameterCount { plugins, .. }
+                | Check::Schedule { plugins, .. }
                 | Check::ReferenceSampling { plugins, .. } => plugins.iter_mut().for_each(swap),
                 Check::SameLogits { a, b, .. } => a.iter_mut().chain(b).for_each(swap),
                 Check::ReferenceLogitsProcessing { plugin, .. }
@@ -650,6 +682,26 @@ fn run_check(
                 .then(|| format!("admitted at steps {got:?}, expected {admitted_at:?}"));
             Ok((None, why))
         }
+        Check::Schedule {
+            fixture,
+            plugins,
+            configs,
+            max_num_batched_tokens,
+            max_num_seqs,
+            requests,
+            cached,
+            preempted,
+            fail,
+        } => {
+            let reference = Reference::load(&root.join(fixture))?;
+            let mut engine = load_configured(fixture, plugins, configs)?;
+            engine.app.world.insert_resource(StepBudget {
+                max_num_batched_tokens: *max_num_batched_tokens,
+                max_num_seqs: *max_num_seqs,
+            });
+            let why = schedule(&mut engine, &reference, requests, cached, *preempted, fail);
+            Ok((None, why))
+        }
         Check::ReferenceMetric {
             plugin,
             reference,
@@ -749,6 +801,80 @@ fn run_sample(app: &mut App, tokens: Tokens, params: SamplingParams, logits: &[f
         .id();
     app.world.run_schedule(Stage::Sample);
     entity
+}
+
+/// Runs a [`Check::Schedule`] case on `engine`; why it failed, if it did.
+fn schedule(
+    engine: &mut Engine,
+    reference: &Reference,
+    requests: &[ScheduledRequest],
+    cached: &[Vec<usize>],
+    preempted: u64,
+    fail: &[usize],
+) -> Option<String> {
+    let mut ids: Vec<Option<Entity>> = vec![None; requests.len()];
+    let mut trace = Vec::new();
+    for step in 1..=cached.len() as u64 {
+        for (id, request) in ids.iter_mut().zip(requests) {
+            if request.arrives == step {
+                let params = SamplingParams {
+                    temperature: 0.0,
+                    max_tokens: request.max_tokens,
+                    ignore_eos: true,
+                    priority: request.priority,
+                    ..SamplingParams::default()
+                };
+                let bundle = request_bundle(reference.prompt_ids.clone(), params);
+                *id = Some(engine.app.world.spawn(bundle).id());
+            }
+        }
+        engine.app.step();
+        let world = &engine.app.world;
+        let held = |id: &Option<Entity>| {
+            id.and_then(|e| world.get::<Kv>(e))
+                .map_or(0, |kv| kv.0.len(0))
+        };
+        trace.push(ids.iter().map(held).collect::<Vec<_>>());
+    }
+    if trace != cached {
+        return Some(format!(
+            "cached tokens after each step {trace:?}, expected {cached:?}"
+        ));
+    }
+    let world = &engine.app.world;
+    for (r, (id, request)) in ids.iter().zip(requests).enumerate() {
+        let Some(id) = id else {
+            return Some(format!("request {r} arrives after the last step"));
+        };
+        let state = world.get::<SeqState>(*id);
+        let expected = &reference.greedy_ids[..request.max_tokens.min(reference.greedy_ids.len())];
+        match (state, fail.contains(&r)) {
+            (Some(SeqState::Failed(_)), true) => {}
+            (Some(SeqState::Finished(_)), false) => {
+                let tokens = &world.get::<Tokens>(*id).expect("a request").generated;
+                if tokens != expected {
+                    return Some(format!(
+                        "request {r} generated {tokens:?}, transformers {expected:?}"
+                    ));
+                }
+            }
+            (state, _) => return Some(format!("request {r} ended the case as {state:?}")),
+        }
+    }
+    let metrics = world.resource::<Metrics>();
+    if metrics.preempted != preempted {
+        return Some(format!(
+            "{} preemptions, expected {preempted}",
+            metrics.preempted
+        ));
+    }
+    match engine.model.kv_usage() {
+        Some(usage) if usage.blocks_in_use > 0 => Some(format!(
+            "{} blocks are still in use after every request ended",
+            usage.blocks_in_use
+        )),
+        _ => None,
+    }
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
