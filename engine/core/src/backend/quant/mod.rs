@@ -14,16 +14,25 @@ use crate::backend::tensor::Matrix;
 
 pub use crate::io::blocks::BLOCK;
 
-/// Blocks per group in the layout of [`QuantizedRow`] and of packed weights.
-pub const GROUP: usize = 4;
+/// Blocks per group in the layout of [`QuantizedRow`] and of packed weights: one 32-bit lane
+/// each of a 64-byte vector.
+pub const GROUP: usize = 16;
+/// Consecutive elements of a block that share a 32-bit lane.
+pub const STEP: usize = 4;
+
+/// Groups in a row of `blocks` blocks: rows are padded with zero blocks to whole groups.
+pub fn groups(blocks: usize) -> usize {
+    blocks.div_ceil(GROUP)
+}
 
 /// One activation row quantized to int8 in blocks of 32: `x ≈ scale[b] · block b`.
 ///
-/// The quants are stored a group of four blocks at a time, first halves then second halves:
-/// `b0[0..16] b1[0..16] b2[0..16] b3[0..16] b0[16..32] … b3[16..32]` (a shorter last group
-/// alike). A 4-bit weight block packs element `j` and `j + 16` in one byte, so the low and high
-/// nibbles of four consecutive blocks line up with the two halves of a group in two 64-byte
-/// vectors, and one scale covers four adjacent 32-bit lanes of the products.
+/// The quants are stored a group of sixteen blocks at a time, in eight steps of four elements:
+/// step `s` holds elements `4s..4s + 4` of each of the group's blocks in turn, so that in a
+/// 64-byte vector of one step each 32-bit lane of the products belongs to one block, and the
+/// blocks' sixteen scales multiply the lanes as they are stored. A 4-bit weight byte packs
+/// element `j` and `j + 16` of its block, so its low and high nibbles line up with steps `t`
+/// and `t + 4`. A row is padded with zero blocks to whole groups (scales and sums too).
 #[derive(Default)]
 pub struct QuantizedRow {
     quants: Vec<i8>,
@@ -32,28 +41,20 @@ pub struct QuantizedRow {
     sums: Vec<f32>,
     /// The same over each half block, in the order of [`half_index`].
     half_sums: Vec<f32>,
-    /// Each whole group's four scales, each repeated over the four lanes of products its block
-    /// fills in a 16-lane vector: what the AVX-512 kernel multiplies by, loaded as it is.
-    lane_scales: Vec<f32>,
+    blocks: usize,
 }
 
-/// Where the value of half `h` (0 or 1) of block `b` lives, in a row of `blocks` blocks, in an
-/// array with two values per block laid out like the grouped quants: a group's first halves,
-/// then its second halves.
+/// Where the value of half `h` (0 or 1) of block `b` lives in an array with two values per
+/// block laid out by group: a group's sixteen first halves, then its second halves.
 #[inline(always)]
-pub fn half_index(blocks: usize, b: usize, h: usize) -> usize {
-    let (group, j) = (b / GROUP, b % GROUP);
-    let width = GROUP.min(blocks - group * GROUP);
-    2 * group * GROUP + h * width + j
+pub fn half_index(b: usize, h: usize) -> usize {
+    (b / GROUP) * 2 * GROUP + h * GROUP + b % GROUP
 }
 
-/// Where element `i` of block `b` lives in a row of `blocks` blocks in the grouped layout.
+/// Where element `i` of block `b` lives in the grouped layout.
 #[inline(always)]
-pub fn grouped_index(blocks: usize, b: usize, i: usize) -> usize {
-    let (group, j) = (b / GROUP, b % GROUP);
-    let width = GROUP.min(blocks - group * GROUP);
-    let half = if i < 16 { 0 } else { 16 * width };
-    group * GROUP * BLOCK + half + 16 * j + i % 16
+pub fn grouped_index(b: usize, i: usize) -> usize {
+    (b / GROUP) * GROUP * BLOCK + (i / STEP) * GROUP * STEP + STEP * (b % GROUP) + i % STEP
 }
 
 impl QuantizedRow {
@@ -61,41 +62,41 @@ impl QuantizedRow {
     pub fn new(x: &[f32]) -> Self {
         debug_assert!(x.len().is_multiple_of(BLOCK));
         let blocks = x.len() / BLOCK;
+        let padded = groups(blocks) * GROUP;
         let mut row = Self {
-            quants: vec![0; x.len()],
-            scales: Vec::with_capacity(blocks),
-            sums: Vec::with_capacity(blocks),
-            half_sums: vec![0.0; 2 * blocks],
-            lane_scales: Vec::with_capacity(blocks * 4),
+            quants: vec![0; padded * BLOCK],
+            scales: vec![0.0; padded],
+            sums: vec![0.0; padded],
+            half_sums: vec![0.0; 2 * padded],
+            blocks,
         };
         for (b, values) in x.chunks_exact(BLOCK).enumerate() {
             let max = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let scale = max / 127.0;
             let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            let mut sums = [0i32; 2];
-            // Each half block is one run of 16 in the grouped layout.
-            for (h, half) in values.chunks_exact(16).enumerate() {
-                let start = grouped_index(blocks, b, 16 * h);
-                let run = &mut row.quants[start..start + 16];
-                for (q, v) in run.iter_mut().zip(half) {
-                    *q = round_half_away(v * inverse);
-                }
-                sums[h] = run.iter().map(|q| *q as i32).sum();
+            let mut quants = [0i8; BLOCK];
+            for (q, v) in quants.iter_mut().zip(values) {
+                *q = round_half_away(v * inverse);
             }
-            row.scales.push(scale);
-            if b < blocks / GROUP * GROUP {
-                row.lane_scales.extend([scale; 4]);
+            for (s, run) in quants.chunks_exact(STEP).enumerate() {
+                let at = grouped_index(b, STEP * s);
+                row.quants[at..at + STEP].copy_from_slice(run);
             }
-            row.sums.push(scale * (sums[0] + sums[1]) as f32);
+            let sums = [0, 1].map(|h| {
+                let half = &quants[16 * h..16 * (h + 1)];
+                half.iter().map(|q| *q as i32).sum::<i32>()
+            });
+            row.scales[b] = scale;
+            row.sums[b] = scale * (sums[0] + sums[1]) as f32;
             for (h, sum) in sums.iter().enumerate() {
-                row.half_sums[half_index(blocks, b, h)] = scale * *sum as f32;
+                row.half_sums[half_index(b, h)] = scale * *sum as f32;
             }
         }
         row
     }
 
     pub fn blocks(&self) -> usize {
-        self.scales.len()
+        self.blocks
     }
 
     /// The rounded activations, `scale · quant`, in element order.
@@ -109,7 +110,7 @@ impl QuantizedRow {
 
     /// Block `b`'s quants in element order.
     fn block(&self, b: usize) -> [i8; BLOCK] {
-        std::array::from_fn(|i| self.quants[grouped_index(self.blocks(), b, i)])
+        std::array::from_fn(|i| self.quants[grouped_index(b, i)])
     }
 }
 

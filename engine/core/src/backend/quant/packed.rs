@@ -1,14 +1,16 @@
 //! Quantized weights repacked at load for the integer matrix-vector kernels: each row's quants
-//! contiguous, 8-bit ones in the grouped layout of [`QuantizedRow`], 4-bit ones as GGUF packs a
-//! Q4_0 block (whose nibbles line up with that layout by construction), and the scales (per
-//! block or per half block) and minimums in arrays of their own. A group of four blocks then
-//! takes two 64-byte multiply-accumulates (AVX-512 VNNI) or four 32-byte ones (AVX2).
+//! contiguous in the grouped layout of [`QuantizedRow`] (4-bit ones two to a byte, element `j`
+//! of a block beside element `j + 16`, so that the nibbles line up with that layout), rows
+//! padded with zero blocks to whole groups, and the scales (per block or per half block) and
+//! minimums in arrays of their own, padded alike. A group of sixteen blocks then takes eight
+//! 64-byte multiply-accumulates (AVX-512 VNNI) whose lanes are its blocks, and one conversion
+//! and scaling of the sums per group instead of one per four blocks.
 //! GGUF's Q4_0, Q4_1 and Q4_K (4-bit), Q8_0, Q5_0, Q5_1 and Q5_K (8-bit), Q2_K, Q3_K and Q6_K
 //! (8-bit with half-block scales and minimums) repack without changing a single weight.
 
 use half::f16;
 
-use super::{grouped_index, half_index, QuantizedRow, BLOCK, GROUP};
+use super::{grouped_index, groups, half_index, QuantizedRow, BLOCK, GROUP};
 use crate::backend::cpu::kernels;
 use crate::backend::tensor::Matrix;
 use crate::backend::Linear;
@@ -89,27 +91,30 @@ impl PackedMatrix {
         let mut packed = Self::empty(bits, rows, cols, halves, offset);
         let (per_block, block_bytes) = weight.dtype.block();
         let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]);
+        let entries = rows * packed.entries_per_row();
         if per_block == BLOCK {
-            let mut scales = Vec::with_capacity(rows * blocks);
-            let mut mins = Vec::new();
+            let asymmetric = matches!(weight.dtype, DType::Q4_1 | DType::Q5_1);
+            let mut scales = vec![f16::ZERO; entries];
+            let mut mins = vec![f16::ZERO; if asymmetric { entries } else { 0 }];
             let mut values = [0i8; BLOCK];
             for (i, block) in data.chunks_exact(block_bytes).enumerate() {
+                let (r, b) = (i / blocks, i % blocks);
                 crate::io::blocks::unpack(weight.dtype, block, &mut values);
-                scales.push(half(block));
-                if matches!(weight.dtype, DType::Q4_1 | DType::Q5_1) {
-                    mins.push(half(&block[2..]));
+                let at = packed.entry(r, b, 0);
+                scales[at] = half(block);
+                if asymmetric {
+                    mins[at] = half(&block[2..]);
                 }
                 // 8-bit storage keeps the signed values (Q5_0's already centred); Q4_0 keeps
                 // its unsigned nibbles and the offset.
                 values.iter_mut().for_each(|v| *v -= offset as i8);
-                packed.set_quants(i / blocks, i % blocks, &values);
+                packed.set_quants(r, b, &values);
             }
             packed.scales = Numbers::Half(scales);
-            packed.mins = (!mins.is_empty()).then_some(Numbers::Half(mins));
+            packed.mins = asymmetric.then_some(Numbers::Half(mins));
             return Some(packed);
         }
         // K-quants: a scale and a minimum per run of 32 elements (of 16 for Q2_K, Q3_K, Q6_K).
-        let entries = rows * blocks * if halves { 2 } else { 1 };
         let (mut scales, mut mins) = (vec![0.0; entries], vec![0.0; entries]);
         for (i, block) in data.chunks_exact(block_bytes).enumerate() {
             let k = KBlock::new(weight.dtype, block);
@@ -122,11 +127,11 @@ impl PackedMatrix {
                 packed.set_quants(r, b + j, &quants);
                 if halves {
                     for h in 0..2 {
-                        let at = 2 * r * blocks + half_index(blocks, b + j, h);
+                        let at = packed.entry(r, b + j, h);
                         (scales[at], mins[at]) = (k.scale(2 * j + h), k.min(2 * j + h));
                     }
                 } else {
-                    let at = r * blocks + b + j;
+                    let at = packed.entry(r, b + j, 0);
                     (scales[at], mins[at]) = (k.scale(j), k.min(j));
                 }
             }
@@ -167,7 +172,9 @@ impl PackedMatrix {
         use rayon::prelude::*;
         let blocks = cols / BLOCK;
         let mut packed = Self::empty(bits, rows, cols, false, 0.0);
-        let (mut scales, mut mins) = (Vec::with_capacity(rows * blocks), Vec::new());
+        let entries = rows * packed.entries_per_row();
+        let mut scales = vec![0.0; entries];
+        let mut mins = vec![0.0; if asymmetric { entries } else { 0 }];
         // A few hundred rows at a time bound the memory of the intermediate blocks.
         for first in (0..rows).step_by(256) {
             let chunk: Vec<Vec<QuantBlock>> = (first..rows.min(first + 256))
@@ -181,9 +188,10 @@ impl PackedMatrix {
             for (i, row) in chunk.iter().enumerate() {
                 for (b, block) in row.iter().enumerate() {
                     packed.set_quants(first + i, b, &block.quants);
-                    scales.push(block.scale);
+                    let at = packed.entry(first + i, b, 0);
+                    scales[at] = block.scale;
                     if asymmetric {
-                        mins.push(block.min);
+                        mins[at] = block.min;
                     }
                 }
             }
@@ -281,18 +289,17 @@ impl PackedMatrix {
 
     /// Stores block `b` of row `r`'s quants as the format keeps them (before the offset).
     fn set_quants(&mut self, r: usize, b: usize, quants: &[i8; BLOCK]) {
-        let blocks = self.blocks();
         let len = Self::row_bytes(self.bits, self.cols);
         let row = &mut self.quants[r * len..(r + 1) * len];
         match self.bits {
             Bits::Eight => {
                 for (i, q) in quants.iter().enumerate() {
-                    row[grouped_index(blocks, b, i)] = *q as u8;
+                    row[grouped_index(b, i)] = *q as u8;
                 }
             }
             Bits::Four => {
                 for j in 0..16 {
-                    row[b * 16 + j] = quants[j] as u8 | (quants[j + 16] as u8) << 4;
+                    row[nibble_index(b, j)] = quants[j] as u8 | (quants[j + 16] as u8) << 4;
                 }
             }
         }
@@ -300,12 +307,17 @@ impl PackedMatrix {
 
     /// Where the scale and minimum of half `h` of block `b` of row `r` are.
     fn entry(&self, r: usize, b: usize, h: usize) -> usize {
-        let blocks = self.blocks();
         if self.halves {
-            2 * r * blocks + half_index(blocks, b, h)
+            r * self.entries_per_row() + half_index(b, h)
         } else {
-            r * blocks + b
+            r * self.entries_per_row() + b
         }
+    }
+
+    /// Scales (and minimums) per row, padding included.
+    fn entries_per_row(&self) -> usize {
+        let per_block = if self.halves { 2 } else { 1 };
+        per_block * groups(self.blocks()) * GROUP
     }
 
     fn scale(&self, r: usize, b: usize, h: usize) -> f32 {
@@ -319,9 +331,10 @@ impl PackedMatrix {
     }
 
     fn row_bytes(bits: Bits, cols: usize) -> usize {
+        let padded = groups(cols / BLOCK) * GROUP * BLOCK;
         match bits {
-            Bits::Eight => cols,
-            Bits::Four => cols / 2,
+            Bits::Eight => padded,
+            Bits::Four => padded / 2,
         }
     }
 
@@ -338,9 +351,9 @@ impl PackedMatrix {
     fn quant(&self, r: usize, b: usize, i: usize) -> i32 {
         let row = self.row_quants(r);
         match self.bits {
-            Bits::Eight => row[grouped_index(self.blocks(), b, i)] as i8 as i32,
+            Bits::Eight => row[grouped_index(b, i)] as i8 as i32,
             Bits::Four => {
-                let byte = row[b * 16 + i % 16];
+                let byte = row[nibble_index(b, i % 16)];
                 (if i < 16 { byte & 0x0F } else { byte >> 4 }) as i32
             }
         }
@@ -372,10 +385,10 @@ impl PackedMatrix {
     }
 
     /// The dot products of weight rows `first..` (as many as `out` holds rows of `xs.len()`)
-    /// with every row of `xs`, into `out`, one weight row after another. A tile of
-    /// [`TILE_ROWS`] weight rows × several activation rows shares each load of either, which
-    /// makes the integer kernels worth running for prompts of any length; every dot product
-    /// is computed the same way whatever tile it falls in.
+    /// with every row of `xs`, into `out`, one weight row after another. Each weight row is
+    /// unpacked once for several activation rows, which makes the integer kernels worth
+    /// running for prompts of any length; every dot product is computed the same way whatever
+    /// tile it falls in.
     pub fn dot_rows(&self, first: usize, xs: &[QuantizedRow], out: &mut [f32]) {
         let n = xs.len();
         // The kernels read whole rows of blocks: a mismatch would read past a buffer.
@@ -389,21 +402,9 @@ impl PackedMatrix {
         );
         #[cfg(target_arch = "x86_64")]
         if let Some(kernel) = x86::Kernel::detect() {
-            // Decode (one activation row, or a few) streams one weight row at a time: two
-            // streams measured 18% slower there.
-            let tiled = if n >= 4 {
-                out.len() / n / TILE_ROWS * TILE_ROWS
-            } else {
-                0
-            };
-            let (tiles, rows) = out.split_at_mut(tiled * n);
-            for (t, tile) in tiles.chunks_exact_mut(TILE_ROWS * n).enumerate() {
+            for (j, row) in out.chunks_exact_mut(n).enumerate() {
                 // SAFETY: as in `dot`; the rows exist (checked above).
-                unsafe { self.tile::<TILE_ROWS>(kernel, first + t * TILE_ROWS, xs, tile) };
-            }
-            for (j, row) in rows.chunks_exact_mut(n).enumerate() {
-                // SAFETY: as above.
-                unsafe { self.tile::<1>(kernel, first + tiled + j, xs, row) };
+                unsafe { self.tile(kernel, first + j, xs, row) };
             }
             return;
         }
@@ -414,51 +415,41 @@ impl PackedMatrix {
         }
     }
 
-    /// Weight rows `first..first + R` with every row of `xs`: eight activation rows at a time
-    /// (with AVX2's 16 registers too: its spills cost less than the unpacks they save,
-    /// measured +17% prefill over four), then four, then one.
+    /// Weight row `r` with every row of `xs`: eight activation rows at a time (with AVX2's 16
+    /// registers too: its spills cost less than the unpacks they save, measured +17% prefill
+    /// over four), then four, then one.
     ///
     /// # Safety
-    /// `kernel`'s features must be present, the rows must exist and `xs` must be as wide as
-    /// they are.
+    /// `kernel`'s features must be present, the row must exist and `xs` must be as wide as
+    /// it is.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn tile<const R: usize>(
-        &self,
-        kernel: x86::Kernel,
-        first: usize,
-        xs: &[QuantizedRow],
-        out: &mut [f32],
-    ) {
-        let done = self.columns::<R, 8>(kernel, first, xs, 0, out);
-        let done = self.columns::<R, 4>(kernel, first, xs, done, out);
-        self.columns::<R, 1>(kernel, first, xs, done, out);
+    unsafe fn tile(&self, kernel: x86::Kernel, r: usize, xs: &[QuantizedRow], out: &mut [f32]) {
+        let done = self.columns::<8>(kernel, r, xs, 0, out);
+        let done = self.columns::<4>(kernel, r, xs, done, out);
+        self.columns::<1>(kernel, r, xs, done, out);
     }
 
-    /// Weight rows `first..first + R` with the activation rows from `start`, `N` at a time, as
-    /// many as fit; returns where it stopped.
+    /// Weight row `r` with the activation rows from `start`, `N` at a time, as many as fit;
+    /// returns where it stopped.
     ///
     /// # Safety
     /// As for [`Self::tile`].
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn columns<const R: usize, const N: usize>(
+    unsafe fn columns<const N: usize>(
         &self,
         kernel: x86::Kernel,
-        first: usize,
+        r: usize,
         xs: &[QuantizedRow],
         start: usize,
         out: &mut [f32],
     ) -> usize {
-        let n = xs.len();
         let chunks = xs[start..].chunks_exact(N);
-        let end = n - chunks.remainder().len();
+        let end = xs.len() - chunks.remainder().len();
         for (c, x) in chunks.enumerate() {
-            let dots = kernel.dot::<R, N>(self, first, std::array::from_fn(|i| &x[i]));
-            let at = start + c * N;
-            for (j, row) in dots.iter().enumerate() {
-                out[j * n + at..j * n + at + N].copy_from_slice(row);
-            }
+            let [dots] = kernel.dot::<1, N>(self, r, std::array::from_fn(|i| &x[i]));
+            out[start + c * N..start + (c + 1) * N].copy_from_slice(&dots);
         }
         end
     }
@@ -472,7 +463,7 @@ impl PackedMatrix {
                 let range = 16 * h..16 * (h + 1);
                 let products: i32 = range.map(|i| self.quant(r, b, i) * quants[i] as i32).sum();
                 let (d, min) = (self.scale(r, b, h), self.min(r, b, h));
-                let half_sum = x.half_sums[half_index(x.blocks(), b, h)];
+                let half_sum = x.half_sums[half_index(b, h)];
                 total += d * x.scales[b] * products as f32 + (self.offset * d + min) * half_sum;
             }
         }
@@ -480,8 +471,12 @@ impl PackedMatrix {
     }
 }
 
-/// Weight rows per tile of the AVX-512 kernel.
-const TILE_ROWS: usize = 2;
+/// Where the byte holding elements `j` and `j + 16` (`j < 16`) of block `b` lives in a row of
+/// 4-bit weights: the grouped layout's place of element `j`, two elements to a byte.
+#[inline(always)]
+fn nibble_index(b: usize, j: usize) -> usize {
+    grouped_index(b, j) - (b / GROUP) * GROUP * BLOCK / 2
+}
 
 /// One quantized block of 32 weights: `weight = scale · quant + min`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -502,7 +497,7 @@ impl PackedLinear {
         let row_block = (kernels::ROW_BLOCK_BYTES / x.cols.max(1)).next_multiple_of(8);
         kernels::gemv_rows(
             out,
-            TILE_ROWS,
+            1,
             row_block,
             || (),
             |_, first, rows, dst| self.0.dot_rows(first, &quantized[rows], dst),
@@ -532,7 +527,7 @@ impl Linear for PackedLinear {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Bits, Numbers, PackedMatrix, QuantizedRow, BLOCK, GROUP};
+    use super::{groups, Bits, Numbers, PackedMatrix, QuantizedRow, BLOCK, GROUP};
 
     /// The integer kernels the host runs.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -575,15 +570,6 @@ mod x86 {
         }
     }
 
-    /// Entries `i..i + 4` (`i` a multiple of 4) as f32.
-    #[inline(always)]
-    unsafe fn load4(numbers: &Numbers, i: usize) -> __m128 {
-        match numbers {
-            Numbers::Half(v) => _mm_cvtph_ps(_mm_loadl_epi64(v.as_ptr().add(i).cast())),
-            Numbers::Full(v) => _mm_loadu_ps(v.as_ptr().add(i)),
-        }
-    }
-
     #[inline(always)]
     unsafe fn hsum128(v: __m128) -> f32 {
         let pair = _mm_add_ps(v, _mm_movehl_ps(v, v));
@@ -616,7 +602,9 @@ mod x86 {
     }
 
     /// [`dot_avx512`] for 4-bit (`FOUR`) or 8-bit weights, with or without half-block
-    /// scales (`HALVES`).
+    /// scales (`HALVES`). Per group, each row's eight steps are unpacked once for all
+    /// activation rows; each activation row's step then meets them in one multiply-accumulate
+    /// each, sixteen blocks to a vector, and the group's sums are converted and scaled once.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
     #[inline]
     unsafe fn dot_layout<const R: usize, const N: usize, const FOUR: bool, const HALVES: bool>(
@@ -624,76 +612,74 @@ mod x86 {
         first: usize,
         xs: [&QuantizedRow; N],
     ) -> [[f32; N]; R] {
-        let blocks = w.blocks();
-        let groups = blocks / GROUP;
+        let groups = groups(w.blocks());
         let mut quants = [std::ptr::null(); R];
         for (j, q) in quants.iter_mut().enumerate() {
             *q = w.row_quants(first + j).as_ptr();
         }
-        // Lane i of the products belongs to block i / 4 of the group.
-        let spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-        let spread = |v: __m128| _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(v));
         let low = _mm512_set1_epi8(0x0F);
         let zero = _mm512_setzero_si512();
         let mut acc = [[_mm512_setzero_ps(); N]; R];
         for g in 0..groups {
-            // Each row's weights as unsigned bytes, the lanes whose sign moves onto x, and the
+            // Each row's steps as unsigned bytes, the lanes whose sign moves onto x, and the
             // scales of the blocks' first and second halves (the same unless the format has
-            // half-block scales), spread.
-            let mut rows = [(zero, zero, 0, 0, _mm512_setzero_ps(), _mm512_setzero_ps()); R];
+            // half-block scales).
+            let mut rows = [([zero; 8], [0; 8], _mm512_setzero_ps(), _mm512_setzero_ps()); R];
             // A loop, not `std::array::from_fn`: a closure called from a function without
             // these target features is not inlined here, and its intrinsics became calls
             // (measured twice as slow).
             for (j, row) in rows.iter_mut().enumerate() {
-                let (a, b, negative_a, negative_b) = match FOUR {
-                    true => {
-                        let packed = _mm512_loadu_si512(quants[j].add(64 * g).cast());
-                        let high = _mm512_srli_epi16(packed, 4);
-                        (
-                            _mm512_and_si512(packed, low),
-                            _mm512_and_si512(high, low),
-                            0,
-                            0,
-                        )
+                let (steps, negative, da, db) = row;
+                if FOUR {
+                    let group = quants[j].add(GROUP * BLOCK / 2 * g);
+                    for t in 0..4 {
+                        let packed = _mm512_loadu_si512(group.add(64 * t).cast());
+                        steps[t] = _mm512_and_si512(packed, low);
+                        steps[t + 4] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
                     }
-                    false => {
-                        let a = _mm512_loadu_si512(quants[j].add(128 * g).cast());
-                        let b = _mm512_loadu_si512(quants[j].add(128 * g + 64).cast());
-                        let (na, nb) = (_mm512_movepi8_mask(a), _mm512_movepi8_mask(b));
-                        (_mm512_abs_epi8(a), _mm512_abs_epi8(b), na, nb)
-                    }
-                };
-                let (da, db) = if HALVES {
-                    let at = 2 * ((first + j) * blocks + g * GROUP);
-                    (load4(&w.scales, at), load4(&w.scales, at + GROUP))
                 } else {
-                    let d = load4(&w.scales, (first + j) * blocks + g * GROUP);
-                    (d, d)
+                    let group = quants[j].add(GROUP * BLOCK * g);
+                    for (s, (step, negative)) in steps.iter_mut().zip(negative).enumerate() {
+                        let v = _mm512_loadu_si512(group.add(64 * s).cast());
+                        *negative = _mm512_movepi8_mask(v);
+                        *step = _mm512_abs_epi8(v);
+                    }
+                }
+                let at = w.entry(first + j, GROUP * g, 0);
+                *da = load16(&w.scales, at);
+                *db = if HALVES {
+                    load16(&w.scales, at + GROUP)
+                } else {
+                    *da
                 };
-                *row = (a, b, negative_a, negative_b, spread(da), spread(db));
             }
             for k in 0..N {
                 let xq = xs[k].quants.as_ptr().add(GROUP * BLOCK * g);
-                let xa = _mm512_loadu_si512(xq.cast());
-                let xb = _mm512_loadu_si512(xq.add(64).cast());
-                let dx = _mm512_loadu_ps(xs[k].lane_scales.as_ptr().add(16 * g));
-                for (j, &(a, b, negative_a, negative_b, da, db)) in rows.iter().enumerate() {
-                    let (xa, xb) = match FOUR {
-                        true => (xa, xb),
-                        false => (
-                            _mm512_mask_sub_epi8(xa, negative_a, zero, xa),
-                            _mm512_mask_sub_epi8(xb, negative_b, zero, xb),
-                        ),
-                    };
+                let dx = _mm512_loadu_ps(xs[k].scales.as_ptr().add(GROUP * g));
+                for (j, (steps, negative, da, db)) in rows.iter().enumerate() {
+                    // Four chains of multiply-accumulates, not one: a chain of eight waits
+                    // out eight latencies (a single activation row ran at a third of the
+                    // memory's speed).
+                    let mut sums = [zero; 4];
+                    for s in 0..8 {
+                        let mut x = _mm512_loadu_si512(xq.add(64 * s).cast());
+                        if !FOUR {
+                            x = _mm512_mask_sub_epi8(x, negative[s], zero, x);
+                        }
+                        let chain = if HALVES { s / 4 * 2 + s % 2 } else { s % 4 };
+                        sums[chain] = _mm512_dpbusd_epi32(sums[chain], steps[s], x);
+                    }
+                    let (a, b) = (
+                        _mm512_add_epi32(sums[0], sums[1]),
+                        _mm512_add_epi32(sums[2], sums[3]),
+                    );
                     let acc = &mut acc[j][k];
                     if HALVES {
-                        let pa = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, a, xa));
-                        let pb = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, b, xb));
-                        *acc = _mm512_fmadd_ps(pa, _mm512_mul_ps(da, dx), *acc);
-                        *acc = _mm512_fmadd_ps(pb, _mm512_mul_ps(db, dx), *acc);
+                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(*da, dx), *acc);
+                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), _mm512_mul_ps(*db, dx), *acc);
                     } else {
-                        let p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, a, xa), b, xb);
-                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(da, dx), *acc);
+                        let p = _mm512_cvtepi32_ps(_mm512_add_epi32(a, b));
+                        *acc = _mm512_fmadd_ps(p, _mm512_mul_ps(*da, dx), *acc);
                     }
                 }
             }
@@ -701,48 +687,37 @@ mod x86 {
         // Loops rather than `from_fn` closures, for the reason above.
         let mut dots = [[0.0; N]; R];
         for (j, row) in dots.iter_mut().enumerate() {
-            let r = first + j;
-            let offsets = offsets_avx512(w, r, xs, groups * GROUP);
-            let rest = groups * GROUP..w.blocks();
+            let offsets = offsets_avx512(w, first + j, xs);
             for (k, dot) in row.iter_mut().enumerate() {
                 *dot = _mm512_reduce_add_ps(acc[j][k]) + offsets[k];
-                if !rest.is_empty() {
-                    *dot += w.dot_blocks(r, xs[k], rest.clone());
-                }
             }
         }
         dots
     }
 
-    /// `Σ (offset · d + min) · Σx` over the first `blocks` blocks of row `r` (or over their
-    /// halves, for formats with half-block scales), for each of the activation rows `xs`: the
-    /// part of the dot product the format's offset and minimums add, from the activations'
-    /// block sums. Each run of 16 weight terms is computed once for all `N` rows.
+    /// `Σ (offset · d + min) · Σx` over row `r`'s blocks (or over their halves, for formats
+    /// with half-block scales), for each of the activation rows `xs`: the part of the dot
+    /// product the format's offset and minimums add, from the activations' block sums. Each
+    /// run of 16 weight terms is computed once for all `N` rows.
     #[inline(always)]
     unsafe fn offsets_avx512<const N: usize>(
         w: &PackedMatrix,
         r: usize,
         xs: [&QuantizedRow; N],
-        blocks: usize,
     ) -> [f32; N] {
         let mut totals = [0.0; N];
-        let Some((first, count, sums)) = offset_terms(w, r, xs, blocks) else {
+        let Some((first, count, sums)) = offset_terms(w, r, xs) else {
             return totals;
         };
         let shift = _mm512_set1_ps(w.offset);
         let mut acc = [_mm512_setzero_ps(); N];
         for i in (0..count).step_by(16) {
-            let mask: __mmask16 = if count - i >= 16 {
-                0xFFFF
-            } else {
-                (1 << (count - i)) - 1
-            };
-            let mut c = _mm512_mul_ps(load16(&w.scales, first + i, mask), shift);
+            let mut c = _mm512_mul_ps(load16(&w.scales, first + i), shift);
             if let Some(mins) = &w.mins {
-                c = _mm512_add_ps(c, load16(mins, first + i, mask));
+                c = _mm512_add_ps(c, load16(mins, first + i));
             }
             for (a, s) in acc.iter_mut().zip(sums) {
-                *a = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(mask, s.add(i)), *a);
+                *a = _mm512_fmadd_ps(c, _mm512_loadu_ps(s.add(i)), *a);
             }
         }
         for (t, a) in totals.iter_mut().zip(acc) {
@@ -751,21 +726,19 @@ mod x86 {
         totals
     }
 
-    /// The first of row `r`'s offset terms over its first `blocks` blocks, how many there are,
-    /// and where each activation row's matching sums start; `None` for a format with neither
-    /// offset nor minimums. Scales, minimums and sums share one layout: per block, or per half
-    /// in `half_index` order.
+    /// The first of row `r`'s offset terms, how many there are (whole groups: the padding's
+    /// are zero), and where each activation row's matching sums start; `None` for a format
+    /// with neither offset nor minimums. Scales, minimums and sums share one layout: per
+    /// block, or per half in `half_index` order.
     #[inline(always)]
     fn offset_terms<const N: usize>(
         w: &PackedMatrix,
         r: usize,
         xs: [&QuantizedRow; N],
-        blocks: usize,
     ) -> Option<(usize, usize, [*const f32; N])> {
         if w.offset == 0.0 && w.mins.is_none() {
             return None;
         }
-        let per_block = if w.halves { 2 } else { 1 };
         let mut sums = [std::ptr::null(); N];
         for (s, x) in sums.iter_mut().zip(xs) {
             *s = if w.halves {
@@ -774,17 +747,16 @@ mod x86 {
                 x.sums.as_ptr()
             };
         }
-        Some((per_block * r * w.blocks(), per_block * blocks, sums))
+        let count = w.entries_per_row();
+        Some((r * count, count, sums))
     }
 
-    /// Entries `i..i + 16` as f32, those outside `mask` zero (and not read).
+    /// Entries `i..i + 16` as f32.
     #[inline(always)]
-    unsafe fn load16(numbers: &Numbers, i: usize, mask: __mmask16) -> __m512 {
+    unsafe fn load16(numbers: &Numbers, i: usize) -> __m512 {
         match numbers {
-            Numbers::Half(v) => {
-                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, v.as_ptr().add(i).cast()))
-            }
-            Numbers::Full(v) => _mm512_maskz_loadu_ps(mask, v.as_ptr().add(i)),
+            Numbers::Half(v) => _mm512_cvtph_ps(_mm256_loadu_si256(v.as_ptr().add(i).cast())),
+            Numbers::Full(v) => _mm512_loadu_ps(v.as_ptr().add(i)),
         }
     }
 
@@ -806,8 +778,7 @@ mod x86 {
     }
 
     /// [`dot_avx2`] for 4-bit (`FOUR`) or 8-bit weights, with or without half-block scales
-    /// (`HALVES`). Lanes 0–3 of a half's products belong to its first block, 4–7 to its
-    /// second: the activations' lane scales line up with them as stored.
+    /// (`HALVES`): each group as two halves of eight blocks, one to a lane.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn layout_avx2<const R: usize, const N: usize, const FOUR: bool, const HALVES: bool>(
@@ -815,80 +786,57 @@ mod x86 {
         first: usize,
         xs: [&QuantizedRow; N],
     ) -> [[f32; N]; R] {
-        let blocks = w.blocks();
-        let groups = blocks / GROUP;
+        let groups = groups(w.blocks());
         let mut quants = [std::ptr::null(); R];
         for (j, q) in quants.iter_mut().enumerate() {
             *q = w.row_quants(first + j).as_ptr();
         }
-        let spreads = [
-            _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0),
-            _mm256_set_epi32(3, 3, 3, 3, 2, 2, 2, 2),
-        ];
         let low = _mm256_set1_epi8(0x0F);
         let zero = _mm256_setzero_si256();
         let mut acc = [[_mm256_setzero_ps(); N]; R];
         for g in 0..groups {
-            // Per row and half: the weights of the blocks' first and second halves, and
-            // their scales spread over the lanes. Loops, not closures (see `dot_layout`).
-            let mut rows = [[(zero, zero, _mm256_setzero_ps(), _mm256_setzero_ps()); 2]; R];
-            for (j, row) in rows.iter_mut().enumerate() {
-                let (da, db) = if HALVES {
-                    let at = 2 * ((first + j) * blocks + g * GROUP);
-                    (load4(&w.scales, at), load4(&w.scales, at + GROUP))
-                } else {
-                    let d = load4(&w.scales, (first + j) * blocks + g * GROUP);
-                    (d, d)
-                };
-                let (da, db) = (_mm256_castps128_ps256(da), _mm256_castps128_ps256(db));
-                for (half, entry) in row.iter_mut().enumerate() {
-                    let (a, b) = match FOUR {
-                        true => {
-                            let packed =
-                                _mm256_loadu_si256(quants[j].add(64 * g + 32 * half).cast());
-                            (
-                                _mm256_and_si256(packed, low),
-                                _mm256_and_si256(_mm256_srli_epi16(packed, 4), low),
-                            )
+            for half in 0..2 {
+                // Per row: the half group's eight steps and its blocks' scales. Loops, not
+                // closures (see `dot_layout`).
+                let mut rows = [([zero; 8], _mm256_setzero_ps(), _mm256_setzero_ps()); R];
+                for (j, (steps, da, db)) in rows.iter_mut().enumerate() {
+                    if FOUR {
+                        let group = quants[j].add(GROUP * BLOCK / 2 * g + 32 * half);
+                        for t in 0..4 {
+                            let packed = _mm256_loadu_si256(group.add(64 * t).cast());
+                            steps[t] = _mm256_and_si256(packed, low);
+                            steps[t + 4] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
                         }
-                        false => (
-                            _mm256_loadu_si256(quants[j].add(128 * g + 32 * half).cast()),
-                            _mm256_loadu_si256(quants[j].add(128 * g + 64 + 32 * half).cast()),
-                        ),
+                    } else {
+                        let group = quants[j].add(GROUP * BLOCK * g + 32 * half);
+                        for (s, step) in steps.iter_mut().enumerate() {
+                            *step = _mm256_loadu_si256(group.add(64 * s).cast());
+                        }
+                    }
+                    let at = w.entry(first + j, GROUP * g, 0) + 8 * half;
+                    *da = load8(&w.scales, at);
+                    *db = if HALVES {
+                        load8(&w.scales, at + GROUP)
+                    } else {
+                        *da
                     };
-                    let spread = spreads[half];
-                    *entry = (
-                        a,
-                        b,
-                        _mm256_permutevar8x32_ps(da, spread),
-                        _mm256_permutevar8x32_ps(db, spread),
-                    );
                 }
-            }
-            for k in 0..N {
-                let xq = xs[k].quants.as_ptr().add(GROUP * BLOCK * g);
-                for half in 0..2 {
-                    let xa = _mm256_loadu_si256(xq.add(32 * half).cast());
-                    let xb = _mm256_loadu_si256(xq.add(64 + 32 * half).cast());
-                    let dx = _mm256_loadu_ps(xs[k].lane_scales.as_ptr().add(16 * g + 8 * half));
-                    for (j, row) in rows.iter().enumerate() {
-                        let (a, b, da, db) = row[half];
-                        let (pa, pb) = (products_avx2::<FOUR>(a, xa), products_avx2::<FOUR>(b, xb));
+                for k in 0..N {
+                    let xq = xs[k].quants.as_ptr().add(GROUP * BLOCK * g + 32 * half);
+                    let dx = _mm256_loadu_ps(xs[k].scales.as_ptr().add(GROUP * g + 8 * half));
+                    for (j, (steps, da, db)) in rows.iter().enumerate() {
+                        let mut sums = [zero; 2];
+                        for (s, step) in steps.iter().enumerate() {
+                            let x = _mm256_loadu_si256(xq.add(64 * s).cast());
+                            let h = if HALVES { s / 4 } else { 0 };
+                            sums[h] = _mm256_add_epi32(sums[h], products_avx2::<FOUR>(*step, x));
+                        }
                         let acc = &mut acc[j][k];
+                        let first_half = _mm256_cvtepi32_ps(sums[0]);
+                        *acc = _mm256_fmadd_ps(first_half, _mm256_mul_ps(*da, dx), *acc);
                         if HALVES {
-                            *acc = _mm256_fmadd_ps(
-                                _mm256_cvtepi32_ps(pa),
-                                _mm256_mul_ps(da, dx),
-                                *acc,
-                            );
-                            *acc = _mm256_fmadd_ps(
-                                _mm256_cvtepi32_ps(pb),
-                                _mm256_mul_ps(db, dx),
-                                *acc,
-                            );
-                        } else {
-                            let p = _mm256_cvtepi32_ps(_mm256_add_epi32(pa, pb));
-                            *acc = _mm256_fmadd_ps(p, _mm256_mul_ps(da, dx), *acc);
+                            let second = _mm256_cvtepi32_ps(sums[1]);
+                            *acc = _mm256_fmadd_ps(second, _mm256_mul_ps(*db, dx), *acc);
                         }
                     }
                 }
@@ -896,18 +844,13 @@ mod x86 {
         }
         let mut dots = [[0.0; N]; R];
         for (j, row) in dots.iter_mut().enumerate() {
-            let r = first + j;
-            let offsets = offsets_avx2(w, r, xs, groups * GROUP);
-            let rest = groups * GROUP..w.blocks();
+            let offsets = offsets_avx2(w, first + j, xs);
             for (k, dot) in row.iter_mut().enumerate() {
                 let quad = _mm_add_ps(
                     _mm256_castps256_ps128(acc[j][k]),
                     _mm256_extractf128_ps(acc[j][k], 1),
                 );
                 *dot = hsum128(quad) + offsets[k];
-                if !rest.is_empty() {
-                    *dot += w.dot_blocks(r, xs[k], rest.clone());
-                }
             }
         }
         dots
@@ -925,22 +868,20 @@ mod x86 {
         _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
     }
 
-    /// [`offsets_avx512`] eight terms at a time, then one at a time.
+    /// [`offsets_avx512`] eight terms at a time.
     #[inline(always)]
     unsafe fn offsets_avx2<const N: usize>(
         w: &PackedMatrix,
         r: usize,
         xs: [&QuantizedRow; N],
-        blocks: usize,
     ) -> [f32; N] {
         let mut totals = [0.0; N];
-        let Some((first, count, sums)) = offset_terms(w, r, xs, blocks) else {
+        let Some((first, count, sums)) = offset_terms(w, r, xs) else {
             return totals;
         };
         let shift = _mm256_set1_ps(w.offset);
         let mut acc = [_mm256_setzero_ps(); N];
-        let whole = count / 8 * 8;
-        for i in (0..whole).step_by(8) {
+        for i in (0..count).step_by(8) {
             let mut c = _mm256_mul_ps(load8(&w.scales, first + i), shift);
             if let Some(mins) = &w.mins {
                 c = _mm256_add_ps(c, load8(mins, first + i));
@@ -949,16 +890,9 @@ mod x86 {
                 *a = _mm256_fmadd_ps(c, _mm256_loadu_ps(s.add(i)), *a);
             }
         }
-        for ((t, a), s) in totals.iter_mut().zip(acc).zip(sums) {
+        for (t, a) in totals.iter_mut().zip(acc) {
             let quad = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
             *t = hsum128(quad);
-            for i in whole..count {
-                let mut c = w.scales.get(first + i) * w.offset;
-                if let Some(mins) = &w.mins {
-                    c += mins.get(first + i);
-                }
-                *t = c.mul_add(*s.add(i), *t);
-            }
         }
         totals
     }
@@ -1003,8 +937,8 @@ mod tests {
 
     #[test]
     fn packed_rows_widen_and_multiply_as_their_gguf_blocks() {
-        // 11 blocks per row: two whole groups of four and a tail of three.
-        let (rows, cols) = (5, 11 * BLOCK);
+        // 35 blocks per row: two whole groups of sixteen and three blocks of a padded one.
+        let (rows, cols) = (5, 35 * BLOCK);
         let w = values(rows * cols, 3);
         let x = values(cols, 9);
         for (dtype, bytes) in [
@@ -1077,7 +1011,8 @@ mod tests {
 
     #[test]
     fn k_quants_repack_exactly_and_multiply_as_widened() {
-        let (rows, cols) = (3, 512);
+        // Three super-blocks: one group of sixteen blocks and half of a padded one.
+        let (rows, cols) = (3, 768);
         let x = values(cols, 5);
         for dtype in [DType::Q2K, DType::Q3K, DType::Q4K, DType::Q5K, DType::Q6K] {
             check_packed(dtype, random_blocks(dtype, rows * cols / 256, 21), rows, &x);
@@ -1107,15 +1042,15 @@ mod tests {
 
     #[test]
     fn many_rows_give_each_row_its_own_result() {
-        // An odd number of weight rows leaves one outside the tiles of two; 30 activation rows
-        // run as 3 × 8 + 4 + 1 + 1; 11 blocks per row leave 3 outside the groups of four (the
-        // 32-element types; K-quant rows are whole super-blocks). Offsets (Q4_0), minimums
-        // (Q4_1, Q4_K, Q2_K) and half-block scales (Q6_K, Q2_K) all take the tiled path.
+        // 30 activation rows run as 3 × 8 + 4 + 1 + 1; 19 blocks per row fill one group of
+        // sixteen and three blocks of a padded one (the 32-element types; K-quant rows are
+        // whole super-blocks). Offsets (Q4_0), minimums (Q4_1, Q4_K, Q2_K) and half-block
+        // scales (Q6_K, Q2_K) all take the tiled path.
         let rows = 41;
         for (dtype, cols) in [
-            (DType::Q4_0, 11 * BLOCK),
-            (DType::Q4_1, 11 * BLOCK),
-            (DType::Q8_0, 11 * BLOCK),
+            (DType::Q4_0, 19 * BLOCK),
+            (DType::Q4_1, 19 * BLOCK),
+            (DType::Q8_0, 19 * BLOCK),
             (DType::Q4K, 256),
             (DType::Q2K, 256),
             (DType::Q6K, 256),
