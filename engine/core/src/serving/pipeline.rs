@@ -201,7 +201,7 @@ pub fn install(app: &mut App, model: Arc<Model>) {
 /// Put in the world by the plugin that fills the `scheduler` slot (it admits requests and
 /// runs each step's forward): a pipeline without one would never run a request.
 #[derive(Resource, Debug, Clone, Copy)]
-pub struct Scheduler(pub &'static str);
+pub struct Scheduler;
 
 /// The order in which a step serves running requests (and preempts the last of them): the
 /// scheduling-policy plugin's choice. Smaller keys go first.

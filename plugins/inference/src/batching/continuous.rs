@@ -30,7 +30,7 @@ impl Plugin for ContinuousBatching {
     }
 
     fn build(&self, app: &mut App) -> anyhow::Result<()> {
-        app.world.insert_resource(Scheduler("continuous-batching"));
+        app.world.insert_resource(Scheduler);
         app.add_systems(Stage::Admit, admit);
         app.add_systems(Stage::Forward, forward);
         Ok(())

@@ -379,7 +379,7 @@ impl PackedMatrix {
         if let Some(kernel) = x86::Kernel::detect() {
             // SAFETY: the kernel's features were detected; the row and `x` hold
             // `self.blocks()` blocks each, which is all the kernels read.
-            return unsafe { kernel.dot::<1, 1>(self, r, [x]) }[0][0];
+            return unsafe { kernel.dot::<1>(self, r, [x]) }[0];
         }
         self.dot_blocks(r, x, 0..self.blocks())
     }
@@ -448,7 +448,7 @@ impl PackedMatrix {
         let chunks = xs[start..].chunks_exact(N);
         let end = xs.len() - chunks.remainder().len();
         for (c, x) in chunks.enumerate() {
-            let [dots] = kernel.dot::<1, N>(self, r, std::array::from_fn(|i| &x[i]));
+            let dots = kernel.dot::<N>(self, r, std::array::from_fn(|i| &x[i]));
             out[start + c * N..start + (c + 1) * N].copy_from_slice(&dots);
         }
         end
@@ -495,6 +495,7 @@ impl PackedLinear {
         let quantized = super::quantize_rows(x);
         // Activation rows take about a byte an element.
         let row_block = (kernels::ROW_BLOCK_BYTES / x.cols.max(1)).next_multiple_of(8);
+        // One weight row a call: the kernels unpack it once for all the activation rows.
         kernels::gemv_rows(
             out,
             1,
@@ -554,18 +555,18 @@ mod x86 {
         }
 
         /// # Safety
-        /// The kernel's features must be present, rows `first..first + R` must exist, and
-        /// `xs` must be as wide as they are.
+        /// The kernel's features must be present, row `r` must exist, and `xs` must be as
+        /// wide as it is.
         #[inline(always)]
-        pub unsafe fn dot<const R: usize, const N: usize>(
+        pub unsafe fn dot<const N: usize>(
             self,
             w: &PackedMatrix,
-            first: usize,
+            r: usize,
             xs: [&QuantizedRow; N],
-        ) -> [[f32; N]; R] {
+        ) -> [f32; N] {
             match self {
-                Kernel::Avx512 => dot_avx512::<R, N>(w, first, xs),
-                Kernel::Avx2 => dot_avx2::<R, N>(w, first, xs),
+                Kernel::Avx512 => dot_avx512::<N>(w, r, xs),
+                Kernel::Avx2 => dot_avx2::<N>(w, r, xs),
             }
         }
     }
@@ -576,121 +577,106 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)))
     }
 
-    /// Dot products of `R` weight rows from `first` with `N` activation rows: each group of
-    /// weights is loaded and unpacked, and its scales spread over the lanes, once for all
-    /// activation rows, and each group of activations once for all weight rows. `vpdpbusd`
-    /// multiplies unsigned by signed bytes: 8-bit weights keep their sign, moved onto the
-    /// activations (`|w| · (x · sign w)`), which loses nothing; shifting them to unsigned
-    /// instead and subtracting 128 · Σx after cancels away the precision of small weights
-    /// (Q3_K's −4…3). The format's offset and minimums multiply only the activations' block
-    /// sums, so they are one short dot product per weight row, for all activation rows at
-    /// once, after the loop ([`offsets_avx512`]).
+    /// Dot products of weight row `r` with `N` activation rows: each group of weights is
+    /// loaded and unpacked once for all activation rows. `vpdpbusd` multiplies unsigned by
+    /// signed bytes: 8-bit weights keep their sign, moved onto the activations
+    /// (`|w| · (x · sign w)`), which loses nothing; shifting them to unsigned instead and
+    /// subtracting 128 · Σx after cancels away the precision of small weights (Q3_K's −4…3).
+    /// The format's offset and minimums multiply only the activations' block sums, so they are
+    /// one short dot product for all activation rows at once, after the loop
+    /// ([`offsets_avx512`]).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
-    pub unsafe fn dot_avx512<const R: usize, const N: usize>(
+    pub unsafe fn dot_avx512<const N: usize>(
         w: &PackedMatrix,
-        first: usize,
+        r: usize,
         xs: [&QuantizedRow; N],
-    ) -> [[f32; N]; R] {
+    ) -> [f32; N] {
         // The layout is fixed per weight: a kernel for each keeps the inner loops free of
         // its branches.
         match (w.bits, w.halves) {
-            (Bits::Four, false) => dot_layout::<R, N, true, false>(w, first, xs),
-            (Bits::Four, true) => dot_layout::<R, N, true, true>(w, first, xs),
-            (Bits::Eight, false) => dot_layout::<R, N, false, false>(w, first, xs),
-            (Bits::Eight, true) => dot_layout::<R, N, false, true>(w, first, xs),
+            (Bits::Four, false) => dot_layout::<N, true, false>(w, r, xs),
+            (Bits::Four, true) => dot_layout::<N, true, true>(w, r, xs),
+            (Bits::Eight, false) => dot_layout::<N, false, false>(w, r, xs),
+            (Bits::Eight, true) => dot_layout::<N, false, true>(w, r, xs),
         }
     }
 
     /// [`dot_avx512`] for 4-bit (`FOUR`) or 8-bit weights, with or without half-block
-    /// scales (`HALVES`). Per group, each row's eight steps are unpacked once for all
+    /// scales (`HALVES`). Per group, the row's eight steps are unpacked once for all
     /// activation rows; each activation row's step then meets them in one multiply-accumulate
     /// each, sixteen blocks to a vector, and the group's sums are converted and scaled once.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
     #[inline]
-    unsafe fn dot_layout<const R: usize, const N: usize, const FOUR: bool, const HALVES: bool>(
+    unsafe fn dot_layout<const N: usize, const FOUR: bool, const HALVES: bool>(
         w: &PackedMatrix,
-        first: usize,
+        r: usize,
         xs: [&QuantizedRow; N],
-    ) -> [[f32; N]; R] {
-        let groups = groups(w.blocks());
-        let mut quants = [std::ptr::null(); R];
-        for (j, q) in quants.iter_mut().enumerate() {
-            *q = w.row_quants(first + j).as_ptr();
-        }
+    ) -> [f32; N] {
+        let quants = w.row_quants(r).as_ptr();
         let low = _mm512_set1_epi8(0x0F);
         let zero = _mm512_setzero_si512();
-        let mut acc = [[_mm512_setzero_ps(); N]; R];
-        for g in 0..groups {
-            // Each row's steps as unsigned bytes, the lanes whose sign moves onto x, and the
-            // scales of the blocks' first and second halves (the same unless the format has
-            // half-block scales).
-            let mut rows = [([zero; 8], [0; 8], _mm512_setzero_ps(), _mm512_setzero_ps()); R];
-            // A loop, not `std::array::from_fn`: a closure called from a function without
-            // these target features is not inlined here, and its intrinsics became calls
-            // (measured twice as slow).
-            for (j, row) in rows.iter_mut().enumerate() {
-                let (steps, negative, da, db) = row;
-                if FOUR {
-                    let group = quants[j].add(GROUP * BLOCK / 2 * g);
-                    for t in 0..4 {
-                        let packed = _mm512_loadu_si512(group.add(64 * t).cast());
-                        steps[t] = _mm512_and_si512(packed, low);
-                        steps[t + 4] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
-                    }
-                } else {
-                    let group = quants[j].add(GROUP * BLOCK * g);
-                    for (s, (step, negative)) in steps.iter_mut().zip(negative).enumerate() {
-                        let v = _mm512_loadu_si512(group.add(64 * s).cast());
-                        *negative = _mm512_movepi8_mask(v);
-                        *step = _mm512_abs_epi8(v);
-                    }
+        let mut acc = [_mm512_setzero_ps(); N];
+        for g in 0..groups(w.blocks()) {
+            // The steps as unsigned bytes, the lanes whose sign moves onto x, and the scales
+            // of the blocks' first and second halves (the same unless the format has
+            // half-block scales). Loops, not `std::array::from_fn`: a closure called from a
+            // function without these target features is not inlined here, and its intrinsics
+            // became calls (measured twice as slow).
+            let mut steps = [zero; 8];
+            let mut negative = [0; 8];
+            if FOUR {
+                let group = quants.add(GROUP * BLOCK / 2 * g);
+                for t in 0..4 {
+                    let packed = _mm512_loadu_si512(group.add(64 * t).cast());
+                    steps[t] = _mm512_and_si512(packed, low);
+                    steps[t + 4] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
                 }
-                let at = w.entry(first + j, GROUP * g, 0);
-                *da = load16(&w.scales, at);
-                *db = if HALVES {
-                    load16(&w.scales, at + GROUP)
-                } else {
-                    *da
-                };
+            } else {
+                let group = quants.add(GROUP * BLOCK * g);
+                for (s, (step, negative)) in steps.iter_mut().zip(&mut negative).enumerate() {
+                    let v = _mm512_loadu_si512(group.add(64 * s).cast());
+                    *negative = _mm512_movepi8_mask(v);
+                    *step = _mm512_abs_epi8(v);
+                }
             }
-            for k in 0..N {
-                let xq = xs[k].quants.as_ptr().add(GROUP * BLOCK * g);
-                let dx = _mm512_loadu_ps(xs[k].scales.as_ptr().add(GROUP * g));
-                for (j, (steps, negative, da, db)) in rows.iter().enumerate() {
-                    // Four chains of multiply-accumulates, not one: a chain of eight waits
-                    // out eight latencies (a single activation row ran at a third of the
-                    // memory's speed).
-                    let mut sums = [zero; 4];
-                    for s in 0..8 {
-                        let mut x = _mm512_loadu_si512(xq.add(64 * s).cast());
-                        if !FOUR {
-                            x = _mm512_mask_sub_epi8(x, negative[s], zero, x);
-                        }
-                        let chain = if HALVES { s / 4 * 2 + s % 2 } else { s % 4 };
-                        sums[chain] = _mm512_dpbusd_epi32(sums[chain], steps[s], x);
+            let at = w.entry(r, GROUP * g, 0);
+            let da = load16(&w.scales, at);
+            let db = if HALVES {
+                load16(&w.scales, at + GROUP)
+            } else {
+                da
+            };
+            for (x, acc) in xs.iter().zip(&mut acc) {
+                let xq = x.quants.as_ptr().add(GROUP * BLOCK * g);
+                let dx = _mm512_loadu_ps(x.scales.as_ptr().add(GROUP * g));
+                // Four chains of multiply-accumulates, not one: a chain of eight waits out
+                // eight latencies (a single activation row ran at a third of the memory's
+                // speed).
+                let mut sums = [zero; 4];
+                for s in 0..8 {
+                    let mut x = _mm512_loadu_si512(xq.add(64 * s).cast());
+                    if !FOUR {
+                        x = _mm512_mask_sub_epi8(x, negative[s], zero, x);
                     }
-                    let (a, b) = (
-                        _mm512_add_epi32(sums[0], sums[1]),
-                        _mm512_add_epi32(sums[2], sums[3]),
-                    );
-                    let acc = &mut acc[j][k];
-                    if HALVES {
-                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(*da, dx), *acc);
-                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), _mm512_mul_ps(*db, dx), *acc);
-                    } else {
-                        let p = _mm512_cvtepi32_ps(_mm512_add_epi32(a, b));
-                        *acc = _mm512_fmadd_ps(p, _mm512_mul_ps(*da, dx), *acc);
-                    }
+                    let chain = if HALVES { s / 4 * 2 + s % 2 } else { s % 4 };
+                    sums[chain] = _mm512_dpbusd_epi32(sums[chain], steps[s], x);
+                }
+                let (a, b) = (
+                    _mm512_add_epi32(sums[0], sums[1]),
+                    _mm512_add_epi32(sums[2], sums[3]),
+                );
+                if HALVES {
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(da, dx), *acc);
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), _mm512_mul_ps(db, dx), *acc);
+                } else {
+                    let p = _mm512_cvtepi32_ps(_mm512_add_epi32(a, b));
+                    *acc = _mm512_fmadd_ps(p, _mm512_mul_ps(da, dx), *acc);
                 }
             }
         }
-        // Loops rather than `from_fn` closures, for the reason above.
-        let mut dots = [[0.0; N]; R];
-        for (j, row) in dots.iter_mut().enumerate() {
-            let offsets = offsets_avx512(w, first + j, xs);
-            for (k, dot) in row.iter_mut().enumerate() {
-                *dot = _mm512_reduce_add_ps(acc[j][k]) + offsets[k];
-            }
+        let mut dots = offsets_avx512(w, r, xs);
+        for (dot, acc) in dots.iter_mut().zip(acc) {
+            *dot += _mm512_reduce_add_ps(acc);
         }
         dots
     }
@@ -760,20 +746,19 @@ mod x86 {
         }
     }
 
-    /// Dot products of `R` weight rows from `first` with `N` activation rows, as
-    /// [`dot_avx512`] computes them, in 256-bit halves: each weight group is unpacked and its
-    /// scales spread once for all activation rows.
+    /// Dot products of weight row `r` with `N` activation rows, as [`dot_avx512`] computes
+    /// them, in 256-bit halves: each half group is unpacked once for all activation rows.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_avx2<const R: usize, const N: usize>(
+    pub unsafe fn dot_avx2<const N: usize>(
         w: &PackedMatrix,
-        first: usize,
+        r: usize,
         xs: [&QuantizedRow; N],
-    ) -> [[f32; N]; R] {
+    ) -> [f32; N] {
         match (w.bits, w.halves) {
-            (Bits::Four, false) => layout_avx2::<R, N, true, false>(w, first, xs),
-            (Bits::Four, true) => layout_avx2::<R, N, true, true>(w, first, xs),
-            (Bits::Eight, false) => layout_avx2::<R, N, false, false>(w, first, xs),
-            (Bits::Eight, true) => layout_avx2::<R, N, false, true>(w, first, xs),
+            (Bits::Four, false) => layout_avx2::<N, true, false>(w, r, xs),
+            (Bits::Four, true) => layout_avx2::<N, true, true>(w, r, xs),
+            (Bits::Eight, false) => layout_avx2::<N, false, false>(w, r, xs),
+            (Bits::Eight, true) => layout_avx2::<N, false, true>(w, r, xs),
         }
     }
 
@@ -781,77 +766,62 @@ mod x86 {
     /// (`HALVES`): each group as two halves of eight blocks, one to a lane.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn layout_avx2<const R: usize, const N: usize, const FOUR: bool, const HALVES: bool>(
+    unsafe fn layout_avx2<const N: usize, const FOUR: bool, const HALVES: bool>(
         w: &PackedMatrix,
-        first: usize,
+        r: usize,
         xs: [&QuantizedRow; N],
-    ) -> [[f32; N]; R] {
-        let groups = groups(w.blocks());
-        let mut quants = [std::ptr::null(); R];
-        for (j, q) in quants.iter_mut().enumerate() {
-            *q = w.row_quants(first + j).as_ptr();
-        }
+    ) -> [f32; N] {
+        let quants = w.row_quants(r).as_ptr();
         let low = _mm256_set1_epi8(0x0F);
         let zero = _mm256_setzero_si256();
-        let mut acc = [[_mm256_setzero_ps(); N]; R];
-        for g in 0..groups {
+        let mut acc = [_mm256_setzero_ps(); N];
+        for g in 0..groups(w.blocks()) {
             for half in 0..2 {
-                // Per row: the half group's eight steps and its blocks' scales. Loops, not
-                // closures (see `dot_layout`).
-                let mut rows = [([zero; 8], _mm256_setzero_ps(), _mm256_setzero_ps()); R];
-                for (j, (steps, da, db)) in rows.iter_mut().enumerate() {
-                    if FOUR {
-                        let group = quants[j].add(GROUP * BLOCK / 2 * g + 32 * half);
-                        for t in 0..4 {
-                            let packed = _mm256_loadu_si256(group.add(64 * t).cast());
-                            steps[t] = _mm256_and_si256(packed, low);
-                            steps[t + 4] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
-                        }
-                    } else {
-                        let group = quants[j].add(GROUP * BLOCK * g + 32 * half);
-                        for (s, step) in steps.iter_mut().enumerate() {
-                            *step = _mm256_loadu_si256(group.add(64 * s).cast());
-                        }
+                // The half group's eight steps and its blocks' scales. Loops, not closures
+                // (see `dot_layout`).
+                let mut steps = [zero; 8];
+                if FOUR {
+                    let group = quants.add(GROUP * BLOCK / 2 * g + 32 * half);
+                    for t in 0..4 {
+                        let packed = _mm256_loadu_si256(group.add(64 * t).cast());
+                        steps[t] = _mm256_and_si256(packed, low);
+                        steps[t + 4] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
                     }
-                    let at = w.entry(first + j, GROUP * g, 0) + 8 * half;
-                    *da = load8(&w.scales, at);
-                    *db = if HALVES {
-                        load8(&w.scales, at + GROUP)
-                    } else {
-                        *da
-                    };
+                } else {
+                    let group = quants.add(GROUP * BLOCK * g + 32 * half);
+                    for (s, step) in steps.iter_mut().enumerate() {
+                        *step = _mm256_loadu_si256(group.add(64 * s).cast());
+                    }
                 }
-                for k in 0..N {
-                    let xq = xs[k].quants.as_ptr().add(GROUP * BLOCK * g + 32 * half);
-                    let dx = _mm256_loadu_ps(xs[k].scales.as_ptr().add(GROUP * g + 8 * half));
-                    for (j, (steps, da, db)) in rows.iter().enumerate() {
-                        let mut sums = [zero; 2];
-                        for (s, step) in steps.iter().enumerate() {
-                            let x = _mm256_loadu_si256(xq.add(64 * s).cast());
-                            let h = if HALVES { s / 4 } else { 0 };
-                            sums[h] = _mm256_add_epi32(sums[h], products_avx2::<FOUR>(*step, x));
-                        }
-                        let acc = &mut acc[j][k];
-                        let first_half = _mm256_cvtepi32_ps(sums[0]);
-                        *acc = _mm256_fmadd_ps(first_half, _mm256_mul_ps(*da, dx), *acc);
-                        if HALVES {
-                            let second = _mm256_cvtepi32_ps(sums[1]);
-                            *acc = _mm256_fmadd_ps(second, _mm256_mul_ps(*db, dx), *acc);
-                        }
+                let at = w.entry(r, GROUP * g, 0) + 8 * half;
+                let da = load8(&w.scales, at);
+                let db = if HALVES {
+                    load8(&w.scales, at + GROUP)
+                } else {
+                    da
+                };
+                for (x, acc) in xs.iter().zip(&mut acc) {
+                    let xq = x.quants.as_ptr().add(GROUP * BLOCK * g + 32 * half);
+                    let dx = _mm256_loadu_ps(x.scales.as_ptr().add(GROUP * g + 8 * half));
+                    let mut sums = [zero; 2];
+                    for (s, step) in steps.iter().enumerate() {
+                        let x = _mm256_loadu_si256(xq.add(64 * s).cast());
+                        let h = if HALVES { s / 4 } else { 0 };
+                        sums[h] = _mm256_add_epi32(sums[h], products_avx2::<FOUR>(*step, x));
+                    }
+                    let first_half = _mm256_cvtepi32_ps(sums[0]);
+                    *acc = _mm256_fmadd_ps(first_half, _mm256_mul_ps(da, dx), *acc);
+                    if HALVES {
+                        let second = _mm256_cvtepi32_ps(sums[1]);
+                        *acc = _mm256_fmadd_ps(second, _mm256_mul_ps(db, dx), *acc);
                     }
                 }
             }
         }
-        let mut dots = [[0.0; N]; R];
-        for (j, row) in dots.iter_mut().enumerate() {
-            let offsets = offsets_avx2(w, first + j, xs);
-            for (k, dot) in row.iter_mut().enumerate() {
-                let quad = _mm_add_ps(
-                    _mm256_castps256_ps128(acc[j][k]),
-                    _mm256_extractf128_ps(acc[j][k], 1),
-                );
-                *dot = hsum128(quad) + offsets[k];
-            }
+        let mut dots = offsets_avx2(w, r, xs);
+        for (dot, acc) in dots.iter_mut().zip(acc) {
+            let quad = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+            *dot += hsum128(quad);
         }
         dots
     }
@@ -982,7 +952,7 @@ mod tests {
             #[cfg(target_arch = "x86_64")]
             if x86::Kernel::detect().is_some() {
                 // SAFETY: every kernel detected implies AVX2, FMA and F16C.
-                let avx2 = unsafe { x86::dot_avx2::<1, 1>(&packed, r, [&quantized]) }[0][0];
+                let avx2 = unsafe { x86::dot_avx2::<1>(&packed, r, [&quantized]) }[0];
                 assert!((avx2 - reference).abs() <= 1e-5 * reference.abs().max(1.0));
             }
         }
