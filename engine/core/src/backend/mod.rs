@@ -12,6 +12,7 @@ pub mod math;
 pub mod quant;
 pub mod tensor;
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::io::weights::Weight;
@@ -48,6 +49,13 @@ pub struct KvView<'a> {
     pub tokens: usize,
     pub first: usize,
     pub dtype: KvDtype,
+}
+
+/// One sequence of a batched attention: which rows of the queries are its tokens, and its
+/// cached keys and values (those tokens' own already written).
+pub struct AttendSequence<'a> {
+    pub rows: Range<usize>,
+    pub kv: KvView<'a>,
 }
 
 /// The operations of the vocabulary, for [`Backend::supports`].
@@ -164,13 +172,14 @@ pub trait Backend: Send + Sync {
     fn layer_norm(&self, x: &Matrix, weight: &[f32], bias: Option<&[f32]>, eps: f32) -> Matrix;
     /// Rotates row `i` of `x` to `positions[i]`.
     fn rotary(&self, x: &mut Matrix, rotary: &Rotary<'_>, positions: &[usize]);
-    /// Causal attention of `q` (`[n, heads·head_dim]`, the tokens at `positions`) over a
-    /// sequence's keys and values; returns `[n, heads·head_dim]`.
+    /// Causal attention of `q` (`[n, heads·head_dim]`, the tokens at `positions`, one per
+    /// row) for every sequence of a step at once, each sequence's rows over its own keys and
+    /// values; returns `[n, heads·head_dim]`.
     fn attention(
         &self,
         q: &Matrix,
-        kv: &KvView<'_>,
         positions: &[usize],
+        sequences: &[AttendSequence<'_>],
         shape: &AttentionShape,
         options: AttendOptions<'_>,
     ) -> Matrix;

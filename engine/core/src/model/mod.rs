@@ -13,9 +13,9 @@ use crate::backend::Backend;
 use crate::config::{ModelConfig, NormSite, QkNormScope, QkvLayout};
 use crate::io::weights::{Weight, Weights};
 use crate::model::ops::{
-    AttendOptions, Attention, AttentionBlock, AttentionWindow, Bias, BuildContext, Ffn, KvCache,
-    Linear, NoPosition, Norm, Operator, Operators, PositionEncoding, Residual, SequenceKv, Slot,
-    Softcap,
+    AttendOptions, AttendSequence, Attention, AttentionBlock, AttentionWindow, Bias, BuildContext,
+    Ffn, KvCache, Linear, NoPosition, Norm, Operator, Operators, PositionEncoding, Residual,
+    SequenceKv, Slot, Softcap,
 };
 
 /// A projection with its optional bias.
@@ -468,13 +468,20 @@ impl Model {
                         .attention
                         .as_ref()
                         .expect("projected layers have a kernel");
-                    let parts = batch.iter_mut().zip(&spans).map(|(entry, span)| {
-                        let kv = &mut *entry.kv;
-                        kv.append(i, &k.rows_range(span.clone()), &v.rows_range(span.clone()));
-                        let at = &positions[span.clone()];
-                        kernel.forward(&q.rows_range(span.clone()), &kv.view(i), at, options)
-                    });
-                    o_proj.forward(&Matrix::stack(parts.collect(), q.cols))
+                    for (entry, span) in batch.iter_mut().zip(&spans) {
+                        let (keys, values) =
+                            (k.rows_range(span.clone()), v.rows_range(span.clone()));
+                        entry.kv.append(i, &keys, &values);
+                    }
+                    let sequences: Vec<AttendSequence<'_>> = batch
+                        .iter()
+                        .zip(&spans)
+                        .map(|(entry, span)| AttendSequence {
+                            rows: span.clone(),
+                            kv: entry.kv.view(i),
+                        })
+                        .collect();
+                    o_proj.forward(&kernel.forward(&q, &positions, &sequences, options))
                 }
             };
             self.residual.layer(

@@ -7,7 +7,7 @@ use bevy_ecs::prelude::Resource;
 
 use crate::backend::kv::KvDtype;
 use crate::backend::tensor::Matrix;
-pub use crate::backend::{AttendOptions, KvView, Linear};
+pub use crate::backend::{AttendOptions, AttendSequence, KvView, Linear};
 use crate::backend::{Backend, LinearWeight};
 use crate::config::{ModelConfig, NormSite};
 use crate::io::weights::{Weight, Weights};
@@ -158,15 +158,17 @@ pub trait PositionEncoding: Send + Sync {
     }
 }
 
-/// Causal attention of new queries over a sequence's cached keys and values.
+/// Causal attention of a step's new queries, each sequence's over its own cached keys and
+/// values.
 pub trait Attention: Send + Sync {
-    /// `q` is `[n, heads·head_dim]` for the tokens at `positions`, whose keys and values are
-    /// already in `kv`. Returns `[n, heads·head_dim]`.
+    /// `q` is `[n, heads·head_dim]` for the tokens at `positions` (one per row); each of
+    /// `sequences` names its rows of `q`, whose keys and values are already in its cache.
+    /// Returns `[n, heads·head_dim]`.
     fn forward(
         &self,
         q: &Matrix,
-        kv: &KvView<'_>,
         positions: &[usize],
+        sequences: &[AttendSequence<'_>],
         options: AttendOptions,
     ) -> Matrix;
 }

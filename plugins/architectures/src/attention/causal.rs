@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use vibee_core::backend::{AttentionShape, Backend};
-use vibee_core::model::ops::{AttendOptions, Attention, BuildContext, KvView};
+use vibee_core::model::ops::{AttendOptions, AttendSequence, Attention, BuildContext};
 use vibee_core::Matrix;
 
 pub struct CausalAttention {
@@ -45,11 +45,11 @@ impl Attention for CausalAttention {
     fn forward(
         &self,
         q: &Matrix,
-        kv: &KvView<'_>,
         positions: &[usize],
+        sequences: &[AttendSequence<'_>],
         options: AttendOptions<'_>,
     ) -> Matrix {
         self.backend
-            .attention(q, kv, positions, &self.shape, options)
+            .attention(q, positions, sequences, &self.shape, options)
     }
 }

@@ -136,8 +136,9 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     dot_body::<true, 32>(a, b)
 }
 
-/// `LANES` independent accumulators keep two vector FMA chains in flight for the target's
-/// vector width; `FMA` selects fused multiply-add, which is only fast where the target has it.
+/// `LANES` (a power of two) independent accumulators keep two vector FMA chains in flight
+/// for the target's vector width; `FMA` selects fused multiply-add, which is only fast where
+/// the target has it.
 #[inline(always)]
 pub(super) fn dot_body<const FMA: bool, const LANES: usize>(
     a: &[f32],
@@ -157,8 +158,17 @@ pub(super) fn dot_body<const FMA: bool, const LANES: usize>(
             };
         }
     }
+    // Halve the accumulators pairwise: the first halvings are whole-vector adds, where a
+    // running sum over the lanes would be one dependent scalar add per lane.
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for j in 0..width {
+            acc[j] += acc[j + width];
+        }
+    }
     let tail: f32 = a_tail.iter().zip(b_tail).map(|(x, y)| x * y.widen()).sum();
-    tail + acc.iter().sum::<f32>()
+    tail + acc[0]
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use super::math::{axpy, softcap, softmax};
 use super::quant::packed::PackedLinear;
 use super::tensor::Matrix;
 use super::{Activation, AttentionShape, Backend, GateUp, LinearWeight, Op, Rotary};
-use super::{AttendOptions, KvView, Linear};
+use super::{AttendOptions, AttendSequence, Linear};
 use crate::io::weights::Weight;
 
 /// Rows per rayon task of row-wise operations: below this, splitting costs more than it saves.
@@ -119,12 +119,12 @@ impl Backend for CpuBackend {
     fn attention(
         &self,
         q: &Matrix,
-        kv: &KvView<'_>,
         positions: &[usize],
+        sequences: &[AttendSequence<'_>],
         shape: &AttentionShape,
         options: AttendOptions<'_>,
     ) -> Matrix {
-        attention::attention(q, kv, positions, shape, options)
+        attention::attention(q, positions, sequences, shape, options)
     }
 
     fn activation(&self, x: &mut Matrix, act: Activation) {
