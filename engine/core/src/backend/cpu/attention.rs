@@ -4,6 +4,7 @@
 //! is read in place: each key's score is its codes' dot product times its scale, each value's
 //! weight folds in its.
 
+use super::kernels::multiply_add;
 use super::pool;
 use crate::backend::kv::{KvDtype, KvElement, E4M3};
 use crate::backend::math::{softcap, softmax};
@@ -184,11 +185,7 @@ fn group_body<E: KvElement, const FMA: bool, const LANES: usize>(
     let width = tile.unwrap_or(visible.len()).max(1);
     let mut scores = vec![0.0f32; group * width];
     let Some(tile) = tile else {
-        let keys = Keys {
-            keys: &visible,
-            first: start,
-        };
-        score_keys::<E, FMA, LANES>(&queries, &finish, keys, width, &mut scores);
+        score_keys::<E, FMA, LANES>(&queries, &finish, &visible, start, width, &mut scores);
         for head_scores in scores.chunks_exact_mut(width) {
             softmax(&mut head_scores[..visible.len()]);
         }
@@ -201,7 +198,7 @@ fn group_body<E: KvElement, const FMA: bool, const LANES: usize>(
     let mut sum = vec![0.0f32; group];
     for (t, keys) in visible.chunks(tile).enumerate() {
         let first = start + t * tile;
-        score_keys::<E, FMA, LANES>(&queries, &finish, Keys { keys, first }, width, &mut scores);
+        score_keys::<E, FMA, LANES>(&queries, &finish, keys, first, width, &mut scores);
         for (g, out_head) in out_group.chunks_exact_mut(hd).enumerate() {
             let head_scores = &mut scores[g * width..g * width + keys.len()];
             let tile_max = head_scores
@@ -257,32 +254,26 @@ fn side_by_side(queries: &[f32], group: usize, hd: usize) -> Vec<[f32; HEAD_LANE
     lanes
 }
 
-/// A run of visible keys, the first at position `first`.
-#[derive(Clone, Copy)]
-struct Keys<'v, 'k, E> {
-    keys: &'v [Visible<'k, E>],
-    first: usize,
-}
-
-/// `scores[g * width + t]`: head `g`'s score of key `t`.
+/// `scores[g * width + t]`: head `g`'s score of `keys[t]`, the key at position `first + t`.
 #[inline(always)]
 fn score_keys<E: KvElement, const FMA: bool, const LANES: usize>(
     queries: &Queries<'_>,
     finish: &Finish<'_>,
-    keys: Keys<'_, '_, E>,
+    keys: &[Visible<'_, E>],
+    first: usize,
     width: usize,
     scores: &mut [f32],
 ) {
     let group = scores.len() / width;
-    for (t, (key, key_scale, _, _)) in keys.keys.iter().enumerate() {
-        let position = keys.first + t;
+    for (t, (key, key_scale, _, _)) in keys.iter().enumerate() {
+        let position = first + t;
         match queries {
             Queries::Lanes(lanes) => {
                 for (pass, heads) in lanes.chunks_exact(key.len()).enumerate() {
                     let dots = lanes_dot::<E, FMA>(heads, key);
-                    let first = pass * HEAD_LANES;
-                    for (l, dot) in dots.iter().take(group - first).enumerate() {
-                        let g = first + l;
+                    let pass_start = pass * HEAD_LANES;
+                    for (l, dot) in dots.iter().take(group - pass_start).enumerate() {
+                        let g = pass_start + l;
                         scores[g * width + t] = finish.score(g, position, dot * key_scale);
                     }
                 }
@@ -333,15 +324,6 @@ fn lanes_dot<E: KvElement, const FMA: bool>(
         }
     }
     acc[0]
-}
-
-/// `a · b + c`, fused where `FMA`.
-#[inline(always)]
-fn multiply_add<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    match FMA {
-        true => a.mul_add(b, c),
-        false => c + a * b,
-    }
 }
 
 /// Adds each value of `keys` to every head's output, weighted by that head's score of it.

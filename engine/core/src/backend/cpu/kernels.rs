@@ -151,11 +151,7 @@ pub(super) fn dot_body<const FMA: bool, const LANES: usize>(
     let (b_chunks, b_tail) = b.as_chunks::<LANES>();
     for (ac, bc) in a_chunks.iter().zip(b_chunks) {
         for j in 0..LANES {
-            acc[j] = if FMA {
-                ac[j].mul_add(bc[j].widen(), acc[j])
-            } else {
-                acc[j] + ac[j] * bc[j].widen()
-            };
+            acc[j] = multiply_add::<FMA>(ac[j], bc[j].widen(), acc[j]);
         }
     }
     // Halve the accumulators pairwise: the first halvings are whole-vector adds, where a
@@ -169,6 +165,15 @@ pub(super) fn dot_body<const FMA: bool, const LANES: usize>(
     }
     let tail: f32 = a_tail.iter().zip(b_tail).map(|(x, y)| x * y.widen()).sum();
     tail + acc[0]
+}
+
+/// `a · b + c`, fused where `FMA`.
+#[inline(always)]
+pub(super) fn multiply_add<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    match FMA {
+        true => a.mul_add(b, c),
+        false => c + a * b,
+    }
 }
 
 #[cfg(test)]
