@@ -779,7 +779,9 @@ mod x86 {
             for half in 0..2 {
                 // The half group's eight steps and its blocks' scales. Loops, not closures
                 // (see `dot_layout`).
+                // 8-bit steps also keep their signs, moved onto each activation row.
                 let mut steps = [zero; 8];
+                let mut signs = [zero; 8];
                 if FOUR {
                     let group = quants.add(GROUP * BLOCK / 2 * g + 32 * half);
                     for t in 0..4 {
@@ -789,8 +791,9 @@ mod x86 {
                     }
                 } else {
                     let group = quants.add(GROUP * BLOCK * g + 32 * half);
-                    for (s, step) in steps.iter_mut().enumerate() {
-                        *step = _mm256_loadu_si256(group.add(64 * s).cast());
+                    for (s, (step, sign)) in steps.iter_mut().zip(&mut signs).enumerate() {
+                        *sign = _mm256_loadu_si256(group.add(64 * s).cast());
+                        *step = _mm256_sign_epi8(*sign, *sign);
                     }
                 }
                 let at = w.entry(r, GROUP * g, 0) + 8 * half;
@@ -804,10 +807,19 @@ mod x86 {
                     let xq = x.quants.as_ptr().add(GROUP * BLOCK * g + 32 * half);
                     let dx = _mm256_loadu_ps(x.scales.as_ptr().add(GROUP * g + 8 * half));
                     let mut sums = [zero; 2];
-                    for (s, step) in steps.iter().enumerate() {
+                    for (s, (step, sign)) in steps.iter().zip(&signs).enumerate() {
                         let x = _mm256_loadu_si256(xq.add(64 * s).cast());
                         let h = if HALVES { s / 4 } else { 0 };
-                        sums[h] = _mm256_add_epi32(sums[h], products_avx2::<FOUR>(*step, x));
+                        sums[h] = match FOUR {
+                            true => _mm256_add_epi16(sums[h], _mm256_maddubs_epi16(*step, x)),
+                            false => {
+                                let pairs = _mm256_maddubs_epi16(*step, _mm256_sign_epi8(x, *sign));
+                                _mm256_add_epi32(sums[h], widen_pairs(pairs))
+                            }
+                        };
+                    }
+                    if FOUR {
+                        sums = [widen_pairs(sums[0]), widen_pairs(sums[1])];
                     }
                     let first_half = _mm256_cvtepi32_ps(sums[0]);
                     *acc = _mm256_fmadd_ps(first_half, _mm256_mul_ps(da, dx), *acc);
@@ -826,15 +838,13 @@ mod x86 {
         dots
     }
 
-    /// Products of 32 weight bytes with 32 activation bytes, summed in groups of four into
-    /// eight i32 lanes. `vpmaddubsw` saturates at 16 bits, so 8-bit weights keep their sign,
-    /// moved onto the activations (`|w| · (x · sign w)`); 4-bit ones multiply directly.
+    /// Sums of adjacent pairs of 16-bit lanes, as 32-bit lanes. `vpmaddubsw` makes the pairs
+    /// and saturates at 16 bits: 8-bit weights keep their sign, moved onto the activations
+    /// (`|w| · (x · sign w)`), and are widened at once; the pairs of 4-bit ones (at most
+    /// 2 · 15 · 128) are added in 16 bits over a whole half group first, eight steps to a sum
+    /// of at most 30,720, and widened once.
     #[inline(always)]
-    unsafe fn products_avx2<const FOUR: bool>(w: __m256i, x: __m256i) -> __m256i {
-        let pairs = match FOUR {
-            true => _mm256_maddubs_epi16(w, x),
-            false => _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)),
-        };
+    unsafe fn widen_pairs(pairs: __m256i) -> __m256i {
         _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
     }
 
