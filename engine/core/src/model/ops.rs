@@ -232,13 +232,8 @@ pub struct KvFull {
     pub free: usize,
     pub capacity: usize,
     pub block: usize,
-}
-
-impl KvFull {
-    /// Whether the sequence could not fit even with the whole pool to itself.
-    pub fn never_fits(&self) -> bool {
-        self.holding + self.needed > self.capacity
-    }
+    /// The sequence could not fit even with the whole pool to itself.
+    pub never_fits: bool,
 }
 
 /// One sequence's cached keys and values, for every layer.
@@ -257,8 +252,8 @@ pub trait SequenceKv: Send + Sync {
     }
     /// Forgets every token from position `tokens` on, in every layer (a rejected speculative
     /// draft); blocks no longer needed go back to the pool. `tokens` is at least the length
-    /// at the last `reserve`: a layout whose layers all have windows may have given back what
-    /// lies before the window of that point.
+    /// at the last `reserve`: a layout may have given back what lies before a windowed
+    /// layer's window of that point.
     fn truncate(&mut self, tokens: usize);
     /// A second sequence holding the same tokens, which then goes its own way (parallel
     /// samples of one prompt, beams): blocks are shared, and copied only when one of the two

@@ -109,8 +109,8 @@ pub enum Check {
         configs: BTreeMap<String, String>,
     },
     /// The prompt and its greedy continuation fed one token at a time through a paged cache
-    /// whose layers all have windows never hold more than `max_blocks` blocks at once (those
-    /// out of the window go back to the pool), and give the logits of one full forward.
+    /// with windowed layers never hold more than `max_blocks` blocks at once (those out of a
+    /// layer's window go back to the pool), and give the logits of one full forward.
     WindowReleasesBlocks {
         fixture: String,
         plugins: Vec<String>,

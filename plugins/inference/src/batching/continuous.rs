@@ -231,7 +231,7 @@ fn reserve_blocks(
                 i += 1;
                 continue;
             }
-            Err(full) if full.never_fits() || !preempt => {
+            Err(full) if full.never_fits || !preempt => {
                 let mut feed = feeds.remove(i);
                 feed.kv.0 = model.new_sequence();
                 *feed.state = SeqState::Failed(if preempt {

@@ -1,9 +1,10 @@
 //! v2301 `paged-kv`: keys and values in fixed-size blocks of tokens, drawn from one pool of a
-//! fixed number of blocks that every sequence shares. A block holds every layer's keys and
-//! values for its tokens; a sequence holds a table of blocks, gains them as it grows and gives
-//! them back when it ends or is preempted, so the memory in use follows the tokens held, not
-//! the longest a request may grow. Latent attention's compressed cache (keys only) is paged
-//! the same way.
+//! fixed number of blocks that every sequence shares. Layers with the same attention window
+//! form a group, and a group's block holds its layers' keys and values for its tokens; a
+//! sequence holds a table of blocks per group, gains them as it grows, gives back those wholly
+//! before a group's window, and gives back the rest when it ends or is preempted, so the memory
+//! in use follows the tokens held (and, for windowed layers, seen), not the longest a request
+//! may grow. Latent attention's compressed cache (keys only) is paged the same way.
 //!
 //! `--plugin-config paged-kv=block=16,blocks=N` (or `memory=GB` for the pool's size; the
 //! default is 16-token blocks and 1 GiB).
@@ -146,22 +147,14 @@ impl Factory<dyn KvCache> for PagedLayout {
             );
         }
         Ok(Box::new(PagedCache {
-            pool: Arc::new(Pool {
-                block: self.block,
-                layers: config.num_layers,
-                dtype: cx.kv_dtype,
+            pool: Arc::new(Pool::new(
+                self,
+                config,
+                cx.kv_dtype,
                 shape,
                 values,
-                window: config
-                    .sliding_layers
-                    .iter()
-                    .copied()
-                    .collect::<Option<Vec<usize>>>()
-                    .and_then(|windows| windows.into_iter().max()),
                 capacity,
-                prefix_cache: self.prefix_cache,
-                free: Mutex::new(Free::default()),
-            }),
+            )),
         }))
     }
 }
@@ -174,8 +167,8 @@ fn machine_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Every layer's keys (and values) for a block's tokens: layer `l`'s token `t` is slot
-/// `l · block + t` of each store.
+/// A group's keys (and values) for a block's tokens: the group's `i`-th layer's token `t` is
+/// slot `i · block + t` of each store.
 #[derive(Clone)]
 struct Slots {
     keys: KvStore,
@@ -185,47 +178,35 @@ struct Slots {
 /// A block, shared (read-only) once full and cached.
 type Block = Arc<Slots>;
 
+/// Layers with the same attention window: they fill and release their blocks together.
+struct Group {
+    /// Blocks wholly before this window of a sequence's next query go back to the pool.
+    window: Option<usize>,
+    layers: usize,
+}
+
 #[derive(Default)]
 struct Free {
-    /// Blocks given back, kept for the next sequence.
-    blocks: Vec<Slots>,
-    /// Blocks held by a sequence or the prefix cache.
+    /// Blocks given back, by group, kept for the next sequence.
+    blocks: Vec<Vec<Slots>>,
+    /// Pages (one layer's block) held by a sequence or the prefix cache.
     in_use: usize,
     peak: usize,
-    /// Full blocks by the hash of their tokens and every token before them, with when each
-    /// was last used; those no sequence holds are evicted, least recently used first.
-    cached: HashMap<u64, (Block, u64)>,
+    /// Full blocks (one per group) by the hash of their tokens and every token before them,
+    /// with when each was last used; those no sequence holds are evicted, least recently
+    /// used first.
+    cached: HashMap<u64, (Vec<Block>, u64)>,
     clock: u64,
 }
 
-impl Free {
-    /// Cached blocks no sequence holds.
-    fn evictable(&self) -> usize {
-        self.cached
-            .values()
-            .filter(|(b, _)| Arc::strong_count(b) == 1)
-            .count()
-    }
-
-    /// Drops the least recently used cached block no sequence holds; false if there is none.
-    fn evict_one(&mut self) -> bool {
-        let oldest = self
-            .cached
-            .iter()
-            .filter(|(_, (b, _))| Arc::strong_count(b) == 1)
-            .min_by_key(|(_, (_, used))| *used)
-            .map(|(hash, _)| *hash);
-        let Some(hash) = oldest else { return false };
-        let (block, _) = self.cached.remove(&hash).expect("just found");
-        if let Ok(data) = Arc::try_unwrap(block) {
-            self.blocks.push(data);
-            self.in_use -= 1;
-        }
-        true
-    }
+/// Whether only the prefix cache holds these blocks.
+fn unheld(blocks: &[Block]) -> bool {
+    blocks.iter().all(|b| Arc::strong_count(b) == 1)
 }
 
-/// The blocks every sequence draws from.
+/// The blocks every sequence draws from. It counts pages, one layer's keys and values for a
+/// block's tokens, so that groups of different sizes share one budget; users see blocks of
+/// every layer.
 struct Pool {
     block: usize,
     layers: usize,
@@ -233,17 +214,58 @@ struct Pool {
     shape: KvShape,
     /// Whether blocks hold values (latent attention caches keys only).
     values: bool,
-    /// The widest attention window, when every layer has one: blocks wholly before the
-    /// window of a sequence's next query go back to the pool.
-    window: Option<usize>,
+    groups: Vec<Group>,
+    /// Each layer's group and its place among the group's layers.
+    placement: Vec<(usize, usize)>,
+    /// In pages.
     capacity: usize,
     prefix_cache: bool,
     free: Mutex<Free>,
 }
 
 impl Pool {
-    fn fresh(&self) -> Block {
-        let slots = self.layers * self.block;
+    fn new(
+        layout: &PagedLayout,
+        config: &ModelConfig,
+        dtype: KvDtype,
+        shape: KvShape,
+        values: bool,
+        blocks: usize,
+    ) -> Self {
+        let mut groups: Vec<Group> = Vec::new();
+        let placement = (0..config.num_layers)
+            .map(|layer| {
+                let window = config.sliding_layers.get(layer).copied().flatten();
+                let g = match groups.iter().position(|g| g.window == window) {
+                    Some(g) => g,
+                    None => {
+                        groups.push(Group { window, layers: 0 });
+                        groups.len() - 1
+                    }
+                };
+                groups[g].layers += 1;
+                (g, groups[g].layers - 1)
+            })
+            .collect();
+        Pool {
+            block: layout.block,
+            layers: config.num_layers,
+            dtype,
+            shape,
+            values,
+            free: Mutex::new(Free {
+                blocks: groups.iter().map(|_| Vec::new()).collect(),
+                ..Free::default()
+            }),
+            groups,
+            placement,
+            capacity: blocks.saturating_mul(config.num_layers),
+            prefix_cache: layout.prefix_cache,
+        }
+    }
+
+    fn fresh(&self, group: usize) -> Block {
+        let slots = self.groups[group].layers * self.block;
         Arc::new(Slots {
             keys: KvStore::new(self.dtype, self.shape, slots),
             values: KvStore::new(self.dtype, self.shape, if self.values { slots } else { 0 }),
@@ -255,43 +277,99 @@ impl Pool {
         self.free.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// `count` blocks, all or none, evicting cached blocks no sequence holds to make room.
-    fn take(&self, count: usize, holding: usize, tokens: usize) -> Result<Vec<Block>, KvFull> {
+    /// The pages of `counts[g]` blocks of each group `g`.
+    fn pages(&self, counts: impl IntoIterator<Item = usize>) -> usize {
+        counts
+            .into_iter()
+            .zip(&self.groups)
+            .map(|(n, g)| n * g.layers)
+            .sum()
+    }
+
+    /// Pages as users count them: blocks of every layer.
+    fn whole_blocks(&self, pages: usize) -> usize {
+        pages.div_ceil(self.layers)
+    }
+
+    /// Drops the least recently used cached blocks no sequence holds; false if there are none.
+    fn evict_one(&self, free: &mut Free) -> bool {
+        let oldest = free
+            .cached
+            .iter()
+            .filter(|(_, (blocks, _))| unheld(blocks))
+            .min_by_key(|(_, (_, used))| *used)
+            .map(|(hash, _)| *hash);
+        let Some(hash) = oldest else { return false };
+        let (blocks, _) = free.cached.remove(&hash).expect("just found");
+        for (g, block) in blocks.into_iter().enumerate() {
+            if let Ok(data) = Arc::try_unwrap(block) {
+                free.blocks[g].push(data);
+                free.in_use -= self.groups[g].layers;
+            }
+        }
+        true
+    }
+
+    /// `counts[g]` blocks of each group `g`, all or none, evicting cached blocks no sequence
+    /// holds to make room.
+    fn take(
+        &self,
+        counts: &[usize],
+        holding: usize,
+        tokens: usize,
+    ) -> Result<Vec<Vec<Block>>, KvFull> {
+        let needed = self.pages(counts.iter().copied());
         let mut free = self.free();
         let unused = self.capacity.saturating_sub(free.in_use);
         // Cached blocks are counted (a scan) only when the unused ones do not suffice.
-        let available = match count > unused {
-            true => unused + free.evictable(),
+        let available = match needed > unused {
+            true => {
+                let evictable = free.cached.values().filter(|(b, _)| unheld(b)).count();
+                unused + evictable * self.layers
+            }
             false => unused,
         };
-        if count > available {
+        if needed > available {
             return Err(KvFull {
                 tokens,
-                needed: count,
-                holding,
-                free: available,
-                capacity: self.capacity,
+                needed: self.whole_blocks(needed),
+                holding: self.whole_blocks(holding),
+                free: available / self.layers,
+                capacity: self.capacity / self.layers,
                 block: self.block,
+                never_fits: holding + needed > self.capacity,
             });
         }
-        while self.capacity.saturating_sub(free.in_use) < count && free.evict_one() {}
-        free.in_use += count;
+        while self.capacity.saturating_sub(free.in_use) < needed && self.evict_one(&mut free) {}
+        free.in_use += needed;
         free.peak = free.peak.max(free.in_use);
-        let reused = free.blocks.len().min(count);
-        let at = free.blocks.len() - reused;
-        let mut blocks: Vec<Block> = free.blocks.drain(at..).map(Arc::new).collect();
+        let reused: Vec<Vec<Block>> = counts
+            .iter()
+            .zip(&mut free.blocks)
+            .map(|(&count, kept)| {
+                let at = kept.len().saturating_sub(count);
+                kept.drain(at..).map(Arc::new).collect()
+            })
+            .collect();
         drop(free);
-        blocks.extend((reused..count).map(|_| self.fresh()));
-        Ok(blocks)
+        Ok(reused
+            .into_iter()
+            .zip(counts)
+            .enumerate()
+            .map(|(g, (mut blocks, &count))| {
+                blocks.extend((blocks.len()..count).map(|_| self.fresh(g)));
+                blocks
+            })
+            .collect())
     }
 
-    /// A sequence's blocks back: those the cache also holds stay there.
-    fn give(&self, blocks: Vec<Block>) {
+    /// A sequence's blocks of `group` back: those the cache also holds stay there.
+    fn give(&self, group: usize, blocks: Vec<Block>) {
         let mut free = self.free();
         for block in blocks {
             if let Ok(data) = Arc::try_unwrap(block) {
-                free.blocks.push(data);
-                free.in_use -= 1;
+                free.blocks[group].push(data);
+                free.in_use -= self.groups[group].layers;
             }
         }
     }
@@ -315,8 +393,7 @@ impl KvCache for PagedCache {
     fn new_sequence(&self, config: &ModelConfig) -> Box<dyn SequenceKv> {
         Box::new(PagedSequence {
             pool: self.pool.clone(),
-            blocks: Vec::new(),
-            released: 0,
+            tables: self.pool.groups.iter().map(|_| Table::default()).collect(),
             lens: vec![0; config.num_layers],
             tokens: Vec::new(),
             hashes: Vec::new(),
@@ -327,11 +404,26 @@ impl KvCache for PagedCache {
     fn usage(&self) -> Option<KvUsage> {
         let free = self.pool.free();
         Some(KvUsage {
-            blocks_in_use: free.in_use,
-            peak_blocks: free.peak,
-            capacity: self.pool.capacity,
+            blocks_in_use: self.pool.whole_blocks(free.in_use),
+            peak_blocks: self.pool.whole_blocks(free.peak),
+            capacity: self.pool.capacity / self.pool.layers,
             block_tokens: self.pool.block,
         })
+    }
+}
+
+/// One group's blocks of a sequence.
+#[derive(Clone, Default)]
+struct Table {
+    /// The blocks from `released` on: those before fell out of the group's window.
+    blocks: Vec<Block>,
+    released: usize,
+}
+
+impl Table {
+    /// Blocks up to here are held or were released.
+    fn held(&self) -> usize {
+        self.released + self.blocks.len()
     }
 }
 
@@ -339,9 +431,8 @@ impl KvCache for PagedCache {
 #[derive(Clone)]
 struct PagedSequence {
     pool: Arc<Pool>,
-    /// The blocks from `released` on: those before fell out of every layer's window.
-    blocks: Vec<Block>,
-    released: usize,
+    /// By group.
+    tables: Vec<Table>,
     lens: Vec<usize>,
     /// The tokens reserved so far (with a prefix cache: the keys of its full blocks).
     tokens: Vec<u32>,
@@ -363,35 +454,44 @@ impl PagedSequence {
         free.clock += 1;
         let now = free.clock;
         for b in self.hashes.len()..full {
+            // A block one group already released cannot be offered whole.
+            let Some(blocks) = self
+                .tables
+                .iter()
+                .map(|t| b.checked_sub(t.released).map(|i| t.blocks[i].clone()))
+                .collect::<Option<Vec<Block>>>()
+            else {
+                break;
+            };
             let previous = b.checked_sub(1).map_or(self.salt, |p| self.hashes[p]);
             let hash = chain(previous, &self.tokens[b * block..(b + 1) * block]);
-            free.cached
-                .entry(hash)
-                .or_insert_with(|| (self.blocks[b - self.released].clone(), now));
+            free.cached.entry(hash).or_insert((blocks, now));
             self.hashes.push(hash);
         }
     }
 
-    /// Blocks up to here are held or were released.
-    fn held(&self) -> usize {
-        self.released + self.blocks.len()
+    /// Gives back each group's blocks wholly before its window of a query at position `next`.
+    /// Every later query sees less, and so does one after a rollback to `next`: the released
+    /// tokens are never read again.
+    fn release_before_window(&mut self, next: usize) {
+        for (g, (table, group)) in self.tables.iter_mut().zip(&self.pool.groups).enumerate() {
+            let Some(window) = group.window else {
+                continue;
+            };
+            let first_seen = (next + 1).saturating_sub(window);
+            let gone = (first_seen / self.pool.block)
+                .saturating_sub(table.released)
+                .min(table.blocks.len());
+            if gone > 0 {
+                self.pool.give(g, table.blocks.drain(..gone).collect());
+                table.released += gone;
+            }
+        }
     }
 
-    /// Gives back the blocks wholly before the window of a query at position `next`. Every
-    /// later query sees less, and so does one after a rollback to `next`: the released tokens
-    /// are never read again.
-    fn release_before_window(&mut self, next: usize) {
-        let Some(window) = self.pool.window else {
-            return;
-        };
-        let first_seen = (next + 1).saturating_sub(window);
-        let gone = (first_seen / self.pool.block)
-            .saturating_sub(self.released)
-            .min(self.blocks.len());
-        if gone > 0 {
-            self.pool.give(self.blocks.drain(..gone).collect());
-            self.released += gone;
-        }
+    /// Pages held.
+    fn holding(&self) -> usize {
+        self.pool.pages(self.tables.iter().map(|t| t.blocks.len()))
     }
 }
 
@@ -401,26 +501,39 @@ impl SequenceKv for PagedSequence {
         self.cache_full_blocks();
         let longest = self.lens.iter().copied().max().unwrap_or(0);
         self.release_before_window(longest);
+        let block = self.pool.block;
         // The next token lands in a block another sequence or the cache shares (after a fork
         // or a truncation): this sequence writes its own copy.
-        let last = (longest / self.pool.block).saturating_sub(self.released);
-        if !longest.is_multiple_of(self.pool.block) && Arc::strong_count(&self.blocks[last]) > 1 {
-            let mut copy = self
-                .pool
-                .take(1, self.blocks.len(), tokens.len())?
-                .pop()
-                .expect("one block");
-            *Arc::get_mut(&mut copy).expect("a block just taken is this sequence's") =
-                Slots::clone(&self.blocks[last]);
-            let shared = std::mem::replace(&mut self.blocks[last], copy);
-            self.pool.give(vec![shared]);
-        }
-        let blocks = (longest + tokens.len()).div_ceil(self.pool.block);
-        if blocks > self.held() {
-            let more = self
-                .pool
-                .take(blocks - self.held(), self.blocks.len(), tokens.len())?;
-            self.blocks.extend(more);
+        let last = longest / block;
+        let copies: Vec<bool> = self
+            .tables
+            .iter()
+            .map(|t| {
+                !longest.is_multiple_of(block)
+                    && Arc::strong_count(&t.blocks[last - t.released]) > 1
+            })
+            .collect();
+        let wanted = (longest + tokens.len()).div_ceil(block);
+        let counts: Vec<usize> = self
+            .tables
+            .iter()
+            .zip(&copies)
+            .map(|(t, &copy)| usize::from(copy) + wanted.saturating_sub(t.held()))
+            .collect();
+        if counts.iter().any(|&n| n > 0) {
+            let taken = self.pool.take(&counts, self.holding(), tokens.len())?;
+            for (g, mut blocks) in taken.into_iter().enumerate() {
+                let table = &mut self.tables[g];
+                if copies[g] {
+                    let mut copy = blocks.remove(0);
+                    let at = last - table.released;
+                    *Arc::get_mut(&mut copy).expect("a block just taken is this sequence's") =
+                        Slots::clone(&table.blocks[at]);
+                    let shared = std::mem::replace(&mut table.blocks[at], copy);
+                    self.pool.give(g, vec![shared]);
+                }
+                table.blocks.extend(blocks);
+            }
         }
         if self.pool.prefix_cache {
             // By position: reserving the same next tokens twice (the scheduler, then the
@@ -433,7 +546,8 @@ impl SequenceKv for PagedSequence {
 
     fn reuse_prefix(&mut self, tokens: &[u32], salt: Option<&str>) -> usize {
         let block = self.pool.block;
-        if !self.pool.prefix_cache || self.held() > 0 || tokens.is_empty() {
+        let empty = self.tables.iter().all(|t| t.held() == 0);
+        if !self.pool.prefix_cache || !empty || tokens.is_empty() {
             return 0;
         }
         // A salted chain never meets the unsalted one, whose seed is 0.
@@ -450,12 +564,14 @@ impl SequenceKv for PagedSequence {
                 break;
             };
             *used = now;
-            self.blocks.push(shared.clone());
+            for (table, block) in self.tables.iter_mut().zip(shared.iter()) {
+                table.blocks.push(block.clone());
+            }
             self.hashes.push(hash);
             self.tokens.extend_from_slice(piece);
             previous = hash;
         }
-        let reused = self.blocks.len() * block;
+        let reused = self.hashes.len() * block;
         self.lens.iter_mut().for_each(|l| *l = reused);
         reused
     }
@@ -463,14 +579,16 @@ impl SequenceKv for PagedSequence {
     fn truncate(&mut self, tokens: usize) {
         let block = self.pool.block;
         debug_assert!(
-            tokens >= self.released * block,
+            self.tables.iter().all(|t| tokens >= t.released * block),
             "truncated into blocks released out of the window"
         );
         self.lens.iter_mut().for_each(|l| *l = (*l).min(tokens));
         let longest = self.lens.iter().copied().max().unwrap_or(0);
-        let kept = longest.div_ceil(block).saturating_sub(self.released);
-        let gone = self.blocks.split_off(kept.min(self.blocks.len()));
-        self.pool.give(gone);
+        for (g, table) in self.tables.iter_mut().enumerate() {
+            let kept = longest.div_ceil(block).saturating_sub(table.released);
+            let gone = table.blocks.split_off(kept.min(table.blocks.len()));
+            self.pool.give(g, gone);
+        }
         // A block cut short is no longer this sequence's to offer; the cache keeps its copy.
         self.hashes.truncate(longest / block);
         self.tokens.truncate(longest);
@@ -486,29 +604,34 @@ impl SequenceKv for PagedSequence {
 
     fn append(&mut self, layer: usize, keys: &Matrix, values: &Matrix) {
         let block = self.pool.block;
+        let (g, place) = self.pool.placement[layer];
+        let group_layers = self.pool.groups[g].layers;
         // The batched forward reserves before it appends; a caller that did not is given its
         // blocks here, past the pool's count if need be, rather than lose the tokens.
         let needed = (self.lens[layer] + keys.rows).div_ceil(block);
-        if needed > self.held() {
-            let missing = needed - self.held();
-            let extra = self
-                .pool
-                .take(missing, self.blocks.len(), keys.rows)
-                .unwrap_or_else(|_| {
-                    self.pool.free().in_use += missing;
-                    (0..missing).map(|_| self.pool.fresh()).collect()
-                });
-            self.blocks.extend(extra);
+        let missing = needed.saturating_sub(self.tables[g].held());
+        if missing > 0 {
+            let mut counts = vec![0; self.tables.len()];
+            counts[g] = missing;
+            let extra = match self.pool.take(&counts, self.holding(), keys.rows) {
+                Ok(mut taken) => taken.swap_remove(g),
+                Err(_) => {
+                    self.pool.free().in_use += missing * group_layers;
+                    (0..missing).map(|_| self.pool.fresh(g)).collect()
+                }
+            };
+            self.tables[g].blocks.extend(extra);
         }
+        let table = &mut self.tables[g];
         for r in 0..keys.rows {
             let position = self.lens[layer] + r;
-            let b = (position / block).saturating_sub(self.released);
-            let slot = layer * block + position % block;
-            if Arc::strong_count(&self.blocks[b]) > 1 {
+            let b = (position / block).saturating_sub(table.released);
+            let slot = place * block + position % block;
+            if Arc::strong_count(&table.blocks[b]) > 1 {
                 // Not reserved first: the copy is counted past the pool rather than lost.
-                self.pool.free().in_use += 1;
+                self.pool.free().in_use += group_layers;
             }
-            let data = Arc::make_mut(&mut self.blocks[b]);
+            let data = Arc::make_mut(&mut table.blocks[b]);
             data.keys.write(slot, keys.row(r));
             if self.pool.values && values.cols > 0 {
                 data.values.write(slot, values.row(r));
@@ -519,9 +642,11 @@ impl SequenceKv for PagedSequence {
 
     fn view(&self, layer: usize) -> KvView<'_> {
         let (block, len) = (self.pool.block, self.lens[layer]);
-        let slots = |b: usize| layer * block..layer * block + (len - b * block).min(block);
-        let held = self.released..len.div_ceil(block).max(self.released);
-        let blocks = || held.clone().zip(&self.blocks);
+        let (g, place) = self.pool.placement[layer];
+        let table = &self.tables[g];
+        let slots = |b: usize| place * block..place * block + (len - b * block).min(block);
+        let held = table.released..len.div_ceil(block).max(table.released);
+        let blocks = || held.clone().zip(&table.blocks);
         KvView {
             keys: blocks()
                 .map(|(b, data)| data.keys.chunk(slots(b)))
@@ -533,7 +658,7 @@ impl SequenceKv for PagedSequence {
                 })
                 .collect(),
             tokens: len,
-            first: self.released * block,
+            first: table.released * block,
             dtype: self.pool.dtype,
         }
     }
@@ -542,7 +667,9 @@ impl SequenceKv for PagedSequence {
 impl Drop for PagedSequence {
     fn drop(&mut self) {
         self.cache_full_blocks();
-        self.pool.give(std::mem::take(&mut self.blocks));
+        for (g, table) in self.tables.iter_mut().enumerate() {
+            self.pool.give(g, std::mem::take(&mut table.blocks));
+        }
     }
 }
 
