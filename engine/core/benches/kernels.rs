@@ -41,12 +41,15 @@ fn weight(out: usize, inp: usize, dtype: DType) -> Weight {
             }
             Weight::from_bytes(bytes, dtype, vec![out, inp])
         }
-        _ => {
+        DType::F16 => {
             let bytes = values
                 .iter()
-                .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
-                .collect();
-            Weight::from_bytes(bytes, DType::BF16, vec![out, inp])
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes());
+            Weight::from_bytes(bytes.collect(), dtype, vec![out, inp])
+        }
+        _ => {
+            let bytes = values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes());
+            Weight::from_bytes(bytes.collect(), DType::BF16, vec![out, inp])
         }
     }
 }
@@ -177,6 +180,7 @@ fn main() {
     for dtype in [
         DType::F32,
         DType::BF16,
+        DType::F16,
         DType::Q8_0,
         DType::Q4_0,
         DType::Q4K,

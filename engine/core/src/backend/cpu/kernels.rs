@@ -1,8 +1,8 @@
 //! CPU kernels: the reference backend, and a real target.
 //!
 //! `linear` multiplies activations by a weight stored as `[out, in]` (the Hugging Face layout)
-//! in f32, f16, bf16 or a quantized block type, reading f32 and bf16 weights in place and
-//! widening the others a few rows at a time, on the row-invariant kernels of
+//! in f32, f16, bf16 or a quantized block type, reading f32, f16 and bf16 weights in place and
+//! widening quantized blocks a few rows at a time, on the row-invariant kernels of
 //! [`super::product`], split over threads by output rows.
 
 use std::ops::Range;
@@ -27,7 +27,7 @@ pub fn linear(x: &Matrix, w: &Weight) -> Matrix {
     let (x, rows) = match w.data() {
         WeightData::F32(data) => (x, WeightRows::F32(data)),
         WeightData::BF16(data) => (x, WeightRows::BF16(data)),
-        WeightData::F16(_) => (x, WeightRows::Widened(&widen)),
+        WeightData::F16(data) => (x, WeightRows::F16(data)),
         WeightData::Blocks(_) => {
             // As in the packed kernels, quantized weights see activations rounded to int8 per
             // block.

@@ -22,7 +22,8 @@ const COLS: usize = 4;
 pub enum WeightRows<'a> {
     F32(&'a [f32]),
     BF16(&'a [half::bf16]),
-    /// Rows that `widen(r, row)` converts to f32 first (f16, quantized blocks).
+    F16(&'a [half::f16]),
+    /// Rows that `widen(r, row)` converts to f32 first (quantized blocks).
     Widened(&'a (dyn Fn(usize, &mut [f32]) + Sync)),
 }
 
@@ -43,6 +44,9 @@ pub fn product(x: &Matrix, rows: WeightRows<'_>, out: &mut Matrix) {
                     tile_rows(x, block, |c| &w[(first + c) * k..][..k], count, dst)
                 }
                 WeightRows::BF16(w) => {
+                    tile_rows(x, block, |c| &w[(first + c) * k..][..k], count, dst)
+                }
+                WeightRows::F16(w) => {
                     tile_rows(x, block, |c| &w[(first + c) * k..][..k], count, dst)
                 }
                 WeightRows::Widened(widen) => {
@@ -100,6 +104,8 @@ fn tile_rows<'w, T: Element + 'w>(
 pub trait Element: Copy + Send + Sync {
     /// Bytes of one vector of weight elements (16 lanes).
     const VECTOR_BYTES: usize;
+    /// IEEE half precision, which the vector kernels convert with F16C.
+    const IEEE_HALF: bool = false;
     fn widen(self) -> f32;
 }
 
@@ -120,6 +126,15 @@ impl Element for half::bf16 {
     }
 }
 
+impl Element for half::f16 {
+    const VECTOR_BYTES: usize = 32;
+    const IEEE_HALF: bool = true;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
 /// One tile on the widest kernel the CPU has. Each host takes one path for every product, so
 /// results are the same for any tile shape on that host.
 #[inline(always)]
@@ -135,7 +150,10 @@ fn tile<T: Element, const R: usize, const C: usize>(
         if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
             return unsafe { x86::tile_avx512::<T, R, C>(xs, ws, head, out) };
         }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
             return unsafe { x86::tile_avx2::<T, R, C>(xs, ws, head, out) };
         }
     }
@@ -191,6 +209,8 @@ mod x86 {
     unsafe fn load_weights<T: Element>(w: *const T, mask: __mmask16) -> __m512 {
         if size_of::<T>() == 4 {
             _mm512_maskz_loadu_ps(mask, w.cast())
+        } else if T::IEEE_HALF {
+            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, w.cast()))
         } else {
             let halves = _mm256_maskz_loadu_epi16(mask, w.cast());
             _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16))
@@ -200,29 +220,56 @@ mod x86 {
     /// Eight weight elements widened to f32 lanes.
     ///
     /// # Safety
-    /// AVX2; eight elements from `w` must be inside the row.
-    #[target_feature(enable = "avx2,fma")]
+    /// AVX2 and F16C; eight elements from `w` must be inside the row.
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn load_weights8<T: Element>(w: *const T) -> __m256 {
         if size_of::<T>() == 4 {
             _mm256_loadu_ps(w.cast())
+        } else if T::IEEE_HALF {
+            _mm256_cvtph_ps(_mm_loadu_si128(w.cast()))
         } else {
             let halves = _mm_loadu_si128(w.cast());
             _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16))
         }
     }
 
-    /// Per element: the head (up to the weight's alignment) and the tail one product at a
-    /// time, eight lanes at a time in input order between them, the lanes summed in order.
+    /// A tile of four activation rows by four weight rows would need twenty of AVX2's sixteen
+    /// vector registers (sixteen sums, four weight vectors) and spill its sums every step: it
+    /// runs as two tiles of two weight rows, each activation vector loaded once per pair.
     ///
     /// # Safety
-    /// AVX2 and FMA must be present and every row `xs[0].len()` long.
-    #[target_feature(enable = "avx2,fma")]
+    /// AVX2, FMA and F16C must be present and every row `xs[0].len()` long.
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn tile_avx2<T: Element, const R: usize, const C: usize>(
         xs: [&[f32]; R],
         ws: [&[T]; C],
         head: usize,
         out: &mut [[f32; COLS]; ROWS],
+    ) {
+        if R * C + C > 16 && C.is_multiple_of(2) {
+            for pair in (0..C).step_by(2) {
+                columns_avx2::<T, R, 2>(xs, [ws[pair], ws[pair + 1]], head, out, pair);
+            }
+        } else {
+            columns_avx2::<T, R, C>(xs, ws, head, out, 0);
+        }
+    }
+
+    /// Per element: the head (up to the weight's alignment) and the tail one product at a
+    /// time, eight lanes at a time in input order between them, the lanes summed in order;
+    /// weight row `c` of the tile is column `first + c` of `out`.
+    ///
+    /// # Safety
+    /// As for [`tile_avx2`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn columns_avx2<T: Element, const R: usize, const C: usize>(
+        xs: [&[f32]; R],
+        ws: [&[T]; C],
+        head: usize,
+        out: &mut [[f32; COLS]; ROWS],
+        first: usize,
     ) {
         let len = xs[0].len();
         let body = head + (len - head) / 8 * 8;
@@ -248,7 +295,7 @@ mod x86 {
                 }
                 let mut lanes = [0.0f32; 8];
                 _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][c]);
-                out[r][c] = lanes.iter().fold(sum, |s, l| s + l);
+                out[r][first + c] = lanes.iter().fold(sum, |s, l| s + l);
             }
         }
     }
@@ -322,8 +369,8 @@ mod tests {
     use super::*;
     use crate::backend::test_values as values;
 
-    /// Every row's results are bit-identical whichever rows share the product, for f32 and
-    /// bf16 weights at every alignment and widths that leave heads and tails.
+    /// Every row's results are bit-identical whichever rows share the product, for f32, bf16
+    /// and f16 weights at every alignment and widths that leave heads and tails.
     #[test]
     fn each_row_is_the_same_alone_or_with_others() {
         // 140 rows of 2048 span five blocks of activation rows.
@@ -335,25 +382,33 @@ mod tests {
         ];
         for (out_features, k, offset, n) in shapes.into_iter().chain([(6, 2048, 0, 140)]) {
             let storage = values(out_features * k + offset, 1);
-            let halves: Vec<half::bf16> =
+            let brains: Vec<half::bf16> =
                 storage.iter().map(|v| half::bf16::from_f32(*v)).collect();
-            let (f32s, bf16s) = (&storage[offset..], &halves[offset..]);
+            let ieee: Vec<half::f16> = storage.iter().map(|v| half::f16::from_f32(*v)).collect();
+            let f32s = &storage[offset..];
+            let (bf16s, f16s) = (&brains[offset..], &ieee[offset..]);
             let x = Matrix::from_vec(n, k, values(n * k, 2));
-            for bf16 in [false, true] {
-                let rows = || match bf16 {
-                    false => WeightRows::F32(f32s),
-                    true => WeightRows::BF16(bf16s),
+            for dtype in ["f32", "bf16", "f16"] {
+                let rows = || match dtype {
+                    "f32" => WeightRows::F32(f32s),
+                    "bf16" => WeightRows::BF16(bf16s),
+                    _ => WeightRows::F16(f16s),
                 };
                 let mut all = Matrix::zeros(n, out_features);
                 product(&x, rows(), &mut all);
                 for i in 0..n {
                     let mut one = Matrix::zeros(1, out_features);
                     product(&x.rows_range(i..i + 1), rows(), &mut one);
-                    assert_eq!(one.row(0), all.row(i), "row {i}, k {k}, offset {offset}");
+                    assert_eq!(
+                        one.row(0),
+                        all.row(i),
+                        "{dtype} row {i}, k {k}, offset {offset}"
+                    );
                     for (o, v) in one.row(0).iter().enumerate() {
-                        let w = |j: usize| match bf16 {
-                            false => f32s[o * k + j] as f64,
-                            true => bf16s[o * k + j].to_f64(),
+                        let w = |j: usize| match dtype {
+                            "f32" => f32s[o * k + j] as f64,
+                            "bf16" => bf16s[o * k + j].to_f64(),
+                            _ => f16s[o * k + j].to_f64(),
                         };
                         let exact: f64 = (0..k).map(|j| w(j) * x.row(i)[j] as f64).sum();
                         assert!((*v as f64 - exact).abs() < 1e-4, "value");
@@ -377,7 +432,10 @@ mod tests {
         let mut kernels: Vec<(Kernel<4, 4>, Kernel<1, 1>)> =
             vec![(tile_portable::<f32, 4, 4>, tile_portable::<f32, 1, 1>)];
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
             // SAFETY: the features were just detected; the rows are `k` long.
             kernels.push((
                 |x, w, h, o| unsafe { x86::tile_avx2::<f32, 4, 4>(x, w, h, o) },
