@@ -20,19 +20,21 @@ pub const GROUP: usize = 16;
 /// Consecutive elements of a block that share a 32-bit lane.
 pub const STEP: usize = 4;
 
-/// Groups in a row of `blocks` blocks: rows are padded with zero blocks to whole groups.
+/// Groups in a row of `blocks` blocks, the last one padded with zero blocks.
 pub fn groups(blocks: usize) -> usize {
     blocks.div_ceil(GROUP)
 }
 
 /// One activation row quantized to int8 in blocks of 32: `x ≈ scale[b] · block b`.
 ///
-/// The quants are stored a group of sixteen blocks at a time, in eight steps of four elements:
+/// The quants are stored a group of sixteen blocks at a time (see [`RowLayout`] for the last
+/// one), in eight steps of four elements:
 /// step `s` holds elements `4s..4s + 4` of each of the group's blocks in turn, so that in a
 /// 64-byte vector of one step each 32-bit lane of the products belongs to one block, and the
 /// blocks' sixteen scales multiply the lanes as they are stored. A 4-bit weight byte packs
 /// element `j` and `j + 16` of its block, so its low and high nibbles line up with steps `t`
-/// and `t + 4`. A row is padded with zero blocks to whole groups (scales and sums too).
+/// and `t + 4`. A row is padded with zero blocks to its last group's width (scales and sums
+/// to whole groups).
 #[derive(Default)]
 pub struct QuantizedRow {
     quants: Vec<i8>,
@@ -41,7 +43,7 @@ pub struct QuantizedRow {
     sums: Vec<f32>,
     /// The same over each half block, in the order of [`half_index`].
     half_sums: Vec<f32>,
-    blocks: usize,
+    layout: RowLayout,
 }
 
 /// Where the value of half `h` (0 or 1) of block `b` lives in an array with two values per
@@ -51,10 +53,47 @@ pub fn half_index(b: usize, h: usize) -> usize {
     (b / GROUP) * 2 * GROUP + h * GROUP + b % GROUP
 }
 
-/// Where element `i` of block `b` lives in the grouped layout.
-#[inline(always)]
-pub fn grouped_index(b: usize, i: usize) -> usize {
-    (b / GROUP) * GROUP * BLOCK + (i / STEP) * GROUP * STEP + STEP * (b % GROUP) + i % STEP
+/// Where a row's quants live: groups of sixteen blocks, the last one eight blocks wide (its
+/// steps 32 bytes apart, not 64) when that holds all of its blocks and the kernels read half
+/// groups (AVX2, portable; AVX-512 reads whole ones), so that a row narrower than a group is not
+/// stored and streamed as a whole one (hidden 192 is six blocks of a padded sixteen).
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct RowLayout {
+    blocks: usize,
+    narrow: bool,
+}
+
+impl RowLayout {
+    pub fn new(blocks: usize) -> Self {
+        let rest = blocks % GROUP;
+        let narrow = rest != 0 && rest <= GROUP / 2 && !packed::reads_whole_groups();
+        Self { blocks, narrow }
+    }
+
+    /// Blocks side by side in group `g`'s steps.
+    #[inline(always)]
+    pub fn width(&self, g: usize) -> usize {
+        if self.narrow && g == self.blocks / GROUP {
+            GROUP / 2
+        } else {
+            GROUP
+        }
+    }
+
+    /// Elements a row takes, padding included.
+    pub fn elements(&self) -> usize {
+        match groups(self.blocks) {
+            0 => 0,
+            n => (n - 1) * GROUP * BLOCK + self.width(n - 1) * BLOCK,
+        }
+    }
+
+    /// Where element `i` of block `b` lives.
+    #[inline(always)]
+    pub fn index(&self, b: usize, i: usize) -> usize {
+        let (g, width) = (b / GROUP, self.width(b / GROUP));
+        g * GROUP * BLOCK + (i / STEP) * width * STEP + STEP * (b % GROUP) + i % STEP
+    }
 }
 
 impl QuantizedRow {
@@ -63,12 +102,13 @@ impl QuantizedRow {
         debug_assert!(x.len().is_multiple_of(BLOCK));
         let blocks = x.len() / BLOCK;
         let padded = groups(blocks) * GROUP;
+        let layout = RowLayout::new(blocks);
         let mut row = Self {
-            quants: vec![0; padded * BLOCK],
+            quants: vec![0; layout.elements()],
             scales: vec![0.0; padded],
             sums: vec![0.0; padded],
             half_sums: vec![0.0; 2 * padded],
-            blocks,
+            layout,
         };
         for (b, values) in x.chunks_exact(BLOCK).enumerate() {
             let max = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -79,7 +119,7 @@ impl QuantizedRow {
                 *q = round_half_away(v * inverse);
             }
             for (s, run) in quants.chunks_exact(STEP).enumerate() {
-                let at = grouped_index(b, STEP * s);
+                let at = layout.index(b, STEP * s);
                 row.quants[at..at + STEP].copy_from_slice(run);
             }
             let sums = [0, 1].map(|h| {
@@ -96,7 +136,7 @@ impl QuantizedRow {
     }
 
     pub fn blocks(&self) -> usize {
-        self.blocks
+        self.layout.blocks
     }
 
     /// The rounded activations, `scale · quant`, in element order.
@@ -110,7 +150,7 @@ impl QuantizedRow {
 
     /// Block `b`'s quants in element order.
     fn block(&self, b: usize) -> [i8; BLOCK] {
-        std::array::from_fn(|i| self.quants[grouped_index(b, i)])
+        std::array::from_fn(|i| self.quants[self.layout.index(b, i)])
     }
 }
 

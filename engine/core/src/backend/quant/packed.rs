@@ -1,8 +1,9 @@
 //! Quantized weights repacked at load for the integer matrix-vector kernels: each row's quants
 //! contiguous in the grouped layout of [`QuantizedRow`] (4-bit ones two to a byte, element `j`
 //! of a block beside element `j + 16`, so that the nibbles line up with that layout), rows
-//! padded with zero blocks to whole groups, and the scales (per block or per half block) and
-//! minimums in arrays of their own, padded alike. A group of sixteen blocks then takes eight
+//! padded with zero blocks to whole groups (or to a narrow last group, see [`RowLayout`]), and
+//! the scales (per block or per half block) and minimums in arrays of their own, padded to whole
+//! groups. A group of sixteen blocks then takes eight
 //! 64-byte multiply-accumulates (AVX-512 VNNI) whose lanes are its blocks, and one conversion
 //! and scaling of the sums per group instead of one per four blocks.
 //! GGUF's Q4_0, Q4_1 and Q4_K (4-bit), Q8_0, Q5_0, Q5_1 and Q5_K (8-bit), Q2_K, Q3_K and Q6_K
@@ -10,7 +11,7 @@
 
 use half::f16;
 
-use super::{grouped_index, groups, half_index, QuantizedRow, BLOCK, GROUP};
+use super::{groups, half_index, QuantizedRow, RowLayout, BLOCK, GROUP};
 use crate::backend::cpu::kernels;
 use crate::backend::tensor::Matrix;
 use crate::backend::Linear;
@@ -279,7 +280,7 @@ impl PackedMatrix {
             bits,
             rows,
             cols,
-            quants: vec![0; rows * Self::row_bytes(bits, cols)],
+            quants: vec![0; rows * Self::row_bytes(bits, RowLayout::new(cols / BLOCK))],
             scales: Numbers::Full(Vec::new()),
             halves,
             mins: None,
@@ -289,17 +290,19 @@ impl PackedMatrix {
 
     /// Stores block `b` of row `r`'s quants as the format keeps them (before the offset).
     fn set_quants(&mut self, r: usize, b: usize, quants: &[i8; BLOCK]) {
-        let len = Self::row_bytes(self.bits, self.cols);
+        let layout = self.layout();
+        let len = Self::row_bytes(self.bits, layout);
         let row = &mut self.quants[r * len..(r + 1) * len];
         match self.bits {
             Bits::Eight => {
                 for (i, q) in quants.iter().enumerate() {
-                    row[grouped_index(b, i)] = *q as u8;
+                    row[layout.index(b, i)] = *q as u8;
                 }
             }
             Bits::Four => {
                 for j in 0..16 {
-                    row[nibble_index(b, j)] = quants[j] as u8 | (quants[j + 16] as u8) << 4;
+                    let byte = quants[j] as u8 | (quants[j + 16] as u8) << 4;
+                    row[nibble_index(layout, b, j)] = byte;
                 }
             }
         }
@@ -330,8 +333,8 @@ impl PackedMatrix {
             .map_or(0.0, |m| m.get(self.entry(r, b, h)))
     }
 
-    fn row_bytes(bits: Bits, cols: usize) -> usize {
-        let padded = groups(cols / BLOCK) * GROUP * BLOCK;
+    fn row_bytes(bits: Bits, layout: RowLayout) -> usize {
+        let padded = layout.elements();
         match bits {
             Bits::Eight => padded,
             Bits::Four => padded / 2,
@@ -342,18 +345,23 @@ impl PackedMatrix {
         self.cols / BLOCK
     }
 
+    /// The layout of each row's quants, the same as its activation rows'.
+    fn layout(&self) -> RowLayout {
+        RowLayout::new(self.blocks())
+    }
+
     fn row_quants(&self, r: usize) -> &[u8] {
-        let len = Self::row_bytes(self.bits, self.cols);
+        let len = Self::row_bytes(self.bits, self.layout());
         &self.quants[r * len..(r + 1) * len]
     }
 
     /// Element `i` of block `b` of row `r`, as stored (before offset and scale).
     fn quant(&self, r: usize, b: usize, i: usize) -> i32 {
-        let row = self.row_quants(r);
+        let (row, layout) = (self.row_quants(r), self.layout());
         match self.bits {
-            Bits::Eight => row[grouped_index(b, i)] as i8 as i32,
+            Bits::Eight => row[layout.index(b, i)] as i8 as i32,
             Bits::Four => {
-                let byte = row[nibble_index(b, i % 16)];
+                let byte = row[nibble_index(layout, b, i % 16)];
                 (if i < 16 { byte & 0x0F } else { byte >> 4 }) as i32
             }
         }
@@ -471,11 +479,20 @@ impl PackedMatrix {
     }
 }
 
+/// Whether the host's integer kernel reads whole groups of sixteen blocks to a vector
+/// (AVX-512), so that rows keep whole groups (see [`RowLayout`]).
+pub fn reads_whole_groups() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return x86::Kernel::detect() == Some(x86::Kernel::Avx512);
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Where the byte holding elements `j` and `j + 16` (`j < 16`) of block `b` lives in a row of
 /// 4-bit weights: the grouped layout's place of element `j`, two elements to a byte.
 #[inline(always)]
-fn nibble_index(b: usize, j: usize) -> usize {
-    grouped_index(b, j) - (b / GROUP) * GROUP * BLOCK / 2
+fn nibble_index(layout: RowLayout, b: usize, j: usize) -> usize {
+    layout.index(b, j) - (b / GROUP) * GROUP * BLOCK / 2
 }
 
 /// One quantized block of 32 weights: `weight = scale · quant + min`.
@@ -529,6 +546,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{groups, Bits, Numbers, PackedMatrix, QuantizedRow, BLOCK, GROUP};
+    use crate::backend::quant::STEP;
 
     /// The integer kernels the host runs.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -775,14 +793,16 @@ mod x86 {
         let low = _mm256_set1_epi8(0x0F);
         let zero = _mm256_setzero_si256();
         let mut acc = [_mm256_setzero_ps(); N];
+        let layout = w.layout();
         for g in 0..groups(w.blocks()) {
-            // A half group wholly of padding adds only zeros: a row narrower than a group
-            // (hidden 192 is six blocks) does half the work of the padded one.
+            // A half group wholly of padding adds only zeros; a narrow group is one half.
             let halves = if GROUP * g + GROUP / 2 < w.blocks() {
                 2
             } else {
                 1
             };
+            // Bytes from one step to the next.
+            let stride = STEP * layout.width(g);
             for half in 0..halves {
                 // The half group's eight steps and its blocks' scales. Loops, not closures
                 // (see `dot_layout`).
@@ -792,14 +812,14 @@ mod x86 {
                 if FOUR {
                     let group = quants.add(GROUP * BLOCK / 2 * g + 32 * half);
                     for t in 0..4 {
-                        let packed = _mm256_loadu_si256(group.add(64 * t).cast());
+                        let packed = _mm256_loadu_si256(group.add(stride * t).cast());
                         steps[t] = _mm256_and_si256(packed, low);
                         steps[t + 4] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
                     }
                 } else {
                     let group = quants.add(GROUP * BLOCK * g + 32 * half);
                     for (s, (step, sign)) in steps.iter_mut().zip(&mut signs).enumerate() {
-                        *sign = _mm256_loadu_si256(group.add(64 * s).cast());
+                        *sign = _mm256_loadu_si256(group.add(stride * s).cast());
                         *step = _mm256_sign_epi8(*sign, *sign);
                     }
                 }
@@ -815,7 +835,7 @@ mod x86 {
                     let dx = _mm256_loadu_ps(x.scales.as_ptr().add(GROUP * g + 8 * half));
                     let mut sums = [zero; 2];
                     for (s, (step, sign)) in steps.iter().zip(&signs).enumerate() {
-                        let x = _mm256_loadu_si256(xq.add(64 * s).cast());
+                        let x = _mm256_loadu_si256(xq.add(stride * s).cast());
                         let h = if HALVES { s / 4 } else { 0 };
                         sums[h] = match FOUR {
                             true => _mm256_add_epi16(sums[h], _mm256_maddubs_epi16(*step, x)),
@@ -924,24 +944,27 @@ mod tests {
 
     #[test]
     fn packed_rows_widen_and_multiply_as_their_gguf_blocks() {
-        // 35 blocks per row: two whole groups of sixteen and three blocks of a padded one.
-        let (rows, cols) = (5, 35 * BLOCK);
-        let w = values(rows * cols, 3);
-        let x = values(cols, 9);
-        for (dtype, bytes) in [
-            (DType::Q8_0, quantize_q8_0(&w)),
-            (DType::Q4_0, quantize_q4_0(&w)),
-            (DType::Q4_1, quantize_q4_1(&w)),
-            (
-                DType::Q5_0,
-                random_blocks(DType::Q5_0, rows * cols / BLOCK, 13),
-            ),
-            (
-                DType::Q5_1,
-                random_blocks(DType::Q5_1, rows * cols / BLOCK, 17),
-            ),
-        ] {
-            check_packed(dtype, bytes, rows, &x);
+        // Rows of 35 blocks (two whole groups of sixteen and three blocks of a narrow or padded
+        // one), 12 (one padded group) and 6 (one narrow group, or padded).
+        for blocks in [35, 12, 6] {
+            let (rows, cols) = (5, blocks * BLOCK);
+            let w = values(rows * cols, 3);
+            let x = values(cols, 9);
+            for (dtype, bytes) in [
+                (DType::Q8_0, quantize_q8_0(&w)),
+                (DType::Q4_0, quantize_q4_0(&w)),
+                (DType::Q4_1, quantize_q4_1(&w)),
+                (
+                    DType::Q5_0,
+                    random_blocks(DType::Q5_0, rows * cols / BLOCK, 13),
+                ),
+                (
+                    DType::Q5_1,
+                    random_blocks(DType::Q5_1, rows * cols / BLOCK, 17),
+                ),
+            ] {
+                check_packed(dtype, bytes, rows, &x);
+            }
         }
     }
 
