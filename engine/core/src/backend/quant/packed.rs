@@ -482,10 +482,14 @@ impl PackedMatrix {
 /// Whether the host's integer kernel reads whole groups of sixteen blocks to a vector
 /// (AVX-512), so that rows keep whole groups (see [`RowLayout`]).
 pub fn reads_whole_groups() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return x86::Kernel::detect() == Some(x86::Kernel::Avx512);
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    // Asked for every row a kernel reads: detected once.
+    static WHOLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WHOLE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        return x86::Kernel::detect() == Some(x86::Kernel::Avx512);
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
 }
 
 /// Where the byte holding elements `j` and `j + 16` (`j < 16`) of block `b` lives in a row of
