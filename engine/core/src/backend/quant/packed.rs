@@ -66,6 +66,8 @@ pub struct PackedMatrix {
     mins: Option<Numbers>,
     /// Added to every quant: −8 for symmetric 4-bit blocks, else 0.
     offset: f32,
+    /// Where each row's quants live, chosen at load as its activation rows' are.
+    layout: RowLayout,
 }
 
 impl PackedMatrix {
@@ -271,26 +273,29 @@ impl PackedMatrix {
                 .as_ref()
                 .map(|_| concat(parts.iter().filter_map(|p| p.mins.as_ref()).collect())),
             offset: first.offset,
+            layout: first.layout,
         })
     }
 
     /// A matrix with zeroed quants, whose scales and minimums the constructor fills in.
     fn empty(bits: Bits, rows: usize, cols: usize, halves: bool, offset: f32) -> Self {
+        let layout = RowLayout::new(cols / BLOCK);
         Self {
             bits,
             rows,
             cols,
-            quants: vec![0; rows * Self::row_bytes(bits, RowLayout::new(cols / BLOCK))],
+            quants: vec![0; rows * Self::row_bytes(bits, layout)],
             scales: Numbers::Full(Vec::new()),
             halves,
             mins: None,
             offset,
+            layout,
         }
     }
 
     /// Stores block `b` of row `r`'s quants as the format keeps them (before the offset).
     fn set_quants(&mut self, r: usize, b: usize, quants: &[i8; BLOCK]) {
-        let layout = self.layout();
+        let layout = self.layout;
         let len = Self::row_bytes(self.bits, layout);
         let row = &mut self.quants[r * len..(r + 1) * len];
         match self.bits {
@@ -345,19 +350,14 @@ impl PackedMatrix {
         self.cols / BLOCK
     }
 
-    /// The layout of each row's quants, the same as its activation rows'.
-    fn layout(&self) -> RowLayout {
-        RowLayout::new(self.blocks())
-    }
-
     fn row_quants(&self, r: usize) -> &[u8] {
-        let len = Self::row_bytes(self.bits, self.layout());
+        let len = Self::row_bytes(self.bits, self.layout);
         &self.quants[r * len..(r + 1) * len]
     }
 
     /// Element `i` of block `b` of row `r`, as stored (before offset and scale).
     fn quant(&self, r: usize, b: usize, i: usize) -> i32 {
-        let (row, layout) = (self.row_quants(r), self.layout());
+        let (row, layout) = (self.row_quants(r), self.layout);
         match self.bits {
             Bits::Eight => row[layout.index(b, i)] as i8 as i32,
             Bits::Four => {
@@ -482,7 +482,7 @@ impl PackedMatrix {
 /// Whether the host's integer kernel reads whole groups of sixteen blocks to a vector
 /// (AVX-512), so that rows keep whole groups (see [`RowLayout`]).
 pub fn reads_whole_groups() -> bool {
-    // Asked for every row a kernel reads: detected once.
+    // Asked for every activation row quantized: detected once.
     static WHOLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *WHOLE.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
@@ -797,7 +797,7 @@ mod x86 {
         let low = _mm256_set1_epi8(0x0F);
         let zero = _mm256_setzero_si256();
         let mut acc = [_mm256_setzero_ps(); N];
-        let layout = w.layout();
+        let layout = w.layout;
         for g in 0..groups(w.blocks()) {
             // A half group wholly of padding adds only zeros; a narrow group is one half.
             let halves = if GROUP * g + GROUP / 2 < w.blocks() {
