@@ -4,6 +4,13 @@
     python3 benches/make_bench_model.py --dtype bfloat16 --out /tmp/tinyllama-bf16
     python3 benches/make_bench_model.py --dtype float32  --out /tmp/tinyllama-f32
 
+The small models of the fixed-cost rows override the shape:
+
+    python3 benches/make_bench_model.py --out /tmp/small40m --hidden 192 --heads 6 --kv-heads 2 \
+        --layers 16 --intermediate 4096
+    python3 benches/make_bench_model.py --out /tmp/small2m --hidden 192 --heads 6 --kv-heads 2 \
+        --layers 2 --intermediate 512 --vocab 2048
+
 Writes config.json, generation_config.json, sharded safetensors plus
 model.safetensors.index.json, and copies the fixture tokenizer
 (tests/fixtures/llama-gqa/tokenizer.json and tokenizer_config.json). The
@@ -52,13 +59,23 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-bytes", type=int, default=2 * 1024**3, help="max bytes per shard (default 2 GiB)")
-    ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (for quick tests)")
+    overrides = {
+        "layers": "num_hidden_layers",
+        "hidden": "hidden_size",
+        "intermediate": "intermediate_size",
+        "heads": "num_attention_heads",
+        "kv_heads": "num_key_value_heads",
+        "vocab": "vocab_size",
+    }
+    for flag, key in overrides.items():
+        ap.add_argument("--" + flag.replace("_", "-"), type=int, default=None, help=f"override {key}")
     args = ap.parse_args()
 
     dtype = getattr(torch, args.dtype)
     shape = dict(SHAPE)
-    if args.layers is not None:
-        shape["num_hidden_layers"] = args.layers
+    for flag, key in overrides.items():
+        if getattr(args, flag) is not None:
+            shape[key] = getattr(args, flag)
     config = LlamaConfig(**shape)
     config.dtype = dtype
     config.architectures = ["LlamaForCausalLM"]

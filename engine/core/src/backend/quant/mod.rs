@@ -54,9 +54,8 @@ pub fn half_index(b: usize, h: usize) -> usize {
 }
 
 /// Where a row's quants live: groups of sixteen blocks, the last one eight blocks wide (its
-/// steps 32 bytes apart, not 64) when that holds all of its blocks and the kernels read half
-/// groups (AVX2, portable; AVX-512 reads whole ones), so that a row narrower than a group is not
-/// stored and streamed as a whole one (hidden 192 is six blocks of a padded sixteen).
+/// steps 32 bytes apart, not 64) when that holds all of its blocks, so that a row narrower than
+/// a group is not stored and streamed as a whole one (hidden 192 is six blocks of a padded sixteen).
 #[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
 pub struct RowLayout {
     blocks: usize,
@@ -66,7 +65,7 @@ pub struct RowLayout {
 impl RowLayout {
     pub fn new(blocks: usize) -> Self {
         let rest = blocks % GROUP;
-        let narrow = rest != 0 && rest <= GROUP / 2 && !packed::reads_whole_groups();
+        let narrow = rest != 0 && rest <= GROUP / 2;
         Self { blocks, narrow }
     }
 
@@ -78,6 +77,11 @@ impl RowLayout {
         } else {
             GROUP
         }
+    }
+
+    /// Groups sixteen blocks wide: all but a narrow last one.
+    pub fn wide_groups(&self) -> usize {
+        groups(self.blocks) - usize::from(self.narrow)
     }
 
     /// Elements a row takes, padding included.

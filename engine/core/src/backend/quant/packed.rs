@@ -479,19 +479,6 @@ impl PackedMatrix {
     }
 }
 
-/// Whether the host's integer kernel reads whole groups of sixteen blocks to a vector
-/// (AVX-512), so that rows keep whole groups (see [`RowLayout`]).
-pub fn reads_whole_groups() -> bool {
-    // Asked for every activation row quantized: detected once.
-    static WHOLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *WHOLE.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        return x86::Kernel::detect() == Some(x86::Kernel::Avx512);
-        #[cfg(not(target_arch = "x86_64"))]
-        false
-    })
-}
-
 /// Where the byte holding elements `j` and `j + 16` (`j < 16`) of block `b` lives in a row of
 /// 4-bit weights: the grouped layout's place of element `j`, two elements to a byte.
 #[inline(always)]
@@ -624,9 +611,7 @@ mod x86 {
     }
 
     /// [`dot_avx512`] for 4-bit (`FOUR`) or 8-bit weights, with or without half-block
-    /// scales (`HALVES`). Per group, the row's eight steps are unpacked once for all
-    /// activation rows; each activation row's step then meets them in one multiply-accumulate
-    /// each, sixteen blocks to a vector, and the group's sums are converted and scaled once.
+    /// scales (`HALVES`), group by group.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
     #[inline]
     unsafe fn dot_layout<const N: usize, const FOUR: bool, const HALVES: bool>(
@@ -634,73 +619,112 @@ mod x86 {
         r: usize,
         xs: [&QuantizedRow; N],
     ) -> [f32; N] {
-        let quants = w.row_quants(r).as_ptr();
-        let low = _mm512_set1_epi8(0x0F);
-        let zero = _mm512_setzero_si512();
         let mut acc = [_mm512_setzero_ps(); N];
-        for g in 0..groups(w.blocks()) {
-            // The steps as unsigned bytes, the lanes whose sign moves onto x, and the scales
-            // of the blocks' first and second halves (the same unless the format has
-            // half-block scales). Loops, not `std::array::from_fn`: a closure called from a
-            // function without these target features is not inlined here, and its intrinsics
-            // became calls (measured twice as slow).
-            let mut steps = [zero; 8];
-            let mut negative = [0; 8];
-            if FOUR {
-                let group = quants.add(GROUP * BLOCK / 2 * g);
-                for t in 0..4 {
-                    let packed = _mm512_loadu_si512(group.add(64 * t).cast());
-                    steps[t] = _mm512_and_si512(packed, low);
-                    steps[t + 4] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
-                }
-            } else {
-                let group = quants.add(GROUP * BLOCK * g);
-                for (s, (step, negative)) in steps.iter_mut().zip(&mut negative).enumerate() {
-                    let v = _mm512_loadu_si512(group.add(64 * s).cast());
-                    *negative = _mm512_movepi8_mask(v);
-                    *step = _mm512_abs_epi8(v);
-                }
-            }
-            let at = w.entry(r, GROUP * g, 0);
-            let da = load16(&w.scales, at);
-            let db = if HALVES {
-                load16(&w.scales, at + GROUP)
-            } else {
-                da
-            };
-            for (x, acc) in xs.iter().zip(&mut acc) {
-                let xq = x.quants.as_ptr().add(GROUP * BLOCK * g);
-                let dx = _mm512_loadu_ps(x.scales.as_ptr().add(GROUP * g));
-                // Four chains of multiply-accumulates, not one: a chain of eight waits out
-                // eight latencies (a single activation row ran at a third of the memory's
-                // speed).
-                let mut sums = [zero; 4];
-                for s in 0..8 {
-                    let mut x = _mm512_loadu_si512(xq.add(64 * s).cast());
-                    if !FOUR {
-                        x = _mm512_mask_sub_epi8(x, negative[s], zero, x);
-                    }
-                    let chain = if HALVES { s / 4 * 2 + s % 2 } else { s % 4 };
-                    sums[chain] = _mm512_dpbusd_epi32(sums[chain], steps[s], x);
-                }
-                let (a, b) = (
-                    _mm512_add_epi32(sums[0], sums[1]),
-                    _mm512_add_epi32(sums[2], sums[3]),
-                );
-                if HALVES {
-                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(da, dx), *acc);
-                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), _mm512_mul_ps(db, dx), *acc);
-                } else {
-                    let p = _mm512_cvtepi32_ps(_mm512_add_epi32(a, b));
-                    *acc = _mm512_fmadd_ps(p, _mm512_mul_ps(da, dx), *acc);
-                }
-            }
+        let wide = w.layout.wide_groups();
+        for g in 0..wide {
+            group_avx512::<N, FOUR, HALVES, false>(w, r, xs, g, &mut acc);
+        }
+        if wide < groups(w.blocks()) {
+            group_avx512::<N, FOUR, HALVES, true>(w, r, xs, wide, &mut acc);
         }
         let mut dots = offsets_avx512(w, r, xs);
         for (dot, acc) in dots.iter_mut().zip(acc) {
             *dot += _mm512_reduce_add_ps(acc);
         }
         dots
+    }
+
+    /// Group `g` of row `r` into `acc`: the row's eight steps are unpacked once for all
+    /// activation rows; each activation row's step then meets them in one multiply-accumulate
+    /// each, sixteen blocks to a vector, and the group's sums are converted and scaled once.
+    /// A `NARROW` group's steps are 32 bytes apart (see [`step512`]).
+    #[inline(always)]
+    unsafe fn group_avx512<
+        const N: usize,
+        const FOUR: bool,
+        const HALVES: bool,
+        const NARROW: bool,
+    >(
+        w: &PackedMatrix,
+        r: usize,
+        xs: [&QuantizedRow; N],
+        g: usize,
+        acc: &mut [__m512; N],
+    ) {
+        let stride = if NARROW {
+            STEP * GROUP / 2
+        } else {
+            STEP * GROUP
+        };
+        let quants = w.row_quants(r).as_ptr();
+        let low = _mm512_set1_epi8(0x0F);
+        let zero = _mm512_setzero_si512();
+        // The steps as unsigned bytes, the lanes whose sign moves onto x, and the scales of
+        // the blocks' first and second halves (the same unless the format has half-block
+        // scales). Loops, not `std::array::from_fn`: a closure called from a function without
+        // these target features is not inlined here, and its intrinsics became calls
+        // (measured twice as slow).
+        let mut steps = [zero; 8];
+        let mut negative = [0; 8];
+        if FOUR {
+            let group = quants.add(GROUP * BLOCK / 2 * g);
+            for t in 0..4 {
+                let packed = step512::<NARROW>(group.add(stride * t));
+                steps[t] = _mm512_and_si512(packed, low);
+                steps[t + 4] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
+            }
+        } else {
+            let group = quants.add(GROUP * BLOCK * g);
+            for (s, (step, negative)) in steps.iter_mut().zip(&mut negative).enumerate() {
+                let v = step512::<NARROW>(group.add(stride * s));
+                *negative = _mm512_movepi8_mask(v);
+                *step = _mm512_abs_epi8(v);
+            }
+        }
+        let at = w.entry(r, GROUP * g, 0);
+        let da = load16(&w.scales, at);
+        let db = if HALVES {
+            load16(&w.scales, at + GROUP)
+        } else {
+            da
+        };
+        for (x, acc) in xs.iter().zip(acc) {
+            let xq = x.quants.as_ptr().add(GROUP * BLOCK * g);
+            let dx = _mm512_loadu_ps(x.scales.as_ptr().add(GROUP * g));
+            // Four chains of multiply-accumulates, not one: a chain of eight waits out eight
+            // latencies (a single activation row ran at a third of the memory's speed).
+            let mut sums = [zero; 4];
+            for s in 0..8 {
+                let mut x = step512::<NARROW>(xq.add(stride * s).cast());
+                if !FOUR {
+                    x = _mm512_mask_sub_epi8(x, negative[s], zero, x);
+                }
+                let chain = if HALVES { s / 4 * 2 + s % 2 } else { s % 4 };
+                sums[chain] = _mm512_dpbusd_epi32(sums[chain], steps[s], x);
+            }
+            let (a, b) = (
+                _mm512_add_epi32(sums[0], sums[1]),
+                _mm512_add_epi32(sums[2], sums[3]),
+            );
+            if HALVES {
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(da, dx), *acc);
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), _mm512_mul_ps(db, dx), *acc);
+            } else {
+                let p = _mm512_cvtepi32_ps(_mm512_add_epi32(a, b));
+                *acc = _mm512_fmadd_ps(p, _mm512_mul_ps(da, dx), *acc);
+            }
+        }
+    }
+
+    /// One step of a group: 64 bytes, or a narrow group's 32 in the low half with the rest
+    /// zero (its blocks there are padding, with zero scales), never read past the row's end.
+    #[inline(always)]
+    unsafe fn step512<const NARROW: bool>(at: *const u8) -> __m512i {
+        if NARROW {
+            _mm512_zextsi256_si512(_mm256_loadu_si256(at.cast()))
+        } else {
+            _mm512_loadu_si512(at.cast())
+        }
     }
 
     /// `Σ (offset · d + min) · Σx` over row `r`'s blocks (or over their halves, for formats
@@ -948,8 +972,8 @@ mod tests {
 
     #[test]
     fn packed_rows_widen_and_multiply_as_their_gguf_blocks() {
-        // Rows of 35 blocks (two whole groups of sixteen and three blocks of a narrow or padded
-        // one), 12 (one padded group) and 6 (one narrow group, or padded).
+        // Rows of 35 blocks (two whole groups of sixteen and three blocks of a narrow one), 12
+        // (one padded group) and 6 (one narrow group).
         for blocks in [35, 12, 6] {
             let (rows, cols) = (5, blocks * BLOCK);
             let w = values(rows * cols, 3);
