@@ -217,6 +217,10 @@ struct BenchArgs {
     /// Runs to take the best of.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// Measure the first run too, instead of running one unmeasured first (as llama-bench's
+    /// warm-up does) so that no run pays for first use: pages not yet in memory, allocations.
+    #[arg(long)]
+    no_warmup: bool,
     /// Requests run at once, one level after another (e.g. `1,8,32`): each level's aggregate
     /// and per-sequence speeds, the requests sharing every step's batched forward.
     #[arg(long, value_delimiter = ',')]
@@ -900,6 +904,9 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         ..SamplingParams::default()
     };
     let weight_bytes = engine.model.weight_bytes_per_token();
+    if !args.no_warmup {
+        runner::generate(&mut engine.app, warmup_prompt(&prompt), warmup(&params))?;
+    }
     let mut best = None::<runner::GenerateOutput>;
     // The host's memory bandwidth drifts, so each run is judged against a copy measured just
     // before it: the fraction of the bandwidth bound is the best over runs of the same pairing.
@@ -959,6 +966,21 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The unmeasured run's prompt: as long as the measured ones and sharing no prefix with them,
+/// so that a prefix cache does not serve them from it.
+fn warmup_prompt(prompt: &[u32]) -> Vec<u32> {
+    prompt.iter().rev().copied().collect()
+}
+
+/// The unmeasured run before a benchmark: two new tokens, so that prefill and decode have both
+/// run once.
+fn warmup(params: &SamplingParams) -> SamplingParams {
+    SamplingParams {
+        max_tokens: 2,
+        ..params.clone()
+    }
+}
+
 /// What every `vibee bench` report starts with: the engine, the model and the run's shape.
 fn bench_header(args: &BenchArgs) -> serde_json::Map<String, serde_json::Value> {
     let header = json!({
@@ -992,6 +1014,10 @@ fn bench_concurrency(args: BenchArgs) -> anyhow::Result<()> {
         ignore_eos: true,
         ..SamplingParams::default()
     };
+    if !args.no_warmup {
+        let prompt = warmup_prompt(&bench_tokens(args.prompt_tokens, vocab));
+        runner::generate(&mut engine.app, prompt, warmup(&params))?;
+    }
     let configured = *engine.app.world.resource::<StepBudget>();
     let mut levels = Vec::new();
     for &concurrency in &args.concurrency {

@@ -45,7 +45,10 @@ impl Backend for CpuBackend {
 
     fn linear(&self, weight: LinearWeight) -> Box<dyn Linear> {
         match weight {
-            LinearWeight::Dense(weight) => Box::new(DenseLinear(weight)),
+            LinearWeight::Dense(weight) => {
+                weight.populate();
+                Box::new(DenseLinear(weight))
+            }
             LinearWeight::Packed(packed) => Box::new(PackedLinear(packed)),
         }
     }
