@@ -37,7 +37,8 @@ pub fn groups(blocks: usize) -> usize {
 /// to whole groups).
 #[derive(Default)]
 pub struct QuantizedRow {
-    quants: Vec<i8>,
+    /// Signed, stored as their bytes.
+    quants: Lines,
     scales: Vec<f32>,
     /// `scale[b] · Σ quants` of each block: what an offset or minimum multiplies.
     sums: Vec<f32>,
@@ -108,7 +109,7 @@ impl QuantizedRow {
         let padded = groups(blocks) * GROUP;
         let layout = RowLayout::new(blocks);
         let mut row = Self {
-            quants: vec![0; layout.elements()],
+            quants: Lines::zeroed(layout.elements()),
             scales: vec![0.0; padded],
             sums: vec![0.0; padded],
             half_sums: vec![0.0; 2 * padded],
@@ -124,7 +125,9 @@ impl QuantizedRow {
             }
             for (s, run) in quants.chunks_exact(STEP).enumerate() {
                 let at = layout.index(b, STEP * s);
-                row.quants[at..at + STEP].copy_from_slice(run);
+                for (to, q) in row.quants[at..at + STEP].iter_mut().zip(run) {
+                    *to = *q as u8;
+                }
             }
             let sums = [0, 1].map(|h| {
                 let half = &quants[16 * h..16 * (h + 1)];
@@ -154,7 +157,53 @@ impl QuantizedRow {
 
     /// Block `b`'s quants in element order.
     fn block(&self, b: usize) -> [i8; BLOCK] {
-        std::array::from_fn(|i| self.quants[self.layout.index(b, i)])
+        std::array::from_fn(|i| self.quants[self.layout.index(b, i)] as i8)
+    }
+}
+
+/// Bytes that start on a cache line, so that the kernels' 64-byte loads of a group's steps
+/// never straddle two lines (a `Vec<u8>` starts where the allocator puts it, 16-byte aligned:
+/// most loads were split in two).
+#[derive(Clone, Default)]
+pub struct Lines {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+impl Lines {
+    pub fn zeroed(len: usize) -> Self {
+        Self {
+            lines: vec![Line([0; 64]); len.div_ceil(64)],
+            len,
+        }
+    }
+}
+
+impl FromIterator<u8> for Lines {
+    fn from_iter<I: IntoIterator<Item = u8>>(bytes: I) -> Self {
+        let bytes: Vec<u8> = bytes.into_iter().collect();
+        let mut lines = Self::zeroed(bytes.len());
+        lines.copy_from_slice(&bytes);
+        lines
+    }
+}
+
+impl std::ops::Deref for Lines {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the lines hold at least `len` initialised bytes.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for Lines {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, borrowed mutably through `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.len) }
     }
 }
 

@@ -11,7 +11,7 @@
 
 use half::f16;
 
-use super::{groups, half_index, QuantizedRow, RowLayout, BLOCK, GROUP};
+use super::{groups, half_index, Lines, QuantizedRow, RowLayout, BLOCK, GROUP};
 use crate::backend::cpu::kernels;
 use crate::backend::tensor::Matrix;
 use crate::backend::Linear;
@@ -57,7 +57,7 @@ pub struct PackedMatrix {
     /// Eight bits: signed values, each row in the grouped layout. Four bits: unsigned nibbles,
     /// per block 16 bytes holding element `j` in the low and `j + 16` in the high nibble of
     /// byte `j`, blocks in order.
-    quants: Vec<u8>,
+    quants: Lines,
     /// One per block, row-major; or, with `halves`, one per half block, each row's in the
     /// order of [`half_index`].
     scales: Numbers,
@@ -284,7 +284,7 @@ impl PackedMatrix {
             bits,
             rows,
             cols,
-            quants: vec![0; rows * Self::row_bytes(bits, layout)],
+            quants: Lines::zeroed(rows * Self::row_bytes(bits, layout)),
             scales: Numbers::Full(Vec::new()),
             halves,
             mins: None,
