@@ -508,11 +508,14 @@ impl PackedLinear {
         let quantized = super::quantize_rows(x);
         // Activation rows take about a byte an element.
         let row_block = (kernels::ROW_BLOCK_BYTES / x.cols.max(1)).next_multiple_of(8);
-        // Sixteen weight rows a call (each unpacked once for all the activation rows): a call
-        // a row cost a fifth of a small model's decode in checks and hand-offs.
+        // Weight rows a call (each unpacked once for all the activation rows): sixteen for a
+        // few activation rows (a call a row cost a fifth of a small model's decode in checks
+        // and hand-offs, and more rows a call would leave a thread idle on narrow products);
+        // sixty-four for a prompt, whose activations a call reads once from L2 for all of them.
+        let rows_per_call = if x.rows < 8 { 16 } else { 64 };
         kernels::gemv_rows(
             out,
-            16,
+            rows_per_call,
             row_block,
             || (),
             |_, first, rows, dst| self.0.dot_rows(first, &quantized[rows], dst),
