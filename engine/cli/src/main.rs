@@ -904,9 +904,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         ..SamplingParams::default()
     };
     let weight_bytes = engine.model.weight_bytes_per_token();
-    if !args.no_warmup {
-        runner::generate(&mut engine.app, warmup_prompt(&prompt), warmup(&params))?;
-    }
+    warm_up(&mut engine.app, &args, config.vocab_size, &params)?;
     let mut best = None::<runner::GenerateOutput>;
     // The host's memory bandwidth drifts, so each run is judged against a copy measured just
     // before it: the fraction of the bandwidth bound is the best over runs of the same pairing.
@@ -966,19 +964,26 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The unmeasured run's prompt: as long as the measured ones and sharing no prefix with them,
-/// so that a prefix cache does not serve them from it.
-fn warmup_prompt(prompt: &[u32]) -> Vec<u32> {
-    prompt.iter().rev().copied().collect()
-}
-
-/// The unmeasured run before a benchmark: two new tokens, so that prefill and decode have both
-/// run once.
-fn warmup(params: &SamplingParams) -> SamplingParams {
-    SamplingParams {
+/// Unless `--no-warmup`: one unmeasured run, of two new tokens so that prefill and decode have
+/// both run once, on a prompt as long as the measured ones but sharing no prefix with them
+/// (reversed), so that a prefix cache does not serve them from it.
+fn warm_up(
+    app: &mut vibee_core::app::App,
+    args: &BenchArgs,
+    vocab: usize,
+    params: &SamplingParams,
+) -> anyhow::Result<()> {
+    if args.no_warmup {
+        return Ok(());
+    }
+    let mut prompt = bench_tokens(args.prompt_tokens, vocab);
+    prompt.reverse();
+    let params = SamplingParams {
         max_tokens: 2,
         ..params.clone()
-    }
+    };
+    runner::generate(app, prompt, params)?;
+    Ok(())
 }
 
 /// What every `vibee bench` report starts with: the engine, the model and the run's shape.
@@ -1014,10 +1019,7 @@ fn bench_concurrency(args: BenchArgs) -> anyhow::Result<()> {
         ignore_eos: true,
         ..SamplingParams::default()
     };
-    if !args.no_warmup {
-        let prompt = warmup_prompt(&bench_tokens(args.prompt_tokens, vocab));
-        runner::generate(&mut engine.app, prompt, warmup(&params))?;
-    }
+    warm_up(&mut engine.app, &args, vocab, &params)?;
     let configured = *engine.app.world.resource::<StepBudget>();
     let mut levels = Vec::new();
     for &concurrency in &args.concurrency {

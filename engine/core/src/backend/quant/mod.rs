@@ -181,13 +181,15 @@ impl Lines {
             len,
         }
     }
-}
 
-impl FromIterator<u8> for Lines {
-    fn from_iter<I: IntoIterator<Item = u8>>(bytes: I) -> Self {
-        let bytes: Vec<u8> = bytes.into_iter().collect();
-        let mut lines = Self::zeroed(bytes.len());
-        lines.copy_from_slice(&bytes);
+    /// `parts` one after another, each copied once.
+    pub fn concat<'a>(parts: impl Iterator<Item = &'a [u8]> + Clone) -> Self {
+        let mut lines = Self::zeroed(parts.clone().map(<[u8]>::len).sum());
+        let mut at = 0;
+        for part in parts {
+            lines[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
         lines
     }
 }

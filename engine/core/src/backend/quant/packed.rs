@@ -262,10 +262,7 @@ impl PackedMatrix {
             bits: first.bits,
             rows: parts.iter().map(|p| p.rows).sum(),
             cols: first.cols,
-            quants: parts
-                .iter()
-                .flat_map(|p| p.quants.iter().copied())
-                .collect(),
+            quants: Lines::concat(parts.iter().map(|p| &p.quants[..])),
             scales: concat(parts.iter().map(|p| &p.scales).collect()),
             halves: first.halves,
             mins: first
